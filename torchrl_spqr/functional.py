@@ -1,0 +1,407 @@
+"""Pure tensor math of the SPQR regulariser (no TorchRL state).
+
+SPQR (Lee, Han, Cho, Lee, NeurIPS 2023, arXiv 2401.03137) arranges the ``N``
+Q-values of an ensemble at one state-action pair into a small symmetric random
+matrix, normalises it like a Wigner matrix and compares its eigenvalue
+distribution with Wigner's semicircle law by a KL divergence.
+
+Every function here takes and returns plain tensors, so it can be unit-tested
+alone, used under :func:`torch.vmap` and :func:`torch.compile`, and moved
+upstream without the rest of the package.
+
+Conventions: the ensemble is on dim 0 of ``q`` (``[N, *batch]`` or
+``[N, *batch, 1]``), as TorchRL's vmapped losses produce it.
+
+Examples:
+    >>> import torch
+    >>> from torchrl_spqr.functional import spqr_kl
+    >>> q = torch.randn(10, 256, 1, requires_grad=True)  # 10 critics, batch 256
+    >>> kl = spqr_kl(q)  # paper mode: ordered filling, paper density
+    >>> kl.shape
+    torch.Size([])
+    >>> kl.backward()
+    >>> bool(torch.isfinite(q.grad).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import lru_cache
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DENSITIES",
+    "FILLINGS",
+    "matrix_side",
+    "num_used_members",
+    "triangle_indices",
+    "member_positions",
+    "check_ensemble_values",
+    "ensemble_to_matrices",
+    "normalize_matrices",
+    "spqr_eigenvalues",
+    "semicircle_density",
+    "soft_semicircle_density",
+    "spectral_kl",
+    "spqr_kl",
+]
+
+Filling = Literal["ordered", "random"]
+Density = Literal["paper", "corrected"]
+Reduction = Literal["mean", "sum", "none"]
+
+FILLINGS: tuple[str, ...] = ("ordered", "random")
+#: ``"paper"``: the authors' soft semicircle, including its quirk outside [-2, 2];
+#: ``"corrected"``: semicircle term zero outside [-2, 2], floor ``(1 - rho) * eps``.
+DENSITIES: tuple[str, ...] = ("paper", "corrected")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+
+# Floors that keep values and gradients finite on degenerate input. They are far
+# below float32 resolution of any non-degenerate value, so paper-mode values are
+# unchanged wherever the members are not (numerically) identical.
+_VAR_FLOOR = 1e-12
+_SQRT_FLOOR = 1e-12
+
+_warned_unused: set[int] = set()
+_warned_paper_large: set[int] = set()
+
+
+def matrix_side(num_members: int) -> int:
+    """Side ``d`` of the symmetric matrix built from ``num_members`` values.
+
+    ``d = floor((sqrt(1 + 8 N) - 1) / 2)``, the largest ``d`` with
+    ``d (d + 1) / 2 <= N``.
+
+    Examples:
+        >>> [matrix_side(n) for n in (3, 5, 6, 10, 14, 15, 55)]
+        [2, 2, 3, 4, 4, 5, 10]
+    """
+    if num_members < 3:
+        raise ValueError(
+            f"SPQR needs an ensemble of at least 3 members to form a 2x2 matrix, "
+            f"got N={num_members}."
+        )
+    d = (math.isqrt(1 + 8 * num_members) - 1) // 2
+    return d
+
+
+def num_used_members(num_members: int) -> int:
+    """Number ``T = d (d + 1) / 2`` of members placed on the matrix."""
+    d = matrix_side(num_members)
+    return d * (d + 1) // 2
+
+
+@lru_cache(maxsize=64)
+def _triangle_index_pairs(d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    rows, cols = torch.triu_indices(d, d).tolist()
+    return tuple(rows), tuple(cols)
+
+
+def triangle_indices(d: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Row and column indices of the upper triangle (diagonal included), row by row.
+
+    Member ``k`` of the ordered filling sits at ``(rows[k], cols[k])``.
+
+    Examples:
+        >>> rows, cols = triangle_indices(3)
+        >>> rows.tolist(), cols.tolist()
+        ([0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2])
+    """
+    rows, cols = _triangle_index_pairs(d)
+    return (
+        torch.tensor(rows, dtype=torch.long, device=device),
+        torch.tensor(cols, dtype=torch.long, device=device),
+    )
+
+
+def member_positions(
+    num_members: int,
+    filling: Filling = "ordered",
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Which member goes to each upper-triangle position (``[T]`` long tensor).
+
+    ``"ordered"`` (the authors' choice) places members ``0 .. T-1`` row by row and
+    ignores members ``T .. N-1``. ``"random"`` draws a fresh random choice and
+    order of ``T`` of the ``N`` members, reproducible with a seeded ``generator``.
+
+    Examples:
+        >>> member_positions(10).tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sorted(member_positions(6, "random", generator=g).tolist())
+        [0, 1, 2, 3, 4, 5]
+    """
+    t = num_used_members(num_members)
+    if filling == "ordered":
+        return torch.arange(t, device=device)
+    if filling == "random":
+        # Draw on the generator's device (CPU by default), then move.
+        gen_device = generator.device if generator is not None else "cpu"
+        perm = torch.randperm(num_members, generator=generator, device=gen_device)
+        return perm[:t].to(device)
+    raise ValueError(f"filling must be one of {FILLINGS}, got {filling!r}.")
+
+
+def _in_transform() -> bool:
+    """True under torch.compile tracing, where data-dependent checks must be skipped."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _is_batched(x: Tensor) -> bool:
+    """True when ``x`` is a functorch-wrapped tensor (inside ``torch.vmap`` / grad transforms)."""
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(x)  # noqa: SLF001
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def check_ensemble_values(q: Tensor, *, name: str = "q", check_finite: bool = True) -> Tensor:
+    """Validate an ensemble tensor and return it as ``[N, *batch]``.
+
+    Accepts ``[N, *batch]`` or ``[N, *batch, 1]``; a trailing singleton is
+    squeezed only when there is a batch dim left (``[N, 1]`` is read as N members
+    and a batch of one). Raises :class:`ValueError` with a message naming the
+    problem for a non-tensor, a non-floating dtype, ``N < 3``, or non-finite
+    values (counted).
+    """
+    if not isinstance(q, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(q).__name__}.")
+    if not q.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {q.dtype}.")
+    if q.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape [N, *batch] or [N, *batch, 1] with the ensemble on "
+            f"dim 0 and at least one batch dim, got shape {tuple(q.shape)}."
+        )
+    if q.ndim >= 3 and q.shape[-1] == 1:
+        q = q.squeeze(-1)
+    n = q.shape[0]
+    if n < 3:
+        raise ValueError(
+            f"SPQR needs an ensemble of at least 3 members on dim 0 of {name}, got N={n} "
+            f"(shape {tuple(q.shape)}). Is the ensemble on the leading dim?"
+        )
+    if check_finite and not _in_transform() and not _is_batched(q):
+        finite = torch.isfinite(q)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(
+                f"{name} contains {bad} non-finite value(s) (NaN or inf) out of {q.numel()}; "
+                "the SPQR regulariser needs finite Q-values."
+            )
+    return q
+
+
+def _warn_unused(n: int, t: int) -> None:
+    if n != t and n not in _warned_unused:
+        _warned_unused.add(n)
+        warnings.warn(
+            f"SPQR ordered filling with N={n} members: N is not a triangular number, so "
+            f"only the first {t} members are used ({n - t} ignored), as in the authors' "
+            "code. Use filling='random' to regularise every member in expectation.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_paper_large(n: int) -> None:
+    if n not in _warned_paper_large:
+        _warned_paper_large.add(n)
+        warnings.warn(
+            f"SPQR density='paper' with N={n} (d >= 5): eigenvalues can leave [-2, 2], where "
+            "the paper density is flat and higher than inside, so spikes are not penalised. "
+            "density='corrected' is recommended for N >= 15.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def ensemble_to_matrices(
+    q: Tensor,
+    filling: Filling = "ordered",
+    *,
+    generator: torch.Generator | None = None,
+    positions: Tensor | None = None,
+) -> Tensor:
+    """Arrange ensemble values ``[N, *batch]`` into symmetric matrices ``[*batch, d, d]``.
+
+    Members fill the upper triangle (diagonal included) row by row and are
+    mirrored below. ``positions`` (from :func:`member_positions`) overrides
+    ``filling``. No normalisation is applied.
+
+    Examples:
+        >>> q = torch.arange(6.).unsqueeze(-1)  # 6 members, batch of 1
+        >>> ensemble_to_matrices(q)[0]
+        tensor([[0., 1., 2.],
+                [1., 3., 4.],
+                [2., 4., 5.]])
+    """
+    q = check_ensemble_values(q, check_finite=False)
+    n = q.shape[0]
+    d = matrix_side(n)
+    if positions is None:
+        positions = member_positions(n, filling, generator=generator, device=q.device)
+    rows, cols = triangle_indices(d, device=q.device)
+    vals = q.index_select(0, positions.to(q.device))  # [T, *batch]
+    vals = vals.movedim(0, -1)  # [*batch, T]
+    flat_upper = rows * d + cols
+    flat_lower = cols * d + rows
+    mat = vals.new_zeros(*vals.shape[:-1], d * d)
+    idx_u = flat_upper.expand(*vals.shape[:-1], -1)
+    idx_l = flat_lower.expand(*vals.shape[:-1], -1)
+    # scatter (not scatter_add): the diagonal is written twice with the same value
+    mat = mat.scatter(-1, idx_u, vals).scatter(-1, idx_l, vals)
+    return mat.unflatten(-1, (d, d))
+
+
+def normalize_matrices(mat: Tensor) -> Tensor:
+    """Wigner normalisation of ``[*batch, d, d]`` matrices.
+
+    Subtract the mean and divide by the unbiased (ddof=1) standard deviation of
+    all ``d * d`` entries, then scale by ``1 / sqrt(d)``. Values are first
+    divided by their largest absolute deviation (held constant for autograd,
+    which is exact because the normalised matrix is scale-invariant) and the
+    variance is floored at ``1e-12``: identical members give the zero matrix
+    with finite gradients instead of the authors' 0/0, and huge or tiny Q scales
+    behave like unit ones.
+
+    After normalisation the squared eigenvalues sum to ``(d*d - 1) / d``.
+    """
+    d = mat.shape[-1]
+    flat = mat.flatten(-2)
+    centred = flat - flat.mean(-1, keepdim=True)
+    scale = centred.detach().abs().amax(-1, keepdim=True)
+    tiny = torch.finfo(mat.dtype).tiny
+    centred = centred / scale.clamp_min(tiny)
+    var = centred.pow(2).sum(-1, keepdim=True) / (d * d - 1)
+    std = (var + _VAR_FLOOR).sqrt()
+    out = centred / (std * math.sqrt(d))
+    return out.unflatten(-1, (d, d))
+
+
+def spqr_eigenvalues(
+    q: Tensor,
+    filling: Filling = "ordered",
+    *,
+    generator: torch.Generator | None = None,
+    positions: Tensor | None = None,
+) -> Tensor:
+    """Eigenvalues ``[*batch, d]`` (ascending) of the normalised SPQR matrices of ``q``."""
+    mat = normalize_matrices(
+        ensemble_to_matrices(q, filling, generator=generator, positions=positions)
+    )
+    return torch.linalg.eigvalsh(mat)
+
+
+def semicircle_density(x: Tensor) -> Tensor:
+    """Wigner semicircle density ``sqrt(4 - x^2) / (2 pi)`` on [-2, 2], zero outside."""
+    inside = x.abs() < 2
+    root = (4 - x.pow(2)).clamp_min(0).sqrt()
+    return torch.where(inside, root, torch.zeros_like(root)) / (2 * math.pi)
+
+
+def soft_semicircle_density(
+    x: Tensor, *, rho: float = 0.5, eps: float = 0.01, density: Density = "paper"
+) -> Tensor:
+    """Soft semicircle target density ``p(x)`` of SPQR.
+
+    - ``"paper"`` (the authors' expression, default for reproducibility):
+      ``rho * sqrt(4 - x^2 * 1[|x| < 2]) / (2 pi) + (1 - rho) * eps * 1[|x| >= 2]``.
+      Outside [-2, 2] the first term is ``rho / pi``, not zero, so ``p = 0.164``
+      there (for the defaults), higher than the peak inside (``0.159``) and flat.
+    - ``"corrected"``: ``rho * s(x) + (1 - rho) * eps`` with the semicircle
+      ``s`` zero outside [-2, 2]; the density outside is the floor, lower than
+      anywhere inside. Recommended for ``N >= 15``.
+
+    Inside the support, ``4 - x^2`` is floored at ``1e-12`` so that values and
+    gradients stay finite at the edge.
+    """
+    if density not in DENSITIES:
+        raise ValueError(f"density must be one of {DENSITIES}, got {density!r}.")
+    inside = x.abs() < 2
+    inner = (4 - x.pow(2)).clamp_min(_SQRT_FLOOR)
+    if density == "paper":
+        root = torch.where(inside, inner, torch.full_like(inner, 4.0)).sqrt()
+        outside = inside.logical_not().to(x.dtype)
+        return rho * root / (2 * math.pi) + (1 - rho) * eps * outside
+    root = torch.where(inside, inner.sqrt(), torch.zeros_like(inner))
+    return rho * root / (2 * math.pi) + (1 - rho) * eps
+
+
+def spectral_kl(
+    eigenvalues: Tensor, *, rho: float = 0.5, eps: float = 0.01, density: Density = "paper"
+) -> Tensor:
+    """KL(ESD || p) of each eigenvalue set ``[*batch, d]`` -> ``[*batch]``.
+
+    ``KL = -(1/d) * sum_i log(d * p(l_i))``, the plug-in estimate with mass
+    ``1/d`` on each eigenvalue.
+    """
+    d = eigenvalues.shape[-1]
+    p = soft_semicircle_density(eigenvalues, rho=rho, eps=eps, density=density)
+    return -(torch.log(d * p)).mean(-1)
+
+
+def spqr_kl(
+    q: Tensor,
+    *,
+    filling: Filling = "ordered",
+    density: Density = "paper",
+    rho: float = 0.5,
+    eps: float = 0.01,
+    reduction: Reduction = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The SPQR regulariser: KL between the ensemble's spectrum and the soft semicircle.
+
+    Args:
+        q: ensemble values with the ensemble on dim 0, ``[N, *batch]`` or
+            ``[N, *batch, 1]``, ``N >= 3``.
+        filling: ``"ordered"`` (paper: members ``0..T-1`` fill the upper triangle
+            row by row, the rest are ignored with a one-time warning) or
+            ``"random"`` (fresh random assignment of ``T`` members per call).
+        density: ``"paper"`` (the authors' density, default) or ``"corrected"``
+            (recommended for ``N >= 15``; see :func:`soft_semicircle_density`).
+        rho: weight of the semicircle term (authors: 0.5).
+        eps: density floor (authors: 0.01).
+        reduction: ``"mean"`` over the batch (paper), ``"sum"``, or ``"none"``
+            (shape ``*batch``).
+        generator: random generator for ``filling="random"``.
+
+    Returns:
+        The KL, reduced as requested. Its gradient flows to ``q``.
+
+    Examples:
+        >>> q = torch.randn(6, 32)
+        >>> spqr_kl(q, reduction="none").shape
+        torch.Size([32])
+        >>> float(spqr_kl(torch.ones(6, 4))) > 0  # identical members: finite
+        True
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if filling not in FILLINGS:
+        raise ValueError(f"filling must be one of {FILLINGS}, got {filling!r}.")
+    q = check_ensemble_values(q)
+    n = q.shape[0]
+    d = matrix_side(n)
+    t = d * (d + 1) // 2
+    if filling == "ordered":
+        _warn_unused(n, t)
+    if density == "paper" and d >= 5:
+        _warn_paper_large(n)
+    eig = spqr_eigenvalues(q, filling, generator=generator)
+    kl = spectral_kl(eig, rho=rho, eps=eps, density=density)
+    if reduction == "mean":
+        return kl.mean()
+    if reduction == "sum":
+        return kl.sum()
+    return kl
