@@ -203,4 +203,3 @@ def ensemble_std(q: Tensor) -> Tensor:
 def expected_null_mean_pairwise_corr(num_members: int) -> float:
     """Mean pairwise residual correlation of independent members: ``-1 / (N - 1)``."""
     return -1.0 / (num_members - 1)
-

@@ -278,7 +278,12 @@ def normalize_matrices(mat: Tensor) -> Tensor:
     """
     d = mat.shape[-1]
     flat = mat.flatten(-2)
-    centred = flat - flat.mean(-1, keepdim=True)
+    # Centre on one entry first (held constant: the result does not depend on it).
+    # Differences of nearby floats are exact, so identical members give exactly
+    # zero deviations (the zero matrix) instead of the round-off of the mean,
+    # which the rescaling below would otherwise blow up to an O(1) random matrix.
+    shifted = flat - flat[..., :1].detach()
+    centred = shifted - shifted.mean(-1, keepdim=True)
     scale = centred.detach().abs().amax(-1, keepdim=True)
     tiny = torch.finfo(mat.dtype).tiny
     centred = centred / scale.clamp_min(tiny)

@@ -1,0 +1,53 @@
+"""Small builders shared by the tests (Hopper-like sizes scaled down)."""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.data import Bounded
+from torchrl.modules import ProbabilisticActor, TanhNormal
+
+from torchrl_spqr import QEnsemble, make_q_member
+
+N_OBS, N_ACT = 5, 2
+
+
+def make_actor(hidden: int = 16) -> ProbabilisticActor:
+    net = nn.Sequential(
+        nn.Linear(N_OBS, hidden), nn.ReLU(), nn.Linear(hidden, 2 * N_ACT), NormalParamExtractor()
+    )
+    return ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        distribution_class=TanhNormal,
+        spec=Bounded(-1.0, 1.0, (N_ACT,)),
+        return_log_prob=True,
+    )
+
+
+def make_det_actor(hidden: int = 16) -> TensorDictModule:
+    net = nn.Sequential(nn.Linear(N_OBS, hidden), nn.ReLU(), nn.Linear(hidden, N_ACT), nn.Tanh())
+    return TensorDictModule(net, in_keys=["observation"], out_keys=["action"])
+
+
+def make_ensemble(n: int, hidden: int = 16, **kw) -> QEnsemble:
+    return QEnsemble(lambda: make_q_member(N_OBS + N_ACT, num_cells=(hidden, hidden), **kw), n)
+
+
+def make_batch(b: int = 8, seed: int = 0) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict(
+        {
+            "observation": torch.randn(b, N_OBS, generator=g),
+            "action": torch.rand(b, N_ACT, generator=g) * 2 - 1,
+            "next": {
+                "observation": torch.randn(b, N_OBS, generator=g),
+                "reward": torch.randn(b, 1, generator=g),
+                "done": torch.zeros(b, 1, dtype=torch.bool),
+                "terminated": torch.zeros(b, 1, dtype=torch.bool),
+            },
+        },
+        [b],
+    )

@@ -1,0 +1,256 @@
+"""An ensemble of independently initialised critics, evaluated in one vmapped call.
+
+:class:`QEnsemble` builds ``N`` critics, each with its own layers' own
+initialisation (never TorchRL's expand-and-resample of one module, which leaves
+zero biases identical across members), holds their parameters stacked along a
+leading ensemble dim and evaluates all of them with a single :func:`torch.vmap`
+call.
+
+It plugs into TorchRL's ensemble losses in two ways:
+
+- ``SACLoss(actor, ens.members(), num_qvalue_nets=ens.num_members)`` (also
+  ``REDQLoss``, ``TD3Loss``): TorchRL stacks the list of independent members
+  itself, so nothing is re-initialised;
+- ``ens.tie_to_loss(loss)`` afterwards makes the ensemble read the loss's
+  (trained) parameters, so evaluating ``ens`` always reflects training.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictParams
+from tensordict.utils import NestedKey
+from torch import nn
+
+__all__ = ["QEnsemble", "make_q_member"]
+
+_RESETTABLE_WITHOUT_PARAMS = (nn.Dropout, nn.Identity, nn.ReLU, nn.Tanh, nn.SiLU, nn.ELU)
+
+
+def make_q_member(
+    in_features: int | None = None,
+    *,
+    num_cells: Sequence[int] = (256, 256),
+    activation_class: type[nn.Module] = nn.ReLU,
+    layer_norm: bool = False,
+    dropout: float = 0.0,
+    in_keys: Sequence[NestedKey] = ("observation", "action"),
+    out_keys: Sequence[NestedKey] = ("state_action_value",),
+) -> TensorDictModule:
+    """One critic ``Q(s, a)``: an MLP on the concatenated inputs, as a TensorDictModule.
+
+    ``layer_norm`` and ``dropout`` (DroQ-style, after each hidden linear layer)
+    are optional. With ``in_features=None`` the first layer is lazy.
+
+    Examples:
+        >>> member = make_q_member(14, num_cells=(32, 32), layer_norm=True, dropout=0.01)
+        >>> from tensordict import TensorDict
+        >>> td = TensorDict({"observation": torch.randn(5, 11), "action": torch.randn(5, 3)}, [5])
+        >>> member(td)["state_action_value"].shape
+        torch.Size([5, 1])
+    """
+    layers: list[nn.Module] = []
+    prev = in_features
+    for width in num_cells:
+        layers.append(nn.Linear(prev, width) if prev is not None else nn.LazyLinear(width))
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        if layer_norm:
+            layers.append(nn.LayerNorm(width))
+        layers.append(activation_class())
+        prev = width
+    layers.append(nn.Linear(prev, 1) if prev is not None else nn.LazyLinear(1))
+    net = _ConcatMLP(nn.Sequential(*layers))
+    return TensorDictModule(net, in_keys=list(in_keys), out_keys=list(out_keys))
+
+
+class _ConcatMLP(nn.Module):
+    """Concatenates its inputs on the last dim and applies ``net``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(inputs, -1) if len(inputs) > 1 else inputs[0])
+
+
+def _reinit_(module: nn.Module) -> None:
+    """Re-draw every parameter of ``module`` with its layers' own ``reset_parameters``."""
+    seen: set[int] = set()
+    for sub in module.modules():
+        own = list(sub.parameters(recurse=False))
+        if not own:
+            continue
+        reset = getattr(sub, "reset_parameters", None)
+        if reset is None:
+            raise ValueError(
+                f"Cannot re-initialise {type(sub).__name__} independently: it has parameters "
+                "but no reset_parameters(). Pass a factory that builds a fresh member instead "
+                "of a template."
+            )
+        reset()
+        seen.update(id(p) for p in own)
+    missing = [n for n, p in module.named_parameters() if id(p) not in seen]
+    if missing:  # pragma: no cover - defensive
+        raise ValueError(f"Parameters {missing} were not re-initialised.")
+
+
+class QEnsemble(TensorDictModuleBase):
+    """``N`` independently initialised critics with stacked parameters.
+
+    Args:
+        factory: a callable returning a fresh critic for each member (a
+            :class:`~tensordict.nn.TensorDictModule`, or a plain ``nn.Module``
+            taking the ``in_keys`` tensors positionally), or ``None`` with
+            ``template``.
+        num_members: ensemble size ``N``.
+        template: alternative to ``factory``: a critic that is deep-copied ``N``
+            times, each copy re-initialised with its layers' ``reset_parameters``.
+            Custom initialisation in a constructor is lost this way; prefer a
+            factory.
+        in_keys / out_keys: used only when members are plain modules; otherwise
+            taken from the members.
+        randomness: ``torch.vmap`` randomness; ``"different"`` (default) gives
+            each member its own dropout mask.
+
+    The forward returns a new TensorDict of batch ``[N, *batch]`` with
+    ``out_keys`` (e.g. ``state_action_value`` of shape ``[N, *batch, 1]``): the
+    ensemble is the leading dim, as in TorchRL's vmapped losses.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl_spqr import QEnsemble, make_q_member
+        >>> ens = QEnsemble(lambda: make_q_member(11 + 3, num_cells=(64, 64)), num_members=10)
+        >>> td = TensorDict({"observation": torch.randn(256, 11), "action": torch.randn(256, 3)}, [256])
+        >>> ens(td)["state_action_value"].shape
+        torch.Size([10, 256, 1])
+        >>> from torchrl.objectives import SACLoss  # doctest: +SKIP
+        >>> loss = SACLoss(actor, ens.members(), num_qvalue_nets=10)  # doctest: +SKIP
+        >>> ens.tie_to_loss(loss)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], nn.Module] | None = None,
+        num_members: int | None = None,
+        *,
+        template: nn.Module | None = None,
+        in_keys: Sequence[NestedKey] = ("observation", "action"),
+        out_keys: Sequence[NestedKey] = ("state_action_value",),
+        randomness: str = "different",
+    ) -> None:
+        super().__init__()
+        if (factory is None) == (template is None):
+            raise ValueError("Pass exactly one of `factory` or `template`.")
+        if num_members is None or int(num_members) < 1:
+            raise ValueError(f"num_members must be a positive integer, got {num_members!r}.")
+        num_members = int(num_members)
+        members: list[nn.Module] = []
+        for _ in range(num_members):
+            if factory is not None:
+                m = factory()
+                if any(m is prev for prev in members):
+                    raise ValueError(
+                        "The factory returned the same module twice; it must build a new "
+                        "critic at each call."
+                    )
+            else:
+                m = copy.deepcopy(template)
+                _reinit_(m)
+            if not isinstance(m, TensorDictModuleBase):
+                m = TensorDictModule(m, in_keys=list(in_keys), out_keys=list(out_keys))
+            members.append(m)
+        self._check_materialised(members[0])
+        self.num_members = num_members
+        self.in_keys = list(members[0].in_keys)
+        self.out_keys = list(members[0].out_keys)
+        self.randomness = randomness
+        params = TensorDict.from_modules(*members, as_module=True)
+        self.params = params if isinstance(params, TensorDictParams) else TensorDictParams(params)
+        # The functional "shell": member 0's structure, parameters living on meta.
+        module = members[0]
+        TensorDict.from_module(module).data.to("meta").to_module(module)
+        self.__dict__["_module"] = module  # not a submodule: holds no real state
+        self._vmapped = None
+
+    @staticmethod
+    def _check_materialised(member: nn.Module) -> None:
+        for name, p in member.named_parameters():
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"Member parameter {name!r} is lazy (uninitialised). Give the critic its "
+                    "input size (e.g. make_q_member(obs_dim + act_dim)) or run it once on a "
+                    "batch inside the factory before building the ensemble."
+                )
+
+    @property
+    def module(self) -> nn.Module:
+        """The structure of one member (parameters on the ``meta`` device)."""
+        return self._module
+
+    def _call_member(self, td: TensorDictBase, params: TensorDictBase) -> TensorDictBase:
+        with params.to_module(self._module, preserve_module_state=False):
+            return self._module(td)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        missing = [k for k in self.in_keys if k not in tensordict.keys(True, True)]
+        if missing:
+            raise KeyError(f"QEnsemble input is missing keys {missing} (expects {self.in_keys}).")
+        td = tensordict.select(*self.in_keys)
+        return torch.vmap(self._call_member, (None, 0), randomness=self.randomness)(td, self.params)
+
+    def q_values(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """``[N, *batch]`` Q-values (the first out key, trailing singleton removed)."""
+        return self(tensordict).get(self.out_keys[0]).squeeze(-1)
+
+    def members(self) -> list[TensorDictModule]:
+        """``N`` stand-alone copies of the members, e.g. for TorchRL's losses.
+
+        ``SACLoss(actor, ens.members(), num_qvalue_nets=ens.num_members)``
+        stacks them without re-initialising anything.
+        """
+        return [_materialise(self._module, self.params[i]) for i in range(self.num_members)]
+
+    def tie_to_loss(self, loss: nn.Module, name: str = "qvalue_network") -> QEnsemble:
+        """Make this ensemble read ``loss.<name>_params`` (shared, not copied).
+
+        After this call, evaluating the ensemble uses the parameters the loss
+        trains. Shapes must match.
+        """
+        params = getattr(loss, f"{name}_params", None)
+        if params is None:
+            raise AttributeError(f"{type(loss).__name__} has no attribute {name}_params.")
+        if params.batch_size[:1] != torch.Size([self.num_members]):
+            raise ValueError(
+                f"The loss holds {params.batch_size[:1]} critics, this ensemble {self.num_members}."
+            )
+        own = set(self.params.keys(True, True))
+        other = set(params.keys(True, True))
+        if own != other:
+            raise ValueError(
+                f"Parameter names differ between the ensemble and the loss: {sorted(own ^ other)}."
+            )
+        self.params = params
+        return self
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every member independently, in place."""
+        with torch.no_grad():
+            for i in range(self.num_members):
+                m = _materialise(self._module, self.params[i])
+                _reinit_(m)
+                self.params[i].update_(TensorDict.from_module(m))
+
+
+def _materialise(shell: nn.Module, params: TensorDictBase) -> nn.Module:
+    """A real module with the structure of ``shell`` and the values of ``params``."""
+    m = copy.deepcopy(shell)
+    m.to_empty(device=next(iter(params.values(True, True))).device)
+    TensorDict.from_module(m).data.update_(params.detach())
+    return m
