@@ -517,10 +517,7 @@ class SPQRLoss(LossModule):
         act_key = self.tensor_keys.action
         if self.pairs == "data":
             return tensordict.select(*q_in, strict=False)
-        if self.pairs == "policy":
-            src = tensordict
-        else:
-            src = tensordict.get("next")
+        src = tensordict if self.pairs == "policy" else tensordict.get("next")
         td = src.select(*q_in, *self._actor_in_keys(), strict=False).copy()
         td.set(act_key, self._policy_action(td))
         return td.select(*q_in, strict=False)
