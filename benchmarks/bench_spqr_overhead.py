@@ -1,0 +1,138 @@
+"""Cost of SPQR per update: one full update with SPQR over the same update without it.
+
+One update = loss forward, backward of the summed ``loss_*`` entries, Adam step
+and soft target update, on a replay-like batch (Hopper sizes: obs 11, act 3;
+256x256 critics and actor; batch 256). Variants are timed *interleaved* in one
+run (round-robin, many rounds) and the ratio of medians is printed, so that
+machine load affects every variant alike.
+
+    python benchmarks/bench_spqr_overhead.py                     # N = 10, SAC and REDQ
+    python benchmarks/bench_spqr_overhead.py --ns 3 6 10 21 55   # overhead against N
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.data import Bounded
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
+from torchrl.objectives import REDQLoss, SACLoss, SoftUpdate
+
+from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
+
+OBS, ACT = 11, 3
+
+
+def make_actor(hidden: int) -> ProbabilisticActor:
+    net = nn.Sequential(MLP(in_features=OBS, out_features=2 * ACT, num_cells=[hidden, hidden]), NormalParamExtractor())
+    return ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        spec=Bounded(-1.0, 1.0, (ACT,)),
+        distribution_class=TanhNormal,
+        return_log_prob=True,
+    )
+
+
+def make_batch(b: int) -> TensorDict:
+    return TensorDict(
+        {
+            "observation": torch.randn(b, OBS),
+            "action": torch.rand(b, ACT) * 2 - 1,
+            "next": {
+                "observation": torch.randn(b, OBS),
+                "reward": torch.randn(b, 1),
+                "done": torch.zeros(b, 1, dtype=torch.bool),
+                "terminated": torch.zeros(b, 1, dtype=torch.bool),
+            },
+        },
+        [b],
+    )
+
+
+def make_update(base: str, n: int, hidden: int, spqr: dict | None):
+    torch.manual_seed(0)
+    ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(hidden, hidden)), n)
+    actor = make_actor(hidden)
+    if base == "sac":
+        inner = SACLoss(actor, ens.members(), num_qvalue_nets=n, loss_function="l2")
+    else:
+        inner = REDQLoss(actor, ens.members(), num_qvalue_nets=n, sub_sample_len=2, loss_function="l2")
+    inner.make_value_estimator(gamma=0.99)
+    loss = inner if spqr is None else SPQRLoss(inner, **spqr)
+    upd = SoftUpdate(inner, tau=0.005)
+    opt = torch.optim.Adam(loss.parameters(), lr=3e-4)
+
+    def update(batch: TensorDict) -> None:
+        out = loss(batch)
+        total = sum(v for k, v in out.items() if k.startswith("loss_"))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        upd.step()
+
+    return update, loss
+
+
+def bench(base: str, n: int, args) -> list[tuple[str, float, float, str]]:
+    variants = {
+        "bare": None,
+        "SPQR data (reuse)": {"beta": 1.0, "pairs": "data"},
+        "SPQR next_policy (fused)": {"beta": 1.0, "pairs": "next_policy"},
+        "SPQR next_policy (reuse=False)": {"beta": 1.0, "pairs": "next_policy", "reuse": False},
+        "SPQR beta=0 (diagnostics only)": {"beta": 0.0, "pairs": "next_policy"},
+    }
+    fns = {k: make_update(base, n, args.hidden, v) for k, v in variants.items()}
+    batches = [make_batch(args.batch) for _ in range(8)]
+    for name, (fn, _) in fns.items():  # warm-up
+        for i in range(args.warmup):
+            fn(batches[i % len(batches)])
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(args.rounds):
+        for name, (fn, _) in fns.items():
+            b = batches[r % len(batches)]
+            t0 = time.perf_counter()
+            for _ in range(args.inner):
+                fn(b)
+            times[name].append((time.perf_counter() - t0) / args.inner)
+    bare = statistics.median(times["bare"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        src = getattr(fns[name][1], "last_source", "-") or "-"
+        rows.append((name, med * 1e3, med / bare, src))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ns", type=int, nargs="+", default=[10])
+    p.add_argument("--bases", nargs="+", default=["sac", "redq"], choices=["sac", "redq"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--inner", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}, "
+          f"{args.hidden}x{args.hidden} critics, obs {OBS}, act {ACT}, "
+          f"{args.rounds} rounds x {args.inner} updates per variant, interleaved")
+    print(f"{'base':5s} {'N':>3s}  {'variant':32s} {'ms/update':>10s} {'ratio':>7s}  source")
+    for base in args.bases:
+        for n in args.ns:
+            for name, ms, ratio, src in bench(base, n, args):
+                print(f"{base:5s} {n:3d}  {name:32s} {ms:10.2f} {ratio:7.3f}  {src}")
+
+
+if __name__ == "__main__":
+    main()
