@@ -1,0 +1,426 @@
+"""SAC-N, REDQ, CQL-N and EDAC against hand computations of their defining formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import N_ACT, N_OBS, make_actor, make_batch, make_ensemble
+
+from torchrl_spqr import SPQRLoss
+from torchrl_spqr.objectives import (
+    CQLNLoss,
+    EDACLoss,
+    REDQLoss,
+    SACNLoss,
+    mbpo_target_entropy,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+B = 8
+
+
+def _fixed_sampler(loss, seed: int = 123):
+    """Replace the policy sampler by a deterministic function of the observation.
+
+    Actions and log-probs are fixed functions of the input, so the hand
+    computation below sees the same values as the loss.
+    """
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N_OBS, N_ACT, generator=g)
+
+    def sample(td, *, grad):
+        obs = td.get("observation")
+        action = torch.tanh(obs @ w)
+        log_prob = -(obs.pow(2).sum(-1)) * 0.1
+        if grad:  # keep a path to the actor params so gradient tests see the actor
+            p = next(iter(loss.actor_network_params.values(True, True)))
+            log_prob = log_prob + 0.0 * p.sum()
+        return action, log_prob
+
+    loss._sample = sample
+    return sample
+
+
+def _member_q(loss, k: int, obs, act, target: bool = False):
+    params = loss.target_qvalue_network_params if target else loss.qvalue_network_params
+    from tensordict import TensorDict
+
+    td = TensorDict({"observation": obs, "action": act}, obs.shape[:-1])
+    with params[k].to_module(loss.qvalue_network):
+        return loss.qvalue_network(td)["state_action_value"].squeeze(-1)
+
+
+def _build(cls, n=5, **kw):
+    torch.manual_seed(0)
+    loss = cls(make_actor(), make_ensemble(n), **kw)
+    # make targets differ from the online critics, as after training
+    with torch.no_grad():
+        for p in loss.target_qvalue_network_params.values(True, True):
+            p.add_(0.05 * torch.randn_like(p))
+    return loss
+
+
+def _grads(loss, key, out):
+    loss.zero_grad(set_to_none=True)
+    out[key].backward(retain_graph=True)
+    groups = {
+        "actor": list(loss.actor_network_params.values(True, True)),
+        "critic": list(loss.qvalue_network_params.values(True, True)),
+        "log_alpha": [loss.log_alpha],
+    }
+    if getattr(loss, "with_lagrange", False):
+        groups["log_alpha_prime"] = [loss.log_alpha_prime]
+    res = {}
+    for name, ps in groups.items():
+        res[name] = any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps)
+    targets = list(loss.target_qvalue_network_params.values(True, True))
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in targets)
+    return res
+
+
+# ---------------------------------------------------------------- SAC-N
+def test_sacn_matches_hand_computation():
+    n = 5
+    loss = _build(SACNLoss, n, alpha_init=0.2)
+    _fixed_sampler(loss)
+    data = make_batch(B)
+    out = loss(data.clone())
+    alpha = 0.2
+    s, a = data["observation"], data["action"]
+    s2 = data["next", "observation"]
+    a2, lp2 = loss._sample(data["next"], grad=False)
+    with torch.no_grad():
+        q_next = torch.stack([_member_q(loss, k, s2, a2, target=True) for k in range(n)])
+        y = data["next", "reward"].squeeze(-1) + 0.99 * (q_next.min(0).values - alpha * lp2)
+        pred = torch.stack([_member_q(loss, k, s, a) for k in range(n)])
+        expected_q = ((pred - y) ** 2).sum(0).mean()
+        a_pi, lp = loss._sample(data, grad=False)
+        q_pi = torch.stack([_member_q(loss, k, s, a_pi) for k in range(n)])
+        expected_actor = (alpha * lp - q_pi.min(0).values).mean()
+    torch.testing.assert_close(out["loss_qvalue"], expected_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss_actor"], expected_actor, rtol=1e-5, atol=1e-5)
+    te = -float(N_ACT)
+    torch.testing.assert_close(
+        out["loss_alpha"], (-math.log(alpha) * (lp + te)).mean(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_terminal_vs_truncated():
+    loss = _build(SACNLoss, 3, alpha_init=0.2)
+    _fixed_sampler(loss)
+    data = make_batch(B)
+    data["next", "done"][:] = True  # truncation only: bootstraps
+    out_trunc = loss(data.clone())
+    data["next", "terminated"][:] = True
+    out_term = loss(data.clone())
+    r = data["next", "reward"].squeeze(-1)
+    with torch.no_grad():
+        pred = torch.stack(
+            [_member_q(loss, k, data["observation"], data["action"]) for k in range(3)]
+        )
+    torch.testing.assert_close(out_term["loss_qvalue"], ((pred - r) ** 2).sum(0).mean())
+    assert not torch.allclose(out_trunc["loss_qvalue"], out_term["loss_qvalue"])
+
+
+@pytest.mark.parametrize(
+    "key,expect",
+    [
+        ("loss_qvalue", {"critic"}),
+        ("loss_actor", {"actor"}),
+        ("loss_alpha", {"log_alpha"}),
+    ],
+)
+def test_sacn_gradient_isolation(key, expect):
+    loss = _build(SACNLoss, 4, alpha_init=0.5)
+    out = loss(make_batch(B))
+    got = {k for k, v in _grads(loss, key, out).items() if v}
+    assert got == expect
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 50])
+def test_shapes_and_keys_over_n(n):
+    loss = SACNLoss(make_actor(), make_ensemble(n, hidden=8))
+    out = loss(make_batch(B))
+    assert {"loss_qvalue", "loss_actor", "loss_alpha", "alpha", "entropy"} <= set(out.keys())
+    assert all(out[k].shape == () for k in out.keys())
+    assert loss.qvalue_network_params.batch_size[0] == n
+    loss_none = SACNLoss(make_actor(), make_ensemble(n, hidden=8), reduction="none")
+    out = loss_none(make_batch(B))
+    assert out["loss_qvalue"].shape == (B,)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="at least 2 critics"):
+        SACNLoss(make_actor(), make_ensemble(1))
+    with pytest.raises(TypeError, match="QEnsemble or a list"):
+        SACNLoss(make_actor(), make_ensemble(3).members()[0])
+    ens = make_ensemble(3)
+    m = ens.members()[0]
+    with pytest.raises(ValueError, match="share parameter"):
+        SACNLoss(make_actor(), [m, m, m])
+    with pytest.raises(ValueError, match="num_qvalue_nets=4"):
+        SACNLoss(make_actor(), ens, num_qvalue_nets=4)
+    loss = SACNLoss(make_actor(), ens)
+    with pytest.raises(ValueError, match="not an accepted"):
+        loss.set_keys(not_a_key="x")
+    data = make_batch(B)
+    del data["next", "reward"]
+    with pytest.raises(KeyError, match="next.reward"):
+        loss(data)
+    with pytest.raises(ValueError, match="sub_sample_len"):
+        REDQLoss(make_actor(), make_ensemble(3), sub_sample_len=5)
+    with pytest.raises(ValueError, match="policy_update_delay"):
+        REDQLoss(make_actor(), make_ensemble(3), policy_update_delay=0)
+
+
+def test_key_remapping():
+    loss = SACNLoss(make_actor(), make_ensemble(3))
+    loss.set_keys(reward="rew")
+    data = make_batch(B)
+    data["next", "rew"] = data["next"].pop("reward")
+    out = loss(data)
+    assert torch.isfinite(out["loss_qvalue"])
+
+
+# ---------------------------------------------------------------- REDQ
+def test_redq_subset_min_and_mse_sum():
+    n, m = 10, 2
+    loss = _build(REDQLoss, n, sub_sample_len=m, alpha_init=0.1, policy_update_delay=20)
+    _fixed_sampler(loss)
+    data = make_batch(B)
+    torch.manual_seed(7)
+    out = loss(data.clone())
+    torch.manual_seed(7)
+    subset = torch.randperm(n)[:m]
+    s2 = data["next", "observation"]
+    a2, lp2 = loss._sample(data["next"], grad=False)
+    with torch.no_grad():
+        q_next = torch.stack([_member_q(loss, int(k), s2, a2, target=True) for k in subset])
+        y = data["next", "reward"].squeeze(-1) + 0.99 * (q_next.min(0).values - 0.1 * lp2)
+        pred = torch.stack(
+            [_member_q(loss, k, data["observation"], data["action"]) for k in range(n)]
+        )
+    torch.testing.assert_close(out["loss_qvalue"], ((pred - y) ** 2).sum(0).mean())
+    # the subset matters: the min over all N would give a different target
+    with torch.no_grad():
+        q_all = torch.stack([_member_q(loss, k, s2, a2, target=True) for k in range(n)])
+    y_all = data["next", "reward"].squeeze(-1) + 0.99 * (q_all.min(0).values - 0.1 * lp2)
+    assert not torch.allclose(((pred - y_all) ** 2).sum(0).mean(), out["loss_qvalue"])
+
+
+def test_redq_actor_mean_and_policy_delay():
+    n, g = 6, 4
+    loss = _build(REDQLoss, n, alpha_init=0.1, policy_update_delay=g)
+    _fixed_sampler(loss)
+    data = make_batch(B)
+    flags = []
+    for _ in range(2 * g):
+        out = loss(data.clone())
+        flags.append(bool(out["actor_updated"]))
+        if not flags[-1]:
+            assert float(out["loss_actor"]) == 0.0 and not out["loss_actor"].requires_grad
+        else:
+            a_pi, lp = loss._sample(data, grad=False)
+            with torch.no_grad():
+                q = torch.stack([_member_q(loss, k, data["observation"], a_pi) for k in range(n)])
+            torch.testing.assert_close(out["loss_actor"], (0.1 * lp - q.mean(0)).mean())
+    assert flags == [False, False, False, True] * 2
+
+
+def test_redq_critic_only_path_skips_actor():
+    loss = _build(REDQLoss, 5, policy_update_delay=20)
+    calls = {"n": 0}
+    orig = loss._actor_out
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return orig(*a, **k)
+
+    loss._actor_out = counting
+    for _ in range(19):
+        out = loss(make_batch(B))
+        loss.zero_grad(set_to_none=True)
+        sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+        assert all(p.grad is None for p in loss.actor_network_params.values(True, True))
+    assert calls["n"] == 0
+    loss(make_batch(B))
+    assert calls["n"] == 1
+
+
+def test_mbpo_target_entropy():
+    assert mbpo_target_entropy("Hopper-v5") == -1.0
+    assert mbpo_target_entropy("Humanoid-v5") == -2.0
+    with pytest.raises(KeyError, match="Pendulum"):
+        mbpo_target_entropy("Pendulum-v1")
+
+
+# ---------------------------------------------------------------- CQL-N
+@pytest.mark.parametrize("lagrange", [None, 5.0])
+def test_cql_logsumexp_term(lagrange):
+    n, r = 4, 3
+    loss = _build(CQLNLoss, n, num_random=r, min_q_weight=5.0, lagrange_thresh=lagrange)
+    _fixed_sampler(loss)
+    data = make_batch(B)
+    torch.manual_seed(11)
+    out = loss(data.clone())
+    torch.manual_seed(11)
+    a_rand = torch.empty(B, r, N_ACT).uniform_(-1, 1)
+    s = data["observation"]
+    s_rep = s.unsqueeze(1).expand(B, r, N_OBS)
+    s2_rep = data["next", "observation"].unsqueeze(1).expand(B, r, N_OBS)
+    a_cur, lp_cur = loss._sample(_td(s_rep), grad=False)
+    a_nxt, lp_nxt = loss._sample(_td(s2_rep), grad=False)
+    gaps = []
+    with torch.no_grad():
+        for k in range(n):
+            vals = []
+            for j in range(r):  # explicit loops over the sampled actions
+                vals.append(_member_q(loss, k, s, a_rand[:, j]) - N_ACT * math.log(0.5))
+            for j in range(r):
+                vals.append(_member_q(loss, k, s, a_cur[:, j]) - lp_cur[:, j])
+            for j in range(r):
+                vals.append(_member_q(loss, k, s, a_nxt[:, j]) - lp_nxt[:, j])
+            lse = torch.logsumexp(torch.stack(vals, -1), -1)  # over all 3R actions per state
+            gaps.append(lse - _member_q(loss, k, s, data["action"]))
+    gaps = torch.stack(gaps)
+    torch.testing.assert_close(out["cql_gap"], gaps.mean(), rtol=1e-5, atol=1e-5)
+    if lagrange is None:
+        torch.testing.assert_close(
+            out["loss_cql"], (5.0 * gaps).sum(0).mean(), rtol=1e-5, atol=1e-5
+        )
+    else:  # alpha' = exp(0) = 1 at init
+        torch.testing.assert_close(
+            out["loss_cql"], (5.0 * gaps - lagrange).sum(0).mean(), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            out["loss_alpha_prime"], -(5.0 * gaps - lagrange).mean(), rtol=1e-5, atol=1e-5
+        )
+
+
+def _td(obs):
+    from tensordict import TensorDict
+
+    return TensorDict({"observation": obs}, obs.shape[:-1])
+
+
+@pytest.mark.parametrize(
+    "key,expect",
+    [
+        ("loss_qvalue", {"critic"}),
+        ("loss_cql", {"critic"}),
+        ("loss_alpha_prime", {"log_alpha_prime"}),
+        ("loss_actor", {"actor"}),
+    ],
+)
+def test_cql_gradient_isolation(key, expect):
+    loss = _build(CQLNLoss, 3, num_random=2, lagrange_thresh=5.0, alpha_init=0.5)
+    out = loss(make_batch(B))
+    got = {k for k, v in _grads(loss, key, out).items() if v}
+    assert got == expect
+
+
+def test_cql_min_target_max_backup_and_bc():
+    n = 3
+    loss = _build(CQLNLoss, n, num_random=2, bc_steps=1)
+    _fixed_sampler(loss)
+    data = make_batch(B)
+    out = loss(data.clone())
+    # BC warm start: actor loss = alpha * log pi(a~pi) - log pi(a_data | s)
+    assert torch.isfinite(out["loss_actor"])
+    out2 = loss(data.clone())  # second call: normal actor loss, min over N
+    a_pi, lp = loss._sample(data, grad=False)
+    with torch.no_grad():
+        q = torch.stack([_member_q(loss, k, data["observation"], a_pi) for k in range(n)])
+    torch.testing.assert_close(out2["loss_actor"], (lp - q.min(0).values).mean())
+    # default target: min over N target members, no entropy term
+    a2, _ = loss._sample(data["next"], grad=False)
+    with torch.no_grad():
+        q_next = torch.stack(
+            [_member_q(loss, k, data["next", "observation"], a2, target=True) for k in range(n)]
+        )
+        y = data["next", "reward"].squeeze(-1) + 0.99 * q_next.min(0).values
+        pred = torch.stack(
+            [_member_q(loss, k, data["observation"], data["action"]) for k in range(n)]
+        )
+    torch.testing.assert_close(out2["loss_qvalue"], ((pred - y) ** 2).sum(0).mean())
+    # max-Q backup runs and gives a target at least as large (max over sampled actions)
+    loss_mq = _build(CQLNLoss, n, num_random=4, max_q_backup=True)
+    out_mq = loss_mq(data.clone())
+    assert torch.isfinite(out_mq["loss_qvalue"])
+
+
+# ---------------------------------------------------------------- EDAC
+def test_edac_cosine_term():
+    n = 5
+    loss = _build(EDACLoss, n, eta=2.0)
+    data = make_batch(B)
+    div = loss.diversity(data)
+    grads = []
+    for k in range(n):
+        act = data["action"].clone().requires_grad_(True)
+        q = _member_q(loss, k, data["observation"], act)
+        (g,) = torch.autograd.grad(q.sum(), act)
+        grads.append(g / g.norm(dim=-1, keepdim=True))
+    expected = torch.zeros(B)
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                expected += (grads[i] * grads[j]).sum(-1)
+    expected /= n - 1
+    torch.testing.assert_close(div, expected, rtol=1e-5, atol=1e-5)
+    out = loss(data.clone())
+    torch.testing.assert_close(out["loss_diversity"], 2.0 * expected.mean(), rtol=1e-5, atol=1e-5)
+    got = {k for k, v in _grads(loss, "loss_diversity", out).items() if v}
+    assert got == {"critic"}
+
+
+# ---------------------------------------------------------------- SPQR
+@pytest.mark.parametrize("cls", [SACNLoss, REDQLoss, CQLNLoss, EDACLoss])
+@pytest.mark.parametrize("pairs,source", [("next_policy", "fused"), ("data", "reused")])
+def test_spqr_composes_without_extra_pass(cls, pairs, source):
+    base = _build(cls, 6)
+    calls = {"n": 0}
+    orig = base._q
+
+    def counting(td, params):
+        calls["n"] += 1
+        return orig(td, params)
+
+    base._q = counting
+    torch.manual_seed(0)
+    base(make_batch(B))
+    bare_calls = calls["n"]
+    calls["n"] = 0
+    loss = SPQRLoss(base, beta=1.0, pairs=pairs)
+    out = loss(make_batch(B))
+    assert loss.last_source == source
+    assert calls["n"] == bare_calls
+    assert out["loss_spqr"].requires_grad
+    got = {k for k, v in _grads(base, "loss_qvalue", out).items() if v}
+    assert got == {"critic"}
+    base.zero_grad(set_to_none=True)
+    out["loss_spqr"].backward()
+    per_member = [
+        p.grad.flatten(1).abs().sum(1) for p in base.qvalue_network_params.values(True, True)
+    ]
+    assert (torch.stack(per_member).sum(0) > 0).all()  # every member receives SPQR's gradient
+    assert all(p.grad is None for p in base.actor_network_params.values(True, True))
+
+
+def test_spqr_beta_zero_exact_on_package_loss():
+    def run(wrap):
+        base = _build(SACNLoss, 6)
+        loss = SPQRLoss(base, beta=0.0) if wrap else base
+        torch.manual_seed(3)
+        out = loss(make_batch(B))
+        base.zero_grad(set_to_none=True)
+        sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+        return out, [p.grad.clone() for p in base.qvalue_network_params.values(True, True)]
+
+    (o1, g1), (o2, g2) = run(False), run(True)
+    for k in o1.keys():
+        assert torch.equal(o1[k], o2[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
