@@ -194,6 +194,13 @@ class QEnsemble(TensorDictModuleBase):
         """The structure of one member (parameters on the ``meta`` device)."""
         return self._module
 
+    def train(self, mode: bool = True) -> QEnsemble:
+        # The shell is not a registered submodule (it holds no state), so
+        # ``nn.Module.train``/``eval`` would not reach its dropout layers.
+        super().train(mode)
+        self._module.train(mode)
+        return self
+
     def _call_member(self, td: TensorDictBase, params: TensorDictBase) -> TensorDictBase:
         with params.to_module(self._module, preserve_module_state=False):
             return self._module(td)

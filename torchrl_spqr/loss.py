@@ -39,6 +39,7 @@ output says which path was taken at the last call (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Callable
@@ -547,16 +548,22 @@ class SPQRLoss(LossModule):
         if self.loss_module is not None:
             base = self.loss_module
             capture_ok = self.reuse and self.pairs in ("data", "next_policy")
+            native = getattr(base, "supports_spqr_capture", False)
             if capture_ok:
-                self._install_recorders()
                 # fusing changes the batch of the critic-loss call (round-off only);
                 # with beta == 0 the wrapped loss must be bit-identical: no fusing.
                 self._capture = _Capture(mode=self.pairs, fuse=beta > 0)
                 self._data_batch_size = tensordict.batch_size
+                if native:  # the package's losses serve the request themselves
+                    base._spqr_capture = self._capture
+                else:
+                    self._install_recorders()
             try:
                 td_out = base(tensordict)
             finally:
                 cap, self._capture = self._capture, None
+                if native:
+                    base._spqr_capture = None
             source = "extra_pass"
             if cap is not None and cap.q is not None:
                 q, source = cap.q, cap.source
@@ -566,19 +573,21 @@ class SPQRLoss(LossModule):
             td_out = TensorDict(batch_size=[])
             source = "extra_pass"
         if q is None and (beta > 0 or want_diag):
-            if cap is not None and cap.next_input is not None and self.pairs == "next_policy":
-                # the policy sample the target computation drew: no extra actor call
-                q_td, source = cap.next_input, "reused_sample"
-            else:
-                q_td = self._pairs_td(tensordict)
-            q = self._eval_q(q_td, grad=beta > 0)
+            with self._rng_scope(beta, tensordict):
+                if cap is not None and cap.next_input is not None and self.pairs == "next_policy":
+                    # the policy sample the target computation drew: no extra actor call
+                    q_td, source = cap.next_input, "reused_sample"
+                else:
+                    q_td = self._pairs_td(tensordict)
+                q = self._eval_q(q_td, grad=beta > 0)
         self.last_source = source
 
         if q is not None:
             q_vals = self._validated(q)
-            positions = F.member_positions(
-                self.num_members, self.filling, generator=self._generator, device=q_vals.device
-            )
+            with self._rng_scope(beta, tensordict):
+                positions = F.member_positions(
+                    self.num_members, self.filling, generator=self._generator, device=q_vals.device
+                )
             if self.filling == "ordered":
                 F._warn_unused(self.num_members, positions.numel())
             if self.density == "paper" and F.matrix_side(self.num_members) >= 5:
@@ -614,6 +623,18 @@ class SPQRLoss(LossModule):
         if training:
             self.step_count += 1
         return td_out
+
+    def _rng_scope(self, beta: float, tensordict: TensorDictBase):
+        """With ``beta == 0`` the SPQR-only work (policy samples, dropout masks and random
+        filling drawn for the diagnostics) must not consume the global RNG: the
+        wrapped loss's later random draws, hence training, stay exactly those of the
+        bare loss."""
+        if beta != 0:
+            return contextlib.nullcontext()
+        device = torch.device(self._device_hint(tensordict))
+        if device.type == "cpu":
+            return torch.random.fork_rng(devices=[])
+        return torch.random.fork_rng(devices=[device], device_type=device.type)
 
     def _device_hint(self, tensordict: TensorDictBase) -> torch.device:
         return tensordict.device if tensordict.device is not None else self.beta.device
