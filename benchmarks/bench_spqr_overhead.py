@@ -31,7 +31,10 @@ OBS, ACT = 11, 3
 
 
 def make_actor(hidden: int) -> ProbabilisticActor:
-    net = nn.Sequential(MLP(in_features=OBS, out_features=2 * ACT, num_cells=[hidden, hidden]), NormalParamExtractor())
+    net = nn.Sequential(
+        MLP(in_features=OBS, out_features=2 * ACT, num_cells=[hidden, hidden]),
+        NormalParamExtractor(),
+    )
     return ProbabilisticActor(
         TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"],
@@ -64,7 +67,9 @@ def make_update(base: str, n: int, hidden: int, spqr: dict | None):
     if base == "sac":
         inner = SACLoss(actor, ens.members(), num_qvalue_nets=n, loss_function="l2")
     else:
-        inner = REDQLoss(actor, ens.members(), num_qvalue_nets=n, sub_sample_len=2, loss_function="l2")
+        inner = REDQLoss(
+            actor, ens.members(), num_qvalue_nets=n, sub_sample_len=2, loss_function="l2"
+        )
     inner.make_value_estimator(gamma=0.99)
     loss = inner if spqr is None else SPQRLoss(inner, **spqr)
     upd = SoftUpdate(inner, tau=0.005)
@@ -112,7 +117,9 @@ def bench(base: str, n: int, args) -> list[tuple[str, float, float, str]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ns", type=int, nargs="+", default=[10])
     p.add_argument("--bases", nargs="+", default=["sac", "redq"], choices=["sac", "redq"])
     p.add_argument("--batch", type=int, default=256)
@@ -124,9 +131,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}, "
-          f"{args.hidden}x{args.hidden} critics, obs {OBS}, act {ACT}, "
-          f"{args.rounds} rounds x {args.inner} updates per variant, interleaved")
+    print(
+        f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}, "
+        f"{args.hidden}x{args.hidden} critics, obs {OBS}, act {ACT}, "
+        f"{args.rounds} rounds x {args.inner} updates per variant, interleaved"
+    )
     print(f"{'base':5s} {'N':>3s}  {'variant':32s} {'ms/update':>10s} {'ratio':>7s}  source")
     for base in args.bases:
         for n in args.ns:

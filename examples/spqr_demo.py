@@ -37,7 +37,9 @@ from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--env", default="Pendulum-v1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=3_000, help="environment steps")
@@ -101,7 +103,9 @@ def plot(csv_path: Path, png_path: Path, title: str) -> None:
     axes[1].plot([int(r["frames"]) for r in tr], [float(r["spqr_kl"]) for r in tr])
     axes[1].set(xlabel="environment steps", ylabel="SPQR KL", title="spectral KL (mean over batch)")
     axes[2].plot([int(r["frames"]) for r in tr], [float(r["spqr_accept_rate"]) for r in tr])
-    axes[2].set(xlabel="environment steps", ylabel="acceptance rate", title="independence test, level 0.05")
+    axes[2].set(
+        xlabel="environment steps", ylabel="acceptance rate", title="independence test, level 0.05"
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -113,17 +117,25 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    run_dir = Path(args.out) / f"spqr_sac_ens_{args.env}_N{args.ensemble}_beta{args.beta:g}_seed{args.seed}"
+    run_dir = (
+        Path(args.out)
+        / f"spqr_sac_ens_{args.env}_N{args.ensemble}_beta{args.beta:g}_seed{args.seed}"
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
 
     env = make_env(args.env, args.seed)
     eval_env = make_env(args.env, args.seed + 1000)
     actor = make_actor(env, args.hidden)
     n_in = env.observation_spec["observation"].shape[-1] + env.action_spec.shape[-1]
-    critics = QEnsemble(lambda: make_q_member(n_in, num_cells=(args.hidden, args.hidden)), args.ensemble)
+    critics = QEnsemble(
+        lambda: make_q_member(n_in, num_cells=(args.hidden, args.hidden)), args.ensemble
+    )
     # SAC-Ens: TorchRL's SACLoss takes min over all N critics for target and actor.
     sac = SACLoss(
-        actor, critics.members(), num_qvalue_nets=args.ensemble, loss_function="l2",
+        actor,
+        critics.members(),
+        num_qvalue_nets=args.ensemble,
+        loss_function="l2",
         action_spec=env.action_spec,
     )
     sac.make_value_estimator(gamma=0.99)
@@ -132,13 +144,31 @@ def main() -> None:
     optim = torch.optim.Adam(loss.parameters(), lr=3e-4)
 
     collector = Collector(
-        env, actor, frames_per_batch=1, total_frames=args.frames,
+        env,
+        actor,
+        frames_per_batch=1,
+        total_frames=args.frames,
         init_random_frames=args.random_frames,
     )
-    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(args.frames), batch_size=args.batch_size)
-    fields = ["frames", "updates", "train_return", "eval_return", "loss_qvalue", "loss_actor",
-              "loss_spqr", "alpha", "spqr_kl", "spqr_spike", "spqr_accept_rate", "spqr_mp_ratio",
-              "spqr_ensemble_std", "updates_per_s"]
+    buffer = TensorDictReplayBuffer(
+        storage=LazyTensorStorage(args.frames), batch_size=args.batch_size
+    )
+    fields = [
+        "frames",
+        "updates",
+        "train_return",
+        "eval_return",
+        "loss_qvalue",
+        "loss_actor",
+        "loss_spqr",
+        "alpha",
+        "spqr_kl",
+        "spqr_spike",
+        "spqr_accept_rate",
+        "spqr_mp_ratio",
+        "spqr_ensemble_std",
+        "updates_per_s",
+    ]
     csv_path = run_dir / "metrics.csv"
     f = csv_path.open("w", newline="")
     writer = csv.DictWriter(f, fieldnames=fields)
@@ -174,8 +204,10 @@ def main() -> None:
                 t_upd, n_upd_window = 0.0, 0
             if frames % args.eval_every == 0 or frames == args.frames:
                 row["eval_return"] = evaluate(eval_env, actor, args.eval_episodes)
-                print(f"frames {frames:>7d}  eval return {row['eval_return']:9.2f}  "
-                      f"SPQR KL {float(out['spqr_kl']):.4f}  accept {float(out['spqr_accept_rate']):.2f}")
+                print(
+                    f"frames {frames:>7d}  eval return {row['eval_return']:9.2f}  "
+                    f"SPQR KL {float(out['spqr_kl']):.4f}  accept {float(out['spqr_accept_rate']):.2f}"
+                )
             if row:
                 row.update(frames=frames, updates=updates, train_return=last_train_ret)
                 writer.writerow(row)
@@ -183,7 +215,9 @@ def main() -> None:
     finally:  # keep what was logged, also on Ctrl-C
         f.close()
         collector.shutdown()
-        torch.save({"actor": actor.state_dict(), "loss": loss.state_dict()}, run_dir / "checkpoint.pt")
+        torch.save(
+            {"actor": actor.state_dict(), "loss": loss.state_dict()}, run_dir / "checkpoint.pt"
+        )
     png = run_dir / "learning_curve.png"
     plot(csv_path, png, f"SPQR-SAC-Ens {args.env} (N={args.ensemble}, beta={args.beta:g})")
     print(f"metrics: {csv_path}\nplot:    {png}\ncheckpoint: {run_dir / 'checkpoint.pt'}")

@@ -1,0 +1,280 @@
+"""Update throughput of the package's ensemble losses against TorchRL and a Python-loop REDQ.
+
+All variants are timed interleaved (round-robin) in one run and compared by the
+ratio of median times. Hopper sizes (obs 11, act 3), 256x256 networks, batch
+256, CPU.
+
+    python benchmarks/bench_ensemble_losses.py redq     # REDQ N=10, M=2, G=20: env steps/s
+    python benchmarks/bench_ensemble_losses.py sacn     # SAC-N N=50 updates/s vs SACLoss(50)
+    python benchmarks/bench_ensemble_losses.py cql      # CQL-N N=10 vs TorchRL CQLLoss (2 critics)
+
+- ``redq``: one environment step = G critic updates and one policy update.
+  (a) TorchRL ``REDQLoss`` called G times (its actor runs every call);
+  (b) the original REDQ/SPQR code style: a Python list of N critics (and N
+  targets), each with its own Adam, looped over per update;
+  (c) ``torchrl_spqr.objectives.REDQLoss(policy_update_delay=G)``: the 19
+  critic-only calls skip the actor entirely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.data import Bounded
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
+from torchrl.objectives import CQLLoss, SACLoss, SoftUpdate
+from torchrl.objectives import REDQLoss as TorchRLREDQLoss
+
+from torchrl_spqr import QEnsemble, make_q_member
+from torchrl_spqr.objectives import CQLNLoss, REDQLoss, SACNLoss
+
+OBS, ACT = 11, 3
+
+
+def make_actor(hidden: int) -> ProbabilisticActor:
+    net = nn.Sequential(
+        MLP(in_features=OBS, out_features=2 * ACT, num_cells=[hidden, hidden]),
+        NormalParamExtractor(),
+    )
+    return ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        spec=Bounded(-1.0, 1.0, (ACT,)),
+        distribution_class=TanhNormal,
+        return_log_prob=True,
+    )
+
+
+def make_batch(b: int) -> TensorDict:
+    return TensorDict(
+        {
+            "observation": torch.randn(b, OBS),
+            "action": torch.rand(b, ACT) * 1.98 - 0.99,
+            "next": {
+                "observation": torch.randn(b, OBS),
+                "reward": torch.randn(b, 1),
+                "done": torch.zeros(b, 1, dtype=torch.bool),
+                "terminated": torch.zeros(b, 1, dtype=torch.bool),
+            },
+        },
+        [b],
+    )
+
+
+def loss_step(loss, updater, opt):
+    def step(batch):
+        out = loss(batch)
+        total = sum(v for k, v in out.items() if k.startswith("loss_"))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        updater.step()
+
+    return step
+
+
+# ------------------------------------------------------------- REDQ styles
+class LoopREDQ:
+    """The original REDQ / SPQR code style: N critic modules, N Adam optimisers, Python loops."""
+
+    def __init__(self, n: int, m: int, g: int, hidden: int) -> None:
+        self.n, self.m, self.g = n, m, g
+        self.q = [
+            MLP(in_features=OBS + ACT, out_features=1, num_cells=[hidden, hidden]) for _ in range(n)
+        ]
+        self.q_targ = [copy.deepcopy(q).requires_grad_(False) for q in self.q]
+        self.q_opt = [torch.optim.Adam(q.parameters(), lr=3e-4) for q in self.q]
+        self.actor = make_actor(hidden)
+        self.pi_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4)
+        self.log_alpha = torch.zeros((), requires_grad=True)
+        self.a_opt = torch.optim.Adam([self.log_alpha], lr=3e-4)
+        self.i = 0
+
+    def _sample(self, obs):
+        dist = self.actor.get_dist(TensorDict({"observation": obs}, obs.shape[:-1]))
+        a = dist.rsample()
+        return a, dist.log_prob(a)
+
+    def step(self, batch):
+        s, a, r = batch["observation"], batch["action"], batch["next", "reward"]
+        s2, term = batch["next", "observation"], batch["next", "terminated"].float()
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            a2, lp2 = self._sample(s2)
+            idx = torch.randperm(self.n)[: self.m]
+            sa2 = torch.cat([s2, a2], -1)
+            q_next = torch.cat([self.q_targ[int(k)](sa2) for k in idx], 1)
+            y = r + 0.99 * (1 - term) * (
+                q_next.min(1, keepdim=True).values - alpha * lp2.unsqueeze(-1)
+            )
+        sa = torch.cat([s, a], -1)
+        pred = torch.cat([q(sa) for q in self.q], 1)
+        q_loss = ((pred - y) ** 2).mean() * self.n
+        for o in self.q_opt:
+            o.zero_grad(set_to_none=True)
+        q_loss.backward()
+        if (self.i + 1) % self.g == 0:
+            for q in self.q:
+                q.requires_grad_(False)
+            a_pi, lp = self._sample(s)
+            sa_pi = torch.cat([s, a_pi], -1)
+            q_pi = torch.cat([q(sa_pi) for q in self.q], 1).mean(1)
+            pi_loss = (alpha * lp - q_pi).mean()
+            self.pi_opt.zero_grad(set_to_none=True)
+            pi_loss.backward()
+            self.pi_opt.step()
+            for q in self.q:
+                q.requires_grad_(True)
+            a_loss = -(self.log_alpha * (lp.detach() - 1.0)).mean()
+            self.a_opt.zero_grad(set_to_none=True)
+            a_loss.backward()
+            self.a_opt.step()
+        for o in self.q_opt:
+            o.step()
+        with torch.no_grad():
+            for q, qt in zip(self.q, self.q_targ):
+                for p, pt in zip(q.parameters(), qt.parameters()):
+                    pt.mul_(0.995).add_(p, alpha=0.005)
+        self.i += 1
+
+
+def redq_variants(args):
+    n, m, g, h = args.n or 10, 2, args.utd, args.hidden
+
+    def torchrl_redq():
+        torch.manual_seed(0)
+        ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
+        loss = TorchRLREDQLoss(
+            make_actor(h), ens.members(), num_qvalue_nets=n, sub_sample_len=m, loss_function="l2"
+        )
+        loss.make_value_estimator(gamma=0.99)
+        return loss_step(
+            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
+        )
+
+    def package_redq():
+        torch.manual_seed(0)
+        ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
+        loss = REDQLoss(
+            make_actor(h), ens, sub_sample_len=m, policy_update_delay=g, target_entropy=-1.0
+        )
+        return loss_step(
+            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
+        )
+
+    def loop_redq():
+        torch.manual_seed(0)
+        return LoopREDQ(n, m, g, h).step
+
+    return {
+        "(a) TorchRL REDQLoss x G": torchrl_redq(),
+        "(b) Python-loop REDQ (orig. style)": loop_redq(),
+        "(c) torchrl_spqr REDQLoss": package_redq(),
+    }, g
+
+
+def sacn_variants(args):
+    n, h = args.n or 50, args.hidden
+
+    def torchrl_sac():
+        torch.manual_seed(0)
+        ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
+        loss = SACLoss(make_actor(h), ens.members(), num_qvalue_nets=n, loss_function="l2")
+        loss.make_value_estimator(gamma=0.99)
+        return loss_step(
+            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
+        )
+
+    def package_sacn():
+        torch.manual_seed(0)
+        ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
+        loss = SACNLoss(make_actor(h), ens, target_entropy=-3.0)
+        return loss_step(
+            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
+        )
+
+    return {
+        f"TorchRL SACLoss(N={n})": torchrl_sac(),
+        f"torchrl_spqr SACNLoss(N={n})": package_sacn(),
+    }, 1
+
+
+def cql_variants(args):
+    n, h = args.n or 10, args.hidden
+
+    def torchrl_cql():
+        torch.manual_seed(0)
+        ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h, h)), 2)
+        loss = CQLLoss(make_actor(h), ens.members(), loss_function="l2")
+        loss.make_value_estimator(gamma=0.99)
+        return loss_step(
+            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
+        )
+
+    def package_cql():
+        torch.manual_seed(0)
+        ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h, h)), n)
+        loss = CQLNLoss(make_actor(h), ens, target_entropy=-3.0, lagrange_thresh=5.0)
+        return loss_step(
+            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
+        )
+
+    return {
+        "TorchRL CQLLoss (N=2)": torchrl_cql(),
+        f"torchrl_spqr CQLNLoss(N={n})": package_cql(),
+    }, 1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("which", choices=["redq", "sacn", "cql"])
+    p.add_argument("--n", type=int, default=None, help="ensemble size (default: 10 / 50 / 10)")
+    p.add_argument("--utd", type=int, default=20, help="REDQ G")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--steps", type=int, default=1, help="environment steps (REDQ) or updates per round"
+    )
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    variants, per_step = {"redq": redq_variants, "sacn": sacn_variants, "cql": cql_variants}[
+        args.which
+    ](args)
+    batches = [make_batch(args.batch) for _ in range(4)]
+    for fn in variants.values():  # warm-up, including one policy update for REDQ
+        for i in range(per_step):
+            fn(batches[i % 4])
+    times = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for i in range(args.steps * per_step):
+                fn(batches[(r + i) % 4])
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    print(
+        f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}, hidden {args.hidden}, "
+        f"{args.rounds} rounds x {args.steps} {'env steps' if per_step > 1 else 'updates'}, interleaved"
+    )
+    unit = "env steps/s" if per_step > 1 else "updates/s"
+    meds = {k: statistics.median(v) for k, v in times.items()}
+    last = list(meds)[-1]
+    print(f"{'variant':40s} {unit:>12s} {'ours vs this':>13s}")
+    for name, t in meds.items():
+        print(f"{name:40s} {1.0 / t:12.3f} {t / meds[last]:13.2f}x")
+
+
+if __name__ == "__main__":
+    main()
