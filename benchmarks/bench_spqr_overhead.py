@@ -96,7 +96,7 @@ def bench(base: str, n: int, args) -> list[tuple[str, float, float, str]]:
     }
     fns = {k: make_update(base, n, args.hidden, v) for k, v in variants.items()}
     batches = [make_batch(args.batch) for _ in range(8)]
-    for name, (fn, _) in fns.items():  # warm-up
+    for fn, _ in fns.values():  # warm-up
         for i in range(args.warmup):
             fn(batches[i % len(batches)])
     times: dict[str, list[float]] = {k: [] for k in fns}

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModuleBase
+from tensordict.nn import TensorDictModuleBase, TensorDictParams
 from tensordict.utils import NestedKey
 from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
@@ -623,6 +623,19 @@ class SPQRLoss(LossModule):
         if training:
             self.step_count += 1
         return td_out
+
+    def _apply(self, fn):
+        out = super()._apply(fn)
+        # tensordict caches ``detach()`` of (locked) TensorDictParams and does not erase
+        # that cache on dtype/device moves, so after a first forward ``.double()`` /
+        # ``.to(device)`` left TorchRL's detached critic params (e.g. SACLoss's actor-loss
+        # call) on the old dtype/device. Drop the stale copies.
+        for module in self.modules():
+            if isinstance(module, TensorDictParams):
+                module._erase_cache()
+            if isinstance(module, LossModule):
+                module._erase_cache()
+        return out
 
     def _rng_scope(self, beta: float, tensordict: TensorDictBase):
         """With ``beta == 0`` the SPQR-only work (policy samples, dropout masks and random
