@@ -605,7 +605,7 @@ class SPQRLoss(LossModule):
         td_out.set("loss_spqr", loss_spqr)
         if kl_el is not None:
             self._write(td_out, "spqr_kl", self._reduce(kl_el.detach()))
-        self._write(td_out, "spqr_beta", torch.tensor(beta))
+        self._write(td_out, "spqr_beta", self.beta.detach().clone())
         if want_diag and q is not None:
             with torch.no_grad():
                 qd = q_vals.detach()
