@@ -1,6 +1,6 @@
 """Plots of a run folder's ``metrics.csv``: learning curve and SPQR diagnostics.
 
-    python -m torchrl_spqr.plot RUN_DIR [RUN_DIR ...]
+python -m torchrl_spqr.plot RUN_DIR [RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--svg", action="store_true", help="also write SVG")
     args = p.parse_args(argv)

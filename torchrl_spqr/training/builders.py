@@ -38,7 +38,13 @@ __all__ = [
 ]
 
 #: algorithm name -> (loss class, min ensemble size)
-ALGORITHMS = {"sac_ens": SACNLoss, "sac_n": SACNLoss, "redq": REDQLoss, "edac": EDACLoss, "cql": CQLNLoss}
+ALGORITHMS = {
+    "sac_ens": SACNLoss,
+    "sac_n": SACNLoss,
+    "redq": REDQLoss,
+    "edac": EDACLoss,
+    "cql": CQLNLoss,
+}
 
 
 class ConfigError(ValueError):
@@ -66,7 +72,9 @@ def validate_config(cfg, *, online: bool = True) -> None:
         try:
             gym.spec(name)
         except Exception as err:  # gymnasium raises NameNotFound / VersionNotFound / Error
-            raise ConfigError(f"env.name={name!r} is not a registered Gymnasium id ({err}).") from err
+            raise ConfigError(
+                f"env.name={name!r} is not a registered Gymnasium id ({err})."
+            ) from err
     beta = float(_get(cfg, "spqr.beta", 0.0))
     if not math.isfinite(beta) or beta < 0:
         raise ConfigError(f"spqr.beta={beta} must be a finite number >= 0.")
@@ -83,9 +91,7 @@ def validate_config(cfg, *, online: bool = True) -> None:
     bs = int(_get(cfg, "optim.batch_size"))
     size = int(_get(cfg, "replay_buffer.size", 0))
     if online and bs > size:
-        raise ConfigError(
-            f"optim.batch_size={bs} is larger than replay_buffer.size={size}."
-        )
+        raise ConfigError(f"optim.batch_size={bs} is larger than replay_buffer.size={size}.")
     if online:
         total = int(_get(cfg, "collector.total_frames"))
         if total < 1:
@@ -171,7 +177,9 @@ def make_loss_module(cfg, actor, critics, action_spec=None) -> tuple[SPQRLoss | 
             min_q_weight=float(_get(cfg, "optim.min_q_weight", 5.0)),
             temperature=float(_get(cfg, "optim.temperature", 1.0)),
             num_random=int(_get(cfg, "optim.num_random", 10)),
-            lagrange_thresh=None if thresh in (None, "null") or float(thresh) < 0 else float(thresh),
+            lagrange_thresh=None
+            if thresh in (None, "null") or float(thresh) < 0
+            else float(thresh),
             max_q_backup=bool(_get(cfg, "optim.max_q_backup", False)),
             backup_entropy=bool(_get(cfg, "optim.backup_entropy", False)),
             bc_steps=int(_get(cfg, "optim.bc_steps", 0)),
@@ -220,7 +228,9 @@ def make_replay_buffer(cfg, run_dir=None) -> TensorDictReplayBuffer:
     elif kind == "lazy_tensor":
         storage = LazyTensorStorage(size)
     else:
-        raise ConfigError(f"replay_buffer.storage={kind!r}: expected 'lazy_tensor' or 'lazy_memmap'.")
+        raise ConfigError(
+            f"replay_buffer.storage={kind!r}: expected 'lazy_tensor' or 'lazy_memmap'."
+        )
     if bool(_get(cfg, "replay_buffer.prb", False)):
         raise ConfigError(
             "replay_buffer.prb=true: prioritized replay needs torchrl's C++ extension, which does "
@@ -236,6 +246,7 @@ def make_collector(cfg, env, actor, *, total_frames: int, init_random_frames: in
         frames_per_batch=int(_get(cfg, "collector.frames_per_batch", 1)),
         total_frames=total_frames,
         init_random_frames=init_random_frames,
+        auto_register_policy_transforms=False,
     )
 
 

@@ -126,8 +126,12 @@ def _make_logger(cfg, run_dir: Path):
 
     if backend == "wandb":
         os.environ.setdefault("WANDB_MODE", str(B._get(cfg, "logger.wandb_mode", "offline")))
-        return get_logger("wandb", logger_name=str(run_dir), experiment_name=run_dir.name,
-                          wandb_kwargs={"dir": str(run_dir), "project": "torchrl_spqr"})
+        return get_logger(
+            "wandb",
+            logger_name=str(run_dir),
+            experiment_name=run_dir.name,
+            wandb_kwargs={"dir": str(run_dir), "project": "torchrl_spqr"},
+        )
     if backend in ("csv", "tensorboard"):
         return get_logger(backend, logger_name=str(run_dir / "logs"), experiment_name=backend)
     raise B.ConfigError(f"logger.backend={backend!r}: expected csv, tensorboard, wandb or none.")
@@ -169,8 +173,14 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
     eval_eps = int(B._get(cfg, "logger.eval_episodes", 5))
     ckpt_every = int(B._get(cfg, "checkpoint.interval", 10_000))
 
-    st = {"frames": 0, "updates": 0, "episodes": 0, "best_eval": -math.inf, "last_eval": math.nan,
-          "time_s": 0.0}
+    st = {
+        "frames": 0,
+        "updates": 0,
+        "episodes": 0,
+        "best_eval": -math.inf,
+        "last_eval": math.nan,
+        "time_s": 0.0,
+    }
     metrics_path = run_dir / "metrics.csv"
     if bool(B._get(cfg, "resume", False)) and (run_dir / "checkpoint").exists():
         ck = load_checkpoint(run_dir, buffer)
@@ -202,8 +212,13 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
         )
 
     def log(row: dict[str, Any]) -> None:
-        row = {**row, "frames": st["frames"], "updates": st["updates"], "episodes": st["episodes"],
-               "time_s": st["time_s"]}
+        row = {
+            **row,
+            "frames": st["frames"],
+            "updates": st["updates"],
+            "episodes": st["episodes"],
+            "time_s": st["time_s"],
+        }
         writer.write(row)
         if logger is not None:
             for k, v in row.items():
@@ -218,7 +233,10 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
     try:
         if remaining > 0:
             collector = B.make_collector(
-                cfg, env, actor, total_frames=remaining,
+                cfg,
+                env,
+                actor,
+                total_frames=remaining,
                 init_random_frames=max(0, init_random - st["frames"]),
             )
             t_prev = time.perf_counter()
@@ -256,14 +274,18 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                     mean, std = evaluate_policy(eval_env, actor, eval_eps)
                     st["last_eval"] = mean
                     st["best_eval"] = max(st["best_eval"], mean)
-                    row.update(eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"])
+                    row.update(
+                        eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"]
+                    )
                 if row:  # one row per logged frame count
                     log(row)
                 if st["frames"] % ckpt_every < n:
                     checkpoint()
                 if pbar is not None:
                     pbar.update(n)
-                    pbar.set_postfix(ret=st["last_eval"], ups=f"{(n_upd / t_upd) if t_upd else 0:.1f}")
+                    pbar.set_postfix(
+                        ret=st["last_eval"], ups=f"{(n_upd / t_upd) if t_upd else 0:.1f}"
+                    )
             collector.shutdown()
     finally:  # Ctrl-C or an error: keep what was logged and checkpoint the state
         writer.close()
@@ -271,8 +293,12 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
             pbar.close()
         checkpoint()
     _plot(run_dir)
-    return {"frames": st["frames"], "updates": st["updates"], "final_eval_return": st["last_eval"],
-            "best_eval_return": st["best_eval"]}
+    return {
+        "frames": st["frames"],
+        "updates": st["updates"],
+        "final_eval_return": st["last_eval"],
+        "best_eval_return": st["best_eval"],
+    }
 
 
 def _update(loss, buffer, optims, updater, device) -> TensorDictBase:
