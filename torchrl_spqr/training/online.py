@@ -15,131 +15,26 @@ reset.
 
 from __future__ import annotations
 
-import csv
-import math
-import os
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tensordict import TensorDictBase
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_spqr.training import builders as B
-from torchrl_spqr.training.checkpoint import (
-    capture_rng,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    truncate_csv,
+from torchrl_spqr.training.checkpoint import restore_rng  # noqa: F401  (re-exported for tests)
+from torchrl_spqr.training.common import (
+    METRIC_FIELDS,  # noqa: F401
+    RunContext,
+    _plot,
+    _progress,
+    _scalar_metrics,
+    _update,
+    evaluate_policy,
+    seed_everything,
 )
 
-__all__ = ["METRIC_FIELDS", "train_online", "evaluate_policy", "seed_everything"]
-
-#: Columns of ``metrics.csv`` (one row per log or evaluation event).
-METRIC_FIELDS = [
-    "frames",
-    "updates",
-    "episodes",
-    "time_s",
-    "train_return",
-    "eval_return",
-    "eval_return_std",
-    "best_eval_return",
-    "loss_qvalue",
-    "loss_actor",
-    "loss_alpha",
-    "loss_spqr",
-    "loss_cql",
-    "loss_diversity",
-    "alpha",
-    "entropy",
-    "q_mean",
-    "target_value",
-    "spqr_beta",
-    "spqr_kl",
-    "spqr_spike",
-    "spqr_accept_rate",
-    "spqr_mp_ratio",
-    "spqr_mean_pairwise_corr",
-    "spqr_ensemble_std",
-    "fps",
-    "updates_per_s",
-]
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-    random.seed(seed)
-
-
-def evaluate_policy(env, actor, episodes: int, max_steps: int = 1_000_000) -> tuple[float, float]:
-    """Mean and std of the deterministic policy's return over ``episodes`` episodes."""
-    returns = []
-    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        for _ in range(episodes):
-            td = env.rollout(max_steps, actor, break_when_any_done=True, auto_cast_to_device=True)
-            returns.append(float(td["next", "reward"].sum()))
-    t = torch.tensor(returns)
-    return float(t.mean()), float(t.std(unbiased=False)) if len(returns) > 1 else 0.0
-
-
-class _MetricsWriter:
-    """Wide CSV, one row per event, flushed at each row (nothing logged is lost)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        new = not path.exists() or path.stat().st_size == 0
-        self.f = path.open("a", newline="")
-        self.w = csv.DictWriter(self.f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        if new:
-            self.w.writeheader()
-            self.f.flush()
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.w.writerow(row)
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _scalar_metrics(out: TensorDictBase) -> dict[str, float]:
-    res = {}
-    for k in METRIC_FIELDS:
-        if k in out.keys():
-            v = out.get(k)
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                res[k] = float(v.detach())
-    return res
-
-
-def _make_logger(cfg, run_dir: Path):
-    backend = str(B._get(cfg, "logger.backend", "csv") or "")
-    if backend in ("", "none"):
-        return None
-    from torchrl.record.loggers import get_logger
-
-    if backend == "wandb":
-        os.environ.setdefault("WANDB_MODE", str(B._get(cfg, "logger.wandb_mode", "offline")))
-        return get_logger(
-            "wandb",
-            logger_name=str(run_dir),
-            experiment_name=run_dir.name,
-            wandb_kwargs={"dir": str(run_dir), "project": "torchrl_spqr"},
-        )
-    if backend in ("csv", "tensorboard"):
-        return get_logger(backend, logger_name=str(run_dir / "logs"), experiment_name=backend)
-    raise B.ConfigError(f"logger.backend={backend!r}: expected csv, tensorboard, wandb or none.")
-
-
-def _truncate_torchrl_logs(run_dir: Path, frames: int) -> None:
-    for p in (run_dir / "logs").rglob("scalars/*.csv"):
-        truncate_csv(p, frames, step_field=0, header=False)
+__all__ = ["train_online"]
 
 
 def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
@@ -173,57 +68,11 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
     eval_eps = int(B._get(cfg, "logger.eval_episodes", 5))
     ckpt_every = int(B._get(cfg, "checkpoint.interval", 10_000))
 
-    st = {
-        "frames": 0,
-        "updates": 0,
-        "episodes": 0,
-        "best_eval": -math.inf,
-        "last_eval": math.nan,
-        "time_s": 0.0,
-    }
-    metrics_path = run_dir / "metrics.csv"
-    if bool(B._get(cfg, "resume", False)) and (run_dir / "checkpoint").exists():
-        ck = load_checkpoint(run_dir, buffer)
-        loss.load_state_dict(ck["loss"])
-        for k, o in optims.items():
-            o.load_state_dict(ck["optim"][k])
-        st.update(ck["counters"])
-        restore_rng(ck["rng"])
-        truncate_csv(metrics_path, st["frames"], step_field="frames")
-        _truncate_torchrl_logs(run_dir, st["frames"])
+    run = RunContext(cfg, run_dir, loss, optims, step_field="frames", buffer=buffer)
+    st = run.state
+    if run.maybe_resume():
         print(f"resumed from {run_dir / 'checkpoint'} at frame {st['frames']}")
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run does not append to an old one
-    writer = _MetricsWriter(metrics_path)
-    logger = _make_logger(cfg, run_dir)
-
-    def checkpoint() -> None:
-        st_save = dict(st)
-        save_checkpoint(
-            run_dir,
-            {
-                "loss": loss.state_dict(),
-                "optim": {k: o.state_dict() for k, o in optims.items()},
-                "counters": st_save,
-                "rng": capture_rng(),
-                "config": _plain(cfg),
-            },
-            buffer,
-        )
-
-    def log(row: dict[str, Any]) -> None:
-        row = {
-            **row,
-            "frames": st["frames"],
-            "updates": st["updates"],
-            "episodes": st["episodes"],
-            "time_s": st["time_s"],
-        }
-        writer.write(row)
-        if logger is not None:
-            for k, v in row.items():
-                if k != "frames" and isinstance(v, (int, float)) and math.isfinite(v):
-                    logger.log_scalar(k, v, step=st["frames"])
+    checkpoint, log = run.checkpoint, run.log
 
     remaining = total - st["frames"]
     pbar = _progress(total, st["frames"], bool(B._get(cfg, "logger.progress", True)))
@@ -288,10 +137,9 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                     )
             collector.shutdown()
     finally:  # Ctrl-C or an error: keep what was logged and checkpoint the state
-        writer.close()
         if pbar is not None:
             pbar.close()
-        checkpoint()
+        run.close()
     _plot(run_dir)
     return {
         "frames": st["frames"],
@@ -299,45 +147,3 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
         "final_eval_return": st["last_eval"],
         "best_eval_return": st["best_eval"],
     }
-
-
-def _update(loss, buffer, optims, updater, device) -> TensorDictBase:
-    batch = buffer.sample().to(device)
-    out = loss(batch)
-    total = sum(v for k, v in out.items() if k.startswith("loss_"))
-    for o in optims.values():
-        o.zero_grad(set_to_none=True)
-    total.backward()
-    for o in optims.values():
-        o.step()
-    updater.step()
-    return out.detach()
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, initial=initial, unit="frame", dynamic_ncols=True, mininterval=2.0)
-
-
-def _plain(cfg) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def _plot(run_dir: Path) -> None:
-    try:
-        from torchrl_spqr.plot import plot_run
-    except ImportError:  # matplotlib missing: the CSV is the result
-        return
-    plot_run(run_dir)

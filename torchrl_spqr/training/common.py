@@ -1,0 +1,245 @@
+"""Bookkeeping shared by the online and offline loops: metrics, logging, checkpoints, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDictBase
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from torchrl_spqr.training import builders as B
+from torchrl_spqr.training.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    truncate_csv,
+)
+
+__all__ = ["METRIC_FIELDS", "RunContext", "evaluate_policy", "seed_everything"]
+
+#: Columns of ``metrics.csv`` (one row per log or evaluation event).
+METRIC_FIELDS = [
+    "frames",
+    "updates",
+    "episodes",
+    "time_s",
+    "train_return",
+    "eval_return",
+    "eval_return_std",
+    "best_eval_return",
+    "normalized_score",
+    "best_normalized_score",
+    "loss_qvalue",
+    "loss_actor",
+    "loss_alpha",
+    "loss_spqr",
+    "loss_cql",
+    "loss_diversity",
+    "alpha",
+    "entropy",
+    "q_mean",
+    "target_value",
+    "spqr_beta",
+    "spqr_kl",
+    "spqr_spike",
+    "spqr_accept_rate",
+    "spqr_mp_ratio",
+    "spqr_mean_pairwise_corr",
+    "spqr_ensemble_std",
+    "fps",
+    "updates_per_s",
+]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+def evaluate_policy(env, actor, episodes: int, max_steps: int = 1_000_000) -> tuple[float, float]:
+    """Mean and std of the deterministic policy's return over ``episodes`` episodes."""
+    returns = []
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        for _ in range(episodes):
+            td = env.rollout(max_steps, actor, break_when_any_done=True, auto_cast_to_device=True)
+            returns.append(float(td["next", "reward"].sum()))
+    t = torch.tensor(returns)
+    return float(t.mean()), float(t.std(unbiased=False)) if len(returns) > 1 else 0.0
+
+
+class _MetricsWriter:
+    """Wide CSV, one row per event, flushed at each row (nothing logged is lost)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        new = not path.exists() or path.stat().st_size == 0
+        self.f = path.open("a", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        if new:
+            self.w.writeheader()
+            self.f.flush()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.w.writerow(row)
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _scalar_metrics(out: TensorDictBase) -> dict[str, float]:
+    res = {}
+    for k in METRIC_FIELDS:
+        if k in out.keys():
+            v = out.get(k)
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                res[k] = float(v.detach())
+    return res
+
+
+def _make_logger(cfg, run_dir: Path):
+    backend = str(B._get(cfg, "logger.backend", "csv") or "")
+    if backend in ("", "none"):
+        return None
+    from torchrl.record.loggers import get_logger
+
+    if backend == "wandb":
+        os.environ.setdefault("WANDB_MODE", str(B._get(cfg, "logger.wandb_mode", "offline")))
+        return get_logger(
+            "wandb",
+            logger_name=str(run_dir),
+            experiment_name=run_dir.name,
+            wandb_kwargs={"dir": str(run_dir), "project": "torchrl_spqr"},
+        )
+    if backend in ("csv", "tensorboard"):
+        return get_logger(backend, logger_name=str(run_dir / "logs"), experiment_name=backend)
+    raise B.ConfigError(f"logger.backend={backend!r}: expected csv, tensorboard, wandb or none.")
+
+
+class RunContext:
+    """Counters, the metrics CSV, the TorchRL logger, checkpoints and resume of one run.
+
+    ``step_field`` is the counter used as the logging step (``"frames"`` online,
+    ``"updates"`` offline); on resume, logs are truncated to its checkpointed value.
+    """
+
+    def __init__(self, cfg, run_dir: Path, loss, optims, *, step_field: str, buffer=None) -> None:
+        self.cfg, self.run_dir, self.loss, self.optims = cfg, Path(run_dir), loss, optims
+        self.step_field, self.buffer = step_field, buffer
+        self.state: dict[str, Any] = {
+            "frames": 0,
+            "updates": 0,
+            "episodes": 0,
+            "best_eval": -math.inf,
+            "last_eval": math.nan,
+            "time_s": 0.0,
+        }
+        self.metrics_path = self.run_dir / "metrics.csv"
+        self.writer: _MetricsWriter | None = None
+        self.logger = None
+
+    def maybe_resume(self) -> bool:
+        """Restore from the run folder's checkpoint when ``resume=true``; open the logs."""
+        resumed = False
+        if bool(B._get(self.cfg, "resume", False)) and (self.run_dir / "checkpoint").exists():
+            ck = load_checkpoint(self.run_dir, self.buffer)
+            self.loss.load_state_dict(ck["loss"])
+            for k, o in self.optims.items():
+                o.load_state_dict(ck["optim"][k])
+            self.state.update(ck["counters"])
+            restore_rng(ck["rng"])
+            step = self.state[self.step_field]
+            truncate_csv(self.metrics_path, step, step_field=self.step_field)
+            for p in (self.run_dir / "logs").rglob("scalars/*.csv"):
+                truncate_csv(p, step, step_field=0, header=False)
+            resumed = True
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run does not append to an old one
+        self.writer = _MetricsWriter(self.metrics_path)
+        self.logger = _make_logger(self.cfg, self.run_dir)
+        return resumed
+
+    def checkpoint(self) -> None:
+        save_checkpoint(
+            self.run_dir,
+            {
+                "loss": self.loss.state_dict(),
+                "optim": {k: o.state_dict() for k, o in self.optims.items()},
+                "counters": dict(self.state),
+                "rng": capture_rng(),
+                "config": _plain(self.cfg),
+            },
+            self.buffer,
+        )
+
+    def log(self, row: dict[str, Any]) -> None:
+        st = self.state
+        row = {
+            **row,
+            "frames": st["frames"],
+            "updates": st["updates"],
+            "episodes": st["episodes"],
+            "time_s": st["time_s"],
+        }
+        self.writer.write(row)
+        if self.logger is not None:
+            for k, v in row.items():
+                if k != self.step_field and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.logger.log_scalar(k, v, step=st[self.step_field])
+
+    def close(self) -> None:
+        """Close the CSV and write a final checkpoint (also on Ctrl-C)."""
+        if self.writer is not None:
+            self.writer.close()
+        self.checkpoint()
+
+
+def _update(loss, buffer, optims, updater, device) -> TensorDictBase:
+    batch = buffer.sample().to(device)
+    out = loss(batch)
+    total = sum(v for k, v in out.items() if k.startswith("loss_"))
+    for o in optims.values():
+        o.zero_grad(set_to_none=True)
+    total.backward()
+    for o in optims.values():
+        o.step()
+    updater.step()
+    return out.detach()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=initial, unit="frame", dynamic_ncols=True, mininterval=2.0)
+
+
+def _plain(cfg) -> Any:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _plot(run_dir: Path) -> None:
+    try:
+        from torchrl_spqr.plot import plot_run
+    except ImportError:  # matplotlib missing: the CSV is the result
+        return
+    plot_run(run_dir)
