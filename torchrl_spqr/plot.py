@@ -29,8 +29,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     return rows
 
 
+def _step_key(rows) -> str:
+    return "frames" if any(r.get("frames", 0) > 0 for r in rows) else "updates"
+
+
 def _series(rows, key):
-    pts = [(r["frames"], r[key]) for r in rows if key in r]
+    step = _step_key(rows)
+    pts = [(r[step], r[key]) for r in rows if key in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -49,12 +54,19 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
     ax.plot(x, y, "o-", label="evaluation (deterministic, mean over episodes)")
     x, y = _series(rows, "train_return")
     ax.plot(x, y, ".", alpha=0.5, label="training episodes")
-    ax.set(xlabel="environment steps", ylabel="return", title=run_dir.name)
+    xlabel = "environment steps" if _step_key(rows) == "frames" else "gradient updates"
+    if any("normalized_score" in r for r in rows):
+        x, y = _series(rows, "normalized_score")
+        ax2 = ax.twinx()
+        ax2.plot(x, y, "s--", color="tab:green", label="normalised score")
+        ax2.set_ylabel("normalised score (100 = reference expert)")
+        ax2.legend(fontsize=8, loc="lower right")
+    ax.set(xlabel=xlabel, ylabel="return", title=run_dir.name)
     ax.legend(fontsize=8)
     for ax, (key, label) in zip(axes.flat[1:], _DIAG):
         x, y = _series(rows, key)
         ax.plot(x, y)
-        ax.set(xlabel="environment steps", ylabel=label, title=label)
+        ax.set(xlabel=xlabel, ylabel=label, title=label)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.tight_layout()

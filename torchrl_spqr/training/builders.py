@@ -96,6 +96,15 @@ def validate_config(cfg, *, online: bool = True) -> None:
         total = int(_get(cfg, "collector.total_frames"))
         if total < 1:
             raise ConfigError(f"collector.total_frames={total} must be >= 1.")
+    if not online:
+        if not _get(cfg, "dataset.id"):
+            raise ConfigError("dataset.id is empty: name a Minari or D4RL dataset id.")
+        nu = int(_get(cfg, "optim.num_updates", 0))
+        if nu < 1:
+            raise ConfigError(f"optim.num_updates={nu} must be >= 1.")
+        src = _get(cfg, "dataset.source", "minari")
+        if src not in ("minari", "d4rl"):
+            raise ConfigError(f"dataset.source={src!r}: expected 'minari' or 'd4rl'.")
     for field in ("optim.lr", "optim.gamma", "optim.tau"):
         v = float(_get(cfg, field))
         if not (v > 0) or (field != "optim.lr" and v > 1):

@@ -1,0 +1,129 @@
+"""The offline training loop shared by ``sota_scripts/{sac_n,edac,cql}_spqr``.
+
+Sample a batch from the dataset (``OfflineData.buffer``), update, and every
+``logger.eval_interval`` updates evaluate the deterministic policy in the
+dataset's Gymnasium environment, logging the return and the normalised score
+(``100 * (R - ref_min) / (ref_max - ref_min)``, the D4RL convention, with the
+dataset's reference values). Final and best evaluations are both logged and
+returned. Checkpoint and resume as online (the dataset itself is not copied
+into the checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchrl_spqr.training import builders as B
+from torchrl_spqr.training.common import (
+    RunContext,
+    _plot,
+    _progress,
+    _scalar_metrics,
+    _update,
+    evaluate_policy,
+    seed_everything,
+)
+
+__all__ = ["train_offline", "make_offline_data"]
+
+
+def make_offline_data(cfg):
+    """Load ``dataset.id`` through TorchRL's Minari / D4RL replay classes."""
+    from torchrl_spqr.datasets import load_offline_dataset
+
+    return load_offline_dataset(
+        str(B._get(cfg, "dataset.id")),
+        batch_size=int(B._get(cfg, "optim.batch_size")),
+        source=str(B._get(cfg, "dataset.source", "minari")),
+        root=B._get(cfg, "dataset.root"),
+        download=bool(B._get(cfg, "dataset.download", True)),
+    )
+
+
+def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
+    """Train per ``cfg`` on a fixed dataset in ``run_dir``; returns final and best evaluation."""
+    B.validate_config(cfg, online=False)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(B._get(cfg, "threads", 1)))
+    seed = int(B._get(cfg, "seed", 0))
+    seed_everything(seed)
+    device = B.get_device(str(B._get(cfg, "device", "auto")))
+    data = make_offline_data(cfg)
+    env_name = B._get(cfg, "env.name") or data.env_id
+    eval_cfg = {"env": {"name": env_name, "max_episode_steps": B._get(cfg, "env.max_episode_steps")}}
+    eval_env = B.make_environment(eval_cfg, seed + 10_000)
+    actor = B.make_actor(cfg, eval_env)
+    critics = B.make_critics(cfg, eval_env)
+    loss, base = B.make_loss_module(cfg, actor, critics, eval_env.action_spec)
+    loss.to(device)
+    optims = B.make_optimizers(cfg, base)
+    updater = B.make_target_updater(cfg, base)
+
+    total = int(B._get(cfg, "optim.num_updates"))
+    log_every = int(B._get(cfg, "logger.log_interval", 1000))
+    eval_every = int(B._get(cfg, "logger.eval_interval", 10_000))
+    eval_eps = int(B._get(cfg, "logger.eval_episodes", 10))
+    ckpt_every = int(B._get(cfg, "checkpoint.interval", 50_000))
+    ref_min, ref_max = data.ref_min_score, data.ref_max_score
+
+    run = RunContext(cfg, run_dir, loss, optims, step_field="updates")
+    st = run.state
+    st.setdefault("best_score", -math.inf)
+    st.setdefault("last_score", math.nan)
+    if run.maybe_resume():
+        print(f"resumed from {run_dir / 'checkpoint'} at update {st['updates']}")
+
+    pbar = _progress(total, st["updates"], bool(B._get(cfg, "logger.progress", True)))
+    t_window, n_window = time.perf_counter(), 0
+    last_out = None
+    try:
+        while st["updates"] < total:
+            t0 = time.perf_counter()
+            last_out = _update(loss, data.buffer, optims, updater, device)
+            st["updates"] += 1
+            n_window += 1
+            st["time_s"] += time.perf_counter() - t0
+            row: dict[str, Any] = {}
+            if st["updates"] % log_every == 0:
+                row.update(_scalar_metrics(last_out))
+                now = time.perf_counter()
+                row["updates_per_s"] = n_window / max(now - t_window, 1e-9)
+                t_window, n_window = now, 0
+            if st["updates"] % eval_every == 0 or st["updates"] == total:
+                mean, std = evaluate_policy(eval_env, actor, eval_eps)
+                st["last_eval"] = mean
+                st["best_eval"] = max(st["best_eval"], mean)
+                row.update(eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"])
+                if ref_min is not None and ref_max is not None:
+                    from torchrl_spqr.datasets import normalized_score
+
+                    score = normalized_score(mean, ref_min, ref_max)
+                    st["last_score"] = score
+                    st["best_score"] = max(st["best_score"], score)
+                    row.update(normalized_score=score, best_normalized_score=st["best_score"])
+            if row:
+                run.log(row)
+            if st["updates"] % ckpt_every == 0:
+                run.checkpoint()
+            if pbar is not None:
+                pbar.update(1)
+                if row:
+                    pbar.set_postfix(score=st["last_score"], ret=st["last_eval"])
+    finally:
+        if pbar is not None:
+            pbar.close()
+        run.close()
+    _plot(run_dir)
+    return {
+        "updates": st["updates"],
+        "final_eval_return": st["last_eval"],
+        "best_eval_return": st["best_eval"],
+        "final_normalized_score": st["last_score"],
+        "best_normalized_score": st["best_score"],
+    }
