@@ -149,6 +149,7 @@ def main() -> None:
         frames_per_batch=1,
         total_frames=args.frames,
         init_random_frames=args.random_frames,
+        auto_register_policy_transforms=False,
     )
     buffer = TensorDictReplayBuffer(
         storage=LazyTensorStorage(args.frames), batch_size=args.batch_size

@@ -60,10 +60,15 @@ MBPO_TARGET_ENTROPY: dict[str, float] = {
 }
 
 
-def mbpo_target_entropy(env_name: str) -> float:
-    """MBPO / REDQ target entropy for a Gymnasium MuJoCo id such as ``"Hopper-v5"``."""
+def mbpo_target_entropy(env_name: str, default: float | None = None) -> float:
+    """MBPO / REDQ target entropy for a Gymnasium MuJoCo id such as ``"Hopper-v5"``.
+
+    Environments outside the MBPO table raise ``KeyError`` unless ``default`` is given.
+    """
     family = env_name.split("-")[0].split("/")[-1]
     if family not in MBPO_TARGET_ENTROPY:
+        if default is not None:
+            return float(default)
         raise KeyError(
             f"No MBPO target entropy for {env_name!r}; known families: {sorted(MBPO_TARGET_ENTROPY)}."
         )

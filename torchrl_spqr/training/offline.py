@@ -56,7 +56,9 @@ def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
     device = B.get_device(str(B._get(cfg, "device", "auto")))
     data = make_offline_data(cfg)
     env_name = B._get(cfg, "env.name") or data.env_id
-    eval_cfg = {"env": {"name": env_name, "max_episode_steps": B._get(cfg, "env.max_episode_steps")}}
+    eval_cfg = {
+        "env": {"name": env_name, "max_episode_steps": B._get(cfg, "env.max_episode_steps")}
+    }
     eval_env = B.make_environment(eval_cfg, seed + 10_000)
     actor = B.make_actor(cfg, eval_env)
     critics = B.make_critics(cfg, eval_env)

@@ -1,0 +1,552 @@
+"""Offline data: local D4RL-style Minari datasets, loading through TorchRL, scores, errors."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+minari = pytest.importorskip("minari")
+pytest.importorskip("h5py")
+import gymnasium as gym  # noqa: E402
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer  # noqa: E402
+
+from torchrl_spqr import datasets as D  # noqa: E402
+from torchrl_spqr.training.checkpoint import save_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+TINY_ID = "local/hopper/tiny-random-v0"
+TINY_STEPS = 600
+TIME_LIMIT = 20  # short time limit: the tiny dataset has both terminations and truncations
+OBS, ACT = 11, 3
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A private Minari store (nothing touches ~/.minari) holding the tiny random dataset."""
+    root = tmp_path_factory.mktemp("offline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(root / "minari"))
+        ds = D.build_dataset(
+            TINY_ID,
+            "Hopper-v5",
+            "random",
+            steps=TINY_STEPS,
+            seed=0,
+            max_episode_steps=TIME_LIMIT,
+            ref_max_score=3234.3,
+        )
+        yield {"root": root, "dataset": ds}
+
+
+@pytest.fixture(autouse=True)
+def _env(store, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(store["root"] / "minari"))
+
+    def offline(*args, **kwargs):  # every test runs without the hub
+        raise ConnectionError("Minari hub unreachable (test)")
+
+    monkeypatch.setattr(minari, "download_dataset", offline)
+
+
+def _episodes(dataset_id):
+    return list(minari.load_dataset(dataset_id).iterate_episodes())
+
+
+# --------------------------------------------------------------------------- build + load
+def test_tiny_random_dataset_matches_the_env(store):
+    meta = store["dataset"].storage.metadata
+    assert meta["total_steps"] == TINY_STEPS
+    eps = _episodes(TINY_ID)
+    assert sum(len(e.rewards) for e in eps) == TINY_STEPS
+    # replay every episode in a fresh env (first reset seeded, as when collected)
+    env = gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT)
+    n_trunc = n_term = 0
+    for i, ep in enumerate(eps):
+        assert ep.observations.dtype == np.float32 and ep.rewards.dtype == np.float32
+        obs, _ = env.reset(seed=0 if i == 0 else None)
+        np.testing.assert_allclose(ep.observations[0], obs, rtol=1e-6, atol=1e-6)
+        for t, a in enumerate(ep.actions):
+            obs, r, term, trunc, _ = env.step(a)
+            np.testing.assert_allclose(ep.observations[t + 1], obs, rtol=1e-5, atol=1e-5)
+            assert ep.rewards[t] == pytest.approx(r, rel=1e-5, abs=1e-5)
+            last = t == len(ep.actions) - 1
+            assert bool(ep.terminations[t]) == bool(term)
+            if not last:
+                assert not ep.truncations[t]
+        assert not (ep.terminations[-1] and ep.truncations[-1])
+        if i < len(eps) - 1:  # time-limit truncation: only at the limit, never terminal
+            assert bool(ep.truncations[-1]) == (bool(trunc) and not term)
+            assert ep.terminations[-1] or len(ep.actions) == TIME_LIMIT
+        else:  # the trailing episode cut off by `steps` ends truncated
+            assert ep.terminations[-1] or ep.truncations[-1]
+        n_trunc += int(ep.truncations[-1])
+        n_term += int(ep.terminations[-1])
+    assert n_trunc >= 2 and n_term >= 2  # both kinds of episode ends are exercised
+
+
+def test_load_local_minari_through_torchrl(store, monkeypatch):
+    calls = []
+    monkeypatch.setattr(minari, "download_dataset", lambda *a, **k: calls.append(a))
+    data = D.load_offline_dataset(TINY_ID, batch_size=32, root=str(store["root"] / "trl"))
+    assert not calls  # local data: the hub is never asked
+    assert isinstance(data, D.OfflineData)
+    assert data.env_id == "Hopper-v5"
+    assert data.env_kwargs == {"max_episode_steps": TIME_LIMIT}
+    assert data.num_transitions == TINY_STEPS == len(data.buffer)
+    assert data.dataset_id == TINY_ID and data.source == "minari"
+
+    batch = data.buffer.sample()
+    assert batch.batch_size == torch.Size([32])
+    assert batch["observation"].shape == (32, OBS) and batch["action"].shape == (32, ACT)
+    assert batch["next", "observation"].shape == (32, OBS)
+    for key in ("reward", "done", "terminated", "truncated"):
+        assert batch["next", key].shape == (32, 1)
+    for key in ("observation", "action", ("next", "observation"), ("next", "reward")):
+        assert batch[key].dtype == torch.float32, key
+    for key in ("done", "terminated", "truncated"):
+        assert batch["next", key].dtype == torch.bool
+
+    # the converted buffer holds the real data, episode after episode (TorchRL 0.14.1 alone
+    # leaves it all zeros), with terminations and truncations apart
+    eps = _episodes(TINY_ID)
+    st = D._storage_td(data.buffer)
+    obs = np.concatenate([e.observations[:-1] for e in eps])
+    nxt = np.concatenate([e.observations[1:] for e in eps])
+    np.testing.assert_array_equal(st["observation"].numpy(), obs)
+    np.testing.assert_array_equal(st["next", "observation"].numpy(), nxt)
+    np.testing.assert_array_equal(
+        st["next", "reward"].reshape(-1).numpy(), np.concatenate([e.rewards for e in eps])
+    )
+    term = st["next", "terminated"].reshape(-1).numpy()
+    trunc = st["next", "truncated"].reshape(-1).numpy()
+    np.testing.assert_array_equal(term, np.concatenate([e.terminations for e in eps]))
+    np.testing.assert_array_equal(trunc, np.concatenate([e.truncations for e in eps]))
+    assert not (term & trunc).any() and trunc.any() and term.any()
+    np.testing.assert_array_equal(st["next", "done"].reshape(-1).numpy(), term | trunc)
+    done = batch["next", "terminated"] | batch["next", "truncated"]
+    assert (batch["next", "done"] == done).all()
+
+    # reference scores from the dataset metadata
+    meta = minari.load_dataset(TINY_ID).storage.metadata
+    assert data.ref_min_score == pytest.approx(meta["ref_min_score"])
+    assert data.ref_max_score == 3234.3
+
+
+def test_converted_cache_is_reused_until_the_dataset_changes(tmp_path, monkeypatch):
+    from torchrl.data.datasets import MinariExperienceReplay
+
+    D.build_dataset("local/hopper/cache-v0", "Hopper-v5", "random", steps=50, ref_max_score=1.0)
+    root = str(tmp_path / "trl")
+    first = D.load_offline_dataset("local/hopper/cache-v0", batch_size=4, root=root)
+    obs = D._storage_td(first.buffer)["observation"].clone()
+
+    def no_conversion(self):
+        raise AssertionError("re-converted an unchanged dataset")
+
+    with monkeypatch.context() as mp:  # a second load only maps the stamped cache
+        mp.setattr(MinariExperienceReplay, "_download_and_preproc", no_conversion)
+        again = D.load_offline_dataset("local/hopper/cache-v0", batch_size=4, root=root)
+        assert torch.equal(D._storage_td(again.buffer)["observation"], obs)
+    D.build_dataset(  # same id, other data: the cache is rebuilt
+        "local/hopper/cache-v0",
+        "Hopper-v5",
+        "random",
+        steps=60,
+        seed=5,
+        ref_max_score=1.0,
+        overwrite=True,
+    )
+    rebuilt = D.load_offline_dataset("local/hopper/cache-v0", batch_size=4, root=root)
+    assert rebuilt.num_transitions == 60
+    eps = _episodes("local/hopper/cache-v0")
+    np.testing.assert_array_equal(
+        D._storage_td(rebuilt.buffer)["observation"].numpy(),
+        np.concatenate([e.observations[:-1] for e in eps]),
+    )
+
+
+def test_ref_min_score_is_the_random_policy_return(store):
+    meta = store["dataset"].storage.metadata
+    env = gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT)
+    env.action_space.seed(D._RANDOM_REF_SEED)
+    returns = []
+    for i in range(10):
+        env.reset(seed=D._RANDOM_REF_SEED + i)
+        ret, done = 0.0, False
+        while not done:
+            _, r, term, trunc, _ = env.step(env.action_space.sample())
+            ret, done = ret + r, term or trunc
+        returns.append(ret)
+    assert meta["ref_min_score"] == pytest.approx(np.mean(returns))
+    assert meta["ref_max_score"] == 3234.3
+    assert "random" in meta["description"] and "Hopper-v5" in meta["description"]
+
+
+def test_normalized_score_hand_computation(store):
+    assert D.normalized_score(1000.0, -20.272305, 3234.3) == pytest.approx(
+        100 * (1000 + 20.272305) / (3234.3 + 20.272305)
+    )
+    assert D.normalized_score(-20.272305, -20.272305, 3234.3) == pytest.approx(0.0)
+    assert D.normalized_score(3234.3, -20.272305, 3234.3) == pytest.approx(100.0)
+    meta = store["dataset"].storage.metadata
+    lo, hi = meta["ref_min_score"], meta["ref_max_score"]
+    data = D.OfflineData(None, "Hopper-v5", lo, hi, 0, TINY_ID)
+    assert data.normalized_score(500.0) == pytest.approx(100 * (500 - lo) / (hi - lo))
+    with pytest.raises(ValueError):
+        D.normalized_score(1.0, 2.0, 2.0)
+    with pytest.raises(ValueError):
+        D.OfflineData(None, "Hopper-v5", None, None, 0, "x").normalized_score(1.0)
+
+
+# --------------------------------------------------------------------------- replay kinds
+def _synthetic_run(run_dir: Path, lengths_ends, capacity: int = 1000, seed: int = 0):
+    """A run folder as the online script leaves it: checkpoint/state.pt + checkpoint/buffer.
+
+    ``lengths_ends``: [(length, "terminated" | "truncated" | None)], None = still running.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for traj, (length, end) in enumerate(lengths_ends):
+        obs = torch.randn(length + 1, OBS, generator=g)
+        term = torch.zeros(length, 1, dtype=torch.bool)
+        trunc = torch.zeros(length, 1, dtype=torch.bool)
+        if end == "terminated":
+            term[-1] = True
+        elif end == "truncated":
+            trunc[-1] = True
+        rows.append(
+            TensorDict(
+                {
+                    "observation": obs[:-1],
+                    "action": torch.rand(length, ACT, generator=g) * 2 - 1,
+                    "done": torch.zeros(length, 1, dtype=torch.bool),
+                    "collector": {"traj_ids": torch.full((length,), traj)},
+                    "next": {
+                        "observation": obs[1:],
+                        "reward": torch.randn(length, 1, generator=g),
+                        "done": term | trunc,
+                        "terminated": term,
+                        "truncated": trunc,
+                    },
+                },
+                batch_size=[length],
+            )
+        )
+    data = torch.cat(rows)
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=4)
+    buffer.extend(data)
+    cfg = {"algorithm": "sac_ens", "env": {"name": "Hopper-v5", "max_episode_steps": 7}}
+    save_checkpoint(run_dir, {"loss": {}, "config": cfg}, buffer)
+    return data
+
+
+def test_medium_replay_from_a_run_folder(tmp_path):
+    data = _synthetic_run(tmp_path / "run", [(5, "terminated"), (7, "truncated"), (4, None)])
+    ds = D.build_dataset(
+        "local/hopper/mr-v0",
+        None,  # env from the run's config
+        "medium-replay",
+        source_run=str(tmp_path / "run"),
+        ref_min_score=0.0,
+        ref_max_score=100.0,
+    )
+    assert ds.storage.metadata["total_steps"] == 16
+    eps = _episodes("local/hopper/mr-v0")
+    assert [len(e.rewards) for e in eps] == [5, 7, 4]
+    assert [bool(e.terminations[-1]) for e in eps] == [True, False, False]
+    assert [bool(e.truncations[-1]) for e in eps] == [False, True, True]  # trailing one cut off
+    for e in eps:
+        assert not e.terminations[:-1].any() and not e.truncations[:-1].any()
+    np.testing.assert_array_equal(eps[1].observations[:-1], data["observation"][5:12].numpy())
+    np.testing.assert_array_equal(eps[1].observations[-1], data["next", "observation"][11].numpy())
+    np.testing.assert_array_equal(eps[2].actions, data["action"][12:].numpy())
+    meta = minari.load_dataset("local/hopper/mr-v0").storage.metadata
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == (0.0, 100.0)
+    assert "medium-replay" in meta["description"]
+    assert meta["env_spec"] and '"max_episode_steps": 7' in meta["env_spec"]
+
+
+def test_replay_of_a_wrapped_ring_buffer(tmp_path):
+    """Capacity 12, 16 transitions: the oldest 4 are overwritten; order starts at the cursor."""
+    data = _synthetic_run(
+        tmp_path / "run", [(5, "terminated"), (7, "truncated"), (4, None)], capacity=12
+    )
+    episodes = D._episodes_from_run(tmp_path / "run")
+    assert [len(e) for e in episodes] == [1, 7, 4]
+    assert episodes[0].terminations.tolist() == [True]
+    np.testing.assert_array_equal(episodes[0].observations[0], data["observation"][4].numpy())
+    assert [bool(e.truncations[-1]) for e in episodes] == [False, True, True]
+    np.testing.assert_array_equal(episodes[2].rewards, data["next", "reward"][12:, 0].numpy())
+
+
+def test_medium_expert_concatenates_two_local_datasets(store):
+    a = D.build_dataset(
+        "local/hopper/part-a-v0",
+        "Hopper-v5",
+        "random",
+        steps=120,
+        seed=1,
+        ref_min_score=-5.0,
+        ref_max_score=50.0,
+    )
+    b = D.build_dataset(
+        "local/hopper/part-b-v0",
+        "Hopper-v5",
+        "random",
+        steps=150,
+        seed=2,
+        ref_min_score=-7.0,
+        ref_max_score=70.0,
+    )
+    me = D.build_dataset(
+        "local/hopper/me-v0",
+        None,
+        "medium-expert",
+        parts=["local/hopper/part-a-v0", "local/hopper/part-b-v0"],
+    )
+    ma, mb, mm = a.storage.metadata, b.storage.metadata, me.storage.metadata
+    assert mm["total_steps"] == ma["total_steps"] + mb["total_steps"] == 270
+    assert mm["total_episodes"] == ma["total_episodes"] + mb["total_episodes"]
+    # ref_min_score of the medium part, ref_max_score of the expert part
+    assert (mm["ref_min_score"], mm["ref_max_score"]) == (-5.0, 70.0)
+    eps_me = _episodes("local/hopper/me-v0")
+    eps_b = _episodes("local/hopper/part-b-v0")
+    np.testing.assert_array_equal(eps_me[-1].observations, eps_b[-1].observations)
+    data = D.load_offline_dataset("local/hopper/me-v0", batch_size=8, root=str(store["root"] / "t"))
+    assert data.num_transitions == 270 and data.ref_max_score == 70.0
+    with pytest.raises(FileExistsError):
+        D.build_dataset("local/hopper/part-a-v0", "Hopper-v5", "random", steps=10)
+
+
+# --------------------------------------------------------------------------- policies
+def _tiny_run(run_dir: Path) -> tuple[dict, object, object]:
+    from torchrl_spqr.training import builders as B
+
+    cfg = {
+        "algorithm": "sac_n",
+        "env": {"name": "Hopper-v5", "max_episode_steps": 30},
+        "network": {"ensemble_size": 3, "hidden_sizes": [16, 16]},
+        "optim": {"gamma": 0.99, "alpha_init": 1.0},
+        "spqr": {"beta": 1.0},
+    }
+    env = B.make_environment(cfg, seed=0)
+    actor = B.make_actor(cfg, env)
+    loss, base = B.make_loss_module(cfg, actor, B.make_critics(cfg, env), env.action_spec)
+    with torch.no_grad():  # "trained" weights, distinct from a fresh build
+        for p in base.actor_network_params.values(True, True):
+            p.add_(0.3 * torch.randn_like(p))
+    save_checkpoint(run_dir, {"loss": loss.state_dict(), "config": cfg})
+    env.close()
+    return cfg, base, loss
+
+
+def test_load_policy_from_run_and_policy_datasets(tmp_path):
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    _, base, _ = _tiny_run(tmp_path / "run")
+    policy = D.load_policy_from_run(tmp_path / "run")
+    obs = np.random.default_rng(0).standard_normal((5, OBS))
+    act = policy(obs)
+    assert act.shape == (5, ACT) and act.dtype == np.float32
+    assert np.all(np.abs(act) <= 1.0)
+    np.testing.assert_allclose(policy(obs[0]), act[0], atol=1e-6)  # single obs too
+    np.testing.assert_array_equal(policy(obs), act)  # deterministic
+    with (
+        torch.no_grad(),
+        set_exploration_type(ExplorationType.DETERMINISTIC),
+        base.actor_network_params.to_module(base.actor_network),
+    ):
+        ref = base.actor_network(TensorDict({"observation": torch.as_tensor(obs).float()}, [5]))
+    np.testing.assert_allclose(act, ref["action"].numpy(), rtol=1e-5, atol=1e-6)
+
+    med = D.build_dataset(
+        "local/hopper/pol-medium-v0",
+        "Hopper-v5",
+        "medium",
+        steps=60,
+        policy=policy,
+        noise=0.1,
+        max_episode_steps=30,
+        ref_min_score=0.0,
+        ref_max_score=10.0,
+    )
+    assert med.storage.metadata["total_steps"] == 60
+    exp = D.build_dataset(
+        "local/hopper/pol-expert-v0",
+        "Hopper-v5",
+        "expert",
+        steps=40,
+        policy=str(tmp_path / "run"),
+        max_episode_steps=30,
+        ref_episodes=2,
+    )
+    meta = exp.storage.metadata
+    env = gym.make("Hopper-v5", max_episode_steps=30)
+    expected = np.mean([_det_return(env, policy, D._RANDOM_REF_SEED + i) for i in range(2)])
+    assert meta["ref_max_score"] == pytest.approx(expected)  # mean return of the expert policy
+    eps = _episodes("local/hopper/pol-expert-v0")
+    obs0, _ = env.reset(seed=0)
+    np.testing.assert_allclose(eps[0].actions[0], policy(obs0), atol=1e-6)  # no noise
+
+
+def test_full_replay_from_an_expert_run(tmp_path):
+    """The whole buffer of the expert run; ref_max_score = mean return of its actor."""
+    _, _, loss = _tiny_run(tmp_path / "expert")
+    data = _synthetic_run(tmp_path / "buf", [(6, "terminated"), (9, None)])
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(100), batch_size=4)
+    buffer.extend(data)
+    cfg = torch.load(tmp_path / "expert/checkpoint/state.pt", weights_only=True)["config"]
+    save_checkpoint(tmp_path / "expert", {"loss": loss.state_dict(), "config": cfg}, buffer)
+    ds = D.build_dataset(
+        "local/hopper/full-replay-v0",
+        None,
+        "full-replay",
+        expert_run=str(tmp_path / "expert"),
+        ref_min_score=0.0,
+        ref_episodes=2,
+    )
+    meta = ds.storage.metadata
+    assert meta["total_steps"] == 15 and meta["total_episodes"] == 2
+    policy = D.load_policy_from_run(tmp_path / "expert")
+    env = gym.make("Hopper-v5", max_episode_steps=30)  # the run's time limit
+    expected = np.mean([_det_return(env, policy, D._RANDOM_REF_SEED + i) for i in range(2)])
+    assert meta["ref_max_score"] == pytest.approx(expected)
+    assert "full-replay" in meta["description"]
+
+
+def _det_return(env, policy, seed):
+    obs, _ = env.reset(seed=seed)
+    ret, done = 0.0, False
+    while not done:
+        obs, r, term, trunc, _ = env.step(policy(obs))
+        ret, done = ret + r, term or trunc
+    return ret
+
+
+# --------------------------------------------------------------------------- errors
+def test_missing_minari_dataset_raises_a_clear_error(store, monkeypatch):
+    seen = {}
+
+    def unreachable(dataset_id, *args, **kwargs):
+        import socket
+
+        seen["timeout"] = socket.getdefaulttimeout()
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(minari, "download_dataset", unreachable)
+    with pytest.raises(D.DatasetUnavailableError) as info:
+        D.load_offline_dataset("mujoco/hopper/medium-v0", batch_size=4, root=str(store["root"]))
+    msg = str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    assert "mujoco/hopper/medium-v0" in msg
+    assert str(store["root"] / "minari") in msg  # the local path that was tried
+    assert "ConnectionError" in msg and "huggingface.co" in msg  # the download and its error
+    assert "python -m torchrl_spqr.datasets build --env Hopper-v5 --kind medium" in msg
+    assert "minari download mujoco/hopper/medium-v0" in msg
+    assert seen["timeout"] == D.DOWNLOAD_TIMEOUT_S  # the hub call cannot block for long
+
+    with pytest.raises(D.DatasetUnavailableError, match="skipped"):
+        D.load_offline_dataset("mujoco/hopper/medium-v0", batch_size=4, download=False)
+
+
+def test_d4rl_id_mapping_and_reference_scores():
+    assert D.parse_d4rl_id("hopper-medium-replay-v2") == ("hopper", "medium-replay", 2)
+    assert D.d4rl_env_id("hopper-medium-replay-v2") == "Hopper-v5"
+    assert D.d4rl_env_id("halfcheetah-expert-v2") == "HalfCheetah-v5"
+    assert D.d4rl_env_id("walker2d-full-replay-v2") == "Walker2d-v5"
+    assert D.d4rl_env_id("ant-medium-expert-v2") == "Ant-v4"
+    assert D.d4rl_env_kwargs("ant-random-v2") == {"use_contact_forces": True}
+    # D4RL's REF_MIN_SCORE / REF_MAX_SCORE (d4rl/infos.py), the same for every split
+    assert D.d4rl_ref_scores("hopper-random-v0") == (-20.272305, 3234.3)
+    assert D.d4rl_ref_scores("halfcheetah-medium-v2") == (-280.178953, 12135.0)
+    assert D.d4rl_ref_scores("walker2d-medium-replay-v2") == (1.629008, 4592.3)
+    assert D.d4rl_ref_scores("ant-expert-v2") == (-325.6, 3879.7)
+    for bad in ("hopper-v2", "kitchen-mixed-v0", "Hopper-medium-v2", "hopper-medium"):
+        with pytest.raises(ValueError):
+            D.parse_d4rl_id(bad)
+    # the eval envs take D4RL's observations (11 / 17 / 17 / 111 dims)
+    for ds_id, dim in [
+        ("hopper-medium-v2", 11),
+        ("halfcheetah-medium-v2", 17),
+        ("walker2d-medium-v2", 17),
+        ("ant-medium-v2", 111),
+    ]:
+        env = gym.make(D.d4rl_env_id(ds_id), **D.d4rl_env_kwargs(ds_id))
+        assert env.observation_space.shape == (dim,)
+        env.close()
+
+
+def test_d4rl_download_failure_is_clear(tmp_path, monkeypatch):
+    import torchrl.data.datasets.d4rl as trl_d4rl
+
+    def unreachable(url, path):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(trl_d4rl, "_download_dataset_from_url", unreachable)
+    with pytest.raises(D.DatasetUnavailableError) as info:
+        D.load_offline_dataset(
+            "hopper-medium-replay-v2", batch_size=4, source="d4rl", root=str(tmp_path)
+        )
+    msg = str(info.value)
+    assert "hopper-medium-replay-v2" in msg and "hopper_medium_replay-v2.hdf5" in msg
+    assert "URLError" in msg and "name resolution" in msg
+    assert "mujoco/hopper/medium-replay-v0" in msg  # the Minari port
+    assert "python -m torchrl_spqr.datasets build --env Hopper-v5 --kind medium-replay" in msg
+    with pytest.raises(ValueError):
+        D.load_offline_dataset("kitchen-mixed-v0", batch_size=4, source="d4rl")
+    with pytest.raises(ValueError):
+        D.load_offline_dataset(TINY_ID, batch_size=4, source="nope")
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_build_list_info(store, capsys):
+    rc = D.main(
+        [
+            "build",
+            "--env",
+            "Hopper-v5",
+            "--kind",
+            "random",
+            "--steps",
+            "100",
+            "--id",
+            "local/hopper/cli-v0",
+            "--ref-max-score",
+            "123.0",
+            "--seed",
+            "3",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and "100 steps" in out
+    assert D.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "local/hopper/cli-v0" in out and TINY_ID in out and "123.00" in out
+    assert D.main(["info", "local/hopper/cli-v0"]) == 0
+    out = capsys.readouterr().out
+    assert "Hopper-v5" in out and "ref_max_score:" in out and "123.0" in out
+    assert D.main(["info", "local/nope/none-v0"]) == 1
+    # an existing id is not overwritten silently
+    assert (
+        D.main(
+            [
+                "build",
+                "--env",
+                "Hopper-v5",
+                "--kind",
+                "random",
+                "--steps",
+                "10",
+                "--id",
+                "local/hopper/cli-v0",
+            ]
+        )
+        == 2
+    )
+    assert "already exists" in capsys.readouterr().err

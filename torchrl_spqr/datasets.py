@@ -1,0 +1,1283 @@
+"""Offline RL data: load D4RL / Minari datasets through TorchRL, or build D4RL-style ones locally.
+
+Loading goes through TorchRL's own dataset classes:
+
+- ``source="minari"``: :class:`torchrl.data.datasets.MinariExperienceReplay` on a Minari id
+  (``mujoco/hopper/medium-v0``, ``D4RL/kitchen/mixed-v2``, ``local/hopper/random-v0``...).
+  A dataset present in the local Minari store (``$MINARI_DATASETS_PATH``, else
+  ``~/.minari/datasets``) is read from there with no network; otherwise it is
+  downloaded into that store with ``minari.download_dataset`` (the call TorchRL
+  makes itself; needs ``pip install "minari[hf]"`` and network access).
+- ``source="d4rl"``: :class:`torchrl.data.datasets.D4RLExperienceReplay` with
+  ``direct_download=True`` on a D4RL id (``hopper-medium-replay-v2``); no ``d4rl``
+  package needed, the HDF5 file comes from the D4RL hosts.
+
+Either way :func:`load_offline_dataset` returns an :class:`OfflineData`: a replay
+buffer whose samples hold float32 ``observation``, ``action`` and ``("next",
+observation / reward / done / terminated / truncated)`` with terminations and
+time-limit truncations kept apart, the Gymnasium id to evaluate in, and the
+reference min / max returns for D4RL-normalised scores (:func:`normalized_score`).
+When the data is neither local nor downloadable, :class:`DatasetUnavailableError`
+says what was tried and how to provide it.
+
+Building datasets locally (D4RL recipe on Gymnasium MuJoCo v5 envs, written as
+Minari datasets with ``minari.create_dataset_from_buffers``; h5py is enough)::
+
+    # uniform random actions
+    python -m torchrl_spqr.datasets build --env Hopper-v5 --kind random --steps 5000 \\
+        --id local/hopper/random-v0
+    # roll out the deterministic actor of an online run (sota_scripts/sac_ens_spqr output)
+    python -m torchrl_spqr.datasets build --env Hopper-v5 --kind medium --steps 1000000 \\
+        --policy-run RUN_DIR --id local/hopper/medium-v0 --ref-max-score 3234.3
+    python -m torchrl_spqr.datasets build --env Hopper-v5 --kind expert --steps 1000000 \\
+        --policy-run EXPERT_RUN_DIR --id local/hopper/expert-v0
+    # the replay buffer of the medium run / of the expert run (checkpoint/buffer)
+    python -m torchrl_spqr.datasets build --kind medium-replay --source-run RUN_DIR \\
+        --id local/hopper/medium-replay-v0 --ref-max-score 3234.3
+    python -m torchrl_spqr.datasets build --kind full-replay --source-run EXPERT_RUN_DIR \\
+        --id local/hopper/full-replay-v0
+    # concatenation of two local datasets
+    python -m torchrl_spqr.datasets build --kind medium-expert \\
+        --parts local/hopper/medium-v0 local/hopper/expert-v0 --id local/hopper/medium-expert-v0
+
+    python -m torchrl_spqr.datasets list          # local datasets, sizes, reference scores
+    python -m torchrl_spqr.datasets info local/hopper/random-v0
+
+Each built dataset records ``ref_min_score`` (mean return of a uniform random
+policy over ``--ref-episodes`` episodes, unless given) and ``ref_max_score``
+(given; else the mean return of the expert policy for ``expert`` / ``full-replay``
+/ ``--expert-run``; else D4RL's published expert score for the env family) in
+its Minari metadata, and its recipe in the description. Options: ``--seed``,
+``--max-episode-steps``, ``--noise`` (Gaussian exploration noise for policy
+rollouts), ``--expert-run`` (run whose actor sets ``ref_max_score``; the data source of
+``full-replay``), ``--ref-episodes``, ``--ref-min-score``, ``--ref-max-score``,
+``--overwrite``.
+
+Only safe loaders are used: ``torch.load(weights_only=True)``, tensordict
+memmaps and HDF5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import minari
+    import torchrl.data
+
+__all__ = [
+    "D4RL_ENV_IDS",
+    "D4RL_REF_SCORES",
+    "DatasetUnavailableError",
+    "KINDS",
+    "OfflineData",
+    "build_dataset",
+    "d4rl_env_id",
+    "d4rl_env_kwargs",
+    "d4rl_ref_scores",
+    "load_offline_dataset",
+    "load_policy_from_run",
+    "main",
+    "minari_datasets_path",
+    "normalized_score",
+    "parse_d4rl_id",
+]
+
+#: Dataset recipes understood by :func:`build_dataset` (D4RL's Gym-MuJoCo splits).
+KINDS = ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert")
+
+#: Reference returns for D4RL's normalised score, per environment family, identical for
+#: every split and version (v0/v1/v2). Source: D4RL, ``d4rl/infos.py`` (REF_MIN_SCORE /
+#: REF_MAX_SCORE) and ``d4rl/gym_mujoco/__init__.py`` (HOPPER_RANDOM_SCORE = -20.272305,
+#: HOPPER_EXPERT_SCORE = 3234.3, ...), https://github.com/Farama-Foundation/D4RL.
+D4RL_REF_SCORES: dict[str, tuple[float, float]] = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+#: Gymnasium env to evaluate a D4RL Gym-MuJoCo dataset in, with its constructor kwargs.
+#: Hopper / HalfCheetah / Walker2d v5 have D4RL's observation layout (11 / 17 / 17 dims).
+#: D4RL's ant data has 111 dims (contact forces of all 14 bodies, world included): only
+#: ``Ant-v4`` with ``use_contact_forces=True`` matches (``Ant-v5`` gives 105 dims).
+D4RL_ENV_IDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "halfcheetah": ("HalfCheetah-v5", {}),
+    "hopper": ("Hopper-v5", {}),
+    "walker2d": ("Walker2d-v5", {}),
+    "ant": ("Ant-v4", {"use_contact_forces": True}),
+}
+
+_D4RL_ID = re.compile(
+    r"^(?P<family>halfcheetah|hopper|walker2d|ant)-"
+    r"(?P<kind>random|medium|expert|medium-replay|medium-expert|full-replay)-v(?P<version>\d+)$"
+)
+
+#: Seconds a remote download may block on one socket operation before failing.
+DOWNLOAD_TIMEOUT_S = float(os.environ.get("TORCHRL_SPQR_DOWNLOAD_TIMEOUT", "30"))
+
+_RANDOM_REF_SEED = 123_456  # fixed: every split of one env gets the same ref_min_score
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The dataset is neither on this machine nor downloadable; the message says what to do."""
+
+
+@dataclass
+class OfflineData:
+    """A loaded offline dataset and what is needed to evaluate on it."""
+
+    buffer: torchrl.data.ReplayBuffer
+    env_id: str
+    ref_min_score: float | None
+    ref_max_score: float | None
+    num_transitions: int
+    dataset_id: str
+    #: extra ``gymnasium.make`` kwargs of the evaluation env (e.g. ``max_episode_steps``).
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    source: str = "minari"
+
+    def normalized_score(self, episode_return: float) -> float:
+        if self.ref_min_score is None or self.ref_max_score is None:
+            raise ValueError(f"Dataset {self.dataset_id!r} has no reference scores.")
+        return normalized_score(episode_return, self.ref_min_score, self.ref_max_score)
+
+
+def normalized_score(episode_return: float, ref_min_score: float, ref_max_score: float) -> float:
+    """D4RL's normalised score: ``100 * (R - min) / (max - min)`` (0 random, 100 expert)."""
+    if ref_min_score is None or ref_max_score is None:
+        raise ValueError("normalized_score needs both reference scores.")
+    span = float(ref_max_score) - float(ref_min_score)
+    if not math.isfinite(span) or span == 0:
+        raise ValueError(f"Degenerate reference scores: min={ref_min_score}, max={ref_max_score}.")
+    return 100.0 * (float(episode_return) - float(ref_min_score)) / span
+
+
+# --------------------------------------------------------------------------- D4RL ids
+def parse_d4rl_id(dataset_id: str) -> tuple[str, str, int]:
+    """``"hopper-medium-replay-v2"`` -> ``("hopper", "medium-replay", 2)``."""
+    m = _D4RL_ID.match(dataset_id)
+    if m is None:
+        raise ValueError(
+            f"{dataset_id!r} is not a D4RL Gym-MuJoCo id (<{'|'.join(D4RL_ENV_IDS)}>-"
+            f"<{'|'.join(KINDS)}>-v<N>). For Kitchen / AntMaze use the Minari ids "
+            "(D4RL/kitchen/mixed-v2, D4RL/antmaze/umaze-v1) with source='minari'."
+        )
+    return m["family"], m["kind"], int(m["version"])
+
+
+def d4rl_env_id(dataset_id: str) -> str:
+    """Gymnasium id to evaluate a D4RL dataset in (``hopper-medium-v2`` -> ``Hopper-v5``)."""
+    return D4RL_ENV_IDS[parse_d4rl_id(dataset_id)[0]][0]
+
+
+def d4rl_env_kwargs(dataset_id: str) -> dict[str, Any]:
+    return dict(D4RL_ENV_IDS[parse_d4rl_id(dataset_id)[0]][1])
+
+
+def d4rl_ref_scores(dataset_id: str) -> tuple[float, float]:
+    """D4RL's published ``(REF_MIN_SCORE, REF_MAX_SCORE)`` for a D4RL id."""
+    return D4RL_REF_SCORES[parse_d4rl_id(dataset_id)[0]]
+
+
+def _family_of_env(env_id: str) -> str | None:
+    name = env_id.split("-")[0].lower()
+    return name if name in D4RL_REF_SCORES else None
+
+
+# --------------------------------------------------------------------------- Minari paths
+def minari_datasets_path() -> Path:
+    """The local Minari store: ``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets``."""
+    p = os.environ.get("MINARI_DATASETS_PATH")
+    return Path(p) if p else Path.home() / ".minari" / "datasets"
+
+
+def _local_h5(dataset_id: str) -> Path:
+    return minari_datasets_path() / dataset_id / "data" / "main_data.hdf5"
+
+
+def _exists_locally(dataset_id: str) -> bool:
+    return _local_h5(dataset_id).exists()
+
+
+@contextlib.contextmanager
+def _network_timeout(seconds: float = DOWNLOAD_TIMEOUT_S) -> Iterator[None]:
+    """Bound every blocking socket operation of a download (no long hang without network)."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _guess_build_command(dataset_id: str) -> str:
+    """A ``build`` command that makes a local stand-in for ``dataset_id`` (same id)."""
+    low = dataset_id.lower()
+    env = next(
+        (
+            gym_id if fam != "ant" else "Ant-v5"
+            for fam, (gym_id, _) in D4RL_ENV_IDS.items()
+            if re.search(rf"(^|[/_-]){fam}([/_-]|$)", low)
+        ),
+        "ENV_ID",
+    )
+    kind = next((k for k in sorted(KINDS, key=len, reverse=True) if k in low), "KIND")
+    extra = {
+        "random": " --steps 1000000",
+        "medium": " --steps 1000000 --policy-run RUN_DIR",
+        "expert": " --steps 1000000 --policy-run EXPERT_RUN_DIR",
+        "medium-replay": " --source-run RUN_DIR",
+        "full-replay": " --source-run EXPERT_RUN_DIR",
+        "medium-expert": " --parts MEDIUM_ID EXPERT_ID",
+    }.get(kind, "")
+    if "/" in dataset_id:
+        local_id = dataset_id
+    else:
+        fam = low.split("-")[0]
+        local_id = f"local/{fam}/{kind if kind != 'KIND' else 'data'}-v0"
+    return f"python -m torchrl_spqr.datasets build --env {env} --kind {kind}{extra} --id {local_id}"
+
+
+def _unavailable(dataset_id: str, tried: list[str], how: list[str]) -> DatasetUnavailableError:
+    lines = [f"Offline dataset {dataset_id!r} is not available on this machine.", "Tried:"]
+    lines += [f"  {i + 1}. {t}" for i, t in enumerate(tried)]
+    lines.append("To provide the data locally:")
+    lines += [f"  - {h}" for h in how]
+    return DatasetUnavailableError("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- loading
+def load_offline_dataset(
+    dataset_id: str,
+    *,
+    batch_size: int,
+    source: str = "minari",
+    root: str | None = None,
+    download: bool = True,
+) -> OfflineData:
+    """Load ``dataset_id`` through TorchRL's dataset class for ``source``.
+
+    Args:
+        dataset_id: a Minari id (``source="minari"``) or a D4RL id (``source="d4rl"``).
+        batch_size: the buffer's ``sample()`` size.
+        source: ``"minari"`` or ``"d4rl"``.
+        root: TorchRL's cache folder for the converted memmap (the ``root`` argument of
+            ``MinariExperienceReplay`` / ``D4RLExperienceReplay``; default
+            ``~/.cache/torchrl/{minari,d4rl}``). The raw Minari data lives in the Minari
+            store (``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``).
+        download: try the remote hub when the data is not on this machine.
+
+    Raises:
+        DatasetUnavailableError: not local and not downloadable (message names what was
+            tried and how to provide the data).
+    """
+    if source == "minari":
+        return _load_minari(dataset_id, batch_size, root, download)
+    if source == "d4rl":
+        return _load_d4rl(dataset_id, batch_size, root, download)
+    raise ValueError(f"source={source!r}: expected 'minari' or 'd4rl'.")
+
+
+def _load_minari(dataset_id: str, batch_size: int, root, download: bool) -> OfflineData:
+    local = minari_datasets_path() / dataset_id
+    if not _exists_locally(dataset_id):
+        tried = [
+            f"local Minari dataset {local} (MINARI_DATASETS_PATH="
+            f"{os.environ.get('MINARI_DATASETS_PATH', '<unset>; default ~/.minari/datasets>')}): "
+            "not found"
+        ]
+        how = [
+            "build a D4RL-style stand-in under the same id on this machine: "
+            + _guess_build_command(dataset_id),
+            f'or, on a machine with network: `pip install "minari[hf]"; minari download '
+            f"{dataset_id}`, then copy its folder ~/.minari/datasets/{dataset_id} to {local} "
+            "(or point MINARI_DATASETS_PATH at the folder that holds it)",
+        ]
+        if not download:
+            tried.append("remote download: skipped (download=False)")
+            raise _unavailable(dataset_id, tried, how)
+        import minari
+
+        t0 = time.perf_counter()
+        try:
+            with _network_timeout(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                minari.download_dataset(dataset_id)
+        except Exception as err:  # hub unreachable, unknown id, missing minari[hf] extra...
+            tried.append(
+                f"remote download minari.download_dataset({dataset_id!r}) from the Farama "
+                f"Minari hub: failed after {time.perf_counter() - t0:.1f}s with "
+                f"{type(err).__name__}: {err}"
+            )
+            raise _unavailable(dataset_id, tried, how) from err
+        if not _exists_locally(dataset_id):  # pragma: no cover - defensive
+            tried.append("remote download returned but wrote no data")
+            raise _unavailable(dataset_id, tried, how)
+
+    rb = _minari_replay_buffer(dataset_id, batch_size, root)
+    _cast_float64_on_sample(rb)
+    meta = _minari_metadata(dataset_id)
+    env_id, env_kwargs = _minari_eval_env(meta)
+    return OfflineData(
+        buffer=rb,
+        env_id=env_id,
+        ref_min_score=_opt_float(meta.get("ref_min_score")),
+        ref_max_score=_opt_float(meta.get("ref_max_score")),
+        num_transitions=len(rb),
+        dataset_id=dataset_id,
+        env_kwargs=env_kwargs,
+        source="minari",
+    )
+
+
+def _load_d4rl(dataset_id: str, batch_size: int, root, download: bool) -> OfflineData:
+    parse_d4rl_id(dataset_id)  # ValueError on an unknown id, before any download
+    from torchrl.data.datasets import D4RLExperienceReplay
+    from torchrl.data.datasets.d4rl_infos import D4RL_DATASETS
+    from torchrl.data.datasets.utils import _get_root_dir
+
+    url = D4RL_DATASETS.get(dataset_id)
+    if url is None:
+        raise ValueError(f"{dataset_id!r} is not in TorchRL's D4RL table (D4RL_DATASETS).")
+    cache = Path(root) if root is not None else Path(_get_root_dir("d4rl"))
+    t0 = time.perf_counter()
+    try:
+        with _network_timeout(), _quiet_torchrl():
+            rb = D4RLExperienceReplay(
+                dataset_id,
+                batch_size,
+                direct_download=True,
+                # done = terminated only: TorchRL zeroes ("next", "observation") where done,
+                # which must not hit time-limit truncations (they are bootstrapped from).
+                use_truncated_as_done=False,
+                download=download,
+                root=root,
+            )
+    except Exception as err:
+        family = parse_d4rl_id(dataset_id)[0]
+        kind = parse_d4rl_id(dataset_id)[1]
+        tried = [f"TorchRL cache {cache / dataset_id}: not found"]
+        tried.append(
+            f"direct download of {url} (D4RLExperienceReplay(direct_download=True)): "
+            + (
+                "skipped (download=False)"
+                if not download
+                else f"failed after {time.perf_counter() - t0:.1f}s with "
+                f"{type(err).__name__}: {err}"
+            )
+        )
+        how = [
+            f"on a machine with network, run load_offline_dataset({dataset_id!r}, "
+            f"source='d4rl', ...) once and copy {cache / dataset_id} here (same path, or pass "
+            "root=)",
+            f"or use the Minari port of the same data (mujoco/{family}/{kind}-v0 with "
+            "source='minari'), downloaded elsewhere with `minari download` and copied to "
+            f"{minari_datasets_path()}",
+            "or build a D4RL-style stand-in on this machine: " + _guess_build_command(dataset_id),
+        ]
+        raise _unavailable(dataset_id, tried, how) from err
+    _cast_float64_on_sample(rb)
+    lo, hi = d4rl_ref_scores(dataset_id)
+    return OfflineData(
+        buffer=rb,
+        env_id=d4rl_env_id(dataset_id),
+        ref_min_score=lo,
+        ref_max_score=hi,
+        num_transitions=len(rb),
+        dataset_id=dataset_id,
+        env_kwargs=d4rl_env_kwargs(dataset_id),
+        source="d4rl",
+    )
+
+
+def _minari_replay_buffer(dataset_id: str, batch_size: int, root):
+    """``MinariExperienceReplay`` on a local Minari dataset, converted once per version.
+
+    TorchRL re-converts a local dataset into ``root/<id>`` on every
+    ``load_from_local_minari=True`` construction, truncating files that another process
+    (a parallel seed) may have mapped. So: convert (and repair, see
+    :func:`_fill_minari_storage`) under a file lock, stamp the cache with the HDF5 file's
+    size and mtime, and later open the stamped cache read-only through TorchRL's own
+    ``download=False`` path; a rebuilt dataset gets a new stamp and is re-converted.
+    """
+    from torchrl.data.datasets import MinariExperienceReplay
+    from torchrl.data.datasets.utils import _get_root_dir
+
+    h5 = _local_h5(dataset_id)
+    cache_root = Path(root) if root is not None else Path(_get_root_dir("minari"))
+    cache = cache_root / dataset_id
+    stamp_path = cache / "torchrl_spqr_source.json"
+    st = h5.stat()
+    stamp = {"hdf5": str(h5.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache.parent / f".{cache.name}.lock"), _quiet_torchrl():
+        fresh = False
+        with contextlib.suppress(OSError, ValueError):
+            fresh = (cache / "env_metadata.json").exists() and json.loads(
+                stamp_path.read_text()
+            ) == stamp
+        if fresh:
+            return MinariExperienceReplay(
+                dataset_id, batch_size, root=str(cache_root), download=False
+            )
+        stamp_path.unlink(missing_ok=True)
+        rb = MinariExperienceReplay(
+            dataset_id,
+            batch_size,
+            root=str(cache_root),
+            download=False,
+            load_from_local_minari=True,
+        )
+        _fill_minari_storage(_storage_td(rb), h5)
+        stamp_path.write_text(json.dumps(stamp))
+    return rb
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX ``flock``; no-op where unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet_torchrl() -> Iterator[None]:
+    """Silence TorchRL's INFO dump of the tensordict structure and its progress bar."""
+    import logging
+
+    from torchrl._utils import logger as trl_logger
+
+    level = trl_logger.level
+    trl_logger.setLevel(max(level, logging.WARNING))
+    old_tqdm = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # TorchRL's per-episode progress bar
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        trl_logger.setLevel(level)
+        if old_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_tqdm
+
+
+def _storage_td(rb):
+    storage = rb.storage
+    return storage._storage  # noqa: SLF001 - TensorStorage's tensordict (memmap)
+
+
+def _fill_minari_storage(td, h5_path: Path) -> None:
+    """Write the episodes of ``h5_path`` into TorchRL's converted memmap ``td``.
+
+    TorchRL 0.14.1's ``MinariExperienceReplay`` fills an in-memory tensordict and then
+    calls ``memmap_like`` on it, which allocates a *contentless* memmap: every value of
+    the converted dataset reads back as zero (verified on this machine). This repeats
+    TorchRL's own conversion (same layout: episode order, ``obs[:-1]`` / ``obs[1:]``,
+    rewards and flags under ``"next"``) into that memmap, and is a no-op rewrite when
+    TorchRL already filled it.
+    """
+    import h5py
+
+    with h5py.File(h5_path, "r") as f:
+        names = sorted(f.keys(), key=lambda k: int(k.split("_")[-1]))
+        index = 0
+        for name in names:
+            ep = f[name]
+            steps = (
+                int(ep["actions"].shape[0])
+                if isinstance(ep["actions"], h5py.Dataset)
+                else (_first_len(ep["actions"]))
+            )
+            view = td[index : index + steps]
+            for h5_key, key in (
+                ("observations", "observation"),
+                ("state", "state"),
+                ("infos", "info"),
+            ):
+                if h5_key in ep and key in view.keys():
+                    _copy_two_sided(view.get(key), view.get(("next", key)), ep[h5_key], steps)
+            if "action" in view.keys():
+                _copy_leaf_tree(view.get("action"), ep["actions"], slice(None))
+            flags = {}
+            for h5_key, key in (
+                ("rewards", "reward"),
+                ("terminations", "terminated"),
+                ("truncations", "truncated"),
+            ):
+                arr = torch.as_tensor(np.asarray(ep[h5_key][()]))
+                flags[key] = arr
+                dst = view.get(("next", key))
+                dst.copy_(arr.reshape(dst.shape).to(dst.dtype))
+            done = flags["terminated"].bool() | flags["truncated"].bool()
+            dst = view.get(("next", "done"))
+            dst.copy_(done.reshape(dst.shape))
+            if "episode" in view.keys():
+                view.get("episode").fill_(int(name.split("_")[-1]))
+            index += steps
+    if index != td.shape[0]:
+        raise RuntimeError(
+            f"{h5_path} holds {index} steps but TorchRL's converted buffer has {td.shape[0]}."
+        )
+
+
+def _first_len(group) -> int:
+    import h5py
+
+    for v in group.values():
+        return int(v.shape[0]) if isinstance(v, h5py.Dataset) else _first_len(v)
+    raise ValueError("empty HDF5 group")
+
+
+def _copy_leaf_tree(dst, src, sl: slice) -> None:
+    import h5py
+    from tensordict import TensorDictBase
+
+    if isinstance(src, h5py.Dataset):
+        if isinstance(dst, TensorDictBase) or src.dtype.kind not in "biuf":
+            return
+        arr = torch.as_tensor(np.asarray(src[()])[sl])
+        if arr.numel() != dst.numel():  # not per-step data (TorchRL skips those too)
+            return
+        dst.copy_(arr.reshape(dst.shape).to(dst.dtype))
+        return
+    if not isinstance(dst, TensorDictBase):
+        return
+    for k in src:
+        if k in dst.keys():
+            _copy_leaf_tree(dst.get(k), src[k], sl)
+
+
+def _copy_two_sided(dst_now, dst_next, src, steps: int) -> None:
+    """Observation-like entries hold ``steps + 1`` rows: ``[:-1]`` now, ``[1:]`` next."""
+    import h5py
+
+    if isinstance(src, h5py.Dataset) and src.shape[:1] != (steps + 1,):
+        return
+    if dst_now is not None:
+        _copy_leaf_tree(dst_now, src, slice(0, steps))
+    if dst_next is not None:
+        _copy_leaf_tree(dst_next, src, slice(1, steps + 1))
+
+
+def _cast_float64_on_sample(rb) -> None:
+    """Append ``DoubleToFloat`` for every float64 entry, so samples are float32."""
+    from torchrl.envs import DoubleToFloat
+
+    td = _storage_td(rb)
+    keys = [
+        k for k, v in td.items(include_nested=True, leaves_only=True) if v.dtype == torch.float64
+    ]
+    if keys:
+        rb.append_transform(DoubleToFloat(in_keys=keys, out_keys=keys))
+
+
+def _opt_float(x) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _minari_metadata(dataset_id: str) -> dict[str, Any]:
+    """The Minari metadata of a local dataset (``storage.metadata``: ref scores, env spec...)."""
+    import minari
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = minari.load_dataset(dataset_id)
+    return dict(ds.storage.metadata)
+
+
+def _minari_eval_env(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Eval env id and ``gymnasium.make`` kwargs from the metadata's (eval_)env_spec."""
+    import gymnasium as gym
+    from gymnasium.envs.registration import EnvSpec
+
+    raw = meta.get("eval_env_spec") or meta.get("env_spec")
+    if raw is None:
+        raise ValueError(f"Dataset {meta.get('dataset_id')!r} records no environment spec.")
+    spec = (
+        raw
+        if isinstance(raw, EnvSpec)
+        else EnvSpec.from_json(
+            raw.replace('"order_enforce": true,', "")  # gymnasium >= 1.0 compatibility (as Minari)
+        )
+    )
+    kwargs = dict(spec.kwargs or {})
+    try:
+        registered = gym.spec(spec.id)
+        default_steps = registered.max_episode_steps
+        kwargs = {k: v for k, v in kwargs.items() if registered.kwargs.get(k, object()) != v}
+    except Exception:  # not registered here (e.g. gymnasium-robotics not installed)
+        default_steps = None
+    if spec.max_episode_steps is not None and spec.max_episode_steps != default_steps:
+        kwargs["max_episode_steps"] = int(spec.max_episode_steps)
+    return spec.id, kwargs
+
+
+# --------------------------------------------------------------------------- policies
+def load_policy_from_run(run_dir: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
+    """The deterministic actor (tanh of the Gaussian mean) of an online run, as ``obs -> action``.
+
+    Rebuilds env, actor, critics and loss from the config saved in
+    ``run_dir/checkpoint/state.pt`` with ``torchrl_spqr.training.builders`` and loads the
+    loss state dict (``torch.load(weights_only=True)``). Accepts one observation
+    ``[obs_dim]`` or a batch ``[..., obs_dim]``; returns float32 actions.
+    """
+    from tensordict import TensorDict
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    from torchrl_spqr.training import builders as B
+    from torchrl_spqr.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(Path(run_dir))
+    cfg = state.get("config")
+    if not cfg:
+        raise ValueError(
+            f"{run_dir}/checkpoint/state.pt has no 'config': cannot rebuild the actor."
+        )
+    env = B.make_environment(cfg, seed=0)
+    try:
+        actor = B.make_actor(cfg, env)
+        critics = B.make_critics(cfg, env)
+        loss, base = B.make_loss_module(cfg, actor, critics, env.action_spec)
+        loss.load_state_dict(state["loss"])
+        low = env.action_spec.space.low.cpu().numpy()
+        high = env.action_spec.space.high.cpu().numpy()
+    finally:
+        env.close()
+    net, params = base.actor_network, base.actor_network_params.detach()
+    net.eval()
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(obs), dtype=torch.float32)
+        td = TensorDict({"observation": x}, batch_size=x.shape[:-1])
+        with (
+            torch.no_grad(),
+            set_exploration_type(ExplorationType.DETERMINISTIC),
+            params.to_module(net),
+        ):
+            action = net(td)["action"]
+        return np.clip(action.numpy().astype(np.float32), low, high)
+
+    policy.run_dir = str(run_dir)  # type: ignore[attr-defined]
+    policy.env_id = str(B._get(cfg, "env.name"))  # noqa: SLF001  # type: ignore[attr-defined]
+    return policy
+
+
+class _UniformPolicy:
+    def __init__(self, space, seed: int) -> None:
+        self.space = space
+        self.space.seed(seed)
+
+    def __call__(self, obs):
+        return self.space.sample()
+
+
+# --------------------------------------------------------------------------- building
+@dataclass
+class _Episode:
+    observations: np.ndarray  # [T + 1, obs_dim] float32
+    actions: np.ndarray  # [T, act_dim] float32
+    rewards: np.ndarray  # [T] float32
+    terminations: np.ndarray  # [T] bool
+    truncations: np.ndarray  # [T] bool
+    seed: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.rewards.shape[0])
+
+    @property
+    def ret(self) -> float:
+        return float(self.rewards.astype(np.float64).sum())
+
+
+def _make_env(env_id: str, max_episode_steps: int | None, env_kwargs: dict | None = None):
+    import gymnasium as gym
+
+    kwargs = dict(env_kwargs or {})
+    if max_episode_steps:
+        kwargs["max_episode_steps"] = int(max_episode_steps)
+    return gym.make(env_id, **kwargs)
+
+
+def _rollout_steps(
+    env,
+    policy: Callable,
+    steps: int,
+    seed: int,
+    noise: float = 0.0,
+) -> list[_Episode]:
+    """Exactly ``steps`` transitions; the trailing incomplete episode is marked truncated."""
+    rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high
+    episodes: list[_Episode] = []
+    total, first = 0, True
+    while total < steps:
+        ep_seed = seed if first else None
+        obs, _ = env.reset(seed=ep_seed)
+        first = False
+        Ob, A, R, Te, Tr = [obs], [], [], [], []
+        while True:
+            a = np.asarray(policy(obs), dtype=np.float32)
+            if noise > 0:
+                a = np.clip(a + noise * rng.standard_normal(a.shape), low, high).astype(np.float32)
+            obs, r, term, trunc, _ = env.step(a)
+            Ob.append(obs)
+            A.append(a)
+            R.append(r)
+            Te.append(bool(term))
+            Tr.append(bool(trunc) and not term)
+            total += 1
+            if term or trunc:
+                break
+            if total >= steps:
+                Tr[-1] = True  # D4RL's timeouts flag on the cut-off last episode
+                break
+        episodes.append(
+            _Episode(
+                np.asarray(Ob, dtype=np.float32),
+                np.asarray(A, dtype=np.float32),
+                np.asarray(R, dtype=np.float32),
+                np.asarray(Te, dtype=bool),
+                np.asarray(Tr, dtype=bool),
+                ep_seed,
+            )
+        )
+    return episodes
+
+
+def _mean_return(env, policy: Callable, episodes: int, seed: int) -> float:
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        ret, done = 0.0, False
+        while not done:
+            obs, r, term, trunc, _ = env.step(np.asarray(policy(obs), dtype=np.float32))
+            ret += float(r)
+            done = term or trunc
+        returns.append(ret)
+    return float(np.mean(returns))
+
+
+def _random_ref_score(env, episodes: int) -> float:
+    return _mean_return(
+        env, _UniformPolicy(env.action_space, _RANDOM_REF_SEED), episodes, _RANDOM_REF_SEED
+    )
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    from torchrl_spqr.training.checkpoint import load_checkpoint
+
+    return dict(load_checkpoint(run_dir).get("config") or {})
+
+
+def _episodes_from_run(run_dir: str | os.PathLike, steps: int | None = None) -> list[_Episode]:
+    """The replay buffer of an online run (``checkpoint/buffer``) as chronological episodes.
+
+    Order: the ring buffer is unrolled from its writer cursor (oldest first). Boundaries:
+    ``("next", "done" | "terminated" | "truncated")``, a change of
+    ``("collector", "traj_ids")`` and any break in ``next.observation[t] ==
+    observation[t + 1]``; a boundary that is not a termination is a truncation (so the
+    trailing incomplete episode is marked truncated). ``steps`` keeps the first ``steps``
+    transitions (D4RL's medium-replay stops where the run reached "medium").
+    """
+    from tensordict import TensorDict
+
+    from torchrl_spqr.training.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir)
+    ck = run_dir / "checkpoint"
+    if not (ck / "state.pt").exists():
+        ck = run_dir / "checkpoint.old"
+    path = ck / "buffer"
+    meta = state.get("buffer_meta") or {}
+    if not path.exists() or not meta.get("len", 1):
+        raise ValueError(f"{run_dir} holds no replay buffer (expected {path}).")
+    data = TensorDict.load_memmap(path)
+    n = int(meta.get("len", data.shape[0]))
+    data = data[:n]
+    cursor = int(meta.get("cursor", n))
+    if n and cursor % n:  # a full ring buffer: the oldest transition sits at the cursor
+        order = torch.cat([torch.arange(cursor % n, n), torch.arange(0, cursor % n)])
+    else:
+        order = torch.arange(n)
+    traj = None
+    if ("collector", "traj_ids") in data.keys(include_nested=True):
+        traj = data.get(("collector", "traj_ids")).reshape(n)[order]
+        perm = torch.sort(traj, stable=True).indices  # several envs: group per trajectory
+        order, traj = order[perm], traj[perm]
+    if steps is not None:
+        order = order[: int(steps)]
+        traj = None if traj is None else traj[: int(steps)]
+    m = order.numel()
+
+    def col(key, dtype):
+        return data.get(key)[order].reshape(m, -1).to(dtype).numpy()
+
+    obs = col("observation", torch.float32)
+    nxt = col(("next", "observation"), torch.float32)
+    act = col("action", torch.float32)
+    rew = col(("next", "reward"), torch.float32).reshape(m)
+    keys = data.keys(include_nested=True)
+    term = (
+        col(("next", "terminated"), torch.bool).reshape(m)
+        if ("next", "terminated") in keys
+        else np.zeros(m, bool)
+    )
+    trunc = (
+        col(("next", "truncated"), torch.bool).reshape(m)
+        if ("next", "truncated") in keys
+        else np.zeros(m, bool)
+    )
+    done = (
+        col(("next", "done"), torch.bool).reshape(m) if ("next", "done") in keys else term | trunc
+    )
+    boundary = done | term | trunc
+    if m > 1:
+        broken = ~np.all(np.isclose(nxt[:-1], obs[1:], rtol=0, atol=1e-6), axis=-1)
+        boundary[:-1] |= broken
+        if traj is not None:
+            t = traj.numpy()
+            boundary[:-1] |= t[1:] != t[:-1]
+    if m:
+        boundary[-1] = True
+    trunc = boundary & ~term
+    episodes = []
+    start = 0
+    for end in np.flatnonzero(boundary):
+        sl = slice(start, end + 1)
+        episodes.append(
+            _Episode(
+                np.concatenate([obs[sl], nxt[end : end + 1]], axis=0),
+                act[sl],
+                rew[sl],
+                term[sl].copy(),
+                trunc[sl].copy(),
+            )
+        )
+        start = end + 1
+    return episodes
+
+
+def _episodes_from_minari(dataset_id: str) -> tuple[list[_Episode], dict[str, Any]]:
+    import minari
+
+    if not _exists_locally(dataset_id):
+        raise _unavailable(
+            dataset_id,
+            [f"local Minari dataset {minari_datasets_path() / dataset_id}: not found"],
+            [f"build it first: {_guess_build_command(dataset_id)}"],
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = minari.load_dataset(dataset_id)
+    episodes = []
+    for ep in ds.iterate_episodes():
+        if not isinstance(ep.observations, np.ndarray):
+            raise ValueError(f"{dataset_id}: medium-expert needs array observations.")
+        episodes.append(
+            _Episode(
+                np.asarray(ep.observations, np.float32),
+                np.asarray(ep.actions, np.float32),
+                np.asarray(ep.rewards, np.float32),
+                np.asarray(ep.terminations, bool),
+                np.asarray(ep.truncations, bool),
+            )
+        )
+    return episodes, dict(ds.storage.metadata)
+
+
+def build_dataset(
+    dataset_id: str,
+    env_id: str | None,
+    kind: str,
+    *,
+    steps: int | None = None,
+    policy: Callable[[np.ndarray], np.ndarray] | str | os.PathLike | None = None,
+    seed: int = 0,
+    ref_min_score: float | None = None,
+    ref_max_score: float | None = None,
+    source_run: str | None = None,
+    expert_run: str | None = None,
+    parts: list[str] | None = None,
+    max_episode_steps: int | None = None,
+    noise: float = 0.0,
+    ref_episodes: int = 10,
+    overwrite: bool = False,
+) -> minari.MinariDataset:
+    """Create the Minari dataset ``dataset_id`` locally with D4RL's recipe ``kind``.
+
+    Args:
+        dataset_id: Minari id, e.g. ``"local/hopper/medium-v0"``.
+        env_id: Gymnasium id (``"Hopper-v5"``); ``None`` takes it from the source run's
+            config (replay kinds) or from the first part (``medium-expert``).
+        kind: one of :data:`KINDS`:
+
+            - ``random``: uniform random actions, ``steps`` transitions;
+            - ``medium`` / ``expert``: roll out ``policy`` (``obs -> action``, or a run
+              folder for :func:`load_policy_from_run`) for ``steps`` transitions, plus
+              Gaussian noise of std ``noise``;
+            - ``medium-replay``: the replay buffer of the online run ``source_run``
+              (the first ``steps`` transitions if given);
+            - ``full-replay``: the whole replay buffer of the expert run ``expert_run``
+              (or ``source_run``);
+            - ``medium-expert``: the episodes of ``parts = [medium_id, expert_id]``.
+
+        steps: transitions to collect (default 1,000,000 as in D4RL; whole buffer for the
+            replay kinds).
+        ref_min_score: default: mean return of a uniform random policy over
+            ``ref_episodes`` episodes (fixed seed, so all splits of an env agree).
+        ref_max_score: default: the mean return of the expert policy (``expert`` kind,
+            ``expert_run``), the expert part's value (``medium-expert``), else D4RL's
+            expert reference for the env family (with a warning).
+        max_episode_steps: time limit of the env (default: the env's, or the run's).
+        overwrite: replace an existing local dataset with the same id.
+
+    Terminations and time-limit truncations are stored apart; an episode cut off by
+    ``steps`` ends with a truncation. Observations, actions and rewards are float32.
+    """
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}.")
+    t0 = time.perf_counter()
+    target = minari_datasets_path() / dataset_id
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"Minari dataset {dataset_id!r} already exists at {target} (pass overwrite=True "
+                "or --overwrite to replace it)."
+            )
+        shutil.rmtree(target)
+
+    notes: list[str] = []
+    ref_max_src = "given" if ref_max_score is not None else None
+    ref_min_src = "given" if ref_min_score is not None else None
+    env_kwargs: dict[str, Any] = {}
+
+    if kind in ("medium-replay", "full-replay"):
+        run = source_run if kind == "medium-replay" else (expert_run or source_run)
+        if run is None:
+            raise ValueError(
+                f"kind={kind!r} needs {'source_run' if kind == 'medium-replay' else 'expert_run'}."
+            )
+        cfg = _run_config(Path(run))
+        env_section = cfg.get("env") or {}
+        env_id = env_id or env_section.get("name")
+        if max_episode_steps is None and env_section.get("max_episode_steps"):
+            max_episode_steps = int(env_section["max_episode_steps"])
+        episodes = _episodes_from_run(run, steps)
+        notes.append(f"replay buffer of the online run {Path(run).resolve()}")
+        if kind == "full-replay" and ref_max_score is None:
+            expert_run = expert_run or run
+    elif kind == "medium-expert":
+        if not parts or len(parts) != 2:
+            raise ValueError("kind='medium-expert' needs parts=[medium_id, expert_id].")
+        episodes, metas, counts = [], [], []
+        for p in parts:
+            eps, meta = _episodes_from_minari(p)
+            episodes += eps
+            metas.append(meta)
+            counts.append(len(eps))
+        if env_id is None:
+            env_id, env_kwargs = _minari_eval_env(metas[0])
+            max_episode_steps = env_kwargs.pop("max_episode_steps", max_episode_steps)
+        if ref_min_score is None and _opt_float(metas[0].get("ref_min_score")) is not None:
+            ref_min_score, ref_min_src = float(metas[0]["ref_min_score"]), f"from {parts[0]}"
+        if ref_max_score is None:
+            for p, meta in zip(reversed(parts), reversed(metas)):
+                if _opt_float(meta.get("ref_max_score")) is not None:
+                    ref_max_score, ref_max_src = float(meta["ref_max_score"]), f"from {p}"
+                    break
+        notes.append(
+            f"concatenation of {parts[0]} ({counts[0]} episodes) and {parts[1]} "
+            f"({counts[1]} episodes)"
+        )
+    else:
+        if env_id is None:
+            raise ValueError(f"kind={kind!r} needs env_id.")
+        steps = 1_000_000 if steps is None else int(steps)
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1.")
+        env = _make_env(env_id, max_episode_steps)
+        if kind == "random":
+            pol: Callable = _UniformPolicy(env.action_space, seed)
+            notes.append("uniform random actions")
+        else:
+            if policy is None:
+                raise ValueError(f"kind={kind!r} needs a policy (callable or run folder).")
+            if isinstance(policy, (str, os.PathLike)):
+                notes.append(f"deterministic actor of the online run {Path(policy).resolve()}")
+                policy = load_policy_from_run(policy)
+            else:
+                notes.append(
+                    "policy "
+                    + (f"of run {policy.run_dir}" if hasattr(policy, "run_dir") else repr(policy))
+                )
+            pol = policy
+            if noise > 0:
+                notes.append(f"Gaussian action noise std {noise}")
+            if kind == "expert" and ref_max_score is None:
+                ref_max_score = _mean_return(env, pol, ref_episodes, _RANDOM_REF_SEED)
+                ref_max_src = f"mean return of this policy over {ref_episodes} episodes"
+        episodes = _rollout_steps(env, pol, steps, seed, noise)
+        env.close()
+
+    if env_id is None:
+        raise ValueError("Could not determine the environment id: pass env_id.")
+    if not episodes:
+        raise ValueError(f"No transitions to write for {dataset_id!r}.")
+    env = _make_env(env_id, max_episode_steps, env_kwargs)
+    obs_dim = int(np.prod(env.observation_space.shape))
+    act_dim = int(np.prod(env.action_space.shape))
+    if episodes[0].observations.shape[-1] != obs_dim or episodes[0].actions.shape[-1] != act_dim:
+        raise ValueError(
+            f"Data has obs/action dims {episodes[0].observations.shape[-1]}/"
+            f"{episodes[0].actions.shape[-1]} but {env_id} has {obs_dim}/{act_dim}."
+        )
+    if ref_min_score is None:
+        ref_min_score = _random_ref_score(env, ref_episodes)
+        ref_min_src = f"mean return of a uniform random policy over {ref_episodes} episodes"
+    if ref_max_score is None and expert_run is not None:
+        expert = load_policy_from_run(expert_run)
+        ref_max_score = _mean_return(env, expert, ref_episodes, _RANDOM_REF_SEED)
+        ref_max_src = f"mean return of the expert run {expert_run} over {ref_episodes} episodes"
+    if ref_max_score is None and _family_of_env(env_id) is not None:
+        ref_max_score = D4RL_REF_SCORES[_family_of_env(env_id)][1]
+        ref_max_src = "D4RL's published expert score (d4rl/infos.py REF_MAX_SCORE)"
+        warnings.warn(
+            f"{dataset_id}: no ref_max_score given; using D4RL's expert reference "
+            f"{ref_max_score} for {env_id}.",
+            stacklevel=2,
+        )
+
+    obs_space = gym.spaces.Box(
+        env.observation_space.low.astype(np.float32),
+        env.observation_space.high.astype(np.float32),
+        env.observation_space.shape,
+        np.float32,
+    )
+    buffers = [
+        EpisodeBuffer(
+            id=i,
+            seed=ep.seed,
+            observations=ep.observations,
+            actions=ep.actions,
+            rewards=ep.rewards,
+            terminations=ep.terminations,
+            truncations=ep.truncations,
+        )
+        for i, ep in enumerate(episodes)
+    ]
+    n_steps = sum(len(ep) for ep in episodes)
+    recipe = {
+        "kind": kind,
+        "env_id": env_id,
+        "max_episode_steps": env.spec.max_episode_steps if env.spec else None,
+        "steps": n_steps,
+        "episodes": len(episodes),
+        "seed": seed,
+        "noise": noise,
+        "source_run": str(source_run) if source_run else None,
+        "expert_run": str(expert_run) if expert_run else None,
+        "parts": list(parts) if parts else None,
+        "ref_min_score_source": ref_min_src,
+        "ref_max_score_source": ref_max_src,
+    }
+    description = (
+        f"D4RL-style '{kind}' dataset on {env_id} built by torchrl_spqr.datasets: "
+        + "; ".join(notes)
+        + f". {n_steps} transitions in {len(episodes)} episodes, seed {seed}. "
+        f"ref_min_score: {ref_min_src}; ref_max_score: {ref_max_src}. "
+        f"Recipe: {json.dumps(recipe)}"
+    )
+    kw: dict[str, Any] = {}
+    if ref_max_score is not None:  # Minari records the reference scores only with a max
+        kw.update(ref_min_score=float(ref_min_score), ref_max_score=float(ref_max_score))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = minari.create_dataset_from_buffers(
+            dataset_id,
+            buffers,
+            env=env.spec,
+            eval_env=env.spec,
+            algorithm_name=f"torchrl_spqr.datasets/{kind}",
+            author="torchrl_spqr",
+            author_email="n/a",
+            code_permalink="torchrl_spqr/datasets.py",
+            action_space=env.action_space,
+            observation_space=obs_space,
+            description=description,
+            **kw,
+        )
+        extra = {"torchrl_spqr_recipe": json.dumps(recipe)}
+        if ref_max_score is None:
+            extra["ref_min_score"] = float(ref_min_score)
+        ds.storage.update_metadata(extra)
+    env.close()
+    ds.build_time_s = time.perf_counter() - t0  # type: ignore[attr-defined]
+    return ds
+
+
+# --------------------------------------------------------------------------- CLI
+def _format_row(dataset_id: str, meta: dict[str, Any]) -> str:
+    def fmt(x):
+        v = _opt_float(x)
+        return "-" if v is None else f"{v:.2f}"
+
+    env = "?"
+    with contextlib.suppress(Exception):
+        env = _minari_eval_env(meta)[0]
+    return (
+        f"{dataset_id:<40} {env:<16} {int(meta.get('total_episodes', 0)):>8} "
+        f"{int(meta.get('total_steps', 0)):>10} {fmt(meta.get('dataset_size')):>9} "
+        f"{fmt(meta.get('ref_min_score')):>10} {fmt(meta.get('ref_max_score')):>10}"
+    )
+
+
+def _cmd_list(args) -> int:
+    import minari
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        datasets = minari.list_local_datasets()
+    print(f"Minari store: {minari_datasets_path()}")
+    if not datasets:
+        print("(no local datasets)")
+        return 0
+    print(
+        f"{'id':<40} {'env':<16} {'episodes':>8} {'steps':>10} {'size_MB':>9} "
+        f"{'ref_min':>10} {'ref_max':>10}"
+    )
+    for ds_id, meta in sorted(datasets.items()):
+        print(_format_row(ds_id, dict(meta)))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    if not _exists_locally(args.id):
+        print(f"{args.id}: not found under {minari_datasets_path()}", file=sys.stderr)
+        return 1
+    meta = _minari_metadata(args.id)
+    env_id, env_kwargs = _minari_eval_env(meta)
+    print(f"id:              {args.id}")
+    print(f"path:            {minari_datasets_path() / args.id}")
+    print(f"eval env:        {env_id} {env_kwargs if env_kwargs else ''}")
+    for k in (
+        "total_episodes",
+        "total_steps",
+        "dataset_size",
+        "ref_min_score",
+        "ref_max_score",
+        "algorithm_name",
+        "minari_version",
+        "description",
+    ):
+        if k in meta:
+            print(f"{k + ':':<16} {meta[k]}")
+    return 0
+
+
+def _cmd_build(args) -> int:
+    torch.set_num_threads(1)  # one observation at a time: more threads only add overhead
+    t0 = time.perf_counter()
+    ds = build_dataset(
+        args.id,
+        args.env,
+        args.kind,
+        steps=args.steps,
+        policy=args.policy_run,
+        seed=args.seed,
+        ref_min_score=args.ref_min_score,
+        ref_max_score=args.ref_max_score,
+        source_run=args.source_run,
+        expert_run=args.expert_run,
+        parts=args.parts,
+        max_episode_steps=args.max_episode_steps,
+        noise=args.noise,
+        ref_episodes=args.ref_episodes,
+        overwrite=args.overwrite,
+    )
+    meta = ds.storage.metadata
+    print(
+        f"built {args.id} at {minari_datasets_path() / args.id}: {meta['total_steps']} steps, "
+        f"{meta['total_episodes']} episodes, ref_min_score={meta.get('ref_min_score')}, "
+        f"ref_max_score={meta.get('ref_max_score')} in {time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m torchrl_spqr.datasets",
+        description="Build, list and inspect local Minari datasets (D4RL recipe).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="create a local Minari dataset")
+    b.add_argument("--id", required=True, help="Minari id, e.g. local/hopper/random-v0")
+    b.add_argument("--env", default=None, help="Gymnasium id, e.g. Hopper-v5")
+    b.add_argument("--kind", required=True, choices=KINDS)
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--policy-run", default=None, help="online run folder (medium / expert)")
+    b.add_argument("--source-run", default=None, help="online run folder (replay kinds)")
+    b.add_argument("--expert-run", default=None, help="expert run (full-replay; ref_max_score)")
+    b.add_argument("--parts", nargs=2, default=None, metavar=("MEDIUM_ID", "EXPERT_ID"))
+    b.add_argument("--ref-min-score", type=float, default=None)
+    b.add_argument("--ref-max-score", type=float, default=None)
+    b.add_argument("--ref-episodes", type=int, default=10)
+    b.add_argument("--max-episode-steps", type=int, default=None)
+    b.add_argument("--noise", type=float, default=0.0, help="Gaussian action noise std")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=_cmd_build)
+    ls = sub.add_parser("list", help="local datasets with sizes and reference scores")
+    ls.set_defaults(func=_cmd_list)
+    info = sub.add_parser("info", help="metadata of one local dataset")
+    info.add_argument("id")
+    info.set_defaults(func=_cmd_info)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (DatasetUnavailableError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
