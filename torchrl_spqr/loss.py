@@ -411,15 +411,10 @@ class SPQRLoss(LossModule):
                 cap.q = out.get(key)[-n:]
                 cap.source = "reused"
                 return out
-            if cap.mode == "next_policy" and cap.fuse and cap.q is None:
-                nxt = td[n].select(*q_in)
-                nxt.set(act_key, nxt.get(act_key).detach())
-                td_all = torch.cat([td.select(*q_in), nxt.expand(n, *nxt.batch_size)], 0)
-                params_all = torch.cat([params, base.qvalue_network_params], 0)
-                out = rec.fn(td_all, params_all)
-                cap.q = out.get(key)[-n:]
-                cap.source = "fused"
-                return out[: 2 * n + m]
+            # next_policy: keep the next-state rows' input (their action is the policy sample
+            # the target used); SPQR evaluates it with the online critics in one separate
+            # vmapped call. Fusing into this call would concatenate (copy) all 2N+M parameter
+            # sets at every update, which measured slower than the separate call.
             if cap.mode == "next_policy" and cap.next_input is None:
                 nxt = td[n].select(*q_in)
                 cap.next_input = nxt.set(act_key, nxt.get(act_key).detach())
