@@ -405,7 +405,6 @@ class SPQRLoss(LossModule):
         if self._is_redq_fused(params):
             # REDQ's single call: params [online(detached) N | target subset M | online N],
             # inputs [actor-loss rows N | next rows M | data rows N].
-            m = base.sub_sample_len
             if cap.mode == "data" and cap.q is None:
                 out = rec.fn(td, params)
                 cap.q = out.get(key)[-n:]
