@@ -348,7 +348,7 @@ class TestKeys:
         batch = make_batch(B)
         batch.rename_key_("action", "act")
         out = loss(batch)
-        assert loss.last_source == source(name, pairs)
+        assert loss.last_source == source("sac", pairs)
         assert torch.isfinite(out["loss_spqr"])
         if pairs == "data":
             ens.tie_to_loss(sac)
@@ -567,7 +567,7 @@ class TestStateAndDevice:
         batch = make_batch(B).apply(lambda x: x.double() if x.is_floating_point() else x)
         torch.manual_seed(2)
         out = loss(batch)
-        assert loss.last_source == source(name, pairs)
+        assert loss.last_source == source("sac", pairs)
         for key in out.keys():
             if key.startswith(("loss_", "spqr_")):
                 assert out[key].dtype == torch.float64, key
