@@ -496,7 +496,7 @@ def test_d4rl_download_failure_is_clear(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "hopper-medium-replay-v2" in msg and "hopper_medium_replay-v2.hdf5" in msg
     assert "URLError" in msg and "name resolution" in msg
-    assert "mujoco/hopper/medium-replay-v0" in msg  # the Minari port
+    assert "mujoco/hopper/medium-v0" in msg  # Minari's MuJoCo datasets
     assert "python -m torchrl_spqr.datasets build --env Hopper-v5 --kind medium-replay" in msg
     with pytest.raises(ValueError):
         D.load_offline_dataset("kitchen-mixed-v0", batch_size=4, source="d4rl")
