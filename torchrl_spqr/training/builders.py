@@ -117,9 +117,11 @@ def get_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def make_environment(cfg, seed: int, device: torch.device | str = "cpu") -> TransformedEnv:
+def make_environment(
+    cfg, seed: int, device: torch.device | str = "cpu", env_kwargs: dict | None = None
+) -> TransformedEnv:
     """A Gymnasium MuJoCo env with float32 observations, step counter and episode return."""
-    kwargs = {}
+    kwargs = dict(env_kwargs or {})
     max_steps = _get(cfg, "env.max_episode_steps")
     if max_steps:
         kwargs["max_episode_steps"] = int(max_steps)

@@ -59,7 +59,9 @@ def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
     eval_cfg = {
         "env": {"name": env_name, "max_episode_steps": B._get(cfg, "env.max_episode_steps")}
     }
-    eval_env = B.make_environment(eval_cfg, seed + 10_000)
+    eval_env = B.make_environment(
+        eval_cfg, seed + 10_000, env_kwargs=getattr(data, "env_kwargs", None)
+    )
     actor = B.make_actor(cfg, eval_env)
     critics = B.make_critics(cfg, eval_env)
     loss, base = B.make_loss_module(cfg, actor, critics, eval_env.action_spec)
