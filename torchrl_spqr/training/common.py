@@ -23,7 +23,7 @@ from torchrl_spqr.training.checkpoint import (
     truncate_csv,
 )
 
-__all__ = ["METRIC_FIELDS", "RunContext", "evaluate_policy", "seed_everything"]
+__all__ = ["METRIC_FIELDS", "RunContext", "evaluate_policy", "prepare_run", "seed_everything"]
 
 #: Columns of ``metrics.csv`` (one row per log or evaluation event).
 METRIC_FIELDS = [
@@ -57,6 +57,17 @@ METRIC_FIELDS = [
     "fps",
     "updates_per_s",
 ]
+
+
+def prepare_run(cfg, run_dir: str | Path, *, online: bool) -> tuple[Path, int, torch.device]:
+    """Validate the config, create the run folder, set threads and seeds; returns (dir, seed, device)."""
+    B.validate_config(cfg, online=online)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(B._get(cfg, "threads", 1)))
+    seed = int(B._get(cfg, "seed", 0))
+    seed_everything(seed)
+    return run_dir, seed, B.get_device(str(B._get(cfg, "device", "auto")))
 
 
 def seed_everything(seed: int) -> None:

@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from torchrl_spqr.training import builders as B
 from torchrl_spqr.training.common import (
     RunContext,
@@ -26,7 +24,7 @@ from torchrl_spqr.training.common import (
     _scalar_metrics,
     _update,
     evaluate_policy,
-    seed_everything,
+    prepare_run,
 )
 
 __all__ = ["train_offline", "make_offline_data"]
@@ -47,13 +45,7 @@ def make_offline_data(cfg):
 
 def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
     """Train per ``cfg`` on a fixed dataset in ``run_dir``; returns final and best evaluation."""
-    B.validate_config(cfg, online=False)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(int(B._get(cfg, "threads", 1)))
-    seed = int(B._get(cfg, "seed", 0))
-    seed_everything(seed)
-    device = B.get_device(str(B._get(cfg, "device", "auto")))
+    run_dir, seed, device = prepare_run(cfg, run_dir, online=False)
     data = make_offline_data(cfg)
     env_name = B._get(cfg, "env.name") or data.env_id
     eval_cfg = {

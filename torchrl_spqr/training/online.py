@@ -31,7 +31,7 @@ from torchrl_spqr.training.common import (
     _scalar_metrics,
     _update,
     evaluate_policy,
-    seed_everything,
+    prepare_run,
 )
 
 __all__ = ["train_online"]
@@ -39,13 +39,7 @@ __all__ = ["train_online"]
 
 def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
     """Train per ``cfg`` in ``run_dir``; returns final metrics (final and best evaluation)."""
-    B.validate_config(cfg, online=True)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(int(B._get(cfg, "threads", 1)))
-    seed = int(B._get(cfg, "seed", 0))
-    seed_everything(seed)
-    device = B.get_device(str(B._get(cfg, "device", "auto")))
+    run_dir, seed, device = prepare_run(cfg, run_dir, online=True)
 
     env = B.make_environment(cfg, seed)
     eval_env = B.make_environment(cfg, seed + 10_000)
