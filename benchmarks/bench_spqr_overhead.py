@@ -18,46 +18,11 @@ import time
 import warnings
 
 import torch
+from _common import ACT, OBS, make_actor, make_batch
 from tensordict import TensorDict
-from tensordict.nn import NormalParamExtractor, TensorDictModule
-from torch import nn
-from torchrl.data import Bounded
-from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
 from torchrl.objectives import REDQLoss, SACLoss, SoftUpdate
 
 from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
-
-OBS, ACT = 11, 3
-
-
-def make_actor(hidden: int) -> ProbabilisticActor:
-    net = nn.Sequential(
-        MLP(in_features=OBS, out_features=2 * ACT, num_cells=[hidden, hidden]),
-        NormalParamExtractor(),
-    )
-    return ProbabilisticActor(
-        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
-        in_keys=["loc", "scale"],
-        spec=Bounded(-1.0, 1.0, (ACT,)),
-        distribution_class=TanhNormal,
-        return_log_prob=True,
-    )
-
-
-def make_batch(b: int) -> TensorDict:
-    return TensorDict(
-        {
-            "observation": torch.randn(b, OBS),
-            "action": torch.rand(b, ACT) * 2 - 1,
-            "next": {
-                "observation": torch.randn(b, OBS),
-                "reward": torch.randn(b, 1),
-                "done": torch.zeros(b, 1, dtype=torch.bool),
-                "terminated": torch.zeros(b, 1, dtype=torch.bool),
-            },
-        },
-        [b],
-    )
 
 
 def make_update(base: str, n: int, hidden: int, spqr: dict | None):
