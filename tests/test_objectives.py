@@ -424,3 +424,34 @@ def test_spqr_beta_zero_exact_on_package_loss():
     for k in o1.keys():
         assert torch.equal(o1[k], o2[k]), k
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("kw", [{}, {"layer_norm": True}, {"layer_norm": True, "dropout": 0.1}])
+def test_batched_mlp_equals_vmap(kw):
+    """The batched-matmul critic path gives the vmapped module's values and gradients."""
+    loss = SACNLoss(make_actor(), make_ensemble(4, **kw))
+    loss.eval()  # dropout off: both paths deterministic
+    assert loss._batched_q is not None
+    data = make_batch(B)
+    td = data.select("observation", "action")
+    fast = loss._q(td, loss.qvalue_network_params)
+    slow = loss._vmap_qvalue_networkN0(td, loss.qvalue_network_params)["state_action_value"]
+    torch.testing.assert_close(fast, slow.squeeze(-1), rtol=1e-5, atol=1e-6)
+    g_fast = torch.autograd.grad(fast.sum(), list(loss.qvalue_network_params.values(True, True)))
+    g_slow = torch.autograd.grad(slow.sum(), list(loss.qvalue_network_params.values(True, True)))
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # multi-dim batch and a parameter subset (REDQ's target subset)
+    td2 = td.reshape(2, B // 2)
+    sub = loss.target_qvalue_network_params[torch.tensor([0, 2])]
+    out = loss._q(td2, sub)
+    assert out.shape == (2, 2, B // 2)
+    ref = loss._vmap_qvalue_networkN0(td2, sub)["state_action_value"].squeeze(-1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    if kw.get("dropout"):  # train mode: members draw different masks
+        loss.train()
+        with torch.no_grad():
+            for p in loss.qvalue_network_params.values(True, True):
+                p.copy_(p[0].expand_as(p))
+        q = loss._q(td, loss.qvalue_network_params)
+        assert not torch.allclose(q[0], q[1])

@@ -39,7 +39,7 @@ from torchrl.objectives import LossModule
 from torchrl.objectives.sac import compute_rsample_log_prob
 from torchrl.objectives.utils import ValueEstimators, _vmap_func
 
-from torchrl_spqr.ensemble import QEnsemble
+from torchrl_spqr.ensemble import BatchedMLP, QEnsemble
 
 __all__ = [
     "MBPO_TARGET_ENTROPY",
@@ -201,12 +201,27 @@ class _EnsembleLoss(LossModule):
         return -float(math.prod(spec.shape[-1:]))
 
     def _make_vmap(self) -> None:
+        # batched matmuls for plain MLP critics (faster than vmap on CPU); vmap otherwise
+        self._batched_q = BatchedMLP.from_member(self.qvalue_network)
         self._vmap_qvalue_networkN0 = _vmap_func(
             self.qvalue_network, (None, 0), randomness=self.vmap_randomness
         )
         self._vmap_qvalue_network00 = _vmap_func(
             self.qvalue_network, (0, 0), randomness=self.vmap_randomness
         )
+
+    def train(self, mode: bool = True):
+        """Also switch the functional actor and critic modules (dropout, etc.).
+
+        TorchRL keeps them outside the registered submodules, so ``nn.Module.train``
+        alone would leave e.g. critic dropout active in evaluation mode.
+        """
+        super().train(mode)
+        for name in ("actor_network", "qvalue_network"):
+            module = self.__dict__.get(name, None) or self._modules.get(name, None)
+            if isinstance(module, torch.nn.Module):
+                module.train(mode)
+        return self
 
     def make_value_estimator(self, value_type: ValueEstimators = None, **hyperparams):
         """Only the one-step TD(0) target of the papers is supported; ``gamma`` may be set here."""
@@ -277,6 +292,9 @@ class _EnsembleLoss(LossModule):
 
     def _q(self, td: TensorDictBase, params: TensorDictBase) -> Tensor:
         """``[N', *batch]`` values of ``params`` (stacked, ``N'`` leading) at ``td``."""
+        if self._batched_q is not None:
+            inputs = [td.get(k) for k in self.qvalue_network.in_keys]
+            return self._batched_q(params, inputs).squeeze(-1)
         out = self._vmap_qvalue_networkN0(td, params)
         return out.get(self.tensor_keys.state_action_value).squeeze(-1)
 
