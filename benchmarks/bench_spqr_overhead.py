@@ -6,7 +6,8 @@ and soft target update, on a replay-like batch (Hopper sizes: obs 11, act 3;
 run (round-robin, many rounds) and the ratio of medians is printed, so that
 machine load affects every variant alike.
 
-    python benchmarks/bench_spqr_overhead.py                     # N = 10, SAC and REDQ
+    python benchmarks/bench_spqr_overhead.py                     # N = 10, TorchRL SAC and REDQ
+    python benchmarks/bench_spqr_overhead.py --bases sacn        # the package's SAC-N
     python benchmarks/bench_spqr_overhead.py --ns 3 6 10 21 55   # overhead against N
 """
 
@@ -22,14 +23,16 @@ from _common import ACT, OBS, make_actor, make_batch
 from tensordict import TensorDict
 from torchrl.objectives import REDQLoss, SACLoss, SoftUpdate
 
-from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
+from torchrl_spqr import QEnsemble, SACNLoss, SPQRLoss, make_q_member
 
 
 def make_update(base: str, n: int, hidden: int, spqr: dict | None):
     torch.manual_seed(0)
     ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(hidden, hidden)), n)
     actor = make_actor(hidden)
-    if base == "sac":
+    if base == "sacn":  # the package's SAC-N (native SPQR capture, batched-matmul critics)
+        inner = SACNLoss(actor, ens, target_entropy=-float(ACT))
+    elif base == "sac":
         inner = SACLoss(actor, ens.members(), num_qvalue_nets=n, loss_function="l2")
     else:
         inner = REDQLoss(
@@ -86,7 +89,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--ns", type=int, nargs="+", default=[10])
-    p.add_argument("--bases", nargs="+", default=["sac", "redq"], choices=["sac", "redq"])
+    p.add_argument("--bases", nargs="+", default=["sac", "redq"], choices=["sac", "redq", "sacn"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--rounds", type=int, default=30)

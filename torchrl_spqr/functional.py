@@ -119,6 +119,13 @@ def triangle_indices(d: int, device: torch.device | str | None = None) -> tuple[
     )
 
 
+@lru_cache(maxsize=64)
+def _flat_triangle(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Flat ``d*d`` indices of the upper-triangle positions and of their mirror (cached)."""
+    rows, cols = triangle_indices(d, device=device)
+    return rows * d + cols, cols * d + rows
+
+
 def member_positions(
     num_members: int,
     filling: Filling = "ordered",
@@ -250,11 +257,9 @@ def ensemble_to_matrices(
     d = matrix_side(n)
     if positions is None:
         positions = member_positions(n, filling, generator=generator, device=q.device)
-    rows, cols = triangle_indices(d, device=q.device)
+    flat_upper, flat_lower = _flat_triangle(d, q.device)
     vals = q.index_select(0, positions.to(q.device))  # [T, *batch]
     vals = vals.movedim(0, -1)  # [*batch, T]
-    flat_upper = rows * d + cols
-    flat_lower = cols * d + rows
     mat = vals.new_zeros(*vals.shape[:-1], d * d)
     idx_u = flat_upper.expand(*vals.shape[:-1], -1)
     idx_l = flat_lower.expand(*vals.shape[:-1], -1)
