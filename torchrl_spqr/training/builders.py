@@ -125,10 +125,27 @@ def make_environment(
     max_steps = _get(cfg, "env.max_episode_steps")
     if max_steps:
         kwargs["max_episode_steps"] = int(max_steps)
-    env = GymEnv(_get(cfg, "env.name"), device=device, **kwargs)
+    name = _get(cfg, "env.name")
+    _register_robotics_if_needed(name)
+    env = GymEnv(name, device=device, **kwargs)
     env = TransformedEnv(env, Compose(DoubleToFloat(), StepCounter(), RewardSum()))
     env.set_seed(seed)
     return env
+
+
+def _register_robotics_if_needed(name: str) -> None:
+    """Kitchen / AntMaze ids live in Gymnasium-Robotics (extra ``robotics``)."""
+    import gymnasium as gym
+
+    if name in gym.registry:
+        return
+    try:
+        import gymnasium_robotics  # noqa: F401  (registers its environments)
+    except ImportError as err:
+        if any(k in name for k in ("Kitchen", "AntMaze", "PointMaze", "Adroit")):
+            raise ConfigError(
+                f"env.name={name!r} comes from Gymnasium-Robotics: pip install 'torchrl-spqr[robotics]'."
+            ) from err
 
 
 def make_actor(cfg, env) -> ProbabilisticActor:
