@@ -138,3 +138,27 @@ def test_offline_script_subprocess(minari_root, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "normalised" in res.stdout
     assert (run / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "algo,dataset,expected",
+    [
+        ("sac_n_spqr", "hopper_medium", {"network.ensemble_size": 500}),
+        ("edac_spqr", "halfcheetah_medium_expert", {"network.ensemble_size": 10, "optim.eta": 5.0}),
+        ("edac_spqr", "hopper_medium_replay", {"network.ensemble_size": 50, "optim.eta": 1.0}),
+        (
+            "cql_spqr",
+            "kitchen_mixed",
+            {"network.ensemble_size": 6, "spqr.beta": 2.0, "optim.lagrange_thresh": 5.0,
+             "optim.min_q_weight": 5.0, "optim.actor_lr": 1e-4, "optim.critic_lr": 3e-4},
+        ),
+    ],
+)
+def test_per_dataset_configs_override_defaults(algo, dataset, expected):
+    """Per-dataset files win over the script's defaults (``_self_`` comes first)."""
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "sota_scripts" / algo), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"dataset={dataset}"])
+    for key, value in expected.items():
+        assert OmegaConf.select(cfg, key) == value, key
