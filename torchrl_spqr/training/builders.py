@@ -35,6 +35,7 @@ __all__ = [
     "make_replay_buffer",
     "make_collector",
     "make_target_updater",
+    "make_agent",
 ]
 
 #: algorithm name -> (loss class, min ensemble size)
@@ -276,6 +277,17 @@ def make_collector(cfg, env, actor, *, total_frames: int, init_random_frames: in
         init_random_frames=init_random_frames,
         auto_register_policy_transforms=False,
     )
+
+
+def make_agent(cfg, env, device: torch.device | str = "cpu"):
+    """Actor, critics, the (SPQR-wrapped) loss, its optimisers and target updater for ``env``.
+
+    Returns ``(actor, loss, base_loss, optimizers, updater)``.
+    """
+    actor = make_actor(cfg, env)
+    loss, base = make_loss_module(cfg, actor, make_critics(cfg, env), env.action_spec)
+    loss.to(device)
+    return actor, loss, base, make_optimizers(cfg, base), make_target_updater(cfg, base)
 
 
 def make_target_updater(cfg, base) -> SoftUpdate:

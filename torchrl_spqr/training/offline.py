@@ -54,12 +54,7 @@ def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
     eval_env = B.make_environment(
         eval_cfg, seed + 10_000, env_kwargs=getattr(data, "env_kwargs", None)
     )
-    actor = B.make_actor(cfg, eval_env)
-    critics = B.make_critics(cfg, eval_env)
-    loss, base = B.make_loss_module(cfg, actor, critics, eval_env.action_spec)
-    loss.to(device)
-    optims = B.make_optimizers(cfg, base)
-    updater = B.make_target_updater(cfg, base)
+    actor, loss, base, optims, updater = B.make_agent(cfg, eval_env, device)
 
     total = int(B._get(cfg, "optim.num_updates"))
     log_every = int(B._get(cfg, "logger.log_interval", 1000))

@@ -43,15 +43,10 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
 
     env = B.make_environment(cfg, seed)
     eval_env = B.make_environment(cfg, seed + 10_000)
-    actor = B.make_actor(cfg, env)
-    critics = B.make_critics(cfg, env)
-    loss, base = B.make_loss_module(cfg, actor, critics, env.action_spec)
-    loss.to(device)
+    actor, loss, base, optims, updater = B.make_agent(cfg, env, device)
     if bool(B._get(cfg, "compile.cudagraphs", False)) and device.type != "cuda":
         raise B.ConfigError("compile.cudagraphs=true needs a CUDA device.")
     loss_fn = torch.compile(loss) if bool(B._get(cfg, "compile.compile", False)) else loss
-    optims = B.make_optimizers(cfg, base)
-    updater = B.make_target_updater(cfg, base)
     buffer = B.make_replay_buffer(cfg, run_dir)
 
     total = int(B._get(cfg, "collector.total_frames"))
