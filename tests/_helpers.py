@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
@@ -51,3 +53,15 @@ def make_batch(b: int = 8, seed: int = 0) -> TensorDict:
         },
         [b],
     )
+
+
+def wigner_members(d: int, batch: int, theta: float, seed: int) -> torch.Tensor:
+    """Upper triangles of (G + G^T)/sqrt(2) + theta sqrt(d) v v^T as [T, batch] member values."""
+    g = torch.Generator().manual_seed(seed)
+    gmat = torch.randn(batch, d, d, generator=g, dtype=torch.float64)
+    w = (gmat + gmat.transpose(-1, -2)) / math.sqrt(2)
+    v = torch.randn(batch, d, 1, generator=g, dtype=torch.float64)
+    v = v / v.norm(dim=1, keepdim=True)
+    w = w + theta * math.sqrt(d) * (v @ v.transpose(-1, -2))
+    rows, cols = torch.triu_indices(d, d)
+    return w[:, rows, cols].T.contiguous()

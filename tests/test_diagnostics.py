@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import wigner_members
 
 from torchrl_spqr import diagnostics as D
 from torchrl_spqr.functional import matrix_side, spqr_eigenvalues
@@ -20,18 +21,6 @@ NULL_SAMPLES = 100_000  # the module's default
 def _randn(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def wigner_members(d: int, batch: int, theta: float, seed: int) -> torch.Tensor:
-    """Upper triangles of (G + G^T)/sqrt(2) + theta sqrt(d) v v^T as [T, batch] member values."""
-    g = torch.Generator().manual_seed(seed)
-    gmat = torch.randn(batch, d, d, generator=g, dtype=torch.float64)
-    w = (gmat + gmat.transpose(-1, -2)) / math.sqrt(2)
-    v = torch.randn(batch, d, 1, generator=g, dtype=torch.float64)
-    v = v / v.norm(dim=1, keepdim=True)
-    w = w + theta * math.sqrt(d) * (v @ v.transpose(-1, -2))
-    rows, cols = torch.triu_indices(d, d)
-    return w[:, rows, cols].T.contiguous()
 
 
 def np_spike(q: np.ndarray) -> np.ndarray:

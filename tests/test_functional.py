@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _helpers import wigner_members
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -149,18 +150,6 @@ def assert_parity(q: torch.Tensor, density: str = "paper", **kwargs) -> None:
 def _randn(*shape, seed: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-
-
-def wigner_members(d: int, batch: int, theta: float, seed: int) -> torch.Tensor:
-    """Upper triangles of (G + G^T)/sqrt(2) + theta sqrt(d) v v^T as [T, batch] member values."""
-    g = torch.Generator().manual_seed(seed)
-    gmat = torch.randn(batch, d, d, generator=g, dtype=torch.float64)
-    w = (gmat + gmat.transpose(-1, -2)) / math.sqrt(2)
-    v = torch.randn(batch, d, 1, generator=g, dtype=torch.float64)
-    v = v / v.norm(dim=1, keepdim=True)
-    w = w + theta * math.sqrt(d) * (v @ v.transpose(-1, -2))
-    rows, cols = torch.triu_indices(d, d)
-    return w[:, rows, cols].T.contiguous()
 
 
 # --------------------------------------------------------------------------- #

@@ -149,8 +149,14 @@ def test_offline_script_subprocess(minari_root, tmp_path):
         (
             "cql_spqr",
             "kitchen_mixed",
-            {"network.ensemble_size": 6, "spqr.beta": 2.0, "optim.lagrange_thresh": 5.0,
-             "optim.min_q_weight": 5.0, "optim.actor_lr": 1e-4, "optim.critic_lr": 3e-4},
+            {
+                "network.ensemble_size": 6,
+                "spqr.beta": 2.0,
+                "optim.lagrange_thresh": 5.0,
+                "optim.min_q_weight": 5.0,
+                "optim.actor_lr": 1e-4,
+                "optim.critic_lr": 3e-4,
+            },
         ),
     ],
 )
