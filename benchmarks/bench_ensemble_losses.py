@@ -34,6 +34,12 @@ from torchrl.objectives import REDQLoss as TorchRLREDQLoss
 from torchrl_spqr import QEnsemble, make_q_member
 from torchrl_spqr.objectives import CQLNLoss, REDQLoss, SACNLoss
 
+FUSED_ADAM = False  # --fused-adam: torch's fused CPU/GPU Adam kernel for every variant
+
+
+def adam(params, lr: float = 3e-4) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, fused=FUSED_ADAM or None)
+
 
 def loss_step(loss, updater, opt):
     def step(batch):
@@ -57,11 +63,11 @@ class LoopREDQ:
             MLP(in_features=OBS + ACT, out_features=1, num_cells=[hidden, hidden]) for _ in range(n)
         ]
         self.q_targ = [copy.deepcopy(q).requires_grad_(False) for q in self.q]
-        self.q_opt = [torch.optim.Adam(q.parameters(), lr=3e-4) for q in self.q]
+        self.q_opt = [adam(q.parameters()) for q in self.q]
         self.actor = make_actor(hidden)
-        self.pi_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4)
+        self.pi_opt = adam(self.actor.parameters())
         self.log_alpha = torch.zeros((), requires_grad=True)
-        self.a_opt = torch.optim.Adam([self.log_alpha], lr=3e-4)
+        self.a_opt = adam([self.log_alpha])
         self.i = 0
 
     def _sample(self, obs):
@@ -122,9 +128,7 @@ def redq_variants(args):
             make_actor(h), ens.members(), num_qvalue_nets=n, sub_sample_len=m, loss_function="l2"
         )
         loss.make_value_estimator(gamma=0.99)
-        return loss_step(
-            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
-        )
+        return loss_step(loss, SoftUpdate(loss, tau=0.005), adam(loss.parameters()))
 
     def package_redq():
         torch.manual_seed(0)
@@ -132,9 +136,7 @@ def redq_variants(args):
         loss = REDQLoss(
             make_actor(h), ens, sub_sample_len=m, policy_update_delay=g, target_entropy=-1.0
         )
-        return loss_step(
-            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
-        )
+        return loss_step(loss, SoftUpdate(loss, tau=0.005), adam(loss.parameters()))
 
     def loop_redq():
         torch.manual_seed(0)
@@ -155,17 +157,13 @@ def sacn_variants(args):
         ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
         loss = SACLoss(make_actor(h), ens.members(), num_qvalue_nets=n, loss_function="l2")
         loss.make_value_estimator(gamma=0.99)
-        return loss_step(
-            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
-        )
+        return loss_step(loss, SoftUpdate(loss, tau=0.005), adam(loss.parameters()))
 
     def package_sacn():
         torch.manual_seed(0)
         ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
         loss = SACNLoss(make_actor(h), ens, target_entropy=-3.0)
-        return loss_step(
-            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
-        )
+        return loss_step(loss, SoftUpdate(loss, tau=0.005), adam(loss.parameters()))
 
     return {
         f"TorchRL SACLoss(N={n})": torchrl_sac(),
@@ -181,17 +179,13 @@ def cql_variants(args):
         ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h, h)), 2)
         loss = CQLLoss(make_actor(h), ens.members(), loss_function="l2")
         loss.make_value_estimator(gamma=0.99)
-        return loss_step(
-            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
-        )
+        return loss_step(loss, SoftUpdate(loss, tau=0.005), adam(loss.parameters()))
 
     def package_cql():
         torch.manual_seed(0)
         ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h, h)), n)
         loss = CQLNLoss(make_actor(h), ens, target_entropy=-3.0, lagrange_thresh=5.0)
-        return loss_step(
-            loss, SoftUpdate(loss, tau=0.005), torch.optim.Adam(loss.parameters(), lr=3e-4)
-        )
+        return loss_step(loss, SoftUpdate(loss, tau=0.005), adam(loss.parameters()))
 
     return {
         "TorchRL CQLLoss (N=2)": torchrl_cql(),
@@ -213,7 +207,10 @@ def main() -> None:
         "--steps", type=int, default=1, help="environment steps (REDQ) or updates per round"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fused-adam", action="store_true", help="fused Adam kernel for every variant")
     args = p.parse_args()
+    global FUSED_ADAM
+    FUSED_ADAM = args.fused_adam
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     variants, per_step = {"redq": redq_variants, "sacn": sacn_variants, "cql": cql_variants}[
@@ -233,6 +230,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}, hidden {args.hidden}, "
         f"{args.rounds} rounds x {args.steps} {'env steps' if per_step > 1 else 'updates'}, interleaved"
+        + (", fused Adam" if args.fused_adam else ", Adam (default kernel)")
     )
     unit = "env steps/s" if per_step > 1 else "updates/s"
     meds = {k: statistics.median(v) for k, v in times.items()}
