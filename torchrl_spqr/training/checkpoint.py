@@ -81,7 +81,8 @@ def save_buffer(buffer, path: Path) -> dict[str, int]:
     meta = {"len": n, "cursor": int(getattr(buffer._writer, "_cursor", n))}  # noqa: SLF001
     if n:
         data = buffer.storage[:n]
-        data.memmap(path, num_threads=0)
+        # copy_existing: a memmap storage hands out tensors that already live in its files
+        data.memmap(path, num_threads=0, copy_existing=True)
     return meta
 
 
