@@ -8,13 +8,18 @@ machine load affects every variant alike.
 
     python benchmarks/bench_spqr_overhead.py                     # N = 10, TorchRL SAC and REDQ
     python benchmarks/bench_spqr_overhead.py --bases sacn        # the package's SAC-N
-    python benchmarks/bench_spqr_overhead.py --ns 3 6 10 21 55   # overhead against N
+    python benchmarks/bench_spqr_overhead.py --bases sacn --ensemble-sizes 3 6 10 21 55 \
+        --variants bare data next_policy --rounds 5 --inner 1   # overhead against N (make bench)
+
+At N = 21 and 55 the SPQR matrix side is d = 6 and 10; the paper density then
+warns (``density="corrected"`` is recommended for N >= 15) but costs the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 
@@ -54,14 +59,22 @@ def make_update(base: str, n: int, hidden: int, spqr: dict | None):
     return update, loss
 
 
+#: short name -> (label, SPQRLoss kwargs or None for the bare loss)
+VARIANTS = {
+    "bare": ("bare", None),
+    "data": ("SPQR data (reuse)", {"beta": 1.0, "pairs": "data"}),
+    "next_policy": ("SPQR next_policy (fused)", {"beta": 1.0, "pairs": "next_policy"}),
+    "no_reuse": (
+        "SPQR next_policy (reuse=False)",
+        {"beta": 1.0, "pairs": "next_policy", "reuse": False},
+    ),
+    "beta0": ("SPQR beta=0 (diagnostics only)", {"beta": 0.0, "pairs": "next_policy"}),
+}
+
+
 def bench(base: str, n: int, args) -> list[tuple[str, float, float, str]]:
-    variants = {
-        "bare": None,
-        "SPQR data (reuse)": {"beta": 1.0, "pairs": "data"},
-        "SPQR next_policy (fused)": {"beta": 1.0, "pairs": "next_policy"},
-        "SPQR next_policy (reuse=False)": {"beta": 1.0, "pairs": "next_policy", "reuse": False},
-        "SPQR beta=0 (diagnostics only)": {"beta": 0.0, "pairs": "next_policy"},
-    }
+    names = ["bare", *[v for v in args.variants if v != "bare"]]
+    variants = {VARIANTS[k][0]: VARIANTS[k][1] for k in names}
     fns = {k: make_update(base, n, args.hidden, v) for k, v in variants.items()}
     batches = [make_batch(args.batch) for _ in range(8)]
     for fn, _ in fns.values():  # warm-up
@@ -80,7 +93,11 @@ def bench(base: str, n: int, args) -> list[tuple[str, float, float, str]]:
     for name, ts in times.items():
         med = statistics.median(ts)
         src = getattr(fns[name][1], "last_source", "-") or "-"
-        rows.append((name, med * 1e3, med / bare, src))
+        paired = sorted(t / b for t, b in zip(ts, times["bare"]))  # same round, side by side
+        q1, _, q3 = (
+            statistics.quantiles(paired, n=4, method="inclusive") if len(paired) > 1 else paired * 3
+        )
+        rows.append((name, med * 1e3, med / bare, f"{q1:.2f}-{q3:.2f}", src))
     return rows
 
 
@@ -88,7 +105,16 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--ns", type=int, nargs="+", default=[10])
+    p.add_argument(
+        "--ensemble-sizes", "--ns", dest="ns", type=int, nargs="+", default=[10], metavar="N"
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="SPQR variants timed against the bare update (always included)",
+    )
     p.add_argument("--bases", nargs="+", default=["sac", "redq"], choices=["sac", "redq", "sacn"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
@@ -104,11 +130,19 @@ def main() -> None:
         f"{args.hidden}x{args.hidden} critics, obs {OBS}, act {ACT}, "
         f"{args.rounds} rounds x {args.inner} updates per variant, interleaved"
     )
-    print(f"{'base':5s} {'N':>3s}  {'variant':32s} {'ms/update':>10s} {'ratio':>7s}  source")
+    print(
+        "ratio: median time over the bare update's median; paired: quartiles of the per-round "
+        "ratio (variant / bare in the same round)"
+    )
+    print(
+        f"{'base':5s} {'N':>3s}  {'variant':32s} {'ms/update':>10s} {'ratio':>7s} "
+        f"{'paired':>10s}  source"
+    )
     for base in args.bases:
         for n in args.ns:
-            for name, ms, ratio, src in bench(base, n, args):
-                print(f"{base:5s} {n:3d}  {name:32s} {ms:10.2f} {ratio:7.3f}  {src}")
+            for name, ms, ratio, iqr, src in bench(base, n, args):
+                print(f"{base:5s} {n:3d}  {name:32s} {ms:10.2f} {ratio:7.3f} {iqr:>10s}  {src}")
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

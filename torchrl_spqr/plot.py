@@ -1,16 +1,72 @@
-"""Plots of a run folder's ``metrics.csv``: learning curve and SPQR diagnostics.
+"""Figures and tables from run folders: learning curves, SPQR diagnostics, spectra, correlations.
 
-python -m torchrl_spqr.plot RUN_DIR [RUN_DIR ...]
+    python -m torchrl_spqr.plot RUN_DIR [RUN_DIR ...]           # runs grouped by arm
+    python -m torchrl_spqr.plot multirun/sac_ens/Hopper-v5/     # a whole sweep folder
+    python -m torchrl_spqr.plot RUN_DIR --checkpoint            # + spectrum and member correlations
+    python -m torchrl_spqr.plot SWEEP --format png svg --out figs --ci bootstrap
+
+Every path is either a run folder (it holds ``metrics.csv``) or a folder searched
+recursively for run folders (a Hydra multirun folder, ``benchmarks/learning/...``).
+Runs whose paths differ only by the seed part (``seed3``, ``_seed3``, ``seed=3``)
+form one group ("arm"); the group label is the run's path relative to the common
+parent of the arguments, seed part removed.
+
+Written into ``--out`` (default: the run folder for one run, else ``<common
+parent>/plots``):
+
+- ``learning_curves.<fmt>``: evaluation and training return per group, mean over
+  seeds and a confidence band of that mean (95% Student-t interval by default,
+  or a percentile bootstrap with ``--ci bootstrap``);
+- ``diagnostics.<fmt>``: the SPQR diagnostics logged during training, same grouping;
+- ``summary.md``: final and best evaluation per group, seeds counted;
+- with ``--checkpoint``: ``spectrum_<run>.<fmt>`` (histogram of the normalised
+  SPQR eigenvalues of the saved ensemble on a batch, against the semicircle and
+  the paper / corrected target densities, and the spike statistic against its
+  null) and ``correlation_<run>.<fmt>`` (``N x N`` correlation of the members'
+  Q-values and of their residuals across the batch).
+
+Checkpoints: the ``checkpoint/`` folder of ``sota_scripts`` runs (config, loss
+state, replay buffer) and ``checkpoint.pt`` of ``examples/spqr_demo.py`` and
+``examples/redq_spqr.py`` (settings read from the run folder's name). The
+batch comes from the saved replay buffer, else from the offline dataset named in
+the config, else from rolling out the saved policy in the run's environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
+import os
 import re
+import statistics
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["read_metrics", "plot_run", "group_name", "plot_groups", "summary_table"]
+import numpy as np
+import torch
+
+__all__ = [
+    "read_metrics",
+    "find_runs",
+    "group_name",
+    "group_runs",
+    "mean_ci",
+    "group_curve",
+    "plot_run",
+    "plot_groups",
+    "plot_learning_curves",
+    "plot_diagnostics",
+    "summary_rows",
+    "summary_table",
+    "EnsembleBatch",
+    "checkpoint_q_values",
+    "plot_spectrum",
+    "plot_member_correlation",
+    "main",
+]
 
 _DIAG = [
     ("spqr_kl", "SPQR KL"),
@@ -20,13 +76,50 @@ _DIAG = [
     ("spqr_ensemble_std", "ensemble std of Q"),
 ]
 
+#: Panels of ``diagnostics.<fmt>``: metric, axis label, reference line (value, label) or None.
+DIAGNOSTICS = [
+    ("spqr_kl", "SPQR KL (mean over batch)", None),
+    ("spqr_spike", "spike: max |eigenvalue|", None),
+    (
+        "spqr_accept_rate",
+        "acceptance rate of the\nindependence test (level 0.05)",
+        (0.95, "dashed: 0.95, the rate of independent members"),
+    ),
+    (
+        "spqr_mp_ratio",
+        "residual top eigenvalue\n/ Marchenko-Pastur edge",
+        (1.0, "dashed: 1, the edge for independent members"),
+    ),
+    ("spqr_mean_pairwise_corr", "mean pairwise residual\ncorrelation", None),
+    ("spqr_ensemble_std", "ensemble std of Q", None),
+]
+
+_LABELS = {
+    "eval_return": "evaluation return",
+    "train_return": "training episode return",
+    "normalized_score": "normalised score",
+}
+
+_SEED_RE = re.compile(r"([_,\-]?seed[=_\-]?\d+)", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------ reading
+
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     """Rows of ``metrics.csv`` with numeric values (empty cells dropped)."""
     rows = []
     with (Path(run_dir) / "metrics.csv").open(newline="") as f:
         for r in csv.DictReader(f):
-            rows.append({k: float(v) for k, v in r.items() if v not in ("", None)})
+            row = {}
+            for k, v in r.items():
+                if k is None or v in ("", None):
+                    continue
+                try:
+                    row[k] = float(v)
+                except ValueError:
+                    continue
+            rows.append(row)
     return rows
 
 
@@ -36,17 +129,242 @@ def _step_key(rows) -> str:
 
 def _series(rows, key):
     step = _step_key(rows)
-    pts = [(r[step], r[key]) for r in rows if key in r]
+    pts = [(r[step], r[key]) for r in rows if key in r and step in r and math.isfinite(r[key])]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
-    """Write ``learning_curve.<fmt>`` (evaluation and training return, diagnostics) in ``run_dir``."""
+def _strip_seed(name: str) -> str:
+    return _SEED_RE.sub("", name).strip("_,-= ")
+
+
+def group_name(run_dir: str | Path) -> str:
+    """Runs that differ only by seed share a group: the folder name without ``seed<k>``."""
+    name = Path(run_dir).name
+    return _strip_seed(name) or name
+
+
+def _hydra_overrides_name(run_dir: Path) -> str | None:
+    """``key=value,...`` of a Hydra run's ``.hydra/overrides.yaml``, seed and hydra.* left out."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return None
+    items = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("- "):
+            continue
+        item = line[2:].strip().strip("'\"")
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key == "seed" or key.startswith("hydra."):
+            continue
+        items.append(item)
+    return ",".join(items)
+
+
+def _arm_of(run_dir: Path, base: Path) -> str:
+    try:
+        rel = run_dir.relative_to(base)
+    except ValueError:
+        rel = Path(run_dir.name)
+    parts = [_strip_seed(p) for p in rel.parts] or [group_name(run_dir)]
+    if parts and (parts[-1] == "" or parts[-1].isdigit()):
+        hydra = _hydra_overrides_name(run_dir)
+        if hydra is not None:  # Hydra's numbered multirun subfolders
+            parts[-1] = hydra or "default"
+    parts = [p for p in parts if p]
+    return "/".join(parts) or group_name(run_dir)
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "metrics.csv").is_file()
+
+
+def find_runs(paths) -> list[tuple[Path, str]]:
+    """Run folders under ``paths`` (each a run folder or a folder searched recursively).
+
+    Returns ``(run_dir, arm)`` pairs sorted by arm then path; the arm is the run's
+    path relative to the common parent of ``paths`` with the seed part removed.
+    """
+    roots = [Path(p) for p in paths]
+    runs: list[Path] = []
+    for root in roots:
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist.")
+        if _is_run(root):
+            runs.append(root)
+            continue
+        found = sorted(
+            p.parent
+            for p in root.rglob("metrics.csv")
+            if not ({"checkpoint", "checkpoint.tmp", "logs", ".hydra"} & set(p.parent.parts))
+        )
+        if not found:
+            raise FileNotFoundError(f"No run folder (holding metrics.csv) under {root}.")
+        runs.extend(found)
+    bases = [r.parent if _is_run(r) else r for r in roots]
+    base = Path(os.path.commonpath([str(b.resolve()) for b in bases]))
+    seen, out = set(), []
+    for r in runs:
+        key = r.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append((r, _arm_of(r.resolve(), base)))
+    return sorted(out, key=lambda t: (t[1], str(t[0])))
+
+
+def group_runs(paths) -> dict[str, list[Path]]:
+    """``arm -> run folders`` of :func:`find_runs`."""
+    groups: dict[str, list[Path]] = {}
+    for run, arm in find_runs(paths):
+        groups.setdefault(arm, []).append(run)
+    return groups
+
+
+# --------------------------------------------------------------- statistics
+
+# Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (used without scipy).
+_T975 = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+]  # fmt: skip
+
+
+def _t_quantile(level: float, df: int) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.5 + level / 2, df))
+    except ImportError:
+        if abs(level - 0.95) > 1e-9:
+            raise ImportError("A t-interval at a level other than 0.95 needs scipy.") from None
+        return _T975[df - 1] if df <= 30 else 1.96 + 2.4 / df
+
+
+def mean_ci(
+    values, level: float = 0.95, method: str = "t", *, resamples: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds (axis 0) and a ``level`` confidence interval of that mean.
+
+    ``method="t"``: ``mean +- t_{(1+level)/2, S-1} * sd / sqrt(S)`` (sd with ddof 1);
+    ``method="bootstrap"``: percentile bootstrap of the mean (``resamples`` draws,
+    seeded). With one seed the interval is the mean itself.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.ndim == 1:
+        v = v[:, None]
+    s = v.shape[0]
+    mean = v.mean(0)
+    if s < 2:
+        return mean, mean.copy(), mean.copy()
+    if method == "t":
+        half = _t_quantile(level, s - 1) * v.std(0, ddof=1) / math.sqrt(s)
+        return mean, mean - half, mean + half
+    if method == "bootstrap":
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, s, size=(resamples, s))
+        means = v[idx].mean(1)  # [R, T]
+        lo, hi = np.quantile(means, [0.5 - level / 2, 0.5 + level / 2], axis=0)
+        return mean, lo, hi
+    raise ValueError(f"method must be 't' or 'bootstrap', got {method!r}.")
+
+
+def _ci_text(method: str, level: float) -> str:
+    pct = f"{100 * level:g}%"
+    if method == "t":
+        return f"{pct} Student-t confidence interval of the mean over seeds"
+    return f"{pct} percentile-bootstrap confidence interval of the mean over seeds"
+
+
+def _smooth(y: list[float], window: int) -> list[float]:
+    if window <= 1 or len(y) < 2:
+        return y
+    out, acc = [], []
+    for v in y:  # trailing moving average
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+@dataclass
+class GroupCurve:
+    steps: np.ndarray
+    mean: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    seeds: int
+    step_key: str
+    interpolated: bool = False
+    values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+
+def group_curve(
+    runs_rows: list[list[dict[str, float]]],
+    key: str,
+    *,
+    level: float = 0.95,
+    method: str = "t",
+    smooth: int = 1,
+) -> GroupCurve | None:
+    """Mean and confidence band of ``key`` over the runs of one group.
+
+    Runs logged at the same steps are aligned exactly; otherwise each run is
+    linearly interpolated onto the union of steps inside the range all runs cover.
+    Runs without ``key`` are left out; ``None`` if none has it.
+    """
+    series = []
+    for rows in runs_rows:
+        x, y = _series(rows, key)
+        if x:
+            series.append((np.asarray(x, float), np.asarray(_smooth(y, smooth), float)))
+    if not series:
+        return None
+    step_key = _step_key(runs_rows[0])
+    common = sorted(set.intersection(*(set(x.tolist()) for x, _ in series)))
+    union = sorted(set().union(*(set(x.tolist()) for x, _ in series)))
+    interpolated = False
+    if len(common) == len(union) or len(series) == 1:
+        steps = np.asarray(common if len(series) > 1 else union, float)
+        vals = np.stack([[dict(zip(x.tolist(), y.tolist()))[t] for t in steps] for x, y in series])
+    else:
+        lo_x = max(x[0] for x, _ in series)
+        hi_x = min(x[-1] for x, _ in series)
+        steps = np.asarray([t for t in union if lo_x <= t <= hi_x], float)
+        if steps.size == 0:
+            return None
+        vals = np.stack([np.interp(steps, x, y) for x, y in series])
+        interpolated = True
+    mean, lo, hi = mean_ci(vals, level, method)
+    return GroupCurve(steps, mean, lo, hi, len(series), step_key, interpolated, vals)
+
+
+# ------------------------------------------------------------------ figures
+
+
+def _mpl():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out: Path, formats) -> list[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        p = out.with_name(out.name + "." + fmt)
+        fig.savefig(p, dpi=110)
+        paths.append(p)
+    return paths
+
+
+def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
+    """Write ``learning_curve.<fmt>`` (evaluation and training return, diagnostics) in ``run_dir``."""
+    plt = _mpl()
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
@@ -80,17 +398,131 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
     return out
 
 
-def group_name(run_dir: str | Path) -> str:
-    """Runs that differ only by seed share a group: the folder name without ``seed<k>``."""
-    name = Path(run_dir).name
-    return re.sub(r"_?seed\d+", "", name) or name
+def _group_rows(groups: dict[str, list[Path]]) -> dict[str, list[list[dict[str, float]]]]:
+    return {g: [read_metrics(r) for r in runs] for g, runs in groups.items()}
 
 
-def _by_group(run_dirs) -> dict[str, list[list[dict[str, float]]]]:
-    groups: dict[str, list[list[dict[str, float]]]] = {}
-    for d in run_dirs:
-        groups.setdefault(group_name(d), []).append(read_metrics(d))
-    return groups
+def _panels(
+    rows_by_group,
+    panels: list[tuple[str, str, Any]],
+    *,
+    title: str,
+    level: float,
+    method: str,
+    smooth: int,
+    ncols: int = 3,
+):
+    """One panel per metric, one line (mean) and band (CI) per group; legend below."""
+    plt = _mpl()
+    panels = [
+        p
+        for p in panels
+        if any(_series(rows, p[0])[0] for runs in rows_by_group.values() for rows in runs)
+    ]
+    if not panels:
+        return None
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    n_groups = len(rows_by_group)
+    legend_cols = 1 if n_groups > 4 else min(n_groups, 2)
+    legend_rows = math.ceil(n_groups / legend_cols)
+    fig_h = 3.4 * nrows + 0.8 + 0.22 * legend_rows
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(5.2 * ncols, fig_h), squeeze=False, layout="constrained"
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles, interpolated = {}, False
+    for ax, (key, label, ref) in zip(axes.flat, panels):
+        step_keys = set()
+        for i, (gname, runs) in enumerate(rows_by_group.items()):
+            c = group_curve(runs, key, level=level, method=method, smooth=smooth)
+            if c is None:
+                continue
+            interpolated |= c.interpolated
+            step_keys.add(c.step_key)
+            color = colors[i % len(colors)]
+            (line,) = ax.plot(c.steps, c.mean, color=color, lw=1.6)
+            if c.seeds > 1:
+                ax.fill_between(c.steps, c.lo, c.hi, color=color, alpha=0.2, lw=0)
+            seeds = f"{c.seeds} seed" + ("s" if c.seeds > 1 else ", no band")
+            handles.setdefault(gname, (line, f"{gname} ({seeds})"))
+        if ref is not None:
+            ax.axhline(ref[0], color="k", ls="--", lw=0.9, alpha=0.7)
+            ax.set_title(ref[1], fontsize=8.5)
+        names = {"frames": "environment steps", "updates": "gradient updates"}
+        ax.set_xlabel(" / ".join(names[k] for k in sorted(step_keys)) or "steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    caption = f"line: mean over seeds; band: {_ci_text(method, level)}"
+    if smooth > 1:
+        caption += f"; each run smoothed by a trailing mean over {smooth} logged points"
+    if interpolated:
+        caption += "; runs interpolated onto common steps"
+    fig.suptitle(f"{title}\n{caption}", fontsize=10)
+    hs = [h for h, _ in handles.values()]
+    ls = [lab for _, lab in handles.values()]
+    fig.legend(hs, ls, loc="outside lower center", ncol=legend_cols, fontsize=9, frameon=False)
+    return fig
+
+
+def plot_learning_curves(
+    groups: dict[str, list[Path]],
+    out: str | Path,
+    *,
+    key: str = "eval_return",
+    formats=("png",),
+    level: float = 0.95,
+    method: str = "t",
+    smooth: int = 1,
+    title: str = "",
+) -> list[Path]:
+    """``out.<fmt>``: ``key``, training return (and normalised score) per group over steps."""
+    rows = _group_rows(groups)
+    keys = [key, "train_return", "normalized_score", "eval_return"]
+    keys = list(dict.fromkeys(keys))[:3]
+    panels = [(k, _LABELS.get(k, k), None) for k in keys]
+    fig = _panels(
+        rows,
+        panels,
+        title=title or "learning curves",
+        level=level,
+        method=method,
+        smooth=smooth,
+    )
+    if fig is None:
+        return []
+    paths = _save(fig, Path(out), formats)
+    _mpl().close(fig)
+    return paths
+
+
+def plot_diagnostics(
+    groups: dict[str, list[Path]],
+    out: str | Path,
+    *,
+    formats=("png",),
+    level: float = 0.95,
+    method: str = "t",
+    smooth: int = 1,
+    title: str = "",
+) -> list[Path]:
+    """``out.<fmt>``: the SPQR diagnostics of :data:`DIAGNOSTICS` per group over steps."""
+    fig = _panels(
+        _group_rows(groups),
+        DIAGNOSTICS,
+        title=title or "SPQR diagnostics during training",
+        level=level,
+        method=method,
+        smooth=smooth,
+    )
+    if fig is None:
+        return []
+    paths = _save(fig, Path(out), formats)
+    _mpl().close(fig)
+    return paths
 
 
 def plot_groups(
@@ -98,87 +530,656 @@ def plot_groups(
     out: str | Path,
     keys: tuple[str, ...] = ("eval_return", "spqr_kl", "spqr_accept_rate"),
     formats: tuple[str, ...] = ("png",),
+    *,
+    level: float = 0.95,
+    method: str = "t",
 ) -> list[Path]:
-    """Mean and min-max band over seeds for each group, one panel per metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    groups = _by_group(run_dirs)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2))
-    axes = np.atleast_1d(axes)
-    xlabel = "steps"
-    for ax, key in zip(axes, keys):
-        for gname, runs in sorted(groups.items()):
-            series = [_series(rows, key) for rows in runs]
-            series = [s for s in series if s[0]]
-            if not series:
-                continue
-            xlabel = "environment steps" if _step_key(runs[0]) == "frames" else "gradient updates"
-            steps = sorted(set.intersection(*(set(x) for x, _ in series)))
-            vals = np.array([[dict(zip(x, y))[t] for t in steps] for x, y in series])
-            line = ax.plot(steps, vals.mean(0), label=f"{gname} ({len(series)} seeds)")[0]
-            if len(series) > 1:
-                ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2, color=line.get_color())
-        ax.set(xlabel=xlabel, ylabel=key, title=f"{key}\n(mean; band: min-max over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    """One figure ``out.<fmt>``, one panel per metric in ``keys``, runs grouped by arm."""
+    rows = _group_rows(group_runs(run_dirs))
+    labels = {k: lab for k, lab, _ in DIAGNOSTICS}
+    panels = [(k, _LABELS.get(k, labels.get(k, k)), None) for k in keys]
+    fig = _panels(
+        rows, panels, title="comparison", level=level, method=method, smooth=1, ncols=len(keys)
+    )
+    if fig is None:
+        return []
     out = Path(out)
-    paths = []
-    for fmt in formats:
-        path = out.with_suffix("." + fmt)
-        fig.savefig(path, dpi=110)
-        paths.append(path)
+    paths = _save(fig, out.with_suffix("") if out.suffix in (".png", ".svg") else out, formats)
+    _mpl().close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------ summary
+
+
+def summary_rows(
+    groups: dict[str, list[Path]], key: str = "eval_return", level: float = 0.95
+) -> list[dict[str, Any]]:
+    """Per group: seeds, final step(s), final and best ``key`` per seed and their statistics."""
+    out = []
+    for gname, runs in groups.items():
+        finals, bests, steps = [], [], []
+        for run in runs:
+            rows = read_metrics(run)
+            x, y = _series(rows, key)
+            if y:
+                finals.append(y[-1])
+                bests.append(max(y))
+                steps.append(x[-1])
+        if not finals:
+            continue
+        row: dict[str, Any] = {"group": gname, "seeds": len(finals), "steps": steps}
+        for name, vals in (("final", finals), ("best", bests)):
+            mean, lo, hi = mean_ci(np.asarray(vals)[:, None], level, "t")
+            row[name] = vals
+            row[f"{name}_mean"] = float(mean[0])
+            row[f"{name}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row[f"{name}_ci"] = (float(lo[0]), float(hi[0]))
+        out.append(row)
+    return out
+
+
+def summary_table(run_dirs_or_groups, key: str = "eval_return", level: float = 0.95) -> str:
+    """Markdown table per group: final and best ``key``, mean +- sd and a t-interval over seeds.
+
+    "final" is each run's last logged value, "best" its maximum over the run (the
+    best evaluation, a biased, optimistic number reported for comparison only).
+    """
+    groups = (
+        run_dirs_or_groups
+        if isinstance(run_dirs_or_groups, dict)
+        else group_runs(run_dirs_or_groups)
+    )
+    pct = f"{100 * level:g}%"
+    lines = [
+        f"| group | seeds | at step | final {key} (mean +- sd) | final {pct} CI "
+        f"| best {key} (mean +- sd) | best {pct} CI |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def ci(r, name):
+        if r["seeds"] < 2:
+            return "-"
+        lo, hi = r[f"{name}_ci"]
+        return f"[{lo:.1f}, {hi:.1f}]"
+
+    for r in summary_rows(groups, key, level):
+        lo_s, hi_s = min(r["steps"]), max(r["steps"])
+        at = f"{lo_s:.0f}" if lo_s == hi_s else f"{lo_s:.0f}-{hi_s:.0f}"
+        lines.append(
+            f"| {r['group']} | {r['seeds']} | {at} "
+            f"| {r['final_mean']:.1f} +- {r['final_sd']:.1f} | {ci(r, 'final')} "
+            f"| {r['best_mean']:.1f} +- {r['best_sd']:.1f} | {ci(r, 'best')} |"
+        )
+    lines.append("")
+    lines.append(
+        f"sd: standard deviation over seeds (ddof 1); CI: {pct} Student-t interval of the mean "
+        "over seeds; final: last logged value of each run; best: maximum over each run."
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------- checkpoint analysis
+
+
+@dataclass
+class EnsembleBatch:
+    """Q-values of a saved ensemble on a batch, and the SPQR settings of its run."""
+
+    q: torch.Tensor  # [N, B]
+    num_members: int
+    filling: str
+    density: str
+    rho: float
+    eps: float
+    pairs: str
+    source: str
+    label: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    inputs: Any = None  # the TensorDict of (observation, action) pairs the critics saw
+
+
+#: Run-folder names of the examples, which keep their settings there (not in the checkpoint).
+_EXAMPLE_RES = {
+    "examples/spqr_demo.py": re.compile(
+        r"spqr_sac_ens_(?P<env>.+)_N(?P<n>\d+)_beta(?P<beta>[^_]+)_seed(?P<seed>\d+)"
+    ),
+    "examples/redq_spqr.py": re.compile(
+        r"redq_spqr_(?P<env>.+)_N(?P<n>\d+)_M(?P<m>\d+)_G(?P<g>\d+)_beta(?P<beta>[^_]+)"
+        r"_seed(?P<seed>\d+)"
+    ),
+}
+
+
+def _find_checkpoint(run_dir: Path) -> tuple[str, Path]:
+    for name in ("checkpoint", "checkpoint.old"):
+        if (run_dir / name / "state.pt").is_file():
+            return "run_context", run_dir / name
+    if (run_dir / "checkpoint.pt").is_file():
+        return "example", run_dir / "checkpoint.pt"
+    raise FileNotFoundError(
+        f"No checkpoint in {run_dir}: expected checkpoint/state.pt (sota_scripts runs) or "
+        "checkpoint.pt (examples/spqr_demo.py, examples/redq_spqr.py)."
+    )
+
+
+def _rebuild_run_context(run_dir: Path, ck_dir: Path):
+    from torchrl_spqr.training import builders as B
+
+    state = torch.load(ck_dir / "state.pt", weights_only=True, map_location="cpu")
+    cfg = state.get("config")
+    if not cfg:
+        raise ValueError(f"{ck_dir}/state.pt holds no 'config': cannot rebuild the agent.")
+    data = None
+    env_name = B._get(cfg, "env.name")
+    env_kwargs = None
+    if not env_name or (B._get(cfg, "dataset.id") and "buffer_meta" not in state):
+        try:  # offline run: the dataset holds the states (and names the environment)
+            from torchrl_spqr.training.offline import make_offline_data
+
+            data = make_offline_data(cfg)
+            env_name = env_name or data.env_id
+            env_kwargs = getattr(data, "env_kwargs", None)
+        except Exception as err:
+            if not env_name:
+                raise ValueError(
+                    f"{run_dir}: the config names no env.name and the dataset "
+                    f"{B._get(cfg, 'dataset.id')!r} could not be loaded ({err})."
+                ) from err
+    seed = int(B._get(cfg, "seed", 0)) + 20_000
+    if B._get(cfg, "env.name") and env_kwargs is None:
+        env = B.make_environment(cfg, seed)
+    else:
+        env_cfg = {
+            "env": {"name": env_name, "max_episode_steps": B._get(cfg, "env.max_episode_steps")}
+        }
+        env = B.make_environment(env_cfg, seed, env_kwargs=env_kwargs)
+    _actor, loss, base, _opt, _upd = B.make_agent(cfg, env)
+    loss.load_state_dict(state["loss"])
+    buffer_td = None
+    meta = state.get("buffer_meta")
+    if meta and meta.get("len") and (ck_dir / "buffer").exists():
+        from tensordict import TensorDict
+
+        buffer_td = TensorDict.load_memmap(ck_dir / "buffer")[: int(meta["len"])]
+    spqr = {
+        "pairs": str(B._get(cfg, "spqr.pairs", "next_policy")),
+        "filling": str(B._get(cfg, "spqr.filling", "ordered")),
+        "density": str(B._get(cfg, "spqr.density", "paper")),
+    }
+    info = {
+        "algorithm": B._get(cfg, "algorithm"),
+        "env": env_name,
+        "beta": B._get(cfg, "spqr.beta"),
+        "frames": state.get("counters", {}).get("frames"),
+        "updates": state.get("counters", {}).get("updates"),
+    }
+    return env, loss, base, buffer_td, data, spqr, info
+
+
+def _rebuild_example(run_dir: Path, path: Path):
+    """The agent of an ``examples/spqr_demo.py`` or ``examples/redq_spqr.py`` run.
+
+    Their ``checkpoint.pt`` holds ``{"actor", "loss"}`` state dicts; the settings
+    are read from the run folder's name and the hidden width from the weights.
+    """
+    from torchrl.objectives import SACLoss
+
+    from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
+    from torchrl_spqr.objectives import REDQLoss
+    from torchrl_spqr.training import builders as B
+
+    found = [(sc, pat.fullmatch(run_dir.name)) for sc, pat in _EXAMPLE_RES.items()]
+    found = [(sc, m) for sc, m in found if m is not None]
+    if not found:
+        raise ValueError(
+            f"{path} looks like a checkpoint of the examples, but the folder name "
+            f"{run_dir.name!r} matches neither spqr_sac_ens_<env>_N<N>_beta<b>_seed<s> "
+            "(examples/spqr_demo.py) nor redq_spqr_<env>_N<N>_M<M>_G<G>_beta<b>_seed<s> "
+            "(examples/redq_spqr.py), which is where they keep their settings."
+        )
+    script, m = found[0]
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    actor_w = [v for k, v in state["actor"].items() if k.endswith("weight")]
+    hidden = int(actor_w[0].shape[0])
+    n = int(m["n"])
+    cfg = {
+        "env": {"name": m["env"]},
+        "network": {"hidden_sizes": [hidden, hidden], "ensemble_size": n},
+    }
+    env = B.make_environment(cfg, int(m["seed"]) + 20_000)
+    actor = B.make_actor(cfg, env)
+    n_in = env.observation_spec["observation"].shape[-1] + env.action_spec.shape[-1]
+    critics = QEnsemble(lambda: make_q_member(n_in, num_cells=(hidden, hidden)), n)
+    if script.endswith("redq_spqr.py"):
+        base = REDQLoss(
+            actor,
+            critics,
+            sub_sample_len=int(m["m"]),
+            policy_update_delay=int(m["g"]),
+            target_entropy=-float(env.action_spec.shape[-1]),  # overwritten by the state dict
+            action_spec=env.action_spec,
+        )
+        algorithm = f"redq M={m['m']} G={m['g']} ({script})"
+    else:
+        base = SACLoss(
+            actor, critics.members(), num_qvalue_nets=n, loss_function="l2",
+            action_spec=env.action_spec,
+        )  # fmt: skip
+        base.make_value_estimator(gamma=0.99)  # as the demo; gamma itself is in the state dict
+        algorithm = f"sac_ens ({script})"
+    loss = SPQRLoss(base, beta=float(m["beta"])) if n >= 3 else base
+    res = loss.load_state_dict(state["loss"], strict=False)
+    lazy = ("target_entropy", "_value_estimator")  # buffers registered at the first update
+    bad = [k for k in (*res.missing_keys, *res.unexpected_keys) if not any(s in k for s in lazy)]
+    if bad:
+        raise ValueError(f"{path}: state dict does not match the {script} agent ({bad[:5]}).")
+    if isinstance(loss, SPQRLoss):
+        spqr = {"pairs": loss.pairs, "filling": loss.filling, "density": loss.density}
+    else:
+        spqr = {"pairs": "next_policy", "filling": "ordered", "density": "paper"}
+    info = {"algorithm": algorithm, "env": m["env"], "beta": m["beta"]}
+    return env, loss, base, None, None, spqr, info
+
+
+def _policy(base):
+    """A callable ``td -> td`` running the loss's actor with its (trained) parameters."""
+    net, params = base.actor_network, base.actor_network_params.detach()
+
+    def policy(td):
+        with params.to_module(net):
+            return net(td)
+
+    return policy
+
+
+def _rollout(env, policy, steps: int):
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        td = env.rollout(steps, policy, break_when_any_done=False)
+    return td.reshape(-1)
+
+
+def _ensemble_q(base, td) -> torch.Tensor:
+    """``[N, B]`` Q-values of the online critics of ``base`` at the pairs in ``td``."""
+    net, params = base.qvalue_network, base.qvalue_network_params.detach()
+    key = net.out_keys[0]
+    was_training = net.training
+    net.eval()
+    qs = []
+    with torch.no_grad():
+        for i in range(params.batch_size[0]):
+            with params[i].to_module(net):
+                qs.append(net(td.select(*net.in_keys).copy()).get(key).reshape(-1))
+    net.train(was_training)
+    return torch.stack(qs)
+
+
+def checkpoint_q_values(
+    run_dir: str | Path,
+    *,
+    batch_size: int = 512,
+    rollout_steps: int = 300,
+    pairs: str | None = None,
+    source: str = "auto",
+    seed: int = 0,
+) -> EnsembleBatch:
+    """Rebuild a run's agent from its checkpoint and evaluate its critics on a batch.
+
+    Args:
+        run_dir: a ``sota_scripts`` run folder (``checkpoint/state.pt`` with the
+            config, rebuilt with :func:`torchrl_spqr.training.builders.make_agent`)
+            or an ``examples/spqr_demo.py`` / ``examples/redq_spqr.py`` run folder
+            (``checkpoint.pt``; settings read from the folder name).
+        batch_size: number of state-action pairs (fewer if fewer are available).
+        rollout_steps: environment steps rolled out with the saved (stochastic)
+            policy when the states come from a rollout.
+        pairs: ``"data"`` (stored or rolled-out ``(s, a)``), ``"next_policy"``
+            (``(s', a' ~ pi(s'))``, the authors' SPQR pairs) or ``"policy"``
+            (``(s, a ~ pi(s))``); default: the run's ``spqr.pairs``.
+        source: ``"auto"`` (replay buffer if saved, else offline dataset, else
+            rollout), ``"buffer"``, ``"dataset"`` or ``"rollout"``.
+        seed: seed of the batch draw and of the policy's samples.
+    """
+    from torchrl_spqr.loss import SPQRLoss
+
+    run_dir = Path(run_dir)
+    kind, path = _find_checkpoint(run_dir)
+    torch.manual_seed(seed)
+    rebuild = _rebuild_run_context if kind == "run_context" else _rebuild_example
+    env, loss, base, buffer_td, data, spqr, info = rebuild(run_dir, path)
+    pairs = pairs or spqr["pairs"]
+    if pairs not in ("data", "next_policy", "policy"):
+        raise ValueError(f"pairs must be 'data', 'next_policy' or 'policy', got {pairs!r}.")
+    policy = _policy(base)
+    gen = torch.Generator().manual_seed(seed)
+    if source in ("auto", "buffer") and buffer_td is not None:
+        n = buffer_td.shape[0]
+        td = buffer_td[torch.randperm(n, generator=gen)[: min(batch_size, n)]]
+        src = f"replay buffer of the checkpoint ({n} transitions)"
+    elif source in ("auto", "dataset") and data is not None:
+        td = data.buffer.sample(batch_size)
+        src = "offline dataset of the run"
+    elif source in ("auto", "rollout"):
+        roll = _rollout(env, policy, rollout_steps)
+        n = roll.shape[0]
+        td = roll[torch.randperm(n, generator=gen)[: min(batch_size, n)]]
+        src = f"rollout of the saved policy ({n} steps)"
+    else:
+        raise ValueError(f"source={source!r} is not available for {run_dir}.")
+    env.close()
+    td = td.to("cpu")
+    if pairs == "data":
+        q_td = td.select("observation", "action", strict=False)
+    else:
+        obs = td.get(("next", "observation") if pairs == "next_policy" else "observation")
+        from tensordict import TensorDict
+        from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+        q_td = TensorDict({"observation": obs.float()}, batch_size=obs.shape[:1])
+        with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+            q_td = policy(q_td)
+    q_td = q_td.select("observation", "action").float()
+    q = _ensemble_q(base, q_td)
+    spqr_mod = loss if isinstance(loss, SPQRLoss) else None
+    return EnsembleBatch(
+        q=q,
+        num_members=q.shape[0],
+        filling=spqr["filling"],
+        density=spqr["density"],
+        rho=spqr_mod.rho if spqr_mod else 0.5,
+        eps=spqr_mod.eps if spqr_mod else 0.01,
+        pairs=pairs,
+        source=src,
+        label=run_dir.name,
+        meta=info,
+        inputs=q_td,
+    )
+
+
+def _pairs_text(pairs: str) -> str:
+    return {
+        "data": "Q_k(s, a) at stored pairs",
+        "next_policy": "Q_k(s', a'~pi(s'))",
+        "policy": "Q_k(s, a~pi(s))",
+    }[pairs]
+
+
+def plot_spectrum(batch: EnsembleBatch, out: str | Path, formats=("png",)) -> list[Path]:
+    """Histogram of the normalised SPQR eigenvalues against the semicircle; spike vs its null.
+
+    Left: the eigenvalues of every normalised ``d x d`` SPQR matrix of the batch
+    (the matrices the regulariser uses), the eigenvalue density of i.i.d.
+    Gaussian members at the same ``d`` (the finite-``d`` null), Wigner's
+    semicircle, and the two target densities of the KL (``"paper"`` and
+    ``"corrected"``, with the run's ``rho`` and ``eps``; they are the unnormalised
+    functions the KL uses). Right: the spike statistic against its null with the
+    5% rejection threshold.
+    """
+    from torchrl_spqr import diagnostics as D
+    from torchrl_spqr import functional as F
+
+    plt = _mpl()
+    q = batch.q.double()
+    n = q.shape[0]
+    d = F.matrix_side(n)
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eig = F.spqr_eigenvalues(q, batch.filling, generator=gen)  # [B, d]
+        t = d * (d + 1) // 2
+        null_eig = F.spqr_eigenvalues(torch.randn(t, 20_000, generator=gen, dtype=torch.float64))
+    kls = {
+        dens: float(F.spectral_kl(eig, rho=batch.rho, eps=batch.eps, density=dens).mean())
+        for dens in ("paper", "corrected")
+    }
+    kl_null = float(F.spectral_kl(null_eig, rho=batch.rho, eps=batch.eps, density="paper").mean())
+    xmax = max(2.6, float(eig.abs().max()) * 1.08)
+    xs = torch.linspace(-xmax, xmax, 801, dtype=torch.float64)
+
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(13, 6.2), gridspec_kw={"width_ratios": [1.5, 1]}, layout="constrained"
+    )
+    bins = np.linspace(-xmax, xmax, 49)
+    ax.hist(
+        eig.flatten().numpy(),
+        bins=bins,
+        density=True,
+        color="tab:blue",
+        alpha=0.55,
+        label=f"ensemble eigenvalues ({eig.shape[0]} pairs x d={d})",
+    )
+    ax.hist(
+        null_eig.flatten().numpy(),
+        bins=bins,
+        density=True,
+        histtype="step",
+        color="k",
+        lw=1.2,
+        label=f"i.i.d. Gaussian members, same d={d} (null)",
+    )
+    ax.plot(xs, F.semicircle_density(xs), color="tab:green", lw=1.8, label="Wigner semicircle")
+    for dens, style in (("paper", "--"), ("corrected", ":")):
+        ax.plot(
+            xs,
+            F.soft_semicircle_density(xs, rho=batch.rho, eps=batch.eps, density=dens),
+            style,
+            color="tab:red" if dens == "paper" else "tab:purple",
+            lw=1.8,
+            label=f"SPQR target p(x), {dens} (KL {kls[dens]:.3f})",
+        )
+    ax.set_xlabel("eigenvalue of the normalised SPQR matrix")
+    ax.set_ylabel("density")
+    ax.set_xlim(-xmax, xmax)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        f"spectrum: KL paper {kls['paper']:.3f} (null {kl_null:.3f}); "
+        f"used density: {batch.density}",
+        fontsize=10,
+    )
+
+    spikes = eig.abs().amax(-1)
+    null_sp = D.spike_null_distribution(d)
+    thr = float(null_sp[int(0.95 * (null_sp.numel() - 1))])
+    accept = float((D.spike_pvalue(spikes, d) >= 0.05).double().mean())
+    s_lo = min(float(spikes.min()), float(null_sp[int(0.001 * null_sp.numel())])) * 0.98
+    sbins = np.linspace(s_lo, max(float(spikes.max()), float(null_sp[-1])) * 1.02, 41)
+    ax2.hist(spikes.numpy(), bins=sbins, density=True, alpha=0.55, label="ensemble")
+    ax2.hist(
+        null_sp.numpy(), bins=sbins, density=True, histtype="step", color="k", lw=1.2, label="null"
+    )
+    ax2.axvline(thr, color="tab:red", ls="--", lw=1.2, label=f"5% threshold {thr:.2f}")
+    ax2.set_xlabel("spike: max |eigenvalue| per pair")
+    ax2.set_ylabel("density")
+    ax2.set_title(f"independence test: acceptance {accept:.3f} (null 0.95)", fontsize=10)
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
+    ax2.grid(alpha=0.3)
+    meta = batch.meta
+    when = f", {meta['frames']} frames" if meta.get("frames") else ""
+    fig.suptitle(
+        f"{batch.label}: {meta.get('algorithm', '')} on {meta.get('env', '')}{when}, "
+        f"N={n} (d={d}, {batch.filling} filling), {_pairs_text(batch.pairs)}\n"
+        f"states: {batch.source}",
+        fontsize=10,
+    )
+    paths = _save(fig, Path(out), formats)
     plt.close(fig)
     return paths
 
 
-def summary_table(run_dirs, key: str = "eval_return") -> str:
-    """Markdown table per group: final and best evaluation (mean +- std over seeds)."""
-    import statistics
+def _corr(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.mean(1, keepdim=True)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return x @ x.T
 
-    def fmt(v: list[float]) -> str:
-        sd = statistics.stdev(v) if len(v) > 1 else 0.0
-        return f"{statistics.mean(v):.1f} +- {sd:.1f}"
 
-    lines = [f"| group | seeds | final {key} | best {key} |", "|---|---|---|---|"]
-    for gname, runs in sorted(_by_group(run_dirs).items()):
-        finals, bests = [], []
-        for rows in runs:
-            vals = [r[key] for r in rows if key in r]
-            if vals:
-                finals.append(vals[-1])
-                bests.append(max(vals))
-        if finals:
-            lines.append(f"| {gname} | {len(finals)} | {fmt(finals)} | {fmt(bests)} |")
-    return "\n".join(lines)
+def plot_member_correlation(batch: EnsembleBatch, out: str | Path, formats=("png",)) -> list[Path]:
+    """``N x N`` Pearson correlations across the batch: of the Q-values and of the residuals.
+
+    Residuals are the members' deviations from the ensemble mean at each pair
+    (the quantity of :func:`torchrl_spqr.diagnostics.residual_correlation`); for
+    independent members their off-diagonal correlation is ``-1/(N-1)``.
+    """
+    from torchrl_spqr import diagnostics as D
+
+    plt = _mpl()
+    q = batch.q.double()
+    n = q.shape[0]
+    cq = _corr(q)
+    cr = _corr(q - q.mean(0, keepdim=True))
+    stats = D.residual_correlation(q)
+    off = ~torch.eye(n, dtype=torch.bool)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 6.4), layout="constrained")
+    lo_q = float(cq[off].min())
+    vr = max(float(cr[off].abs().max()), 1e-3)
+    panels = [
+        (
+            axes[0],
+            cq,
+            "viridis",
+            min(lo_q, 0.999),
+            1.0,
+            f"Q-values\nmean off-diagonal {float(cq[off].mean()):.3f}",
+        ),
+        (
+            axes[1],
+            cr,
+            "RdBu_r",
+            -vr,
+            vr,
+            f"residuals (deviations from the ensemble mean)\nmean off-diagonal "
+            f"{float(stats['mean_pairwise_corr']):.3f} (independent: {-1 / (n - 1):.3f}), "
+            f"MP ratio {float(stats['mp_ratio']):.2f}",
+        ),
+    ]
+    for ax, mat, cmap, vmin, vmax, title in panels:
+        im = ax.imshow(mat.numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("member")
+        ax.set_ylabel("member")
+        ticks = list(range(n)) if n <= 12 else list(range(0, n, max(1, n // 10)))
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        cb = fig.colorbar(im, ax=ax, shrink=0.9)
+        cb.set_label("Pearson correlation across the batch")
+        if n <= 10:
+            for i in range(n):
+                for j in range(n):
+                    v = float(mat[i, j])
+                    r, g, b, _ = im.cmap(im.norm(v))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                    ax.text(
+                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="w" if dark else "k",
+                    )  # fmt: skip
+    meta = batch.meta
+    fig.suptitle(
+        f"{batch.label}: member correlations, N={n}, {q.shape[1]} pairs "
+        f"{_pairs_text(batch.pairs)}\nstates: {batch.source}; {meta.get('env', '')}",
+        fontsize=10,
+    )
+    paths = _save(fig, Path(out), formats)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _default_out(paths: list[Path]) -> Path:
+    if len(paths) == 1:
+        return paths[0] if _is_run(paths[0]) else paths[0] / "plots"
+    bases = [p.parent if _is_run(p) else p for p in paths]
+    return Path(os.path.commonpath([str(b) for b in bases])) / "plots"
+
+
+def _file_label(run: Path, arm: str, single: bool) -> str:
+    if single:
+        return run.name
+    seed = _SEED_RE.search(run.name)
+    label = arm + ("_" + seed.group(1).strip("_,-=") if seed else "_" + run.name)
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", label)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m torchrl_spqr.plot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--svg", action="store_true", help="also write SVG")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders or sweep folders")
+    p.add_argument("--out", help="output folder (default: see above)")
+    p.add_argument("--format", nargs="+", default=["png"], choices=["png", "svg", "pdf"])
+    p.add_argument("--svg", action="store_true", help="same as --format png svg")
+    p.add_argument("--key", default="eval_return", help="evaluation metric (e.g. normalized_score)")
+    p.add_argument("--ci", default="t", choices=["t", "bootstrap"], help="confidence band")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the band")
+    p.add_argument("--smooth", type=int, default=1, help="trailing mean over W logged points")
+    p.add_argument("--per-run", action="store_true", help="also learning_curve.<fmt> in each run")
+    p.add_argument(
+        "--checkpoint",
+        "--spectrum",
+        action="store_true",
+        help="spectrum and member-correlation figures of each run's checkpoint",
+    )
+    p.add_argument("--batch-size", type=int, default=512, help="pairs for --checkpoint")
+    p.add_argument("--rollout-steps", type=int, default=300, help="steps if states are rolled out")
+    p.add_argument("--pairs", choices=["data", "next_policy", "policy"], default=None)
+    p.add_argument("--source", choices=["auto", "buffer", "dataset", "rollout"], default="auto")
     p.add_argument(
         "--compare",
         metavar="OUT",
-        help="also plot the runs grouped by folder name minus seed into OUT.png, print a table",
+        help="also one figure OUT.<fmt> of --key and three diagnostics side by side",
     )
-    p.add_argument("--key", default="eval_return", help="metric of the grouped plot and table")
     args = p.parse_args(argv)
-    fmts = ("png", "svg") if args.svg else ("png",)
-    for d in args.run_dirs:
-        for path in plot_run(d, fmts):
-            print(path)
+    fmts = tuple(dict.fromkeys(["png", "svg"] if args.svg else args.format))
+    paths = [Path(x) for x in args.paths]
+    runs = find_runs(paths)
+    groups: dict[str, list[Path]] = {}
+    for run, arm in runs:
+        groups.setdefault(arm, []).append(run)
+    out = Path(args.out) if args.out else _default_out(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    title = ", ".join(str(x) for x in args.paths) if len(paths) <= 2 else f"{len(runs)} runs"
+    stat = {"level": args.level, "method": args.ci, "smooth": args.smooth}
+    written = plot_learning_curves(
+        groups, out / "learning_curves", key=args.key, formats=fmts, title=title, **stat
+    )
+    written += plot_diagnostics(groups, out / "diagnostics", formats=fmts, title=title, **stat)
+    if args.per_run:
+        for run, _ in runs:
+            written += plot_run(run, fmts)
     if args.compare:
         keys = (args.key, "spqr_kl", "spqr_accept_rate", "spqr_spike")
-        for path in plot_groups(args.run_dirs, args.compare, keys=keys, formats=fmts):
-            print(path)
-        print(summary_table(args.run_dirs, args.key))
+        written += plot_groups(
+            [r for r, _ in runs], args.compare, keys=keys, formats=fmts, level=args.level,
+            method=args.ci,
+        )  # fmt: skip
+    table = summary_table(groups, args.key, args.level)
+    (out / "summary.md").write_text(table + "\n")
+    written.append(out / "summary.md")
+    if args.checkpoint:
+        single = len(runs) == 1
+        for run, arm in runs:
+            try:
+                batch = checkpoint_q_values(
+                    run,
+                    batch_size=args.batch_size,
+                    rollout_steps=args.rollout_steps,
+                    pairs=args.pairs,
+                    source=args.source,
+                )
+            except (FileNotFoundError, ValueError) as err:
+                print(f"skipped {run}: {err}")
+                continue
+            label = _file_label(run, arm, single)
+            written += plot_spectrum(batch, out / f"spectrum_{label}", fmts)
+            written += plot_member_correlation(batch, out / f"correlation_{label}", fmts)
+    for path in written:
+        print(path)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,272 @@
+"""torchrl_spqr.plot: run discovery and grouping, confidence bands, summary, figures, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+from torchrl_spqr import plot  # noqa: E402
+from torchrl_spqr.functional import matrix_side  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+FIELDS = ["frames", "updates", "train_return", "eval_return", "spqr_kl", "spqr_accept_rate"]
+
+# eval_return at frames 1000, 2000, 3000 per seed; arm "beta1.0_N10" has 3 seeds, "beta0.0_N10" 2
+EVALS = {
+    "beta1.0_N10": {0: [10.0, 50.0, 100.0], 1: [20.0, 90.0, 130.0], 2: [30.0, 200.0, 160.0]},
+    "beta0.0_N10": {0: [5.0, 40.0, 70.0], 1: [15.0, 30.0, 90.0]},
+}
+
+
+def _write_run(run: Path, evals: list[float], seed: int) -> None:
+    run.mkdir(parents=True)
+    with (run / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for i, ev in enumerate(evals):
+            frames = 1000 * (i + 1)
+            w.writerow(  # a log row without evaluation, then one with it
+                {
+                    "frames": frames - 500,
+                    "updates": frames - 600,
+                    "train_return": ev / 2,
+                    "spqr_kl": 0.6 + 0.01 * seed,
+                    "spqr_accept_rate": 0.95,
+                }
+            )
+            w.writerow({"frames": frames, "updates": frames - 100, "eval_return": ev})
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """A Hydra-like multirun folder ``multirun/sac_ens/Hopper-v5/<arm>_seed<k>/``."""
+    root = tmp_path / "multirun" / "sac_ens" / "Hopper-v5"
+    for arm, seeds in EVALS.items():
+        for seed, evals in seeds.items():
+            _write_run(root / f"{arm}_seed{seed}", evals, seed)
+    (root / "beta1.0_N10_seed0" / "logs").mkdir()  # TorchRL logger output is not a run
+    return root
+
+
+def test_find_runs_discovers_and_groups_a_sweep(sweep):
+    runs = plot.find_runs([sweep])
+    assert len(runs) == 5
+    groups = plot.group_runs([sweep])
+    assert sorted(groups) == ["beta0.0_N10", "beta1.0_N10"]
+    assert [r.name for r in groups["beta1.0_N10"]] == [f"beta1.0_N10_seed{k}" for k in range(3)]
+    # from the multirun root the label keeps the algorithm and the environment
+    top = plot.group_runs([sweep.parents[1]])
+    assert sorted(top) == ["sac_ens/Hopper-v5/beta0.0_N10", "sac_ens/Hopper-v5/beta1.0_N10"]
+    # run folders given one by one group the same way
+    one_by_one = plot.group_runs(sorted(sweep.iterdir()))
+    assert {k: len(v) for k, v in one_by_one.items()} == {"beta0.0_N10": 2, "beta1.0_N10": 3}
+
+
+def test_hydra_numbered_subfolders_group_by_overrides(tmp_path):
+    root = tmp_path / "multirun"
+    for i, (beta, seed) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        run = root / str(i)
+        _write_run(run, [1.0, 2.0, 3.0], seed)
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- spqr.beta={beta}\n")
+    groups = plot.group_runs([root])
+    assert {k: len(v) for k, v in groups.items()} == {"spqr.beta=0": 2, "spqr.beta=1": 2}
+
+
+def test_group_curve_mean_and_t_band_match_a_hand_computation(sweep):
+    from scipy import stats
+
+    rows = [plot.read_metrics(r) for r in plot.group_runs([sweep])["beta1.0_N10"]]
+    c = plot.group_curve(rows, "eval_return")
+    assert c.seeds == 3 and c.step_key == "frames" and not c.interpolated
+    assert c.steps.tolist() == [1000, 2000, 3000]
+    vals = np.array([EVALS["beta1.0_N10"][k] for k in range(3)])
+    half = stats.t.ppf(0.975, 2) * vals.std(0, ddof=1) / math.sqrt(3)
+    np.testing.assert_allclose(c.mean, vals.mean(0))
+    np.testing.assert_allclose(c.lo, vals.mean(0) - half)
+    np.testing.assert_allclose(c.hi, vals.mean(0) + half)
+    # the fallback table (no scipy) agrees with scipy at 95%
+    assert abs(plot._T975[1] - stats.t.ppf(0.975, 2)) < 1e-3
+
+
+def test_group_curve_interpolates_runs_logged_at_different_steps():
+    a = [{"frames": 0.0, "x": 0.0}, {"frames": 10.0, "x": 10.0}, {"frames": 20.0, "x": 20.0}]
+    b = [{"frames": 5.0, "x": 0.0}, {"frames": 15.0, "x": 0.0}]
+    c = plot.group_curve([a, b], "x")
+    assert c.interpolated and c.steps.tolist() == [5.0, 10.0, 15.0]
+    np.testing.assert_allclose(c.mean, [2.5, 5.0, 7.5])
+
+
+def test_bootstrap_band_is_seeded_and_brackets_the_mean():
+    v = np.array([[1.0, 5.0], [2.0, 6.0], [4.0, 9.0], [3.0, 7.0]])
+    m1, lo1, hi1 = plot.mean_ci(v, method="bootstrap")
+    m2, lo2, hi2 = plot.mean_ci(v, method="bootstrap")
+    assert np.array_equal(lo1, lo2) and np.array_equal(hi1, hi2)
+    assert np.all(v.min(0) <= lo1) and np.all(lo1 < m1) and np.all(m1 < hi1)
+    assert np.all(hi1 <= v.max(0))
+    m, lo, hi = plot.mean_ci(v[:1])  # one seed: no band
+    assert np.array_equal(lo, m) and np.array_equal(hi, m)
+
+
+def test_summary_numbers_match_a_hand_computation(sweep):
+    from scipy import stats
+
+    rows = {r["group"]: r for r in plot.summary_rows(plot.group_runs([sweep]))}
+    a = rows["beta1.0_N10"]
+    finals, bests = [100.0, 130.0, 160.0], [100.0, 130.0, 200.0]  # seed 2 peaks at 2000
+    assert a["seeds"] == 3 and a["final"] == finals and a["best"] == bests
+    assert a["final_mean"] == pytest.approx(130.0) and a["final_sd"] == pytest.approx(30.0)
+    half = stats.t.ppf(0.975, 2) * 30.0 / math.sqrt(3)
+    assert a["final_ci"] == pytest.approx((130.0 - half, 130.0 + half))
+    assert a["best_mean"] == pytest.approx(np.mean(bests))
+    assert a["best_sd"] == pytest.approx(np.std(bests, ddof=1))
+    table = plot.summary_table(plot.group_runs([sweep]))
+    line = next(ln for ln in table.splitlines() if ln.startswith("| beta1.0_N10 "))
+    assert "| 3 | 3000 | 130.0 +- 30.0 |" in line
+    assert f"[{130 - half:.1f}, {130 + half:.1f}]" in line
+    b = rows["beta0.0_N10"]
+    assert b["seeds"] == 2 and b["final_mean"] == pytest.approx(80.0)
+
+
+def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
+    out = tmp_path / "figs"
+    cmp = tmp_path / "cmp"
+    argv = [str(sweep), "--format", "png", "svg", "--out", str(out), "--ci", "bootstrap"]
+    plot.main([*argv, "--compare", str(cmp)])
+    for name in ("learning_curves", "diagnostics"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        svg = (out / f"{name}.svg").read_text()
+        assert "<svg" in svg and "bootstrap" in svg  # the band's method is in the caption
+    assert (tmp_path / "cmp.png").exists() and (tmp_path / "cmp.svg").exists()  # legacy --compare
+    summary = (out / "summary.md").read_text()
+    assert "| beta1.0_N10 | 3 |" in summary and "| beta0.0_N10 | 2 |" in summary
+    printed = capsys.readouterr().out
+    assert "learning_curves.svg" in printed and "| beta1.0_N10 | 3 |" in printed
+    # default output folder: <sweep>/plots for a sweep, the run folder for one run
+    assert plot._default_out([sweep]) == sweep / "plots"
+    run = sweep / "beta1.0_N10_seed0"
+    assert plot._default_out([run]) == run
+    assert plot._default_out([run, sweep / "beta0.0_N10_seed1"]) == sweep / "plots"
+
+
+# ------------------------------------------------------------ checkpoints
+
+
+@pytest.fixture(scope="module")
+def sota_run(tmp_path_factory) -> Path:
+    """A tiny real sac_ens_spqr run (N=6, so d=3) with its checkpoint and replay buffer."""
+    pytest.importorskip("hydra")
+    from hydra import compose, initialize_config_dir
+
+    from torchrl_spqr.training import online
+
+    overrides = [
+        "env=pendulum",
+        "collector.total_frames=60",
+        "collector.init_random_frames=40",
+        "optim.batch_size=16",
+        "replay_buffer.size=500",
+        "network.hidden_sizes=[16,16]",
+        "network.ensemble_size=6",
+        "logger.log_interval=20",
+        "logger.eval_interval=60",
+        "logger.eval_episodes=1",
+        "logger.progress=false",
+        "logger.backend=none",
+        "checkpoint.interval=1000",
+    ]
+    with initialize_config_dir(
+        config_dir=str(ROOT / "sota_scripts/sac_ens_spqr"), version_base="1.3"
+    ):
+        cfg = compose(config_name="config", overrides=overrides)
+    run = tmp_path_factory.mktemp("sota") / "beta1.0_N6_seed0"
+    online.train_online(cfg, run)
+    return run
+
+
+def _check_spectrum_invariant(q: torch.Tensor) -> None:
+    from torchrl_spqr.functional import spqr_eigenvalues
+
+    d = matrix_side(q.shape[0])
+    eig = spqr_eigenvalues(q.double())
+    torch.testing.assert_close(eig.pow(2).sum(-1), torch.full_like(eig[:, 0], (d * d - 1) / d))
+
+
+def test_checkpoint_batch_from_buffer_and_from_rollout(sota_run):
+    b = plot.checkpoint_q_values(sota_run, batch_size=32)
+    assert b.q.shape == (6, 32) and torch.isfinite(b.q).all()
+    assert "replay buffer" in b.source and b.pairs == "next_policy"
+    assert (b.filling, b.density, b.rho, b.eps) == ("ordered", "paper", 0.5, 0.01)
+    _check_spectrum_invariant(b.q)
+    r = plot.checkpoint_q_values(sota_run, batch_size=500, source="rollout", rollout_steps=50)
+    assert r.q.shape == (6, 50) and "rollout" in r.source
+    # "data" pairs evaluate the critics at stored actions: another batch, same members
+    dq = plot.checkpoint_q_values(sota_run, batch_size=32, pairs="data")
+    assert dq.q.shape == (6, 32) and not torch.equal(dq.q, b.q)
+
+
+def test_cli_checkpoint_figures(sota_run, tmp_path):
+    out = tmp_path / "ck"
+    plot.main([str(sota_run), "--checkpoint", "--batch-size", "40", "--out", str(out)])
+    for name in ("spectrum", "correlation"):
+        png = out / f"{name}_{sota_run.name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"examples/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", ["spqr_demo", "redq_spqr"])
+def test_example_checkpoints_are_supported(script, tmp_path):
+    """The examples save {"actor", "loss"} to checkpoint.pt; their settings live in the name."""
+    from torchrl.objectives import SACLoss
+
+    from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
+    from torchrl_spqr.objectives import REDQLoss
+
+    ex = _load_example(script)
+    env = ex.make_env("Pendulum-v1", 0)
+    actor = ex.make_actor(env, 8)
+    critics = QEnsemble(lambda: make_q_member(4, num_cells=(8, 8)), 3)
+    if script == "spqr_demo":
+        base = SACLoss(actor, critics.members(), num_qvalue_nets=3, action_spec=env.action_spec)
+        base.make_value_estimator(gamma=0.99)
+        base.target_entropy  # registered lazily at the first update, as in a real checkpoint
+        run = tmp_path / "spqr_sac_ens_Pendulum-v1_N3_beta1_seed0"
+    else:
+        base = REDQLoss(
+            actor, critics, sub_sample_len=2, policy_update_delay=5, target_entropy=-0.5
+        )
+        run = tmp_path / "redq_spqr_Pendulum-v1_N3_M2_G5_beta1_seed0"
+    loss = SPQRLoss(base, beta=1.0)
+    run.mkdir()
+    torch.save({"actor": actor.state_dict(), "loss": loss.state_dict()}, run / "checkpoint.pt")
+    b = plot.checkpoint_q_values(run, batch_size=30, rollout_steps=30)
+    assert b.q.shape == (3, 30) and "rollout" in b.source and script in b.meta["algorithm"]
+    # the saved critics, not freshly initialised ones
+    torch.testing.assert_close(b.q, critics.q_values(b.inputs))
+    paths = plot.plot_spectrum(b, tmp_path / "spec")
+    assert paths[0].exists()
+
+
+def test_checkpoint_errors_are_explicit(tmp_path):
+    bad = tmp_path / "renamed_run"
+    bad.mkdir()
+    torch.save({"actor": {}, "loss": {}}, bad / "checkpoint.pt")
+    with pytest.raises(ValueError, match="spqr_sac_ens_<env>_N<N>"):
+        plot.checkpoint_q_values(bad)
+    with pytest.raises(FileNotFoundError, match="checkpoint/state.pt"):
+        plot.checkpoint_q_values(tmp_path)
