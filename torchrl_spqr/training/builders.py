@@ -6,13 +6,14 @@ attribute access) and returns a stock TorchRL piece.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
-from torchrl.collectors import Collector
+from torchrl.collectors import BaseCollector, Collector, MultiAsyncCollector, MultiSyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs import Compose, DoubleToFloat, GymEnv, RewardSum, StepCounter, TransformedEnv
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
@@ -33,7 +34,10 @@ __all__ = [
     "make_loss_module",
     "make_optimizers",
     "make_replay_buffer",
+    "COLLECTOR_BACKENDS",
     "make_collector",
+    "make_worker_environment",
+    "shutdown_collector",
     "make_target_updater",
     "make_agent",
 ]
@@ -45,6 +49,15 @@ ALGORITHMS = {
     "redq": REDQLoss,
     "edac": EDACLoss,
     "cql": CQLNLoss,
+}
+
+
+#: ``collector.backend`` values and the TorchRL engine behind each.
+COLLECTOR_BACKENDS = {
+    "single": "torchrl.collectors.Collector (in the training process)",
+    "multi_sync": "torchrl.collectors.MultiSyncCollector (worker processes, batches gathered from all)",
+    "multi_async": "torchrl.collectors.MultiAsyncCollector (worker processes, first batch ready)",
+    "ray": "torchrl.collectors.distributed.RayCollector (Ray actors, local or on a cluster)",
 }
 
 
@@ -97,6 +110,7 @@ def validate_config(cfg, *, online: bool = True) -> None:
         total = int(_get(cfg, "collector.total_frames"))
         if total < 1:
             raise ConfigError(f"collector.total_frames={total} must be >= 1.")
+        _validate_collector(cfg, total)
     if not online:
         if not _get(cfg, "dataset.id"):
             raise ConfigError("dataset.id is empty: name a Minari or D4RL dataset id.")
@@ -110,6 +124,42 @@ def validate_config(cfg, *, online: bool = True) -> None:
         v = float(_get(cfg, field))
         if not (v > 0) or (field != "optim.lr" and v > 1):
             raise ConfigError(f"{field}={v} is out of range.")
+
+
+def _validate_collector(cfg, total: int) -> None:
+    backend = _get(cfg, "collector.backend", "single")
+    if backend not in COLLECTOR_BACKENDS:
+        raise ConfigError(
+            f"collector.backend={backend!r}: expected one of {sorted(COLLECTOR_BACKENDS)}."
+        )
+    fpb = int(_get(cfg, "collector.frames_per_batch", 1))
+    if fpb < 1:
+        raise ConfigError(f"collector.frames_per_batch={fpb} must be >= 1.")
+    if total % fpb:
+        raise ConfigError(
+            f"collector.total_frames={total} is not a multiple of collector.frames_per_batch={fpb}."
+        )
+    workers = int(_get(cfg, "collector.num_workers", 1))
+    if workers < 1:
+        raise ConfigError(f"collector.num_workers={workers} must be >= 1.")
+    if backend == "single" and workers != 1:
+        raise ConfigError(
+            f"collector.num_workers={workers} with collector.backend=single: choose "
+            "multi_sync, multi_async or ray for several workers."
+        )
+    synced = backend == "multi_sync" or (
+        backend == "ray" and bool(_get(cfg, "collector.ray.sync", True))
+    )
+    if synced and fpb % workers:
+        raise ConfigError(
+            f"collector.frames_per_batch={fpb} is not a multiple of collector.num_workers={workers}: "
+            f"a {backend} batch takes the same number of frames from every worker."
+        )
+    if backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("collector.backend=ray needs Ray: pip install 'torchrl-spqr[ray]'.")
 
 
 def get_device(name: str = "auto") -> torch.device:
@@ -268,15 +318,112 @@ def make_replay_buffer(cfg, run_dir=None) -> TensorDictReplayBuffer:
     return TensorDictReplayBuffer(storage=storage, batch_size=int(_get(cfg, "optim.batch_size")))
 
 
-def make_collector(cfg, env, actor, *, total_frames: int, init_random_frames: int) -> Collector:
-    return Collector(
-        env,
-        actor,
-        frames_per_batch=int(_get(cfg, "collector.frames_per_batch", 1)),
-        total_frames=total_frames,
-        init_random_frames=init_random_frames,
-        auto_register_policy_transforms=False,
+def make_worker_environment(cfg, seed: int, threads: int = 1) -> TransformedEnv:
+    """Environment factory run inside a collector worker (process or Ray actor).
+
+    Seeds the worker's torch / numpy generators (exploration noise and random
+    actions differ between workers) and limits it to ``threads`` threads.
+    """
+    import numpy as np
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    return make_environment(cfg, seed)
+
+
+def _plain_cfg(cfg) -> Any:
+    """A picklable plain-dict copy of an OmegaConf config (workers re-build their env from it)."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg
+
+
+def make_collector(
+    cfg, env, actor, *, total_frames: int, init_random_frames: int, seed: int = 0
+) -> BaseCollector:
+    """The TorchRL collector named by ``collector.backend`` (see :data:`COLLECTOR_BACKENDS`).
+
+    ``collector.frames_per_batch`` is the number of frames in each batch the
+    training loop receives, summed over workers (TorchRL's convention): with
+    ``multi_sync`` / synchronous ``ray`` each of the ``collector.num_workers``
+    workers contributes ``frames_per_batch / num_workers``; with ``multi_async``
+    / asynchronous ``ray`` each batch comes whole from one worker. ``single``
+    steps ``env`` in this process; the other backends build their own
+    environments in the workers from the config, worker ``i`` seeded with
+    ``seed + i``, and need ``update_policy_weights_()`` after each policy update
+    (the online loop does it).
+    """
+    backend = _get(cfg, "collector.backend", "single")
+    common = {
+        "frames_per_batch": int(_get(cfg, "collector.frames_per_batch", 1)),
+        "total_frames": total_frames,
+        "init_random_frames": init_random_frames,
+    }
+    if backend == "single":
+        return Collector(env, actor, **common, auto_register_policy_transforms=False)
+    workers = int(_get(cfg, "collector.num_workers", 1))
+    plain = _plain_cfg(cfg)
+    env_fns = [
+        functools.partial(make_worker_environment, plain, seed + i, 1) for i in range(workers)
+    ]
+    if backend in ("multi_sync", "multi_async"):
+        cls = MultiSyncCollector if backend == "multi_sync" else MultiAsyncCollector
+        return cls(
+            env_fns,
+            actor,
+            **common,
+            num_threads=int(_get(cfg, "threads", 1)),  # the learner's share; workers get 1
+            num_sub_threads=1,
+            auto_register_policy_transforms=False,
+        )
+    if backend == "ray":
+        from torchrl.collectors.distributed import RayCollector
+
+        address = _get(cfg, "collector.ray.address")
+        init: dict[str, Any] = {
+            "address": None if address in (None, "", "local") else str(address),
+            "include_dashboard": False,
+            "log_to_driver": bool(_get(cfg, "collector.ray.log_to_driver", False)),
+        }
+        num_cpus = _get(cfg, "collector.ray.num_cpus")
+        if init["address"] is None and num_cpus is not None:
+            init["num_cpus"] = int(num_cpus)  # size of a local Ray instance
+        collector = RayCollector(
+            env_fns,
+            actor,
+            **common,
+            sync=bool(_get(cfg, "collector.ray.sync", True)),
+            ray_init_config=init,
+            remote_configs={"num_cpus": float(_get(cfg, "collector.ray.cpus_per_worker", 1))},
+            collector_kwargs={"auto_register_policy_transforms": False},
+        )
+        try:  # connect the weight channel (and send the initial weights) before collecting
+            collector.update_policy_weights_()
+        except BaseException:
+            shutdown_collector(collector)
+            raise
+        return collector
+    raise ConfigError(
+        f"collector.backend={backend!r}: expected one of {sorted(COLLECTOR_BACKENDS)}."
     )
+
+
+def shutdown_collector(collector: BaseCollector | None) -> None:
+    """Stop a collector's workers (processes or Ray actors); safe to call twice or on error."""
+    if collector is None:
+        return
+    try:
+        collector.shutdown()
+    except Exception as err:  # never mask the error that brought us here
+        import warnings
+
+        warnings.warn(f"collector shutdown failed: {err!r}", RuntimeWarning, stacklevel=2)
 
 
 def make_agent(cfg, env, device: torch.device | str = "cpu"):

@@ -1,10 +1,14 @@
 """The online training loop shared by ``sota_scripts/sac_ens_spqr`` and ``sota_scripts/redq_spqr``.
 
-Collect one step (``collector.frames_per_batch``), store it, run
-``optim.utd_ratio`` gradient updates per collected frame, evaluate the
+Collect a batch of ``collector.frames_per_batch`` frames (one step by default;
+from several worker processes or Ray actors with ``collector.backend``
+``multi_sync`` / ``multi_async`` / ``ray``), store it, run ``optim.utd_ratio``
+gradient updates per collected frame once ``collector.init_random_frames``
+frames are stored, push the new policy weights to the workers, evaluate the
 deterministic policy every ``logger.eval_interval`` frames, log training and
 SPQR metrics every ``logger.log_interval`` frames, checkpoint every
-``checkpoint.interval`` frames and at exit (Ctrl-C included).
+``checkpoint.interval`` frames and at exit (Ctrl-C included). The collector's
+workers are shut down on every exit path.
 
 ``resume=true`` restores the networks, optimisers, temperature, replay buffer,
 RNG states and counters from the run folder's checkpoint, truncates the logs
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchrl.collectors import Collector
 
 from torchrl_spqr.training import builders as B
 from torchrl_spqr.training.checkpoint import restore_rng  # noqa: F401  (re-exported for tests)
@@ -68,6 +73,7 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
     recent_returns: list[float] = []
     t_upd, n_upd, t_start_window, f_window = 0.0, 0, time.perf_counter(), 0
     last_out = None
+    collector = None
     try:
         if remaining > 0:
             collector = B.make_collector(
@@ -76,10 +82,12 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                 actor,
                 total_frames=remaining,
                 init_random_frames=max(0, init_random - st["frames"]),
+                seed=seed,
             )
-            t_prev = time.perf_counter()
+            remote_policy = type(collector) is not Collector  # workers hold a copy
+            t_prev = t_start_window = time.perf_counter()  # worker start-up is not fps
             for data in collector:
-                data = data.reshape(-1)
+                data = data.reshape(-1)  # (workers, steps) -> frames
                 buffer.extend(data)
                 n = data.numel()
                 st["frames"] += n
@@ -94,6 +102,8 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                     for _ in range(utd * n):
                         last_out = _update(loss_fn, buffer, optims, updater, device)
                         st["updates"] += 1
+                    if remote_policy:
+                        collector.update_policy_weights_()
                     t_upd += time.perf_counter() - t0
                     n_upd += utd * n
                 now = time.perf_counter()
@@ -124,8 +134,10 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                     pbar.set_postfix(
                         ret=st["last_eval"], ups=f"{(n_upd / t_upd) if t_upd else 0:.1f}"
                     )
-            collector.shutdown()
-    finally:  # Ctrl-C or an error: keep what was logged and checkpoint the state
+                if st["frames"] >= total:  # asynchronous workers may still be running
+                    break
+    finally:  # Ctrl-C or an error: stop the workers, keep what was logged, checkpoint
+        B.shutdown_collector(collector)
         if pbar is not None:
             pbar.close()
         run.close()

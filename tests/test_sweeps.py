@@ -1,0 +1,138 @@
+"""Hydra multirun sweeps: every script sweeps into one run folder per job, the launcher
+presets (``hydra/launcher=local``: joblib processes; ``slurm``: submitit) compose, and a
+2-process joblib sweep runs end to end."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("hydra")
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["sac_ens_spqr", "redq_spqr", "sac_n_spqr", "edac_spqr", "cql_spqr"]
+ONLINE_TINY = [
+    "env=pendulum",
+    "collector.total_frames=40",
+    "collector.init_random_frames=20",
+    "optim.batch_size=8",
+    "replay_buffer.size=100",
+    "network.hidden_sizes=[8]",
+    "network.ensemble_size=3",
+    "logger.log_interval=20",
+    "logger.eval_interval=40",
+    "logger.eval_episodes=1",
+    "logger.progress=false",
+]
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+needs = {
+    "joblib": pytest.mark.skipif(
+        importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
+        reason="sweeps extra (hydra-joblib-launcher) not installed",
+    ),
+    "submitit": pytest.mark.skipif(
+        importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+        reason="sweeps extra (hydra-submitit-launcher) not installed",
+    ),
+}
+
+
+def _compose(script: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "sota_scripts" / script), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_sweeps_into_one_folder_per_job(script):
+    """Jobs that differ in seed or beta get different run folders under one sweep folder."""
+    subdirs = set()
+    for seed in (0, 1, 2):
+        for beta in (0, 1):
+            cfg = _compose(script, f"seed={seed}", f"spqr.beta={beta}")
+            sub = OmegaConf.select(cfg, "hydra.sweep.subdir")
+            assert f"seed{seed}" in sub and f"beta{beta}" in sub
+            subdirs.add(sub)
+            assert "multirun" in OmegaConf.select(cfg, "hydra.sweep.dir")
+    assert len(subdirs) == 6
+
+
+@needs["joblib"]
+@needs["submitit"]
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launcher_presets_compose(script):
+    local = _compose(script, "hydra/launcher=local").hydra.launcher
+    assert local._target_.endswith("JoblibLauncher")
+    assert local.backend == "loky" and local.n_jobs == -1
+    cfg = _compose(script, "hydra/launcher=slurm", "hydra.launcher.partition=cpu")
+    slurm = cfg.hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert slurm.partition == "cpu" and slurm.cpus_per_task >= 1 and slurm.max_num_timeout > 0
+    # submitit's job logs sit next to the run folders of the sweep
+    assert slurm.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"
+
+
+def _run_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        str(ROOT / "sota_scripts/sac_ens_spqr/sac_ens_spqr.py"),
+        "-m",
+        *ONLINE_TINY,
+        f"hydra.sweep.dir={tmp_path}",
+        *overrides,
+    ]
+    env = {**os.environ, "RL_WARNINGS": "False"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@needs["joblib"]
+def test_joblib_sweep_two_processes(tmp_path):
+    """3 seeds would be the same: 2 seeds x 2 arms, 2 jobs at a time, one folder each."""
+    sweep = tmp_path / "sweep"
+    _run_sweep(
+        sweep, "hydra/launcher=local", "hydra.launcher.n_jobs=2", "seed=0,1", "spqr.beta=0,1"
+    )
+    runs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
+    assert [r.name for r in runs] == [f"beta{b}_N3_seed{s}" for b in (0, 1) for s in (0, 1)]
+    assert (sweep / "multirun.yaml").exists()
+    finals = {}
+    for run in runs:
+        beta, seed = int(run.name[4]), int(run.name[-1])
+        job = OmegaConf.load(run / ".hydra/config.yaml")
+        assert (job.seed, job.spqr.beta) == (seed, beta)
+        launcher = OmegaConf.load(run / ".hydra/hydra.yaml").hydra.launcher
+        assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
+        rows = _rows(run)
+        assert [int(r["frames"]) for r in rows] == [20, 40]
+        assert int(rows[-1]["updates"]) == 40 - 20 + 1
+        assert float(rows[-1]["spqr_beta"]) == beta
+        assert (run / "checkpoint/state.pt").exists()
+        finals[run.name] = rows[-1]["loss_qvalue"]
+    # different seeds: different data and networks
+    assert finals["beta0_N3_seed0"] != finals["beta0_N3_seed1"]
+
+
+@needs["submitit"]
+@pytest.mark.slow
+def test_submitit_local_sweep(tmp_path):
+    """Hydra's submitit launcher (the SLURM preset's engine) with its local executor."""
+    sweep = tmp_path / "sweep"
+    _run_sweep(sweep, "hydra/launcher=submitit_local", "seed=3")
+    rows = _rows(sweep / "beta1.0_N3_seed3")
+    assert [int(r["frames"]) for r in rows] == [20, 40]
+    assert list((sweep / ".submitit").rglob("*_result.pkl"))
