@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
 from torchrl.data import Bounded
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
+
+from torchrl_spqr.functional import spqr_kl
 
 OBS, ACT = 11, 3
 
@@ -40,3 +44,88 @@ def make_batch(b: int) -> TensorDict:
         },
         [b],
     )
+
+
+class LoopEnsemble:
+    """The original REDQ / SPQR code style: N critic modules, N Adam optimisers, Python loops.
+
+    Target: min over ``m`` sub-sampled target critics (``m = N``: SAC-N); policy
+    and temperature update every ``g`` critic updates with the ``actor_reduce``
+    ("mean": REDQ, "min": SAC-N) of the N Q-values; ``spqr_beta > 0`` adds the
+    SPQR KL on the online critics at ``(s', a' ~ pi)``. ``optim(params)`` builds
+    each optimiser (default Adam, lr 3e-4).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        m: int,
+        g: int,
+        hidden: int,
+        actor_reduce: str,
+        spqr_beta: float = 0.0,
+        optim=None,
+    ) -> None:
+        optim = optim or (lambda params: torch.optim.Adam(params, lr=3e-4))
+        self.n, self.m, self.g = n, m, g
+        self.actor_reduce, self.spqr_beta = actor_reduce, spqr_beta
+        self.q = [
+            MLP(in_features=OBS + ACT, out_features=1, num_cells=[hidden, hidden]) for _ in range(n)
+        ]
+        self.q_targ = [copy.deepcopy(q).requires_grad_(False) for q in self.q]
+        self.q_opt = [optim(q.parameters()) for q in self.q]
+        self.actor = make_actor(hidden)
+        self.pi_opt = optim(self.actor.parameters())
+        self.log_alpha = torch.zeros((), requires_grad=True)
+        self.a_opt = optim([self.log_alpha])
+        self.i = 0
+
+    def _sample(self, obs):
+        dist = self.actor.get_dist(TensorDict({"observation": obs}, obs.shape[:-1]))
+        a = dist.rsample()
+        return a, dist.log_prob(a)
+
+    def step(self, batch):
+        s, a, r = batch["observation"], batch["action"], batch["next", "reward"]
+        s2, term = batch["next", "observation"], batch["next", "terminated"].float()
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            a2, lp2 = self._sample(s2)
+            idx = torch.randperm(self.n)[: self.m] if self.m < self.n else range(self.n)
+            sa2 = torch.cat([s2, a2], -1)
+            q_next = torch.cat([self.q_targ[int(k)](sa2) for k in idx], 1)
+            y = r + 0.99 * (1 - term) * (
+                q_next.min(1, keepdim=True).values - alpha * lp2.unsqueeze(-1)
+            )
+        sa = torch.cat([s, a], -1)
+        pred = torch.cat([q(sa) for q in self.q], 1)
+        q_loss = ((pred - y) ** 2).mean() * self.n
+        if self.spqr_beta > 0:
+            q_spqr = torch.stack([q(sa2) for q in self.q])  # [N, B, 1]
+            q_loss = q_loss + self.spqr_beta * spqr_kl(q_spqr)
+        for o in self.q_opt:
+            o.zero_grad(set_to_none=True)
+        q_loss.backward()
+        if (self.i + 1) % self.g == 0:
+            for q in self.q:
+                q.requires_grad_(False)
+            a_pi, lp = self._sample(s)
+            q_all = torch.cat([q(torch.cat([s, a_pi], -1)) for q in self.q], 1)
+            q_pi = q_all.mean(1) if self.actor_reduce == "mean" else q_all.min(1).values
+            pi_loss = (alpha * lp - q_pi).mean()
+            self.pi_opt.zero_grad(set_to_none=True)
+            pi_loss.backward()
+            self.pi_opt.step()
+            for q in self.q:
+                q.requires_grad_(True)
+            a_loss = -(self.log_alpha * (lp.detach() - 1.0)).mean()
+            self.a_opt.zero_grad(set_to_none=True)
+            a_loss.backward()
+            self.a_opt.step()
+        for o in self.q_opt:
+            o.step()
+        with torch.no_grad():
+            for q, qt in zip(self.q, self.q_targ):
+                for p, pt in zip(q.parameters(), qt.parameters()):
+                    pt.mul_(0.995).add_(p, alpha=0.005)
+        self.i += 1

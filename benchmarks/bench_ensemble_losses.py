@@ -19,15 +19,12 @@ ratio of median times. Hopper sizes (obs 11, act 3), 256x256 networks, batch
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 import warnings
 
 import torch
-from _common import ACT, OBS, make_actor, make_batch
-from tensordict import TensorDict
-from torchrl.modules import MLP
+from _common import ACT, OBS, LoopEnsemble, make_actor, make_batch
 from torchrl.objectives import CQLLoss, SACLoss, SoftUpdate
 from torchrl.objectives import REDQLoss as TorchRLREDQLoss
 
@@ -53,71 +50,6 @@ def loss_step(loss, updater, opt):
     return step
 
 
-# ------------------------------------------------------------- REDQ styles
-class LoopREDQ:
-    """The original REDQ / SPQR code style: N critic modules, N Adam optimisers, Python loops."""
-
-    def __init__(self, n: int, m: int, g: int, hidden: int) -> None:
-        self.n, self.m, self.g = n, m, g
-        self.q = [
-            MLP(in_features=OBS + ACT, out_features=1, num_cells=[hidden, hidden]) for _ in range(n)
-        ]
-        self.q_targ = [copy.deepcopy(q).requires_grad_(False) for q in self.q]
-        self.q_opt = [adam(q.parameters()) for q in self.q]
-        self.actor = make_actor(hidden)
-        self.pi_opt = adam(self.actor.parameters())
-        self.log_alpha = torch.zeros((), requires_grad=True)
-        self.a_opt = adam([self.log_alpha])
-        self.i = 0
-
-    def _sample(self, obs):
-        dist = self.actor.get_dist(TensorDict({"observation": obs}, obs.shape[:-1]))
-        a = dist.rsample()
-        return a, dist.log_prob(a)
-
-    def step(self, batch):
-        s, a, r = batch["observation"], batch["action"], batch["next", "reward"]
-        s2, term = batch["next", "observation"], batch["next", "terminated"].float()
-        alpha = self.log_alpha.exp().detach()
-        with torch.no_grad():
-            a2, lp2 = self._sample(s2)
-            idx = torch.randperm(self.n)[: self.m]
-            sa2 = torch.cat([s2, a2], -1)
-            q_next = torch.cat([self.q_targ[int(k)](sa2) for k in idx], 1)
-            y = r + 0.99 * (1 - term) * (
-                q_next.min(1, keepdim=True).values - alpha * lp2.unsqueeze(-1)
-            )
-        sa = torch.cat([s, a], -1)
-        pred = torch.cat([q(sa) for q in self.q], 1)
-        q_loss = ((pred - y) ** 2).mean() * self.n
-        for o in self.q_opt:
-            o.zero_grad(set_to_none=True)
-        q_loss.backward()
-        if (self.i + 1) % self.g == 0:
-            for q in self.q:
-                q.requires_grad_(False)
-            a_pi, lp = self._sample(s)
-            sa_pi = torch.cat([s, a_pi], -1)
-            q_pi = torch.cat([q(sa_pi) for q in self.q], 1).mean(1)
-            pi_loss = (alpha * lp - q_pi).mean()
-            self.pi_opt.zero_grad(set_to_none=True)
-            pi_loss.backward()
-            self.pi_opt.step()
-            for q in self.q:
-                q.requires_grad_(True)
-            a_loss = -(self.log_alpha * (lp.detach() - 1.0)).mean()
-            self.a_opt.zero_grad(set_to_none=True)
-            a_loss.backward()
-            self.a_opt.step()
-        for o in self.q_opt:
-            o.step()
-        with torch.no_grad():
-            for q, qt in zip(self.q, self.q_targ):
-                for p, pt in zip(q.parameters(), qt.parameters()):
-                    pt.mul_(0.995).add_(p, alpha=0.005)
-        self.i += 1
-
-
 def redq_variants(args):
     n, m, g, h = args.n or 10, 2, args.utd, args.hidden
 
@@ -140,7 +72,7 @@ def redq_variants(args):
 
     def loop_redq():
         torch.manual_seed(0)
-        return LoopREDQ(n, m, g, h).step
+        return LoopEnsemble(n, m, g, h, "mean", optim=adam).step
 
     return {
         "(a) TorchRL REDQLoss x G": torchrl_redq(),
