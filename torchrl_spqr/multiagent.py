@@ -59,7 +59,7 @@ from torchrl.objectives import SACLoss, SoftUpdate, ValueEstimators
 
 from torchrl_spqr.ensemble import QEnsemble
 from torchrl_spqr.loss import SPQRLoss
-from torchrl_spqr.training.builders import ConfigError, _get, get_device
+from torchrl_spqr.training.builders import ConfigError, _get, get_device, make_spqr_loss
 from torchrl_spqr.training.common import (
     RunContext,
     _plot,
@@ -373,15 +373,7 @@ def make_loss_module(cfg, actor, critics: QEnsemble, env) -> tuple[SPQRLoss, SAC
     # SACLoss registers its target-entropy buffer lazily (at the first forward): create it
     # now, so that a fresh loss loads a trained loss's state dict (resume).
     _ = base.target_entropy
-    loss = SPQRLoss(
-        base,
-        beta=float(_get(cfg, "spqr.beta", 0.0)),
-        pairs=str(_get(cfg, "spqr.pairs", "next_policy")),
-        filling=str(_get(cfg, "spqr.filling", "ordered")),
-        density=str(_get(cfg, "spqr.density", "paper")),
-        diagnostics_interval=int(_get(cfg, "spqr.diagnostics_interval", 1)),
-    )
-    return loss, base
+    return make_spqr_loss(cfg, base), base
 
 
 def make_optimizers(cfg, base: SACLoss) -> dict[str, torch.optim.Optimizer]:

@@ -266,7 +266,12 @@ def make_loss_module(cfg, actor, critics, action_spec=None) -> tuple[SPQRLoss | 
     base = cls(actor, critics, **kwargs)
     if int(_get(cfg, "network.ensemble_size")) < 3:
         return base, base
-    loss = SPQRLoss(
+    return make_spqr_loss(cfg, base), base
+
+
+def make_spqr_loss(cfg, base) -> SPQRLoss:
+    """``SPQRLoss`` around ``base`` with the config's ``spqr.*`` settings."""
+    return SPQRLoss(
         base,
         beta=float(_get(cfg, "spqr.beta", 0.0)),
         pairs=str(_get(cfg, "spqr.pairs", "next_policy")),
@@ -274,7 +279,6 @@ def make_loss_module(cfg, actor, critics, action_spec=None) -> tuple[SPQRLoss | 
         density=str(_get(cfg, "spqr.density", "paper")),
         diagnostics_interval=int(_get(cfg, "spqr.diagnostics_interval", 1)),
     )
-    return loss, base
 
 
 def make_optimizers(cfg, base) -> dict[str, torch.optim.Optimizer]:
