@@ -46,6 +46,20 @@ def make_batch(b: int) -> TensorDict:
     )
 
 
+def loss_step(loss, updater, opt):
+    """One update of a TorchRL loss: sum the ``loss_*`` entries, backward, step, soft update."""
+
+    def step(batch):
+        out = loss(batch)
+        total = sum(v for k, v in out.items() if k.startswith("loss_"))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        updater.step()
+
+    return step
+
+
 class LoopEnsemble:
     """The original REDQ / SPQR code style: N critic modules, N Adam optimisers, Python loops.
 

@@ -24,7 +24,7 @@ import time
 import warnings
 
 import torch
-from _common import ACT, OBS, LoopEnsemble, make_actor, make_batch
+from _common import ACT, OBS, LoopEnsemble, loss_step, make_actor, make_batch
 from torchrl.objectives import CQLLoss, SACLoss, SoftUpdate
 from torchrl.objectives import REDQLoss as TorchRLREDQLoss
 
@@ -36,18 +36,6 @@ FUSED_ADAM = False  # --fused-adam: torch's fused CPU/GPU Adam kernel for every 
 
 def adam(params, lr: float = 3e-4) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=FUSED_ADAM or None)
-
-
-def loss_step(loss, updater, opt):
-    def step(batch):
-        out = loss(batch)
-        total = sum(v for k, v in out.items() if k.startswith("loss_"))
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        updater.step()
-
-    return step
 
 
 def redq_variants(args):

@@ -31,24 +31,12 @@ import time
 import warnings
 
 import torch
-from _common import ACT, OBS, LoopEnsemble, make_actor, make_batch
+from _common import ACT, OBS, LoopEnsemble, loss_step, make_actor, make_batch
 from torchrl.objectives import REDQLoss as TorchRLREDQLoss
 from torchrl.objectives import SACLoss, SoftUpdate
 
 from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
 from torchrl_spqr.objectives import REDQLoss, SACNLoss
-
-
-def loss_step(loss, updater, opt):
-    def step(batch):
-        out = loss(batch)
-        total = sum(v for k, v in out.items() if k.startswith("loss_"))
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        updater.step()
-
-    return step
 
 
 def _wrap(inner, spqr: bool):
