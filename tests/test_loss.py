@@ -554,6 +554,19 @@ class TestStateAndDevice:
             assert torch.equal(o_src.get(key), o_dst.get(key)), key
         assert not torch.equal(o_src["loss_qvalue"], before["loss_qvalue"])
 
+    @pytest.mark.parametrize("name", ("sac", "redq"))
+    def test_fresh_wrapper_loads_trained_state(self, name):
+        """The base's lazily registered ``target_entropy`` must not break a resume: a fresh,
+        never-run SPQRLoss loads (strict) the state of one that has trained."""
+        src = SPQRLoss(make_base(name, seed=1), beta=1.0)
+        src(make_batch(B))
+        state = src.state_dict()
+        assert any(k.endswith("target_entropy") or "target_entropy" in k for k in state)
+        dst = SPQRLoss(make_base(name, seed=2), beta=1.0)
+        dst.load_state_dict(state)  # strict: raised "Unexpected key(s) ... target_entropy"
+        for k, v in state.items():
+            torch.testing.assert_close(dst.state_dict()[k], v, msg=k)
+
     @pytest.mark.parametrize("pairs", ("data", "next_policy"))
     def test_to_and_double(self, pairs):
         loss = SPQRLoss(make_base("sac"), beta=1.0, pairs=pairs)

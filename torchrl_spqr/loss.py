@@ -618,6 +618,40 @@ class SPQRLoss(LossModule):
             self.step_count += 1
         return td_out
 
+    # TorchRL losses register some buffers lazily (``SACLoss``/``REDQLoss``/``CrossQLoss``'s
+    # ``target_entropy`` and the default value estimator's ``gamma`` at the first forward);
+    # ``SACLoss.load_state_dict`` materialises ``target_entropy`` first,
+    # but a wrapper's ``load_state_dict`` reaches the base through ``_load_from_state_dict``,
+    # so a fresh ``SPQRLoss`` could not load a trained one's state. Do the same here.
+    _LAZY_BASE_ATTRS = ("target_entropy",)
+
+    def _materialise_lazy_buffers(self) -> None:
+        for attr in self._LAZY_BASE_ATTRS:
+            if isinstance(getattr(type(self.loss_module), attr, None), property):
+                try:
+                    getattr(self.loss_module, attr)
+                except (RuntimeError, ValueError, AttributeError):
+                    # e.g. target_entropy="auto" without an action spec: the base raises its
+                    # own clear error at its first forward; the state dict then reports the key.
+                    pass
+
+    def state_dict(self, *args, **kwargs):
+        self._materialise_lazy_buffers()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._materialise_lazy_buffers()
+        base = self.loss_module
+        if (
+            base is not None
+            and getattr(base, "_value_estimator", 0) is None
+            and any(k.startswith("loss_module._value_estimator.") for k in state_dict)
+        ):
+            # the trained loss built its default value estimator at its first forward (its
+            # gamma is a buffer); build the same default here so that the state can land
+            base.value_estimator  # noqa: B018
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _apply(self, fn):
         out = super()._apply(fn)
         # tensordict caches ``detach()`` of (locked) TensorDictParams and does not erase
