@@ -628,12 +628,10 @@ class SPQRLoss(LossModule):
     def _materialise_lazy_buffers(self) -> None:
         for attr in self._LAZY_BASE_ATTRS:
             if isinstance(getattr(type(self.loss_module), attr, None), property):
-                try:
+                # target_entropy="auto" without an action spec raises: the base raises the
+                # same clear error at its first forward, and the state dict reports the key.
+                with contextlib.suppress(RuntimeError, ValueError, AttributeError):
                     getattr(self.loss_module, attr)
-                except (RuntimeError, ValueError, AttributeError):
-                    # e.g. target_entropy="auto" without an action spec: the base raises its
-                    # own clear error at its first forward; the state dict then reports the key.
-                    pass
 
     def state_dict(self, *args, **kwargs):
         self._materialise_lazy_buffers()
