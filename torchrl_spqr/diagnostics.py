@@ -168,6 +168,14 @@ def residual_correlation(q: Tensor) -> dict[str, Tensor]:
     Note: residuals sum to zero over members, so independent members have a
     mean pairwise correlation of ``-1 / (N - 1)``, not 0, and the non-zero
     eigenvalues of the correlation matrix are inflated by ``N / (N - 1)``, which ``mp_ratio`` undoes.
+
+    What it cannot see: a component *common to all members* (every critic off by the
+    same amount at a pair, e.g. an error inherited from a shared bootstrapped target)
+    cancels in the residuals, so it leaves every number here, like every spectral
+    statistic of the centred matrices, at its independent level. It detects
+    structure *among* members (clusters, a subset sharing an error pattern across
+    the batch), not the ensemble's shared bias; measuring that needs the true values
+    (``experiments/spectral_vs_direct.py``).
     """
     q = check_ensemble_values(q).detach()
     n = q.shape[0]
