@@ -137,6 +137,29 @@ def test_summary_numbers_match_a_hand_computation(sweep):
     assert b["seeds"] == 2 and b["final_mean"] == pytest.approx(80.0)
 
 
+def test_diagnostics_table_matches_a_hand_computation(sweep):
+    groups = plot.group_runs([sweep])
+    rows = {r["group"]: r for r in plot.diagnostics_rows(groups)}
+    a = rows["beta1.0_N10"]
+    # seed k logs spqr_kl = 0.6 + 0.01 k at every training row: run means 0.60, 0.61, 0.62
+    assert a["spqr_kl"] == pytest.approx([0.60, 0.61, 0.62])
+    assert a["spqr_kl_mean"] == pytest.approx(0.61) and a["spqr_kl_sd"] == pytest.approx(0.01)
+    assert a["spqr_accept_rate_mean"] == pytest.approx(0.95) and "spqr_spike" not in a
+    table = plot.diagnostics_table(groups)
+    line = next(ln for ln in table.splitlines() if ln.startswith("| beta1.0_N10 "))
+    assert "| 3 | 0.6100 +- 0.0100 | 0.9500 +- 0.0000 |" in line
+    assert "spike" not in table.splitlines()[0]  # no run logged it: no column
+    # the last third of the rows: one row per run, same values here
+    tail = {r["group"]: r for r in plot.diagnostics_rows(groups, last_fraction=1 / 3)}
+    assert tail["beta1.0_N10"]["spqr_kl"] == pytest.approx(a["spqr_kl"])
+    with pytest.raises(ValueError, match="last_fraction"):
+        plot.diagnostics_rows(groups, last_fraction=0.0)
+    per_seed = next(
+        ln for ln in plot.summary_table(groups).splitlines() if ln.startswith("| beta1.0_N10 ")
+    )
+    assert per_seed.endswith("| 100.0 / 100.0, 130.0 / 130.0, 160.0 / 200.0 |")
+
+
 def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     out = tmp_path / "figs"
     cmp = tmp_path / "cmp"
@@ -149,6 +172,7 @@ def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     assert (tmp_path / "cmp.png").exists() and (tmp_path / "cmp.svg").exists()  # legacy --compare
     summary = (out / "summary.md").read_text()
     assert "| beta1.0_N10 | 3 |" in summary and "| beta0.0_N10 | 2 |" in summary
+    assert "SPQR diagnostics during training" in summary and "0.6100 +- 0.0100" in summary
     printed = capsys.readouterr().out
     assert "learning_curves.svg" in printed and "| beta1.0_N10 | 3 |" in printed
     # default output folder: <sweep>/plots for a sweep, the run folder for one run

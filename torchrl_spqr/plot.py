@@ -18,7 +18,8 @@ parent>/plots``):
   seeds and a confidence band of that mean (95% Student-t interval by default,
   or a percentile bootstrap with ``--ci bootstrap``);
 - ``diagnostics.<fmt>``: the SPQR diagnostics logged during training, same grouping;
-- ``summary.md``: final and best evaluation per group, seeds counted;
+- ``summary.md``: final and best evaluation per group, seeds counted, and the SPQR
+  diagnostics per group (mean over training, then over seeds);
 - with ``--checkpoint``: ``spectrum_<run>.<fmt>`` (histogram of the normalised
   SPQR eigenvalues of the saved ensemble on a batch, against the semicircle and
   the paper / corrected target densities, and the spike statistic against its
@@ -61,6 +62,8 @@ __all__ = [
     "plot_diagnostics",
     "summary_rows",
     "summary_table",
+    "diagnostics_rows",
+    "diagnostics_table",
     "EnsembleBatch",
     "checkpoint_q_values",
     "plot_spectrum",
@@ -593,8 +596,8 @@ def summary_table(run_dirs_or_groups, key: str = "eval_return", level: float = 0
     pct = f"{100 * level:g}%"
     lines = [
         f"| group | seeds | at step | final {key} (mean +- sd) | final {pct} CI "
-        f"| best {key} (mean +- sd) | best {pct} CI |",
-        "|---|---|---|---|---|---|---|",
+        f"| best {key} (mean +- sd) | best {pct} CI | per seed: final / best |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def ci(r, name):
@@ -609,12 +612,83 @@ def summary_table(run_dirs_or_groups, key: str = "eval_return", level: float = 0
         lines.append(
             f"| {r['group']} | {r['seeds']} | {at} "
             f"| {r['final_mean']:.1f} +- {r['final_sd']:.1f} | {ci(r, 'final')} "
-            f"| {r['best_mean']:.1f} +- {r['best_sd']:.1f} | {ci(r, 'best')} |"
+            f"| {r['best_mean']:.1f} +- {r['best_sd']:.1f} | {ci(r, 'best')} "
+            f"| {', '.join(f'{f:.1f} / {b:.1f}' for f, b in zip(r['final'], r['best']))} |"
         )
     lines.append("")
     lines.append(
         f"sd: standard deviation over seeds (ddof 1); CI: {pct} Student-t interval of the mean "
-        "over seeds; final: last logged value of each run; best: maximum over each run."
+        "over seeds; final: last logged value of each run; best: maximum over each run; "
+        "per seed: in the order of the run folders."
+    )
+    return "\n".join(lines)
+
+
+#: Columns of :func:`diagnostics_table` (metric, header).
+SUMMARY_DIAGNOSTICS = (
+    ("spqr_kl", "SPQR KL"),
+    ("spqr_spike", "spike"),
+    ("spqr_accept_rate", "acceptance rate"),
+    ("spqr_mp_ratio", "MP ratio"),
+    ("spqr_ensemble_std", "ensemble std"),
+)
+
+
+def diagnostics_rows(
+    groups: dict[str, list[Path]],
+    keys=tuple(k for k, _ in SUMMARY_DIAGNOSTICS),
+    last_fraction: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Per group and metric: each run's mean over its logged rows, then mean and sd over seeds.
+
+    ``last_fraction`` keeps each run's last fraction of logged rows (by step), e.g. 0.5 for
+    the second half of training. A metric no run logged is left out of the group's row.
+    """
+    if not 0.0 < last_fraction <= 1.0:
+        raise ValueError(f"last_fraction must be in (0, 1], got {last_fraction}.")
+    out = []
+    for gname, runs in groups.items():
+        row: dict[str, Any] = {"group": gname, "seeds": len(runs)}
+        for key in keys:
+            per_run = []
+            for run in runs:
+                _, y = _series(read_metrics(run), key)
+                if y:
+                    y = y[len(y) - max(1, math.ceil(last_fraction * len(y))) :]
+                    per_run.append(float(np.mean(y)))
+            if per_run:
+                row[key] = per_run
+                row[f"{key}_mean"] = float(np.mean(per_run))
+                row[f"{key}_sd"] = statistics.stdev(per_run) if len(per_run) > 1 else 0.0
+        if any(k in row for k in keys):
+            out.append(row)
+    return out
+
+
+def diagnostics_table(groups: dict[str, list[Path]], last_fraction: float = 1.0) -> str:
+    """Markdown table of the SPQR diagnostics per group (see :func:`diagnostics_rows`).
+
+    Reading it: independent members give an acceptance rate of about 0.95 and an MP
+    ratio of about 1; the KL's independent level depends on N (about 0.62 at N = 10),
+    so compare KL values only at equal N. Empty when no run logged diagnostics.
+    """
+    rows = diagnostics_rows(groups, last_fraction=last_fraction)
+    if not rows:
+        return ""
+    cols = [(k, h) for k, h in SUMMARY_DIAGNOSTICS if any(k in r for r in rows)]
+    lines = [
+        "| group | seeds | " + " | ".join(h for _, h in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        cells = [f"{r[f'{k}_mean']:.4f} +- {r[f'{k}_sd']:.4f}" if k in r else "-" for k, _ in cols]
+        lines.append(f"| {r['group']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    part = "all logged updates" if last_fraction == 1.0 else f"the last {last_fraction:g} of them"
+    lines.append("")
+    lines.append(
+        f"Each run's mean over {part} (each logged value is one training batch), then mean "
+        "+- sd over seeds. Independent members: acceptance about 0.95, MP ratio about 1; "
+        "compare the KL only at equal N."
     )
     return "\n".join(lines)
 
@@ -1158,6 +1232,9 @@ def main(argv: list[str] | None = None) -> None:
             method=args.ci,
         )  # fmt: skip
     table = summary_table(groups, args.key, args.level)
+    diag = diagnostics_table(groups)
+    if diag:
+        table += "\n\nSPQR diagnostics during training:\n\n" + diag
     (out / "summary.md").write_text(table + "\n")
     written.append(out / "summary.md")
     if args.checkpoint:
