@@ -39,8 +39,9 @@ CASES = [
 ]
 
 RECORDER = """#!/usr/bin/env bash
-# records its arguments (one per line, a blank line after each call) and does nothing
-{ printf '%s\\n' "$@"; echo; } >> "$RECORD"
+# records its arguments, one per line, in a file of its own (the scripts start their
+# arms concurrently: a shared file would interleave them), and does nothing
+printf '%s\\n' "$@" > "$(mktemp "$RECORD/call.XXXXXXXX")"
 """
 
 
@@ -50,7 +51,8 @@ def _captured(tmp_path: Path, script: str, args: list[str], env: dict[str, str])
     shim = bin_dir / "python"
     shim.write_text(RECORDER)
     shim.chmod(0o755)
-    record = tmp_path / "calls.txt"
+    record = tmp_path / "calls"
+    record.mkdir()
     run_env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -69,7 +71,7 @@ def _captured(tmp_path: Path, script: str, args: list[str], env: dict[str, str])
         timeout=60,
     )
     assert res.returncode == 0, res.stderr
-    calls = [c.split("\n") for c in record.read_text().split("\n\n") if c.strip()]
+    calls = [f.read_text().rstrip("\n").split("\n") for f in sorted(record.iterdir())]
     return [c for c in calls if c and c[0] not in ("-m",)]  # dataset tool calls: not training
 
 
