@@ -26,16 +26,17 @@ from torchrl_spqr import plot  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 LEARNING = ROOT / "benchmarks" / "learning"
 
+OUT = "<out>"  # stands for a temporary output folder in the script's arguments
 # (script, positional arguments, extra environment)
 CASES = [
-    ("run_hopper_sac_ens.sh", ["1"], {}),
-    ("run_hopper_sac_ens.sh", ["2"], {"ENV": "Walker2d-v5"}),
-    ("run_redq.sh", ["2"], {}),
-    ("run_redq.sh", ["1"], {"ENV": "walker2d"}),
+    ("run_hopper_sac_ens.sh", ["1", OUT], {}),
+    ("run_hopper_sac_ens.sh", ["2", OUT], {"ENV": "Walker2d-v5"}),
+    ("run_redq.sh", ["2", OUT], {}),
+    ("run_redq.sh", ["1", OUT], {"ENV": "walker2d"}),
     ("run_offline_compare.sh", ["local_hopper_random", "1"], {}),
-    ("run_offline_compare.sh", ["local_hopper_medium_replay", "0", "500"], {}),
-    ("run_offline_hopper.sh", ["1", "600"], {}),
-    ("masac_balance/run.sh", ["1"], {}),
+    ("run_offline_compare.sh", ["local_hopper_medium_replay", "0", "500", OUT], {}),
+    ("run_offline_hopper.sh", ["1", "600", OUT], {}),
+    ("masac_balance/run.sh", ["1", OUT], {}),
 ]
 
 RECORDER = """#!/usr/bin/env bash
@@ -60,10 +61,9 @@ def _captured(tmp_path: Path, script: str, args: list[str], env: dict[str, str])
         "MINARI_DATASETS_PATH": str(tmp_path / "minari"),
         **env,
     }
+    argv = [str(tmp_path / "out") if a == OUT else a for a in args]
     res = subprocess.run(
-        ["bash", str(LEARNING / script), *args, str(tmp_path / "out")]
-        if script != "run_offline_compare.sh" or len(args) == 3
-        else ["bash", str(LEARNING / script), *args],
+        ["bash", str(LEARNING / script), *argv],
         cwd=ROOT,
         env=run_env,
         capture_output=True,
@@ -108,7 +108,7 @@ def test_learning_script_commands_are_valid(tmp_path, script, args, env):
             if "dataset" in cfg and cfg.dataset is not None:
                 ds = cfg.dataset.id
                 assert ds.startswith("local/hopper/"), ds  # datasets the package builds itself
-                if len(args) >= 3 and script == "run_offline_compare.sh":
+                if script == "run_offline_compare.sh" and len(args) >= 3:
                     assert int(cfg.optim.num_updates) == int(args[2])
         elif path == "examples/spqr_demo.py":
             ns = _demo_args(argv)
