@@ -356,12 +356,16 @@ def _mpl():
 
 
 def _save(fig, out: Path, formats) -> list[Path]:
+    """Write ``fig`` as ``out.<fmt>`` for each format and close it; ``[]`` when ``fig`` is None."""
+    if fig is None:
+        return []
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
         p = out.with_name(out.name + "." + fmt)
         fig.savefig(p, dpi=110)
         paths.append(p)
+    _mpl().close(fig)
     return paths
 
 
@@ -392,13 +396,7 @@ def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[P
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = []
-    for fmt in formats:
-        p = run_dir / f"learning_curve.{fmt}"
-        fig.savefig(p, dpi=110)
-        out.append(p)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "learning_curve", formats)
 
 
 def _group_rows(groups: dict[str, list[Path]]) -> dict[str, list[list[dict[str, float]]]]:
@@ -495,11 +493,7 @@ def plot_learning_curves(
         method=method,
         smooth=smooth,
     )
-    if fig is None:
-        return []
-    paths = _save(fig, Path(out), formats)
-    _mpl().close(fig)
-    return paths
+    return _save(fig, Path(out), formats)
 
 
 def plot_diagnostics(
@@ -521,11 +515,7 @@ def plot_diagnostics(
         method=method,
         smooth=smooth,
     )
-    if fig is None:
-        return []
-    paths = _save(fig, Path(out), formats)
-    _mpl().close(fig)
-    return paths
+    return _save(fig, Path(out), formats)
 
 
 def plot_groups(
@@ -544,12 +534,8 @@ def plot_groups(
     fig = _panels(
         rows, panels, title="comparison", level=level, method=method, smooth=1, ncols=len(keys)
     )
-    if fig is None:
-        return []
     out = Path(out)
-    paths = _save(fig, out.with_suffix("") if out.suffix in (".png", ".svg") else out, formats)
-    _mpl().close(fig)
-    return paths
+    return _save(fig, out.with_suffix("") if out.suffix in (".png", ".svg") else out, formats)
 
 
 # ------------------------------------------------------------------ summary
@@ -1078,9 +1064,7 @@ def plot_spectrum(batch: EnsembleBatch, out: str | Path, formats=("png",)) -> li
         f"states: {batch.source}",
         fontsize=10,
     )
-    paths = _save(fig, Path(out), formats)
-    plt.close(fig)
-    return paths
+    return _save(fig, Path(out), formats)
 
 
 def _corr(x: torch.Tensor) -> torch.Tensor:
@@ -1154,9 +1138,7 @@ def plot_member_correlation(batch: EnsembleBatch, out: str | Path, formats=("png
         f"{_pairs_text(batch.pairs)}\nstates: {batch.source}; {meta.get('env', '')}",
         fontsize=10,
     )
-    paths = _save(fig, Path(out), formats)
-    plt.close(fig)
-    return paths
+    return _save(fig, Path(out), formats)
 
 
 # ---------------------------------------------------------------------- CLI
