@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exp_common import base_parser, group_mean_std, pyplot, read_csv, run_tasks, write_csv  # noqa: E402
+from exp_common import base_parser, group_mean_std, pyplot, toy_sweep  # noqa: E402
 from toy_problems import TrainConfig, make_problem, train_ensemble  # noqa: E402
 
 BETAS = (0.0, 0.1, 1.0, 10.0, 100.0)
@@ -128,17 +128,7 @@ def main(argv=None) -> Path:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the CSV")
     args = p.parse_args(argv)
-    csv_path = args.out / "beta_sweep.csv"
-    if args.plot_only:
-        rows = read_csv(csv_path)
-    else:
-        rows = run_tasks(
-            run_one, make_tasks(args), args.jobs, cache=args.out / ".cache" / "toy_runs.jsonl"
-        )
-        write_csv(rows, csv_path)
-    plot(rows, args.out / "beta_sweep.png")
-    print(f"wrote {csv_path}")
-    return csv_path
+    return toy_sweep(args, "beta_sweep", run_one, [] if args.plot_only else make_tasks(args), plot)
 
 
 if __name__ == "__main__":

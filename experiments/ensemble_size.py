@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from beta_sweep import EVAL, STEPS, run_one  # noqa: E402
-from exp_common import base_parser, group_mean_std, pyplot, read_csv, run_tasks, write_csv  # noqa: E402
+from exp_common import base_parser, group_mean_std, pyplot, toy_sweep  # noqa: E402
 
 SIZES = (3, 6, 10, 21)
 
@@ -140,17 +140,9 @@ def main(argv=None) -> Path:
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 10.0])
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the CSV")
     args = p.parse_args(argv)
-    csv_path = args.out / "ensemble_size.csv"
-    if args.plot_only:
-        rows = read_csv(csv_path)
-    else:
-        rows = run_tasks(
-            run_one, make_tasks(args), args.jobs, cache=args.out / ".cache" / "toy_runs.jsonl"
-        )
-        write_csv(rows, csv_path)
-    plot(rows, args.out / "ensemble_size.png")
-    print(f"wrote {csv_path}")
-    return csv_path
+    return toy_sweep(
+        args, "ensemble_size", run_one, [] if args.plot_only else make_tasks(args), plot
+    )
 
 
 if __name__ == "__main__":

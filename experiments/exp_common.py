@@ -77,6 +77,28 @@ def run_tasks(
     return rows  # type: ignore[return-value]
 
 
+def toy_sweep(
+    args: argparse.Namespace,
+    name: str,
+    run_one: Callable[[dict], dict],
+    tasks: Sequence[dict],
+    plot: Callable[[list[dict], Path], object],
+) -> Path:
+    """Run (or, with ``--plot-only``, re-read) a toy sweep: ``<out>/<name>.csv`` and ``.png``.
+
+    Runs share the resumable cache ``<out>/.cache/toy_runs.jsonl`` across sweeps.
+    """
+    csv_path = args.out / f"{name}.csv"
+    if args.plot_only:
+        rows = read_csv(csv_path)
+    else:
+        rows = run_tasks(run_one, tasks, args.jobs, cache=args.out / ".cache" / "toy_runs.jsonl")
+        write_csv(rows, csv_path)
+    plot(rows, args.out / f"{name}.png")
+    print(f"wrote {csv_path}")
+    return csv_path
+
+
 def _indexed(args):
     fn, i, t = args
     return i, fn(t)

@@ -134,6 +134,12 @@ def test_toy_scripts_tiny(script, tmp_path):
     assert path.with_suffix(".png").stat().st_size > 10_000
     # a second call re-uses the cache and gives the same rows
     assert _rows(mod.main(args)) == rows
+    # --plot-only redraws the figure from the CSV without running anything
+    (tmp_path / ".cache" / "toy_runs.jsonl").unlink()
+    path.with_suffix(".png").unlink()
+    assert _rows(mod.main([*args, "--plot-only"])) == rows
+    assert path.with_suffix(".png").stat().st_size > 10_000
+    assert not (tmp_path / ".cache" / "toy_runs.jsonl").exists()
 
 
 def test_ensemble_size_hopper_tiny(tmp_path, monkeypatch):
