@@ -391,6 +391,22 @@ class _EnsembleLoss(LossModule):
         """Per-element sum over members of the squared error: ``[N, *batch] -> [*batch]``."""
         return (pred - target.unsqueeze(0)).pow(2).sum(0)
 
+    def _critic_regression(
+        self, tensordict: TensorDictBase, y: Tensor, next_in: TensorDictBase | None
+    ) -> dict[str, Tensor]:
+        """Every member regressed on the shared target ``y`` (summed squared error).
+
+        Writes the priority (largest member TD error) into ``tensordict`` and returns
+        ``loss_qvalue`` with the ``q_mean`` / ``target_value`` metadata.
+        """
+        td_sa = tensordict.select(*self.qvalue_network.in_keys, strict=False)
+        pred = self._online_pred(td_sa, next_in)
+        loss = self._mse_sum_members(pred, y)
+        tensordict.set(
+            self.tensor_keys.priority, (pred.detach() - y.unsqueeze(0)).abs().max(0).values
+        )
+        return {"loss_qvalue": self._reduce(loss), **_critic_metadata(pred, y)}
+
     def _finish(self, tensordict: TensorDictBase, out: dict[str, Tensor]) -> TensorDictBase:
         bs = tensordict.batch_size if self.reduction == "none" else torch.Size([])
         td_out = TensorDict(batch_size=bs)
@@ -453,13 +469,7 @@ class SACNLoss(_EnsembleLoss):
 
     def _critic_out(self, tensordict: TensorDictBase) -> dict[str, Tensor]:
         y, next_in = self._critic_target(tensordict)
-        td_sa = tensordict.select(*self.qvalue_network.in_keys, strict=False)
-        pred = self._online_pred(td_sa, next_in)
-        loss = self._mse_sum_members(pred, y)
-        tensordict.set(
-            self.tensor_keys.priority, (pred.detach() - y.unsqueeze(0)).abs().max(0).values
-        )
-        return {"loss_qvalue": self._reduce(loss), **_critic_metadata(pred, y)}
+        return self._critic_regression(tensordict, y, next_in)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self._check_batch(tensordict)
@@ -518,13 +528,7 @@ class REDQLoss(_EnsembleLoss):
             : self.sub_sample_len
         ]
         y, next_in = self._critic_target(tensordict, subset=subset)
-        td_sa = tensordict.select(*self.qvalue_network.in_keys, strict=False)
-        pred = self._online_pred(td_sa, next_in)
-        loss = self._mse_sum_members(pred, y)
-        tensordict.set(
-            self.tensor_keys.priority, (pred.detach() - y.unsqueeze(0)).abs().max(0).values
-        )
-        return {"loss_qvalue": self._reduce(loss), **_critic_metadata(pred, y)}
+        return self._critic_regression(tensordict, y, next_in)
 
     def actor_due(self) -> bool:
         """Whether the next training call updates the policy."""
