@@ -160,16 +160,56 @@ def test_diagnostics_table_matches_a_hand_computation(sweep):
     assert per_seed.endswith("| 100.0 / 100.0, 130.0 / 130.0, 160.0 / 200.0 |")
 
 
+def test_paired_effects_match_a_hand_computation(sweep):
+    groups = plot.group_runs([sweep])
+    assert plot.effect_pairs(groups) == [("N10", 1.0, "beta0.0_N10", "beta1.0_N10")]
+    (r,) = plot.paired_effects(groups)
+    assert r["seeds"] == [0, 1]  # seed 2 has no baseline run: left out
+    # final: 100 - 70 and 130 - 90; best is the same here (both arms peak at the end)
+    for name in ("final", "best"):
+        assert r[f"{name}_base"] == pytest.approx(80.0)
+        assert r[f"{name}_spqr"] == pytest.approx(115.0)
+        assert r[f"{name}_diff_mean"] == pytest.approx(35.0)
+        half = 12.706 * math.sqrt(50.0) / math.sqrt(2)  # t_{0.975,1} * sd / sqrt(2)
+        lo, hi = r[f"{name}_diff_ci"]
+        assert lo == pytest.approx(35.0 - half, rel=1e-3) and hi == pytest.approx(
+            35.0 + half, rel=1e-3
+        )
+        assert r[f"{name}_rel_mean"] == pytest.approx(100 * 35.0 / 80.0)
+        assert r[f"{name}_wins"] == 2
+    assert r["accept_base"] == pytest.approx(0.95) and r["accept_spqr"] == pytest.approx(0.95)
+    md = plot.effects_table([r])
+    assert "| N10 | 1 | 2 | 80.0 / 115.0 | +35.0 (+43.8%) [" in md
+
+
+def test_effect_pairs_need_arms_that_differ_only_by_beta(tmp_path):
+    for name in ("sac_beta0_N10", "sac_beta1_N10", "sac_beta1_N3", "redq_beta0.5_N10", "x_beta0"):
+        _write_run(tmp_path / f"{name}_seed0", [1.0, 2.0], 0)
+    for i, beta in enumerate((0, 10)):  # Hydra multirun folders: arms named by overrides
+        run = tmp_path / "multirun" / str(i)
+        _write_run(run, [1.0, 2.0], 0)
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "overrides.yaml").write_text(f"- seed=0\n- spqr.beta={beta}\n")
+    pairs = plot.effect_pairs(plot.group_runs([tmp_path]))
+    # N3 and redq have no beta-0 twin; multirun's arms differ only by spqr.beta
+    assert sorted(pairs) == [
+        ("multirun/spqr", 10.0, "multirun/spqr.beta=0", "multirun/spqr.beta=10"),
+        ("sac_N10", 1.0, "sac_beta0_N10", "sac_beta1_N10"),
+    ]
+
+
 def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     out = tmp_path / "figs"
     cmp = tmp_path / "cmp"
     argv = [str(sweep), "--format", "png", "svg", "--out", str(out), "--ci", "bootstrap"]
-    plot.main([*argv, "--compare", str(cmp)])
+    plot.main([*argv, "--compare", str(cmp), "--effects", str(tmp_path / "eff" / "effects")])
     for name in ("learning_curves", "diagnostics"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         svg = (out / f"{name}.svg").read_text()
         assert "<svg" in svg and "bootstrap" in svg  # the band's method is in the caption
     assert (tmp_path / "cmp.png").exists() and (tmp_path / "cmp.svg").exists()  # legacy --compare
+    assert (tmp_path / "eff" / "effects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| N10 | 1 | 2 |" in (tmp_path / "eff" / "effects.md").read_text()
     summary = (out / "summary.md").read_text()
     assert "| beta1.0_N10 | 3 |" in summary and "| beta0.0_N10 | 2 |" in summary
     assert "SPQR diagnostics during training" in summary and "0.6100 +- 0.0100" in summary

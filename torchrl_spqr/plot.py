@@ -4,6 +4,7 @@
     python -m torchrl_spqr.plot multirun/sac_ens/Hopper-v5/     # a whole sweep folder
     python -m torchrl_spqr.plot RUN_DIR --checkpoint            # + spectrum and member correlations
     python -m torchrl_spqr.plot SWEEP --format png svg --out figs --ci bootstrap
+    python -m torchrl_spqr.plot A/ B/ C/ --effects figs/effects  # SPQR vs beta=0, paired by seed
 
 Every path is either a run folder (it holds ``metrics.csv``) or a folder searched
 recursively for run folders (a Hydra multirun folder, ``benchmarks/learning/...``).
@@ -20,6 +21,10 @@ parent>/plots``):
 - ``diagnostics.<fmt>``: the SPQR diagnostics logged during training, same grouping;
 - ``summary.md``: final and best evaluation per group, seeds counted, and the SPQR
   diagnostics per group (mean over training, then over seeds);
+- with ``--effects OUT``: ``OUT.<fmt>`` and ``OUT.md``, SPQR's effect in every
+  comparison of an arm ``...beta<b>...`` (``b > 0``) with its twin ``...beta0...``:
+  final and best evaluation, SPQR minus baseline per seed (runs paired by seed),
+  mean and Student-t interval, and both arms' acceptance rates;
 - with ``--checkpoint``: ``spectrum_<run>.<fmt>`` (histogram of the normalised
   SPQR eigenvalues of the saved ensemble on a batch, against the semicircle and
   the paper / corrected target densities, and the spike statistic against its
@@ -64,6 +69,10 @@ __all__ = [
     "summary_table",
     "diagnostics_rows",
     "diagnostics_table",
+    "effect_pairs",
+    "paired_effects",
+    "effects_table",
+    "plot_effects",
     "EnsembleBatch",
     "checkpoint_q_values",
     "plot_spectrum",
@@ -679,6 +688,193 @@ def diagnostics_table(groups: dict[str, list[Path]], last_fraction: float = 1.0)
     return "\n".join(lines)
 
 
+# ------------------------------------------------------- SPQR effect, paired
+
+_BETA_RE = re.compile(r"(?<![A-Za-z])beta[=_\-]?(\d+(?:\.\d+)?(?:e[+\-]?\d+)?)(?=$|[_,/])")
+
+
+def _seed_of(run: Path) -> int | None:
+    m = re.search(r"seed[=_\-]?(\d+)", run.name, re.IGNORECASE)
+    return int(m.group(1)) if m else None
+
+
+def effect_pairs(groups: dict[str, list[Path]]) -> list[tuple[str, float, str, str]]:
+    """``(comparison, beta, baseline arm, SPQR arm)`` for every arm with ``beta > 0``.
+
+    The baseline is the arm whose name differs only by ``beta0`` (``beta_0``, ``beta=0``);
+    the comparison label is the arm name with the beta part removed.
+    """
+    out = []
+    for arm in groups:
+        m = _BETA_RE.search(arm)
+        if m is None or float(m.group(1)) == 0.0:
+            continue
+        base = None
+        for cand in groups:
+            c = _BETA_RE.search(cand)
+            same_rest = cand[: c.start()] + cand[c.end() :] if c else None
+            if c and float(c.group(1)) == 0.0 and same_rest == arm[: m.start()] + arm[m.end() :]:
+                base = cand
+                break
+        if base is not None:
+            label = (arm[: m.start()] + arm[m.end() :]).replace("__", "_").replace(",,", ",")
+            label = label.replace("_/", "/").replace("/_", "/").strip("_/.,=") or "default"
+            out.append((label, float(m.group(1)), base, arm))
+    return out
+
+
+def _run_final_best(run: Path, key: str) -> tuple[float, float] | None:
+    _, y = _series(read_metrics(run), key)
+    return (y[-1], max(y)) if y else None
+
+
+def _run_mean(run: Path, key: str) -> float | None:
+    _, y = _series(read_metrics(run), key)
+    return float(np.mean(y)) if y else None
+
+
+def paired_effects(
+    groups: dict[str, list[Path]], key: str = "eval_return", level: float = 0.95
+) -> list[dict[str, Any]]:
+    """SPQR's effect in each comparison of :func:`effect_pairs`, runs paired by seed.
+
+    Per comparison: the seeds both arms ran; for ``final`` (last evaluation) and
+    ``best`` (maximum over the run) of ``key``, the per-seed difference SPQR minus
+    baseline, its mean and Student-t interval (``*_diff_mean``, ``*_diff_ci``), and
+    the same relative to the baseline's mean (``*_rel_mean``, ``*_rel_ci``, in
+    percent); ``*_wins``: the seeds where SPQR is higher. Also each arm's acceptance
+    rate (``accept_base``, ``accept_spqr``: mean over training, then over seeds) when
+    logged. With one seed the intervals collapse to the point.
+    """
+    rows = []
+    for label, beta, base_arm, spqr_arm in effect_pairs(groups):
+        base = {_seed_of(r): r for r in groups[base_arm]}
+        spqr = {_seed_of(r): r for r in groups[spqr_arm]}
+        seeds = sorted(s for s in base.keys() & spqr.keys() if s is not None)
+        vals = {s: (_run_final_best(base[s], key), _run_final_best(spqr[s], key)) for s in seeds}
+        seeds = [s for s in seeds if vals[s][0] is not None and vals[s][1] is not None]
+        if not seeds:
+            continue
+        row: dict[str, Any] = {
+            "comparison": label,
+            "beta": beta,
+            "baseline": base_arm,
+            "spqr": spqr_arm,
+            "seeds": seeds,
+            "key": key,
+        }
+        for i, name in enumerate(("final", "best")):
+            b = np.array([vals[s][0][i] for s in seeds])
+            w = np.array([vals[s][1][i] for s in seeds])
+            mean, lo, hi = mean_ci(w - b, level, "t")
+            scale = abs(float(b.mean())) or 1.0
+            row[f"{name}_base"] = float(b.mean())
+            row[f"{name}_spqr"] = float(w.mean())
+            row[f"{name}_diff_mean"] = float(mean[0])
+            row[f"{name}_diff_ci"] = (float(lo[0]), float(hi[0]))
+            row[f"{name}_rel_mean"] = 100 * float(mean[0]) / scale
+            row[f"{name}_rel_ci"] = (100 * float(lo[0]) / scale, 100 * float(hi[0]) / scale)
+            row[f"{name}_wins"] = int((w > b).sum())
+        for tag, runs in (("base", base), ("spqr", spqr)):
+            acc = [_run_mean(runs[s], "spqr_accept_rate") for s in seeds]
+            if all(a is not None for a in acc):
+                row[f"accept_{tag}"] = float(np.mean(acc))
+        rows.append(row)
+    return rows
+
+
+def effects_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
+    """Markdown table of :func:`paired_effects` rows."""
+    pct = f"{100 * level:g}%"
+    key = rows[0]["key"] if rows else "eval_return"
+    lines = [
+        f"| comparison | beta | seeds | final {key}: without / with | final: with - without "
+        f"({pct} CI) | SPQR higher | best: without / with | best: with - without ({pct} CI) "
+        "| acceptance: without / with |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def diff(r, name):
+        lo, hi = r[f"{name}_diff_ci"]
+        ci = f" [{lo:+.1f}, {hi:+.1f}]" if len(r["seeds"]) > 1 else ""
+        return f"{r[f'{name}_diff_mean']:+.1f} ({r[f'{name}_rel_mean']:+.1f}%){ci}"
+
+    for r in rows:
+        acc = (
+            f"{r['accept_base']:.3f} / {r['accept_spqr']:.3f}"
+            if "accept_base" in r and "accept_spqr" in r
+            else "-"
+        )
+        n = len(r["seeds"])
+        lines.append(
+            f"| {r['comparison']} | {r['beta']:g} | {n} "
+            f"| {r['final_base']:.1f} / {r['final_spqr']:.1f} | {diff(r, 'final')} "
+            f"| {r['final_wins']} of {n} "
+            f"| {r['best_base']:.1f} / {r['best_spqr']:.1f} | {diff(r, 'best')} | {acc} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Runs paired by seed; with - without: mean over seeds of the per-seed difference, "
+        f"in % of the baseline's mean, and its {pct} Student-t interval (none with one seed). "
+        "final: last evaluation; best: maximum over the run. Acceptance: the independence "
+        "test's rate, mean over training then over seeds (about 0.95 for independent members)."
+    )
+    return "\n".join(lines)
+
+
+def plot_effects(
+    rows: list[dict[str, Any]], out: str | Path, formats=("png",), level: float = 0.95
+) -> list[Path]:
+    """``out.<fmt>``: forest plot of SPQR's paired effect per comparison (final, best, acceptance)."""
+    if not rows:
+        return []
+    plt = _mpl()
+    n = len(rows)
+    has_acc = any("accept_base" in r for r in rows)
+    ncols = 3 if has_acc else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols + 3, 0.55 * n + 2.2), sharey=True)
+    ys = np.arange(n)[::-1]
+    labels = [
+        f"{r['comparison']} (beta={r['beta']:g}, {len(r['seeds'])} "
+        f"seed{'s' if len(r['seeds']) > 1 else ''})"
+        for r in rows
+    ]
+    for ax, name in zip(axes, ("final", "best")):
+        for y, r in zip(ys, rows):
+            m = r[f"{name}_rel_mean"]
+            lo, hi = r[f"{name}_rel_ci"]
+            one = len(r["seeds"]) < 2
+            ax.errorbar(
+                m, y, xerr=[[m - lo], [hi - m]], fmt="s" if one else "o",
+                color="tab:gray" if one else "tab:blue", capsize=3,
+            )  # fmt: skip
+        ax.axvline(0.0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel(f"{name} {rows[0]['key']}: SPQR - baseline\n(% of the baseline's mean)")
+        ax.grid(alpha=0.3)
+    if has_acc:
+        ax = axes[2]
+        for y, r in zip(ys, rows):
+            if "accept_base" in r:
+                ax.plot([r["accept_base"], r["accept_spqr"]], [y, y], color="0.7", zorder=1)
+                ax.scatter(r["accept_base"], y, marker="o", color="tab:gray", zorder=2)
+                ax.scatter(r["accept_spqr"], y, marker="D", color="tab:red", zorder=3)
+        ax.axvline(0.95, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("acceptance rate of the independence test\n(dashed: 0.95, independent)")
+        ax.scatter([], [], marker="o", color="tab:gray", label="baseline")
+        ax.scatter([], [], marker="D", color="tab:red", label="SPQR")
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(ys, labels, fontsize=8)
+    pct = f"{100 * level:g}%"
+    fig.suptitle(
+        f"SPQR's effect, runs paired by seed: mean difference and {pct} Student-t interval "
+        "(grey squares: one seed, no interval)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return _save(fig, Path(out), formats)
+
+
 # ----------------------------------------------------- checkpoint analysis
 
 
@@ -1189,6 +1385,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="OUT",
         help="also one figure OUT.<fmt> of --key and three diagnostics side by side",
     )
+    p.add_argument(
+        "--effects",
+        metavar="OUT",
+        help="also OUT.<fmt> and OUT.md: SPQR's effect per comparison (arms that differ only "
+        "by beta0 / beta>0), runs paired by seed",
+    )
     args = p.parse_args(argv)
     fmts = tuple(dict.fromkeys(["png", "svg"] if args.svg else args.format))
     paths = [Path(x) for x in args.paths]
@@ -1219,6 +1421,16 @@ def main(argv: list[str] | None = None) -> None:
         table += "\n\nSPQR diagnostics during training:\n\n" + diag
     (out / "summary.md").write_text(table + "\n")
     written.append(out / "summary.md")
+    if args.effects:
+        eff = paired_effects(groups, args.key, args.level)
+        if not eff:
+            print("--effects: no pair of arms that differ only by beta0 / beta>0")
+        written += plot_effects(eff, args.effects, fmts, args.level)
+        if eff:
+            md = Path(args.effects).with_suffix(".md")
+            md.parent.mkdir(parents=True, exist_ok=True)
+            md.write_text(effects_table(eff, args.level) + "\n")
+            written.append(md)
     if args.checkpoint:
         single = len(runs) == 1
         for run, arm in runs:
