@@ -198,6 +198,15 @@ def test_effect_pairs_need_arms_that_differ_only_by_beta(tmp_path):
     ]
 
 
+def test_cli_effects_only(sweep, tmp_path):
+    eff = tmp_path / "eff"
+    plot.main([str(sweep), "--effects", str(eff), "--effects-only"])
+    assert eff.with_suffix(".png").exists() and eff.with_suffix(".md").exists()
+    assert not (sweep / "plots").exists()  # no curves, no summary
+    with pytest.raises(SystemExit):
+        plot.main([str(sweep), "--effects-only"])
+
+
 def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     out = tmp_path / "figs"
     cmp = tmp_path / "cmp"
@@ -209,7 +218,11 @@ def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
         assert "<svg" in svg and "bootstrap" in svg  # the band's method is in the caption
     assert (tmp_path / "cmp.png").exists() and (tmp_path / "cmp.svg").exists()  # legacy --compare
     assert (tmp_path / "eff" / "effects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| N10 | 1 | 2 |" in (tmp_path / "eff" / "effects.md").read_text()
+    eff_md = (tmp_path / "eff" / "effects.md").read_text()
+    assert (
+        eff_md.startswith("Written by `python -m torchrl_spqr.plot ")
+        and "| N10 | 1 | 2 |" in eff_md
+    )
     summary = (out / "summary.md").read_text()
     assert "| beta1.0_N10 | 3 |" in summary and "| beta0.0_N10 | 2 |" in summary
     assert "SPQR diagnostics during training" in summary and "0.6100 +- 0.0100" in summary

@@ -46,6 +46,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1355,6 +1356,20 @@ def _file_label(run: Path, arm: str, single: bool) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", label)
 
 
+def _write_effects(groups, args, argv, fmts) -> list[Path]:
+    """``--effects OUT``: ``OUT.<fmt>`` and ``OUT.md`` (headed by the command that wrote it)."""
+    eff = paired_effects(groups, args.key, args.level)
+    if not eff:
+        print("--effects: no pair of arms that differ only by beta0 / beta>0")
+        return []
+    written = plot_effects(eff, args.effects, fmts, args.level)
+    md = Path(args.effects).with_suffix(".md")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    cmd = " ".join(["python -m torchrl_spqr.plot", *(sys.argv[1:] if argv is None else argv)])
+    md.write_text(f"Written by `{cmd}`\n\n" + effects_table(eff, args.level) + "\n")
+    return [*written, md]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m torchrl_spqr.plot",
@@ -1391,6 +1406,7 @@ def main(argv: list[str] | None = None) -> None:
         help="also OUT.<fmt> and OUT.md: SPQR's effect per comparison (arms that differ only "
         "by beta0 / beta>0), runs paired by seed",
     )
+    p.add_argument("--effects-only", action="store_true", help="write only the --effects outputs")
     args = p.parse_args(argv)
     fmts = tuple(dict.fromkeys(["png", "svg"] if args.svg else args.format))
     paths = [Path(x) for x in args.paths]
@@ -1398,6 +1414,12 @@ def main(argv: list[str] | None = None) -> None:
     groups: dict[str, list[Path]] = {}
     for run, arm in runs:
         groups.setdefault(arm, []).append(run)
+    if args.effects_only:
+        if not args.effects:
+            p.error("--effects-only needs --effects OUT")
+        for path in _write_effects(groups, args, argv, fmts):
+            print(path)
+        return
     out = Path(args.out) if args.out else _default_out(paths)
     out.mkdir(parents=True, exist_ok=True)
     title = ", ".join(str(x) for x in args.paths) if len(paths) <= 2 else f"{len(runs)} runs"
@@ -1422,15 +1444,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "summary.md").write_text(table + "\n")
     written.append(out / "summary.md")
     if args.effects:
-        eff = paired_effects(groups, args.key, args.level)
-        if not eff:
-            print("--effects: no pair of arms that differ only by beta0 / beta>0")
-        written += plot_effects(eff, args.effects, fmts, args.level)
-        if eff:
-            md = Path(args.effects).with_suffix(".md")
-            md.parent.mkdir(parents=True, exist_ok=True)
-            md.write_text(effects_table(eff, args.level) + "\n")
-            written.append(md)
+        written += _write_effects(groups, args, argv, fmts)
     if args.checkpoint:
         single = len(runs) == 1
         for run, arm in runs:

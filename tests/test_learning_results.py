@@ -1,0 +1,118 @@
+"""The README's learning table and ``benchmarks/learning/effects.md`` come from the committed runs.
+
+Every number in the README's "Learning, with and without SPQR" table is recomputed
+here from the run folders under ``benchmarks/learning/`` (``metrics.csv`` of each
+run) and must match to the digits shown; so must the committed effects table.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+from torchrl_spqr import plot  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LEARNING = ROOT / "benchmarks" / "learning"
+
+# README setting -> (run folder under benchmarks/learning, arm-name prefix, evaluation key)
+SETTINGS = {
+    "Hopper-v5, SAC-Ens (UTD 1)": ("hopper_sac_ens_20k", "", "eval_return"),
+    "Walker2d-v5, SAC-Ens (UTD 1)": ("walker2d_sac_ens_20k", "", "eval_return"),
+    "Hopper-v5, REDQ (M = 2, UTD 5)": ("hopper_redq_utd5_5k", "", "eval_return"),
+    "Walker2d-v5, REDQ (M = 2, UTD 5)": ("walker2d_redq_utd5_5k", "", "eval_return"),
+    "offline Hopper random (local), SAC-N": (
+        "hopper_random_offline_4arm",
+        "sac_n",
+        "normalized_score",
+    ),
+    "offline Hopper random (local), EDAC": (
+        "hopper_random_offline_4arm",
+        "edac",
+        "normalized_score",
+    ),
+    "offline Hopper medium-replay (local), SAC-N": (
+        "hopper_medium_replay_offline_4arm",
+        "sac_n",
+        "normalized_score",
+    ),
+    "offline Hopper medium-replay (local), EDAC": (
+        "hopper_medium_replay_offline_4arm",
+        "edac",
+        "normalized_score",
+    ),
+    "VMAS balance, MASAC (3 agents)": ("masac_balance", "", "eval_return"),
+}
+
+_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _readme_rows() -> list[list[str]]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| setting | budget | seeds |"))
+    rows = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    return rows
+
+
+def _matches(cell: str, expected: list[float]) -> None:
+    """The numbers of ``cell`` equal ``expected`` rounded to the decimals each is shown with."""
+    shown = _NUM.findall(cell)
+    assert len(shown) == len(expected), (cell, expected)
+    for s, e in zip(shown, expected):
+        decimals = len(s.split(".")[1]) if "." in s else 0
+        assert float(s) == pytest.approx(round(e, decimals), abs=0.51 * 10**-decimals), (cell, e)
+
+
+def _arms(folder: str, prefix: str) -> dict[int, list[Path]]:
+    groups = plot.group_runs([LEARNING / folder])
+    out = {}
+    for arm, runs in groups.items():
+        m = re.search(r"beta(\d+)", arm)
+        if arm.startswith(prefix) and m:
+            out[int(m.group(1))] = runs
+    assert sorted(out) == [0, 1], (folder, prefix, sorted(groups))
+    return out
+
+
+def test_every_readme_row_is_known():
+    settings = [r[0] for r in _readme_rows()]
+    assert settings and set(settings) <= set(SETTINGS), set(settings) - set(SETTINGS)
+
+
+@pytest.mark.parametrize("row", _readme_rows(), ids=lambda r: r[0])
+def test_readme_learning_row_matches_the_runs(row):
+    setting, _budget, seeds, final, best, accept = row
+    folder, prefix, key = SETTINGS[setting]
+    arms = _arms(folder, prefix)
+    summ = {b: plot.summary_rows({"arm": runs}, key)[0] for b, runs in arms.items()}
+    diag = {b: plot.diagnostics_rows({"arm": runs})[0] for b, runs in arms.items()}
+    run_seeds = {b: sorted(plot._seed_of(r) for r in runs) for b, runs in arms.items()}
+    assert run_seeds[0] == run_seeds[1] == [int(s) for s in _NUM.findall(seeds)]
+    for cell, name in ((final, "final"), (best, "best")):
+        with_sd = len(_NUM.findall(cell)) == 4
+        expected = []
+        for b in (0, 1):
+            expected.append(summ[b][f"{name}_mean"])
+            if with_sd:
+                expected.append(summ[b][f"{name}_sd"])
+        _matches(cell, expected)
+    _matches(accept, [diag[b]["spqr_accept_rate_mean"] for b in (0, 1)])
+
+
+def test_committed_effects_table_matches_the_runs():
+    path = LEARNING / "effects.md"
+    text = path.read_text()
+    cmd = re.search(r"Written by `python -m torchrl_spqr\.plot ([^`]+)`", text)
+    assert cmd, "effects.md records the command that wrote it"
+    args = cmd.group(1).split()
+    folders = [ROOT / a for a in args[: next(i for i, a in enumerate(args) if a.startswith("--"))]]
+    assert "--key" not in args  # the table below is of eval_return
+    eff = plot.paired_effects(plot.group_runs(folders))
+    assert plot.effects_table(eff) in text
