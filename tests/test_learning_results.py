@@ -71,14 +71,12 @@ def _matches(cell: str, expected: list[float]) -> None:
 
 
 def _arms(folder: str, prefix: str) -> dict[int, list[Path]]:
+    """``{0: baseline runs, 1: SPQR runs}`` of the one beta-1 comparison whose arms start so."""
     groups = plot.group_runs([LEARNING / folder])
-    out = {}
-    for arm, runs in groups.items():
-        m = re.search(r"beta(\d+)", arm)
-        if arm.startswith(prefix) and m:
-            out[int(m.group(1))] = runs
-    assert sorted(out) == [0, 1], (folder, prefix, sorted(groups))
-    return out
+    pairs = [p for p in plot.effect_pairs(groups) if p[2].startswith(prefix)]
+    assert [p[1] for p in pairs] == [1.0], (folder, prefix, sorted(groups))
+    _, _, base, spqr = pairs[0]
+    return {0: groups[base], 1: groups[spqr]}
 
 
 def test_every_readme_row_is_known():

@@ -113,7 +113,7 @@ _LABELS = {
     "normalized_score": "normalised score",
 }
 
-_SEED_RE = re.compile(r"([_,\-]?seed[=_\-]?\d+)", re.IGNORECASE)
+_SEED_RE = re.compile(r"([_,\-]?seed[=_\-]?(?P<seed>\d+))", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------ reading
@@ -695,8 +695,14 @@ _BETA_RE = re.compile(r"(?<![A-Za-z])beta[=_\-]?(\d+(?:\.\d+)?(?:e[+\-]?\d+)?)(?
 
 
 def _seed_of(run: Path) -> int | None:
-    m = re.search(r"seed[=_\-]?(\d+)", run.name, re.IGNORECASE)
-    return int(m.group(1)) if m else None
+    m = _SEED_RE.search(run.name)
+    return int(m.group("seed")) if m else None
+
+
+def _split_beta(arm: str) -> tuple[float | None, str]:
+    """``(beta, the arm name without its beta part)``; beta is None if the name has none."""
+    m = _BETA_RE.search(arm)
+    return (None, arm) if m is None else (float(m.group(1)), arm[: m.start()] + arm[m.end() :])
 
 
 def effect_pairs(groups: dict[str, list[Path]]) -> list[tuple[str, float, str, str]]:
@@ -705,33 +711,25 @@ def effect_pairs(groups: dict[str, list[Path]]) -> list[tuple[str, float, str, s
     The baseline is the arm whose name differs only by ``beta0`` (``beta_0``, ``beta=0``);
     the comparison label is the arm name with the beta part removed.
     """
+    split = {arm: _split_beta(arm) for arm in groups}
+    baselines = {rest: arm for arm, (beta, rest) in split.items() if beta == 0.0}
     out = []
-    for arm in groups:
-        m = _BETA_RE.search(arm)
-        if m is None or float(m.group(1)) == 0.0:
-            continue
-        base = None
-        for cand in groups:
-            c = _BETA_RE.search(cand)
-            same_rest = cand[: c.start()] + cand[c.end() :] if c else None
-            if c and float(c.group(1)) == 0.0 and same_rest == arm[: m.start()] + arm[m.end() :]:
-                base = cand
-                break
-        if base is not None:
-            label = (arm[: m.start()] + arm[m.end() :]).replace("__", "_").replace(",,", ",")
+    for arm, (beta, rest) in split.items():
+        if beta and rest in baselines:
+            label = rest.replace("__", "_").replace(",,", ",")
             label = label.replace("_/", "/").replace("/_", "/").strip("_/.,=") or "default"
-            out.append((label, float(m.group(1)), base, arm))
+            out.append((label, beta, baselines[rest], arm))
     return out
 
 
-def _run_final_best(run: Path, key: str) -> tuple[float, float] | None:
-    _, y = _series(read_metrics(run), key)
-    return (y[-1], max(y)) if y else None
-
-
-def _run_mean(run: Path, key: str) -> float | None:
-    _, y = _series(read_metrics(run), key)
-    return float(np.mean(y)) if y else None
+def _run_effect_stats(run: Path, key: str) -> tuple[float, float, float | None] | None:
+    """``(final, best)`` of ``key`` and the mean acceptance rate (None if not logged)."""
+    rows = read_metrics(run)
+    _, y = _series(rows, key)
+    if not y:
+        return None
+    _, acc = _series(rows, "spqr_accept_rate")
+    return y[-1], max(y), float(np.mean(acc)) if acc else None
 
 
 def paired_effects(
@@ -752,7 +750,9 @@ def paired_effects(
         base = {_seed_of(r): r for r in groups[base_arm]}
         spqr = {_seed_of(r): r for r in groups[spqr_arm]}
         seeds = sorted(s for s in base.keys() & spqr.keys() if s is not None)
-        vals = {s: (_run_final_best(base[s], key), _run_final_best(spqr[s], key)) for s in seeds}
+        vals = {
+            s: (_run_effect_stats(base[s], key), _run_effect_stats(spqr[s], key)) for s in seeds
+        }
         seeds = [s for s in seeds if vals[s][0] is not None and vals[s][1] is not None]
         if not seeds:
             continue
@@ -776,8 +776,8 @@ def paired_effects(
             row[f"{name}_rel_mean"] = 100 * float(mean[0]) / scale
             row[f"{name}_rel_ci"] = (100 * float(lo[0]) / scale, 100 * float(hi[0]) / scale)
             row[f"{name}_wins"] = int((w > b).sum())
-        for tag, runs in (("base", base), ("spqr", spqr)):
-            acc = [_run_mean(runs[s], "spqr_accept_rate") for s in seeds]
+        for j, tag in enumerate(("base", "spqr")):
+            acc = [vals[s][j][2] for s in seeds]
             if all(a is not None for a in acc):
                 row[f"accept_{tag}"] = float(np.mean(acc))
         rows.append(row)
