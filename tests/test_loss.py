@@ -1,7 +1,9 @@
 """Tests of :class:`torchrl_spqr.SPQRLoss`, in the style of TorchRL's ``test_cost.py``.
 
 Wrapped losses: TorchRL's ``SACLoss`` (N=10, l2), ``REDQLoss`` (N=10, sub-sample 2)
-and ``TD3Loss`` (N=10, deterministic actor); ``pairs`` in next_policy / data / policy.
+and ``TD3Loss`` (N=10, deterministic actor) as their member-values subclasses
+(``torchrl_spqr.objectives.Ensemble*Loss``); ``pairs`` in next_policy / data / policy.
+The bare TorchRL classes (no member values: explicit pass) are in ``test_spqr_contract.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torchrl.objectives import CQLLoss, REDQLoss, SACLoss, SoftUpdate, TD3Loss
 
 from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
 from torchrl_spqr.functional import spqr_kl
+from torchrl_spqr.objectives import EnsembleREDQLoss, EnsembleSACLoss, EnsembleTD3Loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater:UserWarning")
 
@@ -33,9 +36,12 @@ SOURCE = {"next_policy": "fused", "data": "reused", "policy": "extra_pass"}
 
 def source(name: str, pairs: str) -> str:
     """Expected path: TorchRL's REDQ keeps the target's next-state input and runs one
-    separate online call (fusing would copy all 2N+M parameter sets each update)."""
+    separate online call (fusing would copy all 2N+M parameter sets each update); TD3's
+    target uses the target policy's smoothed action, so the policy's is drawn explicitly."""
     if name == "redq" and pairs == "next_policy":
         return "reused_sample"
+    if name == "td3" and pairs == "next_policy":
+        return "extra_pass"
     return SOURCE[pairs]
 
 
@@ -62,13 +68,13 @@ def make_base(name: str, seed: int = 0, n: int = N, ens: QEnsemble | None = None
     ens = make_ensemble(n, HIDDEN) if ens is None else ens
     if name == "sac":
         kw.setdefault("loss_function", "l2")
-        return SACLoss(make_actor(HIDDEN), ens.members(), num_qvalue_nets=n, **kw)
+        return EnsembleSACLoss(make_actor(HIDDEN), ens.members(), num_qvalue_nets=n, **kw)
     if name == "redq":
-        return REDQLoss(
+        return EnsembleREDQLoss(
             make_actor(HIDDEN), ens.members(), num_qvalue_nets=n, sub_sample_len=2, **kw
         )
     if name == "td3":
-        return TD3Loss(
+        return EnsembleTD3Loss(
             make_det_actor(HIDDEN),
             ens.members(),
             num_qvalue_nets=n,
@@ -195,7 +201,9 @@ class TestWrapped:
         for bo, o in zip(bare_outs, outs):
             for key in bo.keys(True, True):
                 assert torch.equal(bo.get(key), o.get(key)), key
-            assert o["loss_spqr"] == 0 and not o["loss_spqr"].requires_grad
+            # a zero that back-propagates on its own and carries no graph
+            assert o["loss_spqr"] == 0 and o["loss_spqr"].grad_fn is None
+            assert o["loss_spqr"].requires_grad
             assert o["spqr_kl"] > 0  # diagnostics still computed
         assert bare_grads.keys() == grads.keys()
         for k, g in bare_grads.items():
@@ -266,7 +274,7 @@ class TestWrapped:
 
 
 # =========================================================================== sources
-@pytest.mark.parametrize("name", BASES)
+@pytest.mark.parametrize("name", ("sac", "redq"))
 def test_fused_equals_manual_next_state_kl(name):
     """Fused path: KL of the online ensemble at (s', a') with a' the target's own sample."""
     loss = SPQRLoss(make_base(name), beta=1.0)
@@ -283,7 +291,7 @@ def test_fused_equals_manual_next_state_kl(name):
     else:
         targets = [td for tag, td in spy.calls if tag == "target"]
         assert len(targets) == 1
-        nxt = targets[0][0] if name == "td3" else targets[0]
+        nxt = targets[0]
     torch.testing.assert_close(nxt["observation"], batch["next", "observation"])
     ens = tied_ensemble(base)
     with torch.no_grad():
@@ -293,6 +301,25 @@ def test_fused_equals_manual_next_state_kl(name):
     with torch.no_grad():
         q_data = ens.q_values(batch)
     assert not torch.allclose(out["spqr_kl"], spqr_kl(q_data))
+
+
+def test_td3_next_policy_is_the_policy_action_not_the_smoothed_target():
+    """TD3's target acts with the target policy plus clipped noise; SPQR's next-state pairs
+    are the (online) policy's own action at s'."""
+    loss = SPQRLoss(make_base("td3"), beta=1.0)
+    base = loss.loss_module
+    spy = _install_spy(base)
+    batch = make_batch(B)
+    out = loss(batch)
+    assert loss.last_source == "extra_pass"
+    ens = tied_ensemble(base)
+    with torch.no_grad(), base.actor_network_params.to_module(base.actor_network):
+        a_pi = base.actor_network(batch["next"].select("observation").copy())["action"]
+    with torch.no_grad():
+        q = ens.q_values(TensorDict(observation=batch["next", "observation"], action=a_pi))
+    torch.testing.assert_close(out["spqr_kl"], spqr_kl(q), rtol=1e-5, atol=1e-5)
+    target_in = [td for tag, td in spy.calls if tag == "target"][0][0]
+    assert not torch.allclose(target_in["action"], a_pi)
 
 
 @pytest.mark.parametrize("name", BASES)
@@ -340,7 +367,7 @@ class TestKeys:
     @pytest.mark.parametrize("pairs", PAIRS)
     def test_renamed_action_key(self, pairs):
         ens = make_ensemble(N, HIDDEN, in_keys=("observation", "act"))
-        sac = SACLoss(_act_actor(), ens.members(), num_qvalue_nets=N, loss_function="l2")
+        sac = EnsembleSACLoss(_act_actor(), ens.members(), num_qvalue_nets=N, loss_function="l2")
         sac.set_keys(action="act")
         loss = SPQRLoss(sac, beta=1.0, pairs=pairs)
         assert loss.tensor_keys.action == "act"

@@ -22,92 +22,76 @@ Which Q-values are regularised (``pairs``):
 The gradient of ``loss_spqr`` reaches every critic member and never the actor
 (actions are detached) nor the target parameters.
 
-Re-use of the wrapped loss's work (``reuse=True``): TorchRL's losses keep their
-per-member predictions as local variables. While the wrapped loss runs,
-``SPQRLoss`` listens to its vmapped critic calls (``_vmap_qnetworkN0``,
-``_vmap_qvalue_networkN0``, ``_vmap_qvalue_network00``). With
-``pairs="data"`` it keeps the online ``Q_k(s, a)`` the critic loss computed (no
-extra critic call). With ``pairs="next_policy"`` it keeps the next-state input
-of the target computation (whose action is the policy sample the target used)
-and evaluates it with the online parameters *inside the same vmapped call*
-as the critic loss's ``Q_k(s, a)``: one fused call of twice the batch instead of
-a second ensemble pass and a second actor call. Where nothing can be re-used,
-the Q-values are computed by an explicit extra pass. ``spqr_source`` in the
-output says which path was taken at the last call (see
+Re-use of the wrapped loss's work (``reuse=True``): a loss that implements the
+public member-values protocol (:mod:`torchrl_spqr.objectives.member_values`:
+the package's losses, and :class:`~torchrl_spqr.objectives.EnsembleSACLoss`,
+``EnsembleREDQLoss``, ``EnsembleTD3Loss``, ``EnsembleCQLLoss``, TorchRL's
+losses plus that protocol) hands over its per-member online ``Q_k(s, a)``
+(``pairs="data"``: no extra critic call) or its next-state input with the
+policy sample the target used (``pairs="next_policy"``: evaluated inside the
+critic loss's own call where the loss allows it, otherwise in one separate
+ensemble pass with no extra actor call). Any other loss (TorchRL's own
+``SACLoss``, for instance) is left untouched: SPQR evaluates the requested
+pairs itself from the loss's public ``qvalue_network`` /
+``qvalue_network_params`` (and ``actor_network`` / ``actor_network_params``),
+one extra ensemble pass, and says so once with a warning. ``spqr_source`` in
+the output says which path was taken at the last call (see
 :attr:`SPQRLoss.last_source`).
+
+Transparency: a wrapping ``SPQRLoss`` is used where the wrapped loss was.
+Attributes it does not define itself (``qvalue_network_params``,
+``target_entropy``, ``num_qvalue_nets``, ...), ``tensor_keys`` / ``set_keys``,
+``value_estimator`` / ``make_value_estimator``, ``set_vmap_randomness`` and
+``reset_parameters_recursive`` are the wrapped loss's;
+``SoftUpdate(spqr_loss)`` finds and updates the wrapped loss's target
+parameters; the call without a tensordict (``loss(observation=..., ...)``,
+TorchRL's ``@dispatch``) works; a bare loss's ``state_dict`` loads into the
+wrapper.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import weakref
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModuleBase, TensorDictParams
+from tensordict import TensorDict, TensorDictBase, is_tensor_collection
+from tensordict.nn import TensorDictModuleBase, TensorDictParams, dispatch
 from tensordict.utils import NestedKey
 from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import LossModule
-from torchrl.objectives.utils import _vmap_func
 
 from torchrl_spqr import diagnostics as D
 from torchrl_spqr import functional as F
 from torchrl_spqr.ensemble import QEnsemble
+from torchrl_spqr.objectives.member_values import serves_member_values
 
 __all__ = ["SPQRLoss"]
 
 PAIRS = ("next_policy", "data", "policy")
-_VMAP_NAMES = ("_vmap_qnetworkN0", "_vmap_qvalue_networkN0", "_vmap_qvalue_network00")
-
-
-def _find_redq_cls() -> type | None:
-    try:
-        from torchrl.objectives import REDQLoss
-
-        return REDQLoss
-    except ImportError:  # pragma: no cover
-        return None
-
-
-class _Recorder:
-    """Wraps a wrapped-loss vmapped critic call to capture or fuse the SPQR Q-values."""
-
-    def __init__(self, fn: Callable, owner: SPQRLoss, name: str) -> None:
-        self.fn = fn
-        self.owner_ref = weakref.ref(owner)
-        self.name = name
-        # "00" functions take inputs already expanded along the ensemble dim.
-        self.in_ens_dim = name.endswith("00")
-
-    def __call__(self, td: TensorDictBase, params: TensorDictBase, *args: Any, **kwargs: Any):
-        owner = self.owner_ref()
-        if owner is None or owner._capture is None or args or kwargs:
-            return self.fn(td, params, *args, **kwargs)
-        return owner._on_vmap_call(self, td, params)
-
-
-@dataclass
-class _Capture:
-    """Per-forward capture state."""
-
-    mode: str
-    fuse: bool
-    next_input: TensorDictBase | None = None
-    q: Tensor | None = None
-    source: str = "extra_pass"
+#: Where ``add_to`` may put the penalty.
+_DIAG_KEYS = (
+    "spqr_spike",
+    "spqr_accept_rate",
+    "spqr_mp_ratio",
+    "spqr_mean_pairwise_corr",
+    "spqr_ensemble_std",
+)
 
 
 class SPQRLoss(LossModule):
     """SPQR regulariser for ensemble critics, as a TorchRL loss module.
 
     Args:
-        loss_module: the ensemble loss to wrap (``SACLoss``, ``REDQLoss``,
-            ``TD3Loss``, the package's losses...). ``None`` for standalone use.
+        loss_module: the ensemble loss to wrap (TorchRL's ``SACLoss``,
+            ``REDQLoss``, ``TD3Loss``, their ``Ensemble*`` subclasses in
+            :mod:`torchrl_spqr.objectives`, or the package's losses). ``None``
+            for standalone use.
 
     Keyword Args:
         qvalue_network: standalone mode: a :class:`~torchrl_spqr.QEnsemble`.
@@ -121,22 +105,33 @@ class SPQRLoss(LossModule):
         pairs: ``"next_policy"`` (default, authors), ``"data"`` or ``"policy"``.
         filling, density, rho, eps: see :func:`torchrl_spqr.functional.spqr_kl`.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``. Defaults to the
-            wrapped loss's reduction.
-        reuse: re-use (and fuse into) the wrapped loss's critic calls when
-            possible (default ``True``).
+            wrapped loss's reduction. Priority weights and loss masks in the
+            batch weigh the per-sample KL as they weigh TorchRL's losses.
+        reuse: ask the wrapped loss for its member values when it serves them
+            (default ``True``); ``False`` always evaluates them explicitly.
+        add_to: ``None`` (default): the penalty is returned as ``loss_spqr``.
+            The name of one of the wrapped loss's entries (e.g.
+            ``"loss_qvalue"``): the penalty is added into that entry and no
+            ``loss_spqr`` is returned, for training loops that back-propagate
+            named entries (TorchRL's SOTA scripts read ``loss_qvalue``).
         diagnostics_interval: compute the diagnostics every ``k`` training
             calls (``0`` disables them). Default 1: they cost well under a
-            millisecond at N=10, B=256.
+            millisecond at N=10, B=256 once the Q-values are there; with
+            ``beta=0`` and a loss that does not hand over its member values
+            they cost one ensemble pass (``0`` makes ``beta=0`` free).
         level: level of the independence test (default 0.05).
         seed: seed of the generator used by ``filling="random"``.
 
-    Output entries, in addition to the wrapped loss's: ``loss_spqr`` and,
-    detached: ``spqr_kl``, ``spqr_beta``, ``spqr_spike`` (mean over the batch
-    of the largest |eigenvalue|), ``spqr_accept_rate``, ``spqr_mp_ratio``,
+    Output entries, in addition to the wrapped loss's: ``loss_spqr`` (always
+    back-propagatable on its own, a zero at ``beta=0``) and, detached:
+    ``spqr_kl``, ``spqr_beta``, ``spqr_spike`` (mean over the batch of the
+    largest |eigenvalue|), ``spqr_accept_rate``, ``spqr_mp_ratio``,
     ``spqr_mean_pairwise_corr``, ``spqr_ensemble_std``.
 
-    Target networks: a wrapped loss keeps its own target parameters; build the
-    updater on it: ``SoftUpdate(spqr_loss.loss_module, tau=...)``.
+    A wrapping ``SPQRLoss`` stands where the wrapped loss stood: its
+    attributes, keys, parameter groups, value estimator and target parameters
+    are reachable through it, and ``SoftUpdate(spqr_loss)`` updates the
+    wrapped loss's targets.
 
     Examples:
         >>> import torch
@@ -145,8 +140,9 @@ class SPQRLoss(LossModule):
         >>> from tensordict.nn import NormalParamExtractor, TensorDictModule
         >>> from torchrl.data import Bounded
         >>> from torchrl.modules import ProbabilisticActor, TanhNormal
-        >>> from torchrl.objectives import SACLoss
+        >>> from torchrl.objectives import SoftUpdate
         >>> from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
+        >>> from torchrl_spqr.objectives import EnsembleSACLoss
         >>> n_obs, n_act, N = 11, 3, 10
         >>> actor = ProbabilisticActor(
         ...     TensorDictModule(nn.Sequential(nn.Linear(n_obs, 2 * n_act), NormalParamExtractor()),
@@ -154,8 +150,9 @@ class SPQRLoss(LossModule):
         ...     in_keys=["loc", "scale"], distribution_class=TanhNormal,
         ...     spec=Bounded(-1.0, 1.0, (n_act,)), return_log_prob=True)
         >>> ens = QEnsemble(lambda: make_q_member(n_obs + n_act, num_cells=(32, 32)), N)
-        >>> sac = SACLoss(actor, ens.members(), num_qvalue_nets=N, loss_function="l2")
+        >>> sac = EnsembleSACLoss(actor, ens.members(), num_qvalue_nets=N, loss_function="l2")
         >>> loss = SPQRLoss(sac, beta=1.0)
+        >>> updater = SoftUpdate(loss, tau=0.005)  # the wrapped loss's targets
         >>> B = 8
         >>> data = TensorDict({
         ...     "observation": torch.randn(B, n_obs), "action": torch.rand(B, n_act) * 2 - 1,
@@ -166,8 +163,11 @@ class SPQRLoss(LossModule):
         >>> out = loss(data)
         >>> sorted(k for k in out.keys() if k.startswith("loss_"))
         ['loss_actor', 'loss_alpha', 'loss_qvalue', 'loss_spqr']
+        >>> loss.last_source
+        'fused'
         >>> total = sum(v for k, v in out.items() if k.startswith("loss_"))
         >>> total.backward()
+        >>> updater.step()
         >>> # standalone: only the regulariser, for a custom critic loss
         >>> reg = SPQRLoss(qvalue_network=ens, actor_network=actor, beta=2.0)
         >>> reg(data)["loss_spqr"].shape
@@ -176,7 +176,11 @@ class SPQRLoss(LossModule):
 
     @dataclass
     class _AcceptedKeys:
-        """Tensordict keys read by :class:`SPQRLoss`.
+        """Tensordict keys read by a standalone :class:`SPQRLoss`.
+
+        A wrapping ``SPQRLoss`` has the wrapped loss's keys instead
+        (``spqr_loss.tensor_keys is spqr_loss.loss_module.tensor_keys``) and
+        reads its ``action`` and ``state_action_value`` entries.
 
         Attributes:
             action: the action key (dataset action, and where fresh policy
@@ -189,7 +193,6 @@ class SPQRLoss(LossModule):
         state_action_value: NestedKey = "state_action_value"
 
     default_keys = _AcceptedKeys
-    tensor_keys: _AcceptedKeys
     default_value_estimator = None
     _schedulable_buffers = frozenset({"beta"})
 
@@ -207,6 +210,7 @@ class SPQRLoss(LossModule):
         eps: float = 0.01,
         reduction: str | None = None,
         reuse: bool = True,
+        add_to: str | None = None,
         diagnostics_interval: int = 1,
         level: float = 0.05,
         seed: int | None = None,
@@ -235,9 +239,11 @@ class SPQRLoss(LossModule):
         self.reuse = bool(reuse)
         self.diagnostics_interval = int(diagnostics_interval)
         self.level = float(level)
-        self._capture: _Capture | None = None
         self.last_source: str | None = None
+        self._out_keys_override: list | None = None
         self._generator: torch.Generator | None = None
+        self._fallback_vmap = None
+        self._warned_extra_pass = False
         if seed is not None:
             self._generator = torch.Generator().manual_seed(int(seed))
 
@@ -246,6 +252,8 @@ class SPQRLoss(LossModule):
                 raise TypeError(
                     f"loss_module must be a torchrl LossModule, got {type(loss_module).__name__}."
                 )
+            if isinstance(loss_module, SPQRLoss):
+                raise TypeError("loss_module is already an SPQRLoss: wrap the inner loss once.")
             params = getattr(loss_module, "qvalue_network_params", None)
             if params is None or getattr(loss_module, "qvalue_network", None) is None:
                 raise ValueError(
@@ -256,20 +264,23 @@ class SPQRLoss(LossModule):
             n = params.batch_size[0] if params.batch_dims else 1
             self.loss_module = loss_module
             self.num_members = int(n)
+            # one registry of target updaters: SoftUpdate(spqr_loss) marks the wrapped loss's
+            self._has_update_associated = loss_module._has_update_associated
             if reduction is None:
                 reduction = getattr(loss_module, "reduction", "mean")
-            self.set_keys(
-                action=getattr(loss_module.tensor_keys, "action", "action"),
-                state_action_value=getattr(
-                    loss_module.tensor_keys, "state_action_value", "state_action_value"
-                ),
-            )
+            if add_to is not None and add_to not in loss_module.out_keys:
+                raise ValueError(
+                    f"add_to={add_to!r} is not an output of {type(loss_module).__name__} "
+                    f"(its entries: {list(loss_module.out_keys)})."
+                )
         else:
             if not isinstance(qvalue_network, QEnsemble):
                 raise TypeError(
                     "Standalone SPQRLoss needs qvalue_network=QEnsemble(...) (stacked members "
                     f"with the ensemble on the leading dim), got {type(qvalue_network).__name__}."
                 )
+            if add_to is not None:
+                raise ValueError("add_to needs a wrapped loss; a standalone SPQRLoss has none.")
             self.loss_module = None
             self.qvalue_network = qvalue_network
             self.num_members = qvalue_network.num_members
@@ -280,12 +291,14 @@ class SPQRLoss(LossModule):
                     f"pairs={pairs!r} needs policy actions: pass actor_network=... "
                     "(or use pairs='data')."
                 )
+        self.add_to = add_to
         if self.num_members < 3:
             raise ValueError(
                 f"SPQR needs an ensemble of at least 3 critics, but the "
                 f"{'wrapped ' + type(loss_module).__name__ if loss_module is not None else 'qvalue_network'}"
-                f" has N={self.num_members}. TorchRL's CQLLoss fixes 2 critics: use the package's "
-                "N-critic losses, or SACLoss/REDQLoss with num_qvalue_nets >= 3."
+                f" has N={self.num_members}. TorchRL's CQLLoss fixes 2 critics: use "
+                "torchrl_spqr.objectives.EnsembleCQLLoss or the package's N-critic losses, or "
+                "SACLoss/REDQLoss/TD3Loss with num_qvalue_nets >= 3."
             )
         self.reduction = reduction or "mean"
         if self.reduction not in F.REDUCTIONS:
@@ -300,165 +313,170 @@ class SPQRLoss(LossModule):
             raise ValueError(f"beta must be a finite non-negative number, got {beta0}.")
         self.register_buffer("beta", torch.tensor(beta0))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        self._redq_cls = _find_redq_cls()
-        # The fallback evaluator (an explicit ensemble pass) for wrapped losses.
-        self._fallback_vmap = None
 
-    # ------------------------------------------------------------------ keys
+    # ------------------------------------------------------------ transparency
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        for store in ("_parameters", "_buffers", "_modules"):
+            values = d.get(store)
+            if values is not None and name in values:
+                return values[name]
+        base = d.get("_modules", {}).get("loss_module")
+        if base is not None and not (name.startswith("__") and name.endswith("__")):
+            return getattr(base, name)
+        return super().__getattr__(name)
+
     @property
-    def in_keys(self) -> list[NestedKey]:
-        if self.loss_module is not None:
-            keys = list(self.loss_module.in_keys)
+    def wrapped(self) -> bool:
+        """Whether this ``SPQRLoss`` wraps a loss (``False``: standalone)."""
+        return self._modules.get("loss_module") is not None
+
+    @property
+    def tensor_keys(self):
+        if self.wrapped:
+            return self.loss_module.tensor_keys
+        return self._tensor_keys
+
+    def set_keys(self, **kwargs) -> None:
+        """Set tensordict key names: the wrapped loss's keys when wrapping, else SPQR's own."""
+        if self.wrapped:
+            self.loss_module.set_keys(**kwargs)
         else:
-            keys = list(self.qvalue_network.in_keys)
-            if self.pairs != "data":
-                keys += list(self.actor_network.in_keys)
-        keys += self._own_in_keys()
-        return list(dict.fromkeys(keys))
-
-    def _own_in_keys(self) -> list[NestedKey]:
-        q_in = self._q_in_keys()
-        if self.pairs == "data":
-            return q_in
-        actor_in = self._actor_in_keys()
-        if self.pairs == "policy":
-            return actor_in + [k for k in q_in if k != self.tensor_keys.action]
-        return [_next(k) for k in actor_in] + [
-            _next(k) for k in q_in if k != self.tensor_keys.action
-        ]
-
-    @property
-    def out_keys(self) -> list[str]:
-        base = list(self.loss_module.out_keys) if self.loss_module is not None else []
-        return base + [
-            "loss_spqr",
-            "spqr_kl",
-            "spqr_beta",
-            "spqr_spike",
-            "spqr_accept_rate",
-            "spqr_mp_ratio",
-            "spqr_mean_pairwise_corr",
-            "spqr_ensemble_std",
-        ]
+            super().set_keys(**kwargs)
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass
 
+    @property
+    def value_estimator(self):
+        """The wrapped loss's value estimator (standalone SPQR has none)."""
+        if self.wrapped:
+            return self.loss_module.value_estimator
+        return None
+
+    @value_estimator.setter
+    def value_estimator(self, value) -> None:
+        if self.wrapped:
+            self.loss_module.value_estimator = value
+        elif value is not None:
+            raise AttributeError("A standalone SPQRLoss has no value estimator.")
+
     def make_value_estimator(self, value_type=None, **hyperparams):
         """Delegates to the wrapped loss (standalone SPQR needs no value estimator)."""
-        if self.loss_module is not None:
+        if self.wrapped:
             self.loss_module.make_value_estimator(value_type, **hyperparams)
         return self
 
+    @property
+    def vmap_randomness(self):
+        if self.wrapped:
+            return self.loss_module.vmap_randomness
+        return super().vmap_randomness
+
+    def set_vmap_randomness(self, value) -> None:
+        """Sets the wrapped loss's vmap randomness (and rebuilds its vmapped calls)."""
+        if self.wrapped:
+            self.loss_module.set_vmap_randomness(value)
+            self._fallback_vmap = None
+        else:
+            if value not in ("error", "same", "different"):
+                raise ValueError(
+                    "Wrong vmap randomness, should be one of 'error', 'same' or 'different'."
+                )
+            self._vmap_randomness = value
+
+    def _make_vmap(self) -> None:
+        self._fallback_vmap = None
+
+    def reset_parameters_recursive(self) -> None:
+        """Re-initialises the wrapped loss's (or the standalone ensemble's) parameters."""
+        if self.wrapped:
+            self.loss_module.reset_parameters_recursive()
+        else:
+            self.qvalue_network.reset_parameters()
+
+    def named_children(self):
+        """The wrapped loss, and (for :class:`~torchrl.objectives.SoftUpdate`) its targets.
+
+        TorchRL's target updaters look for ``target_*_params`` children of the
+        module they are given; yielding the wrapped loss's lets
+        ``SoftUpdate(spqr_loss)`` update them. ``state_dict``, ``parameters``
+        and ``modules`` walk the registered submodules and are unaffected.
+        """
+        yield from super().named_children()
+        if self.wrapped:
+            for name, child in self.loss_module.named_children():
+                if name.startswith("target_") and name.endswith("_params"):
+                    yield name, child
+
+    # ------------------------------------------------------------------ keys
+    def _key(self, name: str) -> NestedKey:
+        return getattr(self.tensor_keys, name, getattr(self._AcceptedKeys, name))
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        if self.wrapped:
+            return list(self.loss_module.in_keys)
+        keys = list(self.qvalue_network.in_keys)
+        if self.pairs != "data":
+            keys += list(self.actor_network.in_keys)
+        keys += self._own_in_keys()
+        return list(dict.fromkeys(keys))
+
+    @in_keys.setter
+    def in_keys(self, values) -> None:
+        if self.wrapped:
+            self.loss_module.in_keys = values
+        else:
+            raise AttributeError("The in_keys of a standalone SPQRLoss follow its networks.")
+
+    def _own_in_keys(self) -> list[NestedKey]:
+        q_in = self._q_in_keys()
+        act = self._key("action")
+        if self.pairs == "data":
+            return q_in
+        actor_in = self._actor_in_keys()
+        if self.pairs == "policy":
+            return actor_in + [k for k in q_in if k != act]
+        return [_next(k) for k in actor_in] + [_next(k) for k in q_in if k != act]
+
+    @property
+    def out_keys(self) -> list[str]:
+        if self._out_keys_override is not None:
+            return list(self._out_keys_override)
+        base = list(self.loss_module.out_keys) if self.wrapped else []
+        own = [] if self.add_to is not None else ["loss_spqr"]
+        own += ["spqr_kl", "spqr_beta"]
+        if self.diagnostics_interval > 0:
+            own += list(_DIAG_KEYS)
+        return base + own
+
+    @out_keys.setter
+    def out_keys(self, values) -> None:
+        self._out_keys_override = list(values) if values is not None else None
+
     # --------------------------------------------------------------- helpers
     def _q_in_keys(self) -> list[NestedKey]:
-        net = (
-            self.loss_module.qvalue_network if self.loss_module is not None else self.qvalue_network
-        )
+        net = self.loss_module.qvalue_network if self.wrapped else self.qvalue_network
         return list(net.in_keys)
 
     def _actor_module(self) -> TensorDictModuleBase | None:
-        owner = self.loss_module if self.loss_module is not None else self
+        owner = self.loss_module if self.wrapped else self
         return getattr(owner, "actor_network", None)
 
     def _actor_in_keys(self) -> list[NestedKey]:
         actor = self._actor_module()
-        return list(actor.in_keys) if actor is not None else []
+        if actor is None:
+            return []
+        # keys the actor writes itself (e.g. distribution parameters of a composite policy)
+        written = {_norm(k) for k in getattr(actor, "out_keys", [])}
+        return [k for k in actor.in_keys if _norm(k) not in written]
 
     def current_beta(self) -> float:
         """The beta that the next training call uses (after the schedule)."""
         if self._beta_fn is not None:
             return float(self._beta_fn(int(self.step_count)))
         return float(self.beta)
-
-    # ------------------------------------------------------- capture / fuse
-    def _install_recorders(self) -> list[str]:
-        base = self.loss_module
-        installed = []
-        for name in _VMAP_NAMES:
-            fn = base.__dict__.get(name, None)
-            if fn is None:
-                continue
-            if isinstance(fn, _Recorder) and fn.owner_ref() is self:
-                installed.append(name)
-                continue
-            if isinstance(fn, _Recorder):  # recorder of another wrapper: unwrap
-                fn = fn.fn
-            base.__dict__[name] = _Recorder(fn, self, name)
-            installed.append(name)
-        return installed
-
-    def _is_redq_fused(self, params: TensorDictBase) -> bool:
-        base = self.loss_module
-        if self._redq_cls is None or not isinstance(base, self._redq_cls):
-            return False
-        n, m = base.num_qvalue_nets, base.sub_sample_len
-        return params.batch_dims > 0 and params.batch_size[0] == 2 * n + m
-
-    def _on_vmap_call(self, rec: _Recorder, td: TensorDictBase, params: TensorDictBase):
-        base = self.loss_module
-        cap = self._capture
-        n = self.num_members
-        key = self.tensor_keys.state_action_value
-        q_in = self._q_in_keys()
-        act_key = self.tensor_keys.action
-        if self._is_redq_fused(params):
-            # REDQ's single call: params [online(detached) N | target subset M | online N],
-            # inputs [actor-loss rows N | next rows M | data rows N].
-            if cap.mode == "data" and cap.q is None:
-                out = rec.fn(td, params)
-                cap.q = out.get(key)[-n:]
-                cap.source = "reused"
-                return out
-            # next_policy: keep the next-state rows' input (their action is the policy sample
-            # the target used); SPQR evaluates it with the online critics in one separate
-            # vmapped call. Fusing into this call would concatenate (copy) all 2N+M parameter
-            # sets at every update, which measured slower than the separate call.
-            if cap.mode == "next_policy" and cap.next_input is None:
-                nxt = td[n].select(*q_in)
-                cap.next_input = nxt.set(act_key, nxt.get(act_key).detach())
-            return rec.fn(td, params)
-        target = getattr(base, "target_qvalue_network_params", None)
-        is_target = target is not None and params is target
-        is_online = params is base.qvalue_network_params
-        if is_target and cap.mode == "next_policy" and cap.next_input is None:
-            nxt = td[0] if rec.in_ens_dim else td
-            nxt = nxt.select(*q_in, strict=False)
-            if set(q_in) <= set(nxt.keys(True, True)):
-                nxt = nxt.clone(False)
-                nxt.set(act_key, nxt.get(act_key).detach())
-                cap.next_input = nxt
-            return rec.fn(td, params)
-        if is_online and cap.q is None:
-            data_bs = self._data_batch_size
-            in_bs = td.batch_size[1:] if rec.in_ens_dim else td.batch_size
-            if in_bs != data_bs:
-                return rec.fn(td, params)
-            if cap.mode == "data":
-                out = rec.fn(td, params)
-                cap.q = out.get(key)
-                cap.source = "reused"
-                return out
-            if cap.mode == "next_policy" and cap.fuse and cap.next_input is not None:
-                nxt = cap.next_input
-                if nxt.batch_size != data_bs:
-                    return rec.fn(td, params)
-                cur = td.select(*q_in, strict=False)
-                if rec.in_ens_dim:
-                    nxt_e = nxt.expand(n, *nxt.batch_size)
-                    td_all = torch.cat([cur, nxt_e], 1)
-                    out = rec.fn(td_all, params)
-                    b = cur.batch_size[1]
-                    cap.q = out.get(key)[:, b:]
-                    cap.source = "fused"
-                    return out[:, :b]
-                td_all = torch.cat([cur, nxt], 0)
-                out = rec.fn(td_all, params)
-                b = cur.batch_size[0]
-                cap.q = out.get(key)[:, b:]
-                cap.source = "fused"
-                return out[:, :b]
-        return rec.fn(td, params)
 
     # ----------------------------------------------------- explicit compute
     def _policy_action(self, obs_td: TensorDictBase) -> Tensor:
@@ -468,18 +486,18 @@ class SPQRLoss(LossModule):
             raise ValueError(
                 f"pairs={self.pairs!r} needs an actor to sample actions, but none is available."
             )
-        params = (
-            getattr(self.loss_module, "actor_network_params", None) if self.loss_module else None
-        )
+        params = getattr(self.loss_module, "actor_network_params", None) if self.wrapped else None
+        act_key = self._key("action")
         with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
             ctx = (
                 params.to_module(actor, preserve_module_state=False)
                 if params is not None
-                else _nullcontext()
+                else contextlib.nullcontext()
             )
             with ctx:
+                inputs = obs_td.select(*actor.in_keys, strict=False).copy()
                 if hasattr(actor, "get_dist"):
-                    dist = actor.get_dist(obs_td.select(*actor.in_keys, strict=False).copy())
+                    dist = actor.get_dist(inputs)
                     if not getattr(dist, "has_rsample", False):
                         raise ValueError(
                             f"The actor's distribution {type(dist).__name__} has no "
@@ -488,28 +506,32 @@ class SPQRLoss(LossModule):
                             "(e.g. TanhNormal) or pairs='data'."
                         )
                     action = dist.rsample()
+                    if is_tensor_collection(action):
+                        action = action.get(act_key)
                 else:
-                    out = actor(obs_td.select(*actor.in_keys, strict=False).copy())
-                    action = out.get(self.tensor_keys.action)
+                    action = actor(inputs).get(act_key)
         return action.detach()
 
     def _online_q(self, td: TensorDictBase) -> Tensor:
         """Explicit ensemble pass with online (trainable) parameters: ``[N, *batch, 1]``."""
-        if self.loss_module is None:
-            return self.qvalue_network(td).get(self.tensor_keys.state_action_value)
+        key = self._key("state_action_value")
+        if not self.wrapped:
+            return self.qvalue_network(td).get(key)
         base = self.loss_module
         if self._fallback_vmap is None:
-            self._fallback_vmap = _vmap_func(
-                base.qvalue_network, (None, 0), randomness=base.vmap_randomness
-            )
-        out = self._fallback_vmap(
-            td.select(*self._q_in_keys(), strict=False), base.qvalue_network_params
-        )
-        return out.get(self.tensor_keys.state_action_value)
+            net = base.qvalue_network
+
+            def call(params: TensorDictBase, inputs: TensorDictBase) -> TensorDictBase:
+                with params.to_module(net):
+                    return net(inputs.copy())
+
+            self._fallback_vmap = torch.vmap(call, (0, None), randomness=base.vmap_randomness)
+        out = self._fallback_vmap(base.qvalue_network_params, td.select(*self._q_in_keys()))
+        return out.get(key)
 
     def _pairs_td(self, tensordict: TensorDictBase) -> TensorDictBase:
         q_in = self._q_in_keys()
-        act_key = self.tensor_keys.action
+        act_key = self._key("action")
         if self.pairs == "data":
             return tensordict.select(*q_in, strict=False)
         src = tensordict if self.pairs == "policy" else tensordict.get("next")
@@ -526,56 +548,70 @@ class SPQRLoss(LossModule):
                 f"batch, which has {sorted(_fmt(k) for k in present)}."
             )
 
+    def _warn_extra_pass(self) -> None:
+        if self._warned_extra_pass:
+            return
+        self._warned_extra_pass = True
+        warnings.warn(
+            f"SPQRLoss(pairs={self.pairs!r}): {type(self.loss_module).__name__} does not hand over "
+            "its per-member Q-values (torchrl_spqr.objectives.member_values), so SPQR evaluates "
+            "the online critics at those pairs itself, one extra ensemble pass per call "
+            "(spqr_source='extra_pass'). torchrl_spqr.objectives.EnsembleSACLoss / "
+            "EnsembleREDQLoss / EnsembleTD3Loss are TorchRL's losses that hand them over.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     # ---------------------------------------------------------------- forward
+    @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        self._check_keys(tensordict)
         beta = self.current_beta()
         if self._beta_fn is not None:
+            if not math.isfinite(beta) or beta < 0:
+                raise ValueError(
+                    f"The beta schedule returned {beta} at step {int(self.step_count)}; "
+                    "beta must be a finite non-negative number."
+                )
             self.beta.fill_(beta)
         training = self.training
         step = int(self.step_count)
         want_diag = self.diagnostics_interval > 0 and (
             not training or step % self.diagnostics_interval == 0
         )
+        need_q = beta > 0 or want_diag
         q = None
-        cap = None
-        if self.loss_module is not None:
+        source = None
+        next_input = None
+        if need_q:
+            self._check_keys(tensordict)
+        if self.wrapped:
             base = self.loss_module
-            capture_ok = self.reuse and self.pairs in ("data", "next_policy")
-            native = getattr(base, "supports_spqr_capture", False)
-            if capture_ok:
-                # fusing changes the batch of the critic-loss call (round-off only);
-                # with beta == 0 the wrapped loss must be bit-identical: no fusing.
-                self._capture = _Capture(mode=self.pairs, fuse=beta > 0)
-                self._data_batch_size = tensordict.batch_size
-                if native:  # the package's losses serve the request themselves
-                    base._spqr_capture = self._capture
-                else:
-                    self._install_recorders()
-            try:
+            if need_q and self.reuse and serves_member_values(base, self.pairs):
+                # fusing changes the critic-loss call's batch (round-off only); with
+                # beta == 0 the wrapped loss must stay bit-identical: no fusing.
+                with base.request_member_values(self.pairs, fuse=beta > 0) as req:
+                    td_out = base(tensordict)
+                q, source, next_input = req.q, req.source, req.next_input
+            else:
                 td_out = base(tensordict)
-            finally:
-                cap, self._capture = self._capture, None
-                if native:
-                    base._spqr_capture = None
-            source = "extra_pass"
-            if cap is not None and cap.q is not None:
-                q, source = cap.q, cap.source
             if q is not None and beta == 0:
                 q = q.detach()
         else:
             td_out = TensorDict(batch_size=[])
-            source = "extra_pass"
-        if q is None and (beta > 0 or want_diag):
+        if q is None and need_q:
             with self._rng_scope(beta, tensordict):
-                if cap is not None and cap.next_input is not None and self.pairs == "next_policy":
+                if next_input is not None and self.pairs == "next_policy":
                     # the policy sample the target computation drew: no extra actor call
-                    q_td, source = cap.next_input, "reused_sample"
+                    q_td, source = next_input, "reused_sample"
                 else:
-                    q_td = self._pairs_td(tensordict)
+                    if self.wrapped and beta > 0:
+                        self._warn_extra_pass()
+                    q_td, source = self._pairs_td(tensordict), "extra_pass"
                 q = self._eval_q(q_td, grad=beta > 0)
         self.last_source = source
 
+        device = self._device_hint(tensordict)
+        weights = self._priority_weights(tensordict)
         if q is not None:
             q_vals = self._validated(q)
             with self._rng_scope(beta, tensordict):
@@ -588,17 +624,20 @@ class SPQRLoss(LossModule):
                 F._warn_paper_large(self.num_members)
             eig = F.spqr_eigenvalues(q_vals, self.filling, positions=positions)
             kl_el = F.spectral_kl(eig, rho=self.rho, eps=self.eps, density=self.density)
-            kl = self._reduce(kl_el)
-            loss_spqr = beta * kl if beta > 0 else kl.detach() * 0.0
+            kl = self._reduce_loss(kl_el, tensordict, weights=weights)
+            loss_spqr = beta * kl if beta > 0 else self._zero_loss(tensordict, device)
         else:
             kl_el = None
-            loss_spqr = torch.zeros((), device=self._device_hint(tensordict))
+            loss_spqr = self._zero_loss(tensordict, device)
 
-        if self.reduction == "none" and self.loss_module is None:
+        if self.reduction == "none" and not self.wrapped:
             td_out = TensorDict(batch_size=tensordict.batch_size)
-        td_out.set("loss_spqr", loss_spqr)
+        if self.add_to is not None:
+            td_out.set(self.add_to, td_out.get(self.add_to) + loss_spqr)
+        else:
+            td_out.set("loss_spqr", loss_spqr)
         if kl_el is not None:
-            self._write(td_out, "spqr_kl", self._reduce(kl_el.detach()))
+            self._write(td_out, "spqr_kl", self._reduce_loss(kl_el.detach(), tensordict))
         self._write(td_out, "spqr_beta", self.beta.detach().clone())
         if want_diag and q is not None:
             with torch.no_grad():
@@ -607,7 +646,8 @@ class SPQRLoss(LossModule):
                 d = eig.shape[-1]
                 pval = D.spike_pvalue(spike, d)
                 accept = (pval >= self.level).to(qd.dtype)
-                self._write(td_out, "spqr_spike", self._reduce(spike, mean_if_none=True))
+                spike_red = spike.mean() if self.reduction == "none" else self._reduce(spike)
+                self._write(td_out, "spqr_spike", spike_red)
                 self._write(td_out, "spqr_accept_rate", accept.mean())
                 if qd[0].numel() >= 2:
                     rc = D.residual_correlation(qd)
@@ -617,6 +657,18 @@ class SPQRLoss(LossModule):
         if training:
             self.step_count += 1
         return td_out
+
+    def _zero_loss(self, tensordict: TensorDictBase, device) -> Tensor:
+        """A zero penalty that back-propagates on its own (no graph, no cost)."""
+        shape = tensordict.batch_size if self.reduction == "none" else ()
+        return torch.zeros(shape, device=device, requires_grad=True)
+
+    def _priority_weights(self, tensordict: TensorDictBase) -> Tensor | None:
+        key = getattr(self.tensor_keys, "priority_weight", None)
+        use = getattr(self.loss_module, "use_prioritized_weights", "auto") if self.wrapped else "auto"
+        if key is None or use not in (True, "auto"):
+            return None
+        return tensordict.get(key, None)
 
     # TorchRL losses register some buffers lazily (``SACLoss``/``REDQLoss``/``CrossQLoss``'s
     # ``target_entropy`` and the default value estimator's ``gamma`` at the first forward);
@@ -634,16 +686,35 @@ class SPQRLoss(LossModule):
                     getattr(self.loss_module, attr)
 
     def state_dict(self, *args, **kwargs):
-        self._materialise_lazy_buffers()
+        if self.wrapped:
+            self._materialise_lazy_buffers()
         return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads an ``SPQRLoss`` state, or a bare state of the wrapped loss's class.
+
+        A state without the ``loss_module.`` prefix (``SACLoss(...).state_dict()``)
+        is loaded into the wrapped loss; SPQR's own buffers (``beta``,
+        ``step_count``) keep their values.
+        """
+        if not self.wrapped:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._materialise_lazy_buffers()
         base = self.loss_module
-        if (
-            base is not None
-            and getattr(base, "_value_estimator", 0) is None
-            and any(k.startswith("loss_module._value_estimator.") for k in state_dict)
+        prefix = "loss_module."
+        if state_dict and not any(k.startswith(prefix) for k in state_dict):
+            own = {"beta", "step_count"}
+            inner = {k: v for k, v in state_dict.items() if k not in own}
+            own_sd = {k: v for k, v in state_dict.items() if k in own}
+            if own_sd:
+                super().load_state_dict(
+                    {**{prefix + k: v for k, v in base.state_dict().items()}, **own_sd},
+                    strict=False,
+                    assign=assign,
+                )
+            return base.load_state_dict(inner, strict=strict, assign=assign)
+        if getattr(base, "_value_estimator", 0) is None and any(
+            k.startswith(prefix + "_value_estimator.") for k in state_dict
         ):
             # the trained loss built its default value estimator at its first forward (its
             # gamma is a buffer); build the same default here so that the state can land
@@ -686,15 +757,15 @@ class SPQRLoss(LossModule):
 
     def _validated(self, q: Tensor) -> Tensor:
         try:
-            return F.check_ensemble_values(q, name=_fmt(self.tensor_keys.state_action_value))
+            return F.check_ensemble_values(q, name=_fmt(self._key("state_action_value")))
         except ValueError as err:
             raise ValueError(f"SPQRLoss(pairs={self.pairs!r}): {err}") from err
 
-    def _reduce(self, x: Tensor, mean_if_none: bool = False) -> Tensor:
-        if self.reduction == "mean" or (mean_if_none and self.reduction == "none"):
-            return x.mean()
+    def _reduce(self, x: Tensor) -> Tensor:
         if self.reduction == "sum":
             return x.sum()
+        if self.reduction == "mean":
+            return x.mean()
         return x
 
     def _write(self, td_out: TensorDictBase, key: str, value: Tensor) -> None:
@@ -705,14 +776,6 @@ class SPQRLoss(LossModule):
             td_out.set_non_tensor(key, value)
         else:
             td_out.set(key, value)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _next(key: NestedKey) -> tuple[str, ...]:

@@ -10,10 +10,26 @@ reference code and share one base:
   parameters and evaluated with one vmapped call;
 - target parameters live in ``target_qvalue_network_params`` so that
   TorchRL's :class:`~torchrl.objectives.SoftUpdate` works unchanged;
-- the TD target is ``r + gamma * (1 - terminated) * V(s')``: truncations
-  (time limits) are not terminal;
-- per-member online Q-values are exposed to :class:`~torchrl_spqr.SPQRLoss`
-  through :meth:`_EnsembleLoss._online_pred`, so the regulariser re-uses them
+- the TD target comes from TorchRL's value-estimator registry
+  (:meth:`~_EnsembleLoss.make_value_estimator`): the soft next value
+  ``V(s') = agg_k Q_k(s', a') - alpha log pi(a'|s')`` is written at
+  ``("next", value_key)`` and ``self.value_estimator.value_estimate`` turns it
+  into the target. The default, TD(0), is ``r + gamma * (1 - terminated) * V(s')``:
+  truncations (time limits) bootstrap, terminations do not. TD(1) and
+  TD(lambda) are available for batches of consecutive transitions;
+- reductions go through TorchRL's ``_reduce_loss``: prioritized-replay weights
+  (``priority_weight``, see ``use_prioritized_weights``) and the validity masks
+  TorchRL writes (``loss_mask_key``) apply to every per-element loss;
+- ``deactivate_vmap=True`` evaluates the members in a Python loop instead of one
+  batched / vmapped call (same values up to float round-off);
+- ``forward`` accepts a tensordict or keyword arguments (``@dispatch``:
+  ``loss(observation=..., action=..., next_reward=..., ...)`` returns the
+  ``out_keys`` as a tuple);
+- :meth:`~_EnsembleLoss.reset_parameters_recursive` re-draws every member on
+  its own (with its own fan-in) and copies the result into the targets;
+- per-member online Q-values are handed to :class:`~torchrl_spqr.SPQRLoss`
+  through the public member-values protocol
+  (:mod:`torchrl_spqr.objectives.member_values`), so the regulariser re-uses them
   (``pairs="data"``) or fuses ``Q_k(s', a')`` into the same vmapped call
   (``pairs="next_policy"``) with no extra actor call.
 
@@ -31,21 +47,28 @@ from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictParams
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictParams, dispatch
 from tensordict.utils import NestedKey
 from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import LossModule
 from torchrl.objectives.sac import compute_rsample_log_prob
-from torchrl.objectives.utils import ValueEstimators, _vmap_func
+from torchrl.objectives.utils import (
+    ValueEstimators,
+    _vmap_func,
+    default_value_kwargs,
+    dispatch_value_estimator,
+)
+from torchrl.objectives.value import ValueEstimatorBase
 
 from torchrl_spqr.ensemble import BatchedMLP, QEnsemble
+from torchrl_spqr.objectives.member_values import MemberValuesMixin
 
 __all__ = [
     "MBPO_TARGET_ENTROPY",
     "mbpo_target_entropy",
     "SACNLoss",
-    "REDQLoss",
+    "ReferenceREDQLoss",
     "CQLNLoss",
     "EDACLoss",
 ]
@@ -103,7 +126,7 @@ def _as_members(qvalue_network, num_qvalue_nets: int | None) -> list[TensorDictM
     )
 
 
-class _EnsembleLoss(LossModule):
+class _EnsembleLoss(MemberValuesMixin, LossModule):
     """Shared machinery of the ensemble actor-critic losses (not for direct use)."""
 
     @dataclass
@@ -113,23 +136,38 @@ class _EnsembleLoss(LossModule):
         Attributes:
             action: the action. Defaults to ``"action"``.
             state_action_value: the critics' output. Defaults to ``"state_action_value"``.
-            reward, done, terminated: read under ``"next"``.
+            value: where the soft next-state value is written (under ``"next"``,
+                in a shallow copy of the batch) for the value estimator.
+                Defaults to ``"state_value"``.
+            reward, done, terminated: read under ``"next"``. ``done`` is
+                optional (it defaults to ``terminated``; TD(0) does not read it).
             priority: where the TD error is written. Defaults to ``"td_error"``.
+            priority_weight: the importance weights of prioritized replay.
+                Defaults to ``"priority_weight"``.
         """
 
         action: NestedKey = "action"
         state_action_value: NestedKey = "state_action_value"
+        value: NestedKey = "state_value"
         reward: NestedKey = "reward"
         done: NestedKey = "done"
         terminated: NestedKey = "terminated"
         priority: NestedKey = "td_error"
+        priority_weight: NestedKey = "priority_weight"
 
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
     default_value_estimator = ValueEstimators.TD0
+    SUPPORTED_VALUE_ESTIMATORS = (
+        ValueEstimators.TD0,
+        ValueEstimators.TD1,
+        ValueEstimators.TDLambda,
+    )
     _schedulable_buffers = frozenset({"gamma"})
-    #: SPQRLoss talks to these losses through ``_spqr_capture`` instead of listening to vmap calls.
-    supports_spqr_capture = True
+    #: ``out_keys`` beyond the common ones, per subclass (reduced outputs only).
+    _extra_out_keys: tuple[str, ...] = ("entropy", "q_mean", "target_value")
+    #: SPQRLoss asks for these pairs through :meth:`request_member_values` (no extra pass).
+    member_value_pairs = ("data", "next_policy")
 
     actor_network: TensorDictModule
     qvalue_network: TensorDictModule
@@ -151,7 +189,11 @@ class _EnsembleLoss(LossModule):
         action_spec=None,
         reduction: str = "mean",
         min_members: int = 2,
+        deactivate_vmap: bool = False,
+        use_prioritized_weights: str | bool = "auto",
     ) -> None:
+        self._in_keys = None
+        self._out_keys = None
         super().__init__()
         members = _as_members(qvalue_network, num_qvalue_nets)
         n = len(members)
@@ -165,6 +207,8 @@ class _EnsembleLoss(LossModule):
             raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
         self.num_qvalue_nets = n
         self.reduction = reduction
+        self.deactivate_vmap = bool(deactivate_vmap)
+        self.use_prioritized_weights = use_prioritized_weights
         self.convert_to_functional(actor_network, "actor_network", create_target_params=False)
         self.convert_to_functional(members, "qvalue_network", n, create_target_params=True)
         self.register_buffer("gamma", torch.tensor(float(gamma)))
@@ -180,7 +224,6 @@ class _EnsembleLoss(LossModule):
         self.register_buffer(
             "target_entropy", torch.tensor(self._resolve_target_entropy(), device=device)
         )
-        self._spqr_capture = None
         self._make_vmap()
 
     # ----------------------------------------------------------- plumbing
@@ -201,14 +244,42 @@ class _EnsembleLoss(LossModule):
         return -float(math.prod(spec.shape[-1:]))
 
     def _make_vmap(self) -> None:
-        # batched matmuls for plain MLP critics (faster than vmap on CPU); vmap otherwise
-        self._batched_q = BatchedMLP.from_member(self.qvalue_network)
+        """(Re)build the ensemble callers; honours ``deactivate_vmap`` and ``vmap_randomness``.
+
+        Plain MLP critics run as batched matmuls (faster than vmap on CPU),
+        except with ``deactivate_vmap`` (a Python loop over the members) or
+        ``vmap_randomness == "same"`` (the batched path draws a fresh dropout
+        mask per member, so it cannot share one across members); other critics
+        use ``torch.vmap``, or the loop with ``deactivate_vmap``.
+        """
+        randomness = self.vmap_randomness
+        use_batched = not self.deactivate_vmap and randomness != "same"
+        self._batched_q = BatchedMLP.from_member(self.qvalue_network) if use_batched else None
         self._vmap_qvalue_networkN0 = _vmap_func(
-            self.qvalue_network, (None, 0), randomness=self.vmap_randomness
+            self.qvalue_network,
+            (None, 0),
+            randomness=randomness,
+            pseudo_vmap=self.deactivate_vmap,
         )
         self._vmap_qvalue_network00 = _vmap_func(
-            self.qvalue_network, (0, 0), randomness=self.vmap_randomness
+            self.qvalue_network,
+            (0, 0),
+            randomness=randomness,
+            pseudo_vmap=self.deactivate_vmap,
         )
+
+    def set_vmap_randomness(self, value: str) -> None:
+        """Set ``torch.vmap``'s randomness mode (``"error"``, ``"same"``, ``"different"``) and rebuild.
+
+        With ``deactivate_vmap=True`` the members run one after another, which
+        cannot reproduce ``"same"``.
+        """
+        if self.deactivate_vmap and value == "same":
+            raise ValueError(
+                "vmap_randomness='same' is not available with deactivate_vmap=True "
+                "(the members are evaluated one after another)."
+            )
+        super().set_vmap_randomness(value)
 
     def train(self, mode: bool = True):
         """Also switch the functional actor and critic modules (dropout, etc.).
@@ -223,32 +294,156 @@ class _EnsembleLoss(LossModule):
                 module.train(mode)
         return self
 
+    # ------------------------------------------------------ value estimator
     def make_value_estimator(self, value_type: ValueEstimators = None, **hyperparams):
-        """Only the one-step TD(0) target of the papers is supported; ``gamma`` may be set here."""
-        if value_type not in (None, ValueEstimators.TD0):
-            raise NotImplementedError(
-                f"{type(self).__name__} implements the papers' TD(0) target only, got {value_type}."
-            )
+        """Choose how the TD target is computed from the soft next value.
+
+        Args:
+            value_type: ``ValueEstimators.TD0`` (default: the papers' one-step
+                target ``r + gamma * (1 - terminated) * V(s')``), ``TD1`` or
+                ``TDLambda``; or a :class:`~torchrl.objectives.value.ValueEstimatorBase`
+                instance or subclass. TD(1) and TD(lambda) read the batch as
+                consecutive transitions along its last dimension (e.g. ``[B, T]``
+                slices from a ``SliceSampler``), with ``done`` cutting the
+                trajectories; on a batch of independent transitions they are
+                meaningless.
+            **hyperparams: estimator hyperparameters (``gamma``, ``lmbda``, ...).
+
+        The discount lives in the loss's ``gamma`` buffer (the constructor's
+        ``gamma``; schedulable with ``loss.gamma = 0.98``; saved in the state
+        dict). ``gamma=...`` here sets that buffer, as does passing an estimator
+        instance (its ``gamma`` is adopted); the estimator always discounts
+        with the loss's buffer. The estimator is not a registered submodule, so
+        the state dict has the same keys whichever estimator is used.
+        """
+        if value_type is None:
+            value_type = self.default_value_estimator
         if "gamma" in hyperparams:
-            self.gamma.fill_(float(hyperparams.pop("gamma")))
-        if hyperparams:
-            raise TypeError(f"Unknown value-estimator hyperparameters {sorted(hyperparams)}.")
+            self._set_gamma(hyperparams["gamma"])
+        if isinstance(value_type, ValueEstimatorBase):
+            if "gamma" in value_type._buffers:
+                self._set_gamma(value_type.gamma)
+            estimator = value_type
+            self.value_type = type(value_type)
+        elif isinstance(value_type, type) and issubclass(value_type, ValueEstimatorBase):
+            hp = {"gamma": float(self.gamma), **hyperparams}
+            device = self._default_device
+            if device is not None:
+                hp.setdefault("device", device)
+            estimator = value_type(**hp)
+            self.value_type = value_type
+        else:
+            hp = dict(default_value_kwargs(value_type))
+            hp.update(hyperparams)
+            hp["gamma"] = float(self.gamma)
+            hp.setdefault("value_network", None)
+            estimator = dispatch_value_estimator(
+                self,
+                value_type,
+                supported=self.SUPPORTED_VALUE_ESTIMATORS,
+                deactivate_vmap=self.deactivate_vmap,
+                **hp,
+            )
+        self._set_value_estimator(estimator)
+        self._forward_value_estimator_keys()
         return self
 
-    def _forward_value_estimator_keys(self, **kwargs) -> None:
-        pass
+    def _set_gamma(self, gamma) -> None:
+        gamma = float(gamma)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
+        self.gamma.fill_(gamma)
+
+    def _set_value_estimator(self, estimator: ValueEstimatorBase | None) -> None:
+        # kept out of the module tree: the state dict stays the same whether or
+        # not (and whichever) estimator was built, so checkpoints load either way
+        self._modules.pop("_value_estimator", None)
+        self.__dict__["_value_estimator"] = estimator
 
     @property
+    def value_estimator(self) -> ValueEstimatorBase:
+        """The estimator turning the soft next value into the TD target (TD(0) by default)."""
+        if self.__dict__.get("_value_estimator", None) is None:
+            self.make_value_estimator(self.default_value_estimator)
+        return self.__dict__["_value_estimator"]
+
+    @value_estimator.setter
+    def value_estimator(self, value: ValueEstimatorBase) -> None:
+        self.make_value_estimator(value)
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        estimator = self.__dict__.get("_value_estimator", None)
+        if estimator is not None:
+            estimator.set_keys(
+                value=self.tensor_keys.value,
+                reward=self.tensor_keys.reward,
+                done=self.tensor_keys.done,
+                terminated=self.tensor_keys.terminated,
+            )
+        self._in_keys = None
+
+    def _td_target(self, tensordict: TensorDictBase, next_value: Tensor) -> Tensor:
+        """TD target ``[*batch]`` from the soft next value ``[*batch]`` via the value estimator.
+
+        The next value is written at ``("next", value_key)`` of a shallow copy of
+        the batch (the input is not modified), as ``SACLoss._compute_target_v2``
+        does. With TD(0): ``r + gamma * (1 - terminated) * V(s')``.
+        """
+        estimator = self.value_estimator
+        if "gamma" in estimator._buffers and estimator.gamma is not self.gamma:
+            estimator.gamma = self.gamma  # the loss's (schedulable) discount
+        keys = estimator.tensor_keys
+        td = tensordict.copy()
+        reward = td.get(("next", keys.reward))
+        terminated = td.get(("next", keys.terminated))
+        if terminated.dtype != torch.bool:
+            terminated = terminated.bool()
+            td.set(("next", keys.terminated), terminated)
+        done = td.get(("next", keys.done), None)
+        if done is None:
+            td.set(("next", keys.done), terminated)
+        elif done.dtype != torch.bool:
+            td.set(("next", keys.done), done.bool())
+        td.set(("next", keys.value), next_value.reshape(reward.shape))
+        return estimator.value_estimate(td).reshape(next_value.shape)
+
+    # ----------------------------------------------------------- keys
+    @property
     def in_keys(self) -> list[NestedKey]:
-        keys = [
-            self.tensor_keys.action,
-            ("next", self.tensor_keys.reward),
-            ("next", self.tensor_keys.terminated),
-            *self.actor_network.in_keys,
-            *[_next(k) for k in self.actor_network.in_keys],
-            *self.qvalue_network.in_keys,
-        ]
-        return list(dict.fromkeys(keys))
+        """Entries read from the batch (``("next", done)`` is optional)."""
+        if self._in_keys is None:
+            keys = [
+                self.tensor_keys.action,
+                ("next", self.tensor_keys.reward),
+                ("next", self.tensor_keys.done),
+                ("next", self.tensor_keys.terminated),
+                *self.actor_network.in_keys,
+                *[_next(k) for k in self.actor_network.in_keys],
+                *self.qvalue_network.in_keys,
+            ]
+            return list(dict.fromkeys(keys))
+        return self._in_keys
+
+    @in_keys.setter
+    def in_keys(self, values) -> None:
+        self._in_keys = values
+
+    @property
+    def out_keys(self) -> list[str]:
+        """Entries of the output (in the order a keyword call returns them)."""
+        if self._out_keys is None:
+            keys = ["loss_actor", "loss_qvalue", "loss_alpha", *self._extra_loss_keys()]
+            if self.reduction != "none":
+                keys += ["alpha", *self._extra_out_keys]
+            return keys
+        return self._out_keys
+
+    @out_keys.setter
+    def out_keys(self, values) -> None:
+        self._out_keys = values
+
+    def _extra_loss_keys(self) -> list[str]:
+        return []
 
     @property
     def _alpha(self) -> Tensor:
@@ -258,20 +453,42 @@ class _EnsembleLoss(LossModule):
     def _detached_qvalue_params(self) -> TensorDictBase:
         return self.qvalue_network_params.detach()
 
-    def _reduce(self, x: Tensor) -> Tensor:
-        if self.reduction == "mean":
-            return x.mean()
-        if self.reduction == "sum":
-            return x.sum()
-        return x
+    def _reduce(self, x: Tensor, tensordict: TensorDictBase) -> Tensor:
+        """TorchRL's reduction: priority weights and loss masks from ``tensordict``, then ``reduction``."""
+        return self._reduce_loss(
+            x, tensordict=tensordict, weights=self._maybe_get_priority_weight(tensordict)
+        )
 
     def _check_batch(self, tensordict: TensorDictBase) -> None:
         present = set(tensordict.keys(True, True))
-        missing = [k for k in self.in_keys if _norm(k) not in present]
+        optional = {_norm(("next", self.tensor_keys.done))}
+        missing = [
+            k for k in self.in_keys if _norm(k) not in present and _norm(k) not in optional
+        ]
         if missing:
             raise KeyError(
                 f"{type(self).__name__} needs keys {[_fmt(k) for k in missing]} in the batch."
             )
+
+    # ----------------------------------------------------------- reset
+    def reset_parameters_recursive(self) -> None:
+        """Re-initialise the actor and each critic member on its own; targets copy the critics.
+
+        Every member is re-drawn by its layers' own ``reset_parameters`` with its
+        own shapes (fan-in), as a freshly built member would be; re-initialising
+        the stacked ``[N, ...]`` tensors at once would use the wrong fan-in and
+        draw correlated members. The target critics are then set equal to the
+        new online critics. ``log_alpha`` is left as is.
+        """
+        with torch.no_grad():
+            self._reset_module_parameters("actor_network", self.actor_network)
+            params = self.qvalue_network_params.data
+            for k in range(self.num_qvalue_nets):
+                member = params[k]  # views into the stacked storage
+                with member.to_module(self.qvalue_network, preserve_module_state=False):
+                    self.qvalue_network._reset_parameters(self.qvalue_network)
+            self._modules["target_qvalue_network_params"].data.update_(params)
+        self._erase_cache()
 
     def _sample(self, td: TensorDictBase, *, grad: bool) -> tuple[Tensor, Tensor]:
         """Reparameterised action and its log-prob from the current policy at ``td``."""
@@ -328,15 +545,15 @@ class _EnsembleLoss(LossModule):
 
         ``next_td`` holds the next-state input with the policy sample the target used.
         """
-        cap = self._spqr_capture
+        cap = self.member_values_request
         online = self.qvalue_network_params
         if cap is None:
             return self._q(td_sa, online)
-        if cap.mode == "data":
+        if cap.pairs == "data":
             pred = self._q(td_sa, online)
             cap.q, cap.source = pred, "reused"
             return pred
-        if cap.mode == "next_policy" and next_td is not None:
+        if cap.pairs == "next_policy" and next_td is not None:
             nxt = next_td.select(*self.qvalue_network.in_keys, strict=False)
             nxt.set(self.tensor_keys.action, nxt.get(self.tensor_keys.action).detach())
             if cap.fuse:
@@ -344,13 +561,8 @@ class _EnsembleLoss(LossModule):
                 both = self._q(torch.cat([td_sa.select(*nxt.keys(True, True)), nxt], 0), online)
                 cap.q, cap.source = both[:, b:], "fused"
                 return both[:, :b]
-            cap.next_input = nxt
+            cap.next_input, cap.source = nxt, "reused_sample"
         return self._q(td_sa, online)
-
-    def _td_target(self, tensordict: TensorDictBase, next_value: Tensor) -> Tensor:
-        reward = tensordict.get(("next", self.tensor_keys.reward)).squeeze(-1)
-        term = tensordict.get(("next", self.tensor_keys.terminated)).squeeze(-1)
-        return reward + self.gamma * (~term.bool()).to(reward.dtype) * next_value
 
     def _alpha_loss(self, log_prob: Tensor) -> Tensor:
         if self.fixed_alpha:
@@ -367,8 +579,8 @@ class _EnsembleLoss(LossModule):
             q_agg = self._q(q_in, self._detached_qvalue_params).mean(0)
         loss_actor = self._alpha * log_prob - q_agg
         return {
-            "loss_actor": self._reduce(loss_actor),
-            "loss_alpha": self._reduce(self._alpha_loss(log_prob)),
+            "loss_actor": self._reduce(loss_actor, tensordict),
+            "loss_alpha": self._reduce(self._alpha_loss(log_prob), tensordict),
             "entropy": -log_prob.detach().mean(),
         }
 
@@ -405,7 +617,7 @@ class _EnsembleLoss(LossModule):
         tensordict.set(
             self.tensor_keys.priority, (pred.detach() - y.unsqueeze(0)).abs().max(0).values
         )
-        return {"loss_qvalue": self._reduce(loss), **_critic_metadata(pred, y)}
+        return {"loss_qvalue": self._reduce(loss, tensordict), **_critic_metadata(pred, y)}
 
     def _finish(self, tensordict: TensorDictBase, out: dict[str, Tensor]) -> TensorDictBase:
         bs = tensordict.batch_size if self.reduction == "none" else torch.Size([])
@@ -438,10 +650,25 @@ class SACNLoss(_EnsembleLoss):
 
     Keyword Args:
         num_qvalue_nets: optional check of ``N``.
-        gamma: discount (default 0.99).
+        gamma: discount (default 0.99). Kept in the ``gamma`` buffer (saved in
+            the state dict, schedulable with ``loss.gamma = 0.98``) and used by
+            whichever value estimator :meth:`make_value_estimator` set (TD(0) by
+            default); ``make_value_estimator(gamma=...)`` also sets it.
         alpha_init, fixed_alpha, target_entropy, action_spec: entropy
             temperature settings (``target_entropy="auto"`` is ``-dim(A)``).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (through TorchRL's
+            ``_reduce_loss``: priority weights and loss masks apply).
+        deactivate_vmap: evaluate the members in a Python loop instead of one
+            batched / vmapped call (same values up to float round-off).
+        use_prioritized_weights: ``"auto"`` (default) or ``True`` weighs the
+            per-element losses with the batch's ``priority_weight`` entry when
+            present (prioritized replay); ``False`` ignores it.
+
+    A keyword call returns the ``out_keys`` as a tuple::
+
+        loss_actor, loss_qvalue, loss_alpha, alpha, entropy, q_mean, target_value = loss(
+            observation=obs, action=act, next_observation=obs2, next_reward=r,
+            next_done=done, next_terminated=term)
 
     Examples:
         >>> import torch
@@ -471,6 +698,7 @@ class SACNLoss(_EnsembleLoss):
         y, next_in = self._critic_target(tensordict)
         return self._critic_regression(tensordict, y, next_in)
 
+    @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self._check_batch(tensordict)
         out = self._critic_out(tensordict)
@@ -478,7 +706,7 @@ class SACNLoss(_EnsembleLoss):
         return self._finish(tensordict, out)
 
 
-class REDQLoss(_EnsembleLoss):
+class ReferenceREDQLoss(_EnsembleLoss):
     """REDQ as in Chen et al. 2021 and its reference code.
 
     Mapping to the paper: ``N = num_qvalue_nets`` (10) critics; the soft TD
@@ -500,8 +728,16 @@ class REDQLoss(_EnsembleLoss):
 
     Unlike TorchRL's ``REDQLoss``: squared error (not smooth-L1), no alpha
     clamping, the policy updated every ``G`` calls, and the next action drawn
-    from the current policy (as in the reference code).
+    from the current policy (as in the reference code). Named ``REDQLoss``
+    up to version 0.1 (the old name still works for one release, with a
+    ``FutureWarning``); for TorchRL's semantics use
+    :class:`torchrl.objectives.REDQLoss`.
+
+    ``out_keys`` has no ``entropy``: the critic-only calls do not sample the
+    policy (the tensordict output has ``entropy`` on the calls that update it).
     """
+
+    _extra_out_keys = ("actor_updated", "q_mean", "target_value")
 
     def __init__(
         self,
@@ -534,6 +770,7 @@ class REDQLoss(_EnsembleLoss):
         """Whether the next training call updates the policy."""
         return (int(self.update_count) + 1) % self.policy_update_delay == 0
 
+    @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self._check_batch(tensordict)
         out = self._critic_out(tensordict)
@@ -571,9 +808,12 @@ class EDACLoss(SACNLoss):
             raise ValueError(f"eta must be >= 0, got {eta}.")
         self.eta = float(eta)
 
+    def _extra_loss_keys(self) -> list[str]:
+        return ["loss_diversity"]
+
     def _critic_out(self, tensordict: TensorDictBase) -> dict[str, Tensor]:
         out = super()._critic_out(tensordict)
-        out["loss_diversity"] = self._reduce(self.eta * self.diversity(tensordict))
+        out["loss_diversity"] = self._reduce(self.eta * self.diversity(tensordict), tensordict)
         return out
 
     def diversity(self, tensordict: TensorDictBase) -> Tensor:
@@ -648,6 +888,14 @@ class CQLNLoss(_EnsembleLoss):
             self.log_alpha_prime = torch.nn.Parameter(torch.zeros(()))
         self.register_buffer("actor_update_count", torch.zeros((), dtype=torch.long))
 
+    def _extra_loss_keys(self) -> list[str]:
+        return ["loss_cql", "loss_alpha_prime"] if self.with_lagrange else ["loss_cql"]
+
+    @property
+    def _extra_out_keys(self) -> tuple[str, ...]:
+        keys = ("entropy", "q_mean", "target_value", "cql_gap")
+        return (*keys, "alpha_prime") if self.with_lagrange else keys
+
     def _repeat(self, td: TensorDictBase) -> TensorDictBase:
         """Each batch element repeated ``num_random`` times: ``[B] -> [B, R]``."""
         return td.unsqueeze(-1).expand(*td.batch_size, self.num_random).clone()
@@ -704,13 +952,14 @@ class CQLNLoss(_EnsembleLoss):
         lse = torch.logsumexp(cat_q / self.temperature, dim=-1) * self.temperature
         return lse - pred
 
+    @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self._check_batch(tensordict)
         y, next_in = self._critic_target_cql(tensordict)
         td_sa = tensordict.select(*self.qvalue_network.in_keys, strict=False)
         pred = self._online_pred(td_sa, next_in)
         out: dict[str, Tensor] = {
-            "loss_qvalue": self._reduce(self._mse_sum_members(pred, y)),
+            "loss_qvalue": self._reduce(self._mse_sum_members(pred, y), tensordict),
             **_critic_metadata(pred, y),
         }
         gap = self.conservative_term(tensordict, pred)  # [N, *batch]
@@ -723,7 +972,7 @@ class CQLNLoss(_EnsembleLoss):
             out["loss_alpha_prime"] = -(alpha_prime * gap_per_member).mean()
             out["alpha_prime"] = alpha_prime.detach()
             weighted = alpha_prime.detach() * weighted
-        out["loss_cql"] = self._reduce(weighted.sum(0))
+        out["loss_cql"] = self._reduce(weighted.sum(0), tensordict)
         out["cql_gap"] = gap.detach().mean()
         bc = int(self.actor_update_count) < self.bc_steps
         if bc:
@@ -739,8 +988,8 @@ class CQLNLoss(_EnsembleLoss):
                 )
                 a_data = tensordict.get(self.tensor_keys.action).clamp(-1 + 1e-6, 1 - 1e-6)
                 lp_data = dist.log_prob(a_data)
-            out["loss_actor"] = self._reduce(self._alpha * log_prob - lp_data)
-            out["loss_alpha"] = self._reduce(self._alpha_loss(log_prob))
+            out["loss_actor"] = self._reduce(self._alpha * log_prob - lp_data, tensordict)
+            out["loss_alpha"] = self._reduce(self._alpha_loss(log_prob), tensordict)
             out["entropy"] = -log_prob.detach().mean()
         else:
             out.update(self._actor_out(tensordict, "min"))

@@ -1,0 +1,53 @@
+"""Loss modules: the package's ensemble losses and the member-values protocol SPQR reads."""
+
+from torchrl_spqr.objectives.ensemble import (
+    MBPO_TARGET_ENTROPY,
+    CQLNLoss,
+    EDACLoss,
+    ReferenceREDQLoss,
+    SACNLoss,
+    mbpo_target_entropy,
+)
+from torchrl_spqr.objectives.torchrl_losses import (
+    EnsembleREDQLoss,
+    EnsembleSACLoss,
+    EnsembleTD3Loss,
+)
+from torchrl_spqr.objectives.member_values import (
+    MemberValuesMixin,
+    MemberValuesRequest,
+    serves_member_values,
+)
+
+__all__ = [
+    "MBPO_TARGET_ENTROPY",
+    "CQLNLoss",
+    "EDACLoss",
+    "EnsembleREDQLoss",
+    "EnsembleSACLoss",
+    "EnsembleTD3Loss",
+    "MemberValuesMixin",
+    "MemberValuesRequest",
+    "ReferenceREDQLoss",
+    "SACNLoss",
+    "mbpo_target_entropy",
+    "serves_member_values",
+]
+
+
+def __getattr__(name: str):
+    # ``REDQLoss`` was renamed ``ReferenceREDQLoss`` (it follows the REDQ reference
+    # code, not TorchRL's ``REDQLoss``); the old name is kept for one release.
+    if name == "REDQLoss":
+        import warnings
+
+        warnings.warn(
+            "torchrl_spqr.objectives.REDQLoss is renamed ReferenceREDQLoss (the REDQ "
+            "reference code's loss: summed squared error, policy delay, no alpha clamp); "
+            "the old name will be removed in the next release. For TorchRL's semantics "
+            "use torchrl.objectives.REDQLoss.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return ReferenceREDQLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
