@@ -1,5 +1,6 @@
 """Loss modules: the package's ensemble losses and the member-values protocol SPQR reads."""
 
+from torchrl_spqr.objectives.cql import EnsembleCQLLoss
 from torchrl_spqr.objectives.ensemble import (
     MBPO_TARGET_ENTROPY,
     CQLNLoss,
@@ -23,6 +24,7 @@ __all__ = [
     "MBPO_TARGET_ENTROPY",
     "CQLNLoss",
     "EDACLoss",
+    "EnsembleCQLLoss",
     "EnsembleREDQLoss",
     "EnsembleSACLoss",
     "EnsembleTD3Loss",
