@@ -60,7 +60,13 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase, is_tensor_collection
-from tensordict.nn import TensorDictModuleBase, TensorDictParams, dispatch
+from tensordict.nn import (
+    ProbabilisticTensorDictModule,
+    ProbabilisticTensorDictSequential,
+    TensorDictModuleBase,
+    TensorDictParams,
+    dispatch,
+)
 from tensordict.utils import NestedKey
 from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
@@ -496,7 +502,9 @@ class SPQRLoss(LossModule):
             )
             with ctx:
                 inputs = obs_td.select(*actor.in_keys, strict=False).copy()
-                if hasattr(actor, "get_dist"):
+                if isinstance(
+                    actor, (ProbabilisticTensorDictModule, ProbabilisticTensorDictSequential)
+                ):
                     dist = actor.get_dist(inputs)
                     if not getattr(dist, "has_rsample", False):
                         raise ValueError(
@@ -508,7 +516,7 @@ class SPQRLoss(LossModule):
                     action = dist.rsample()
                     if is_tensor_collection(action):
                         action = action.get(act_key)
-                else:
+                else:  # a deterministic policy (e.g. TorchRL's Actor for TD3)
                     action = actor(inputs).get(act_key)
         return action.detach()
 
@@ -539,9 +547,11 @@ class SPQRLoss(LossModule):
         td.set(act_key, self._policy_action(td))
         return td.select(*q_in, strict=False)
 
-    def _check_keys(self, tensordict: TensorDictBase) -> None:
+    def _check_keys(self, tensordict: TensorDictBase, need_q: bool = True) -> None:
         present = set(tensordict.keys(True, True))
-        missing = [k for k in self._own_in_keys() if _norm(k) not in present]
+        # every critic loss evaluates its critics at the data pairs: their inputs are needed
+        wanted = self._q_in_keys() + (self._own_in_keys() if need_q else [])
+        missing = [k for k in dict.fromkeys(wanted) if _norm(k) not in present]
         if missing:
             raise KeyError(
                 f"SPQRLoss(pairs={self.pairs!r}) needs keys {[_fmt(k) for k in missing]} in the "
@@ -582,8 +592,8 @@ class SPQRLoss(LossModule):
         q = None
         source = None
         next_input = None
-        if need_q:
-            self._check_keys(tensordict)
+        if need_q or self.wrapped:
+            self._check_keys(tensordict, need_q)
         if self.wrapped:
             base = self.loss_module
             if need_q and self.reuse and serves_member_values(base, self.pairs):
@@ -637,7 +647,7 @@ class SPQRLoss(LossModule):
         else:
             td_out.set("loss_spqr", loss_spqr)
         if kl_el is not None:
-            self._write(td_out, "spqr_kl", self._reduce_loss(kl_el.detach(), tensordict))
+            self._write(td_out, "spqr_kl", kl.detach())
         self._write(td_out, "spqr_beta", self.beta.detach().clone())
         if want_diag and q is not None:
             with torch.no_grad():
@@ -702,6 +712,12 @@ class SPQRLoss(LossModule):
         self._materialise_lazy_buffers()
         base = self.loss_module
         prefix = "loss_module."
+        if any(k.startswith("_value_estimator.") or k.startswith(prefix + "_value_estimator.")
+               for k in state_dict):
+            # the trained loss built its default value estimator at its first forward (its
+            # gamma is a buffer); reading the property builds the same default here (it
+            # never replaces an existing estimator) so that the state can land
+            base.value_estimator  # noqa: B018
         if state_dict and not any(k.startswith(prefix) for k in state_dict):
             own = {"beta", "step_count"}
             inner = {k: v for k, v in state_dict.items() if k not in own}
@@ -713,12 +729,6 @@ class SPQRLoss(LossModule):
                     assign=assign,
                 )
             return base.load_state_dict(inner, strict=strict, assign=assign)
-        if getattr(base, "_value_estimator", 0) is None and any(
-            k.startswith(prefix + "_value_estimator.") for k in state_dict
-        ):
-            # the trained loss built its default value estimator at its first forward (its
-            # gamma is a buffer); build the same default here so that the state can land
-            base.value_estimator  # noqa: B018
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn):
