@@ -54,12 +54,15 @@ CASES = [
     {"reduction": "none", "scalar_output_mode": "exclude", "num_random": 3},
     {"reduction": "none", "scalar_output_mode": "exclude", "max_q_backup": True},
     {"fixed_alpha": True, "alpha_init": 0.2, "deactivate_vmap": True, "reduction": "sum"},
+    {"estimator": ValueEstimators.TD1, "deterministic_backup": False},
+    {"estimator": ValueEstimators.TDLambda, "max_q_backup": True, "with_lagrange": True},
 ]
 
 
 @pytest.mark.parametrize("kwargs", CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
-@pytest.mark.parametrize("estimator", [ValueEstimators.TD0, ValueEstimators.TD1])
-def test_n2_equals_torchrl_cql(kwargs, estimator):
+def test_n2_equals_torchrl_cql(kwargs):
+    kwargs = dict(kwargs)
+    estimator = kwargs.pop("estimator", ValueEstimators.TD0)
     ref, ens = _pair(**kwargs)
     for loss in (ref, ens):
         loss.make_value_estimator(estimator, gamma=0.9)
@@ -340,3 +343,75 @@ def test_bad_input():
     loss = EnsembleCQLLoss(actor, _critics(2))
     with pytest.raises(KeyError, match="before q_loss"):
         loss.cql_loss(make_batch(3))
+
+
+REFERENCE_CASES = [
+    {},
+    {"lagrange_thresh": 2.0},
+    {"max_q_backup": True, "min_q_weight": 5.0, "temperature": 2.0},
+    {"backup_entropy": True, "lagrange_thresh": -1.0},
+    {"bc_steps": 1, "reduction": "sum"},
+    {"reduction": "none", "num_random": 3},
+]
+
+
+@pytest.mark.parametrize("n", [3])
+@pytest.mark.parametrize(
+    "kwargs", REFERENCE_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items())
+)
+def test_reference_variant_equals_cqln(kwargs, n):
+    """The authors' CQL-N (CQLNLoss) is a configuration of EnsembleCQLLoss."""
+    from torchrl_spqr.objectives import CQLNLoss
+
+    torch.manual_seed(0)
+    actor, critics = make_actor(), _critics(n)
+    common = {"alpha_init": 0.5, "reduction": kwargs.get("reduction", "mean")}
+    cqln = CQLNLoss(
+        copy.deepcopy(actor),
+        copy.deepcopy(critics),
+        num_qvalue_nets=n,
+        gamma=0.9,
+        num_random=kwargs.get("num_random", 4),
+        min_q_weight=kwargs.get("min_q_weight", 5.0),
+        temperature=kwargs.get("temperature", 1.0),
+        lagrange_thresh=kwargs.get("lagrange_thresh"),
+        max_q_backup=kwargs.get("max_q_backup", False),
+        backup_entropy=kwargs.get("backup_entropy", False),
+        bc_steps=kwargs.get("bc_steps", 0),
+        **common,
+    )
+    ens = EnsembleCQLLoss(
+        copy.deepcopy(actor),
+        copy.deepcopy(critics),
+        num_qvalue_nets=n,
+        cql_variant="reference",
+        loss_function="l2",
+        num_random=kwargs.get("num_random", 4),
+        min_q_weight=kwargs.get("min_q_weight", 5.0),
+        temperature=kwargs.get("temperature", 1.0),
+        with_lagrange=kwargs.get("lagrange_thresh") is not None,
+        lagrange_thresh=kwargs.get("lagrange_thresh") or 0.0,
+        max_q_backup=kwargs.get("max_q_backup", False),
+        deterministic_backup=not kwargs.get("backup_entropy", False),
+        bc_steps=kwargs.get("bc_steps", 0),
+        scalar_output_mode="exclude" if common["reduction"] == "none" else None,
+        **common,
+    )
+    ens.make_value_estimator(gamma=0.9)
+    assert dict(cqln.named_parameters()).keys() == dict(ens.named_parameters()).keys()
+    for call in range(2):  # with bc_steps=1: a BC call, then a Q-maximising one
+        data = make_batch(6, seed=call)
+        torch.manual_seed(10 + call)
+        out_ref = cqln(data.clone())
+        torch.manual_seed(10 + call)
+        out_ens = ens(data.clone())
+        keys = [k for k in out_ref.keys() if k.startswith("loss_")]
+        assert set(keys) <= set(out_ens.keys())
+        for key in keys:
+            torch.testing.assert_close(out_ens[key], out_ref[key], msg=key)
+            g_ref, g_ens = _grads(cqln, out_ref[key]), _grads(ens, out_ens[key])
+            for name in g_ref:
+                if g_ref[name] is None:
+                    assert g_ens[name] is None or not g_ens[name].any(), (key, name)
+                else:
+                    torch.testing.assert_close(g_ens[name], g_ref[name], msg=f"{key} / {name}")

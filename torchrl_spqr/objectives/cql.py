@@ -10,6 +10,7 @@ and gradients as ``CQLLoss``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModule, TensorDictParams
+from tensordict.nn import (
+    ProbabilisticTensorDictSequential,
+    TensorDictModule,
+    TensorDictParams,
+    dispatch,
+)
 from tensordict.utils import NestedKey, unravel_key
 from torch import Tensor, nn
 from torch.nn.parameter import Buffer
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.modules.distributions.utils import rsample_and_log_prob
 from torchrl.objectives import CQLLoss
 from torchrl.objectives.utils import distance_loss
 
@@ -66,6 +74,11 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
     Keyword Args:
         num_qvalue_nets: ``N`` (default 2), at least 1; must match the list
             length or the ``QEnsemble`` size.
+        cql_variant: ``"torchrl"`` (default; ``CQLLoss``'s computations) or
+            ``"reference"`` (the CQL reference code's, as in ``CQLNLoss``; see above).
+        bc_steps: number of training calls (from construction) during which
+            ``loss_actor`` is the behaviour-cloning loss ``loss_actor_bc``
+            (default 0; counted in the ``actor_update_count`` buffer).
         loss_function, alpha_init, min_alpha, max_alpha, action_spec,
         fixed_alpha, target_entropy, delay_actor, delay_qvalue, gamma,
         temperature, min_q_weight, max_q_backup, deterministic_backup,
@@ -81,6 +94,41 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
     ``N`` members; ``pred_q1`` / ``pred_q2`` and ``cql_q1_loss`` /
     ``cql_q2_loss`` keep ``CQLLoss``'s shapes and hold members 0 and 1 (only
     ``*1`` when ``N = 1``). ``td_error`` is the max over the ``N`` members.
+    With ``cql_variant="reference"``, ``cql_q_loss`` is ``[*batch, N]`` (one
+    term per state) and ``cql_q1_loss`` / ``cql_q2_loss`` are not written.
+
+    The authors' CQL-N (:class:`~torchrl_spqr.objectives.CQLNLoss`, after the CQL
+    reference code) is a configuration: ``cql_variant="reference"`` switches to
+    the reference conservative term (:meth:`_cql_loss_reference`: one
+    logsumexp over all ``3 * num_random`` sampled actions per state, all
+    evaluated at ``s``), the reference Lagrange form (the conservative loss is
+    ``alpha'.detach() * (min_q_weight * gap - lagrange_thresh)`` and
+    ``loss_alpha_prime`` trains ``alpha'`` only; in TorchRL's form
+    ``loss_alpha_prime`` also reaches the critics), one policy draw shared by
+    ``loss_actor`` and ``loss_actor_bc`` (data action clamped inside
+    ``(-1, 1)``) and a max-Q backup without TorchRL's unused extra draw.
+    ``bc_steps`` (either variant) makes ``loss_actor`` the BC loss for the first
+    ``bc_steps`` training calls. Then::
+
+        CQLNLoss(actor, critics, num_qvalue_nets=N, gamma=g, min_q_weight=w,
+                 temperature=T, num_random=R, lagrange_thresh=tau,
+                 max_q_backup=m, backup_entropy=e, bc_steps=k, **alpha_kwargs)
+
+    gives the same loss values and gradients (same parameters and RNG state)
+    as::
+
+        loss = EnsembleCQLLoss(actor, critics, num_qvalue_nets=N, cql_variant="reference",
+                               loss_function="l2", min_q_weight=w, temperature=T,
+                               num_random=R, with_lagrange=tau is not None,
+                               lagrange_thresh=tau or 0.0, max_q_backup=m,
+                               deterministic_backup=not e, bc_steps=k, **alpha_kwargs)
+        loss.make_value_estimator(gamma=g)
+
+    except with ``max_q_backup=True`` and ``backup_entropy=True`` together (CQLNLoss
+    indexes the log-probs with a member index there) and the value (not the
+    gradient) of ``loss_alpha`` under ``fixed_alpha=True`` (0 in CQLNLoss). The
+    priority is the squared TD error (CQLNLoss: absolute) and the metadata
+    entries follow ``CQLLoss`` (``alpha``, ``entropy``), not CQLNLoss.
 
     Member values (:mod:`torchrl_spqr.objectives.member_values`): inside
     ``with loss.request_member_values("data") as req: loss(td)``, ``req.q`` is the
@@ -165,7 +213,13 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
         deactivate_vmap: bool = False,
         scalar_output_mode: str | None = None,
         num_qvalue_nets: int = 2,
+        cql_variant: str = "torchrl",
+        bc_steps: int = 0,
     ) -> None:
+        if cql_variant not in ("torchrl", "reference"):
+            raise ValueError(f"cql_variant must be 'torchrl' or 'reference', got {cql_variant!r}.")
+        if bc_steps < 0:
+            raise ValueError(f"bc_steps must be >= 0, got {bc_steps}.")
         if isinstance(num_qvalue_nets, bool) or not isinstance(num_qvalue_nets, int):
             raise TypeError(f"num_qvalue_nets must be an int, got {num_qvalue_nets!r}.")
         if num_qvalue_nets < 1:
@@ -230,6 +284,9 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
             deactivate_vmap=deactivate_vmap,
             scalar_output_mode=scalar_output_mode,
         )
+        self.cql_variant = cql_variant
+        self.bc_steps = int(bc_steps)
+        self.register_buffer("actor_update_count", torch.zeros((), dtype=torch.long))
 
     def convert_to_functional(
         self,
@@ -314,12 +371,9 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
         Reads ``pred_q`` (written by :meth:`q_loss`), writes ``cql_q_loss``
         (all members) and ``cql_q1_loss`` / ``cql_q2_loss`` (members 0, 1).
         """
-        pred_q = tensordict.get(self.tensor_keys.pred_q, None)
-        if pred_q is None:
-            raise KeyError(
-                f"Couldn't find the predictions under {self.tensor_keys.pred_q} in the input "
-                "tensordict. This could be caused by calling cql_loss before q_loss."
-            )
+        if self.cql_variant == "reference":
+            return self._cql_loss_reference(tensordict)
+        pred_q = self._pred_q(tensordict)
         n = self.num_qvalue_nets
         random_actions_tensor = pred_q.new_empty(
             (
@@ -395,8 +449,77 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
         )
         return cql_q_loss, {}
 
+    def _pred_q(self, tensordict: TensorDictBase) -> Tensor:
+        pred_q = tensordict.get(self.tensor_keys.pred_q, None)
+        if pred_q is None:
+            raise KeyError(
+                f"Couldn't find the predictions under {self.tensor_keys.pred_q} in the input "
+                "tensordict. This could be caused by calling cql_loss before q_loss."
+            )
+        return pred_q
+
+    def _cql_loss_reference(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
+        """The CQL reference code's CQL(H) term (``min_q_version=3``), per member.
+
+        ``num_random`` actions per state from each of the uniform proposal,
+        ``pi(.|s)`` and ``pi(.|s')`` (drawn in this order: ``pi(s)``, ``pi(s')``,
+        uniform), all evaluated at ``s``; one importance-weighted logsumexp
+        over the ``3 * num_random`` actions per state; minus ``Q_k(s, a_data)``;
+        times ``min_q_weight``; summed over members. With ``with_lagrange``,
+        each member's term becomes ``alpha' * (min_q_weight * gap - lagrange_thresh)``
+        with ``alpha'`` detached (the Lagrange loss trains ``alpha'`` only).
+        Writes ``cql_q_loss`` (``[*batch, N]``, the terms before ``alpha'``).
+        """
+        pred = self._pred_q(tensordict).movedim(-1, 0)  # [N, *batch]
+        r, shape = self.num_random, tensordict.shape
+        action_key = self.tensor_keys.action
+        curr_td, curr_lp = self._get_policy_actions(
+            tensordict.copy(), self.actor_network_params, num_actions=r
+        )
+        next_td, next_lp = self._get_policy_actions(
+            tensordict.get("next").copy(), self.actor_network_params, num_actions=r
+        )
+        a_curr = curr_td.get(action_key)
+        a_rand = torch.empty_like(a_curr).uniform_(-1, 1)
+        q_in = torch.stack(
+            [
+                curr_td.clone(False).set(action_key, a_rand),
+                curr_td,
+                curr_td.clone(False).set(action_key, next_td.get(action_key)),
+            ],
+            0,
+        )  # [3, *shape[:-1], shape[-1] * r], all at the current states
+        q = self._vmap_qvalue_networkN0(q_in, self.qvalue_network_params).get(
+            self.tensor_keys.state_action_value
+        )
+        q = q.reshape(self.num_qvalue_nets, 3, *shape, r).movedim(1, -2).flatten(-2)
+        log_density = torch.stack(
+            [
+                torch.full_like(curr_lp, a_curr.shape[-1] * math.log(0.5)),
+                curr_lp.detach(),
+                next_lp.detach(),
+            ],
+            0,
+        )
+        log_density = log_density.reshape(3, *shape, r).movedim(0, -2).flatten(-2)
+        lse = torch.logsumexp((q - log_density) / self.temperature, dim=-1) * self.temperature
+        weighted = self.min_q_weight * (lse - pred)  # [N, *batch]
+        if self.with_lagrange:
+            weighted = weighted - self.target_action_gap
+            alpha_prime = torch.clamp_max(self.log_alpha_prime.exp(), max=1000000.0)
+            tensordict.set(self.tensor_keys.cql_q_loss, weighted.movedim(0, -1))
+            weighted = alpha_prime.detach() * weighted
+        else:
+            tensordict.set(self.tensor_keys.cql_q_loss, weighted.movedim(0, -1))
+        cql_q_loss = self._reduce_loss(weighted.sum(0), tensordict=tensordict)
+        return cql_q_loss, {}
+
     def alpha_prime_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
-        """``CQLLoss.alpha_prime_loss`` averaged over the ``N`` members' terms."""
+        """``CQLLoss.alpha_prime_loss`` averaged over the ``N`` members' terms.
+
+        With ``cql_variant="reference"`` the terms are detached: the loss trains
+        ``alpha'`` only (``-alpha' * mean_k mean_batch term_k``).
+        """
         cql_q_losses = tensordict.get(self.tensor_keys.cql_q_loss, None)
         if cql_q_losses is None:
             raise KeyError(
@@ -405,6 +528,10 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
                 "before cql_loss."
             )
         alpha_prime = torch.clamp_max(self.log_alpha_prime.exp(), max=1000000.0)
+        if self.cql_variant == "reference":
+            terms = cql_q_losses.detach().movedim(-1, 0)
+            per_member = terms.mean(tuple(range(1, terms.ndim)))
+            return -(alpha_prime * per_member).mean(), {}
         loss = None
         for k in range(self.num_qvalue_nets):
             member = self._reduce_loss(
@@ -421,3 +548,96 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
             "target_qvalue_network_params",
         )
         return alpha_prime_loss, {}
+
+    # ------------------------------------------------------------------ actor
+    def _reference_actor_draw(self, tensordict: TensorDictBase) -> tuple[Tensor, Tensor, Tensor]:
+        """One policy draw at ``s``: its log-prob, ``log pi(a_data|s)`` and ``min_k Q_k(s, a)``."""
+        with (
+            set_exploration_type(ExplorationType.RANDOM),
+            self.actor_network_params.to_module(self.actor_network, preserve_module_state=False),
+        ):
+            dist = self.actor_network.get_dist(tensordict)
+            action, log_prob = rsample_and_log_prob(dist)
+            a_data = tensordict.get(self.tensor_keys.action).clamp(-1 + 1e-6, 1 - 1e-6)
+            bc_log_prob = dist.log_prob(a_data)
+        td_q = tensordict.select(*self.qvalue_network.in_keys, strict=False)
+        td_q.set(self.tensor_keys.action, action)
+        min_q = (
+            self._vmap_qvalue_networkN0(td_q, self._cached_detach_qvalue_params)
+            .get(self.tensor_keys.state_action_value)
+            .min(0)[0]
+            .squeeze(-1)
+        )
+        return log_prob, bc_log_prob, min_q
+
+    def actor_bc_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
+        """``CQLLoss.actor_bc_loss``; with ``cql_variant="reference"``, from the actor's draw.
+
+        The reference variant draws one action for both actor losses (kept in
+        the tensordict for :meth:`actor_loss`) and scores the data action
+        clamped to ``[-1 + 1e-6, 1 - 1e-6]``, as the CQL reference code does.
+        """
+        if self.cql_variant == "torchrl":
+            return super().actor_bc_loss(tensordict)
+        log_prob, bc_log_prob, min_q = self._reference_actor_draw(tensordict)
+        tensordict.set(_DRAW_LOG_PROB, log_prob)
+        tensordict.set(_DRAW_MIN_Q, min_q)
+        loss = self._reduce_loss(self._alpha * log_prob - bc_log_prob, tensordict=tensordict)
+        return loss, {"bc_log_prob": bc_log_prob.mean().detach()}
+
+    def actor_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
+        """``CQLLoss.actor_loss`` (min over the ``N`` detached critics).
+
+        With ``cql_variant="reference"`` it re-uses the draw of :meth:`actor_bc_loss`.
+        """
+        if self.cql_variant == "torchrl":
+            return super().actor_loss(tensordict)
+        if _DRAW_LOG_PROB in tensordict.keys():
+            log_prob, min_q = tensordict.pop(_DRAW_LOG_PROB), tensordict.pop(_DRAW_MIN_Q)
+        else:
+            log_prob, _, min_q = self._reference_actor_draw(tensordict)
+        loss = self._reduce_loss(self._alpha * log_prob - min_q, tensordict=tensordict)
+        return loss, {self.tensor_keys.log_prob: log_prob.detach()}
+
+    @dispatch
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """``CQLLoss.forward``; during the first ``bc_steps`` training calls ``loss_actor`` is
+        ``loss_actor_bc`` (behaviour-cloning warm start)."""
+        out = super().forward(tensordict)
+        if int(self.actor_update_count) < self.bc_steps:
+            out.set("loss_actor", out.get("loss_actor_bc"))
+        if self.training:
+            self.actor_update_count += 1
+        return out
+
+    # ----------------------------------------------------------- TD target
+    def _get_value_v(self, tensordict, _alpha, actor_params, qval_params):
+        """``CQLLoss._get_value_v``; the reference variant's max-Q backup differs.
+
+        With ``cql_variant="reference"`` and ``max_q_backup=True``: no unused
+        first draw, and ``deterministic_backup=False`` subtracts
+        ``alpha * log pi`` of the action chosen by the backup (the max over
+        actions of the min member).
+        """
+        if self.cql_variant == "torchrl" or not self.max_q_backup:
+            return super()._get_value_v(tensordict, _alpha, actor_params, qval_params)
+        tensordict = tensordict.clone(False)
+        shape, r = tensordict.shape, self.num_random
+        next_td, next_lp = self._get_policy_actions(
+            tensordict.get("next").copy(), actor_params, num_actions=r
+        )
+        q = self._vmap_qvalue_networkN0(next_td, qval_params.data).get(
+            self.tensor_keys.state_action_value
+        )
+        best = q.reshape(self.num_qvalue_nets, *shape, r).max(-1)
+        value, member = best.values.min(0)
+        if not self.deterministic_backup:
+            chosen = best.indices.gather(0, member.unsqueeze(0)).squeeze(0)
+            log_prob = next_lp.reshape(*shape, r).gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+            value = value - _alpha * log_prob
+        tensordict.set(("next", self.value_estimator.tensor_keys.value), value.unsqueeze(-1))
+        return self.value_estimator.value_estimate(tensordict).squeeze(-1)
+
+
+_DRAW_LOG_PROB = "_ensemble_cql_draw_log_prob"
+_DRAW_MIN_Q = "_ensemble_cql_draw_min_q"
