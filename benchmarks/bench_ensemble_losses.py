@@ -12,7 +12,7 @@ ratio of median times. Hopper sizes (obs 11, act 3), 256x256 networks, batch
   (a) TorchRL ``REDQLoss`` called G times (its actor runs every call);
   (b) the original REDQ/SPQR code style: a Python list of N critics (and N
   targets), each with its own Adam, looped over per update;
-  (c) ``torchrl_spqr.objectives.REDQLoss(policy_update_delay=G)``: the 19
+  (c) ``torchrl_spqr.objectives.ReferenceREDQLoss(policy_update_delay=G)``: the 19
   critic-only calls skip the actor entirely.
 """
 
@@ -29,7 +29,7 @@ from torchrl.objectives import CQLLoss, SACLoss, SoftUpdate
 from torchrl.objectives import REDQLoss as TorchRLREDQLoss
 
 from torchrl_spqr import QEnsemble, make_q_member
-from torchrl_spqr.objectives import CQLNLoss, REDQLoss, SACNLoss
+from torchrl_spqr.objectives import CQLNLoss, ReferenceREDQLoss, SACNLoss
 
 FUSED_ADAM = False  # --fused-adam: torch's fused CPU/GPU Adam kernel for every variant
 
@@ -53,7 +53,7 @@ def redq_variants(args):
     def package_redq():
         torch.manual_seed(0)
         ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
-        loss = REDQLoss(
+        loss = ReferenceREDQLoss(
             make_actor(h), ens, sub_sample_len=m, policy_update_delay=g, target_entropy=-1.0
         )
         return loss_step(loss, SoftUpdate(loss, tau=0.005), adam(loss.parameters()))
@@ -65,7 +65,7 @@ def redq_variants(args):
     return {
         "(a) TorchRL REDQLoss x G": torchrl_redq(),
         "(b) Python-loop REDQ (orig. style)": loop_redq(),
-        "(c) torchrl_spqr REDQLoss": package_redq(),
+        "(c) torchrl_spqr ReferenceREDQLoss": package_redq(),
     }, g
 
 

@@ -8,7 +8,7 @@ critics and actor; batch 256; CPU):
   (vmapped functional critics; REDQLoss runs its actor loss at every call);
 - the original REDQ / SPQR code style: a Python list of N critic modules (and N
   targets), each with its own Adam optimiser, looped over at every update;
-- the package's vectorised path: ``SACNLoss`` / ``REDQLoss(policy_update_delay=G)``
+- the package's vectorised path: ``SACNLoss`` / ``ReferenceREDQLoss(policy_update_delay=G)``
   (stacked parameters, batched matrix products).
 
 Work per unit: SAC-N: one update (N critics, actor, temperature, soft target
@@ -36,7 +36,7 @@ from torchrl.objectives import REDQLoss as TorchRLREDQLoss
 from torchrl.objectives import SACLoss, SoftUpdate
 
 from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
-from torchrl_spqr.objectives import REDQLoss, SACNLoss
+from torchrl_spqr.objectives import ReferenceREDQLoss, SACNLoss
 
 
 def _wrap(inner, spqr: bool):
@@ -93,7 +93,7 @@ def redq_variants(n: int, h: int, spqr: bool, m: int = 2, g: int = 20):
 
     def ours():
         torch.manual_seed(0)
-        loss = REDQLoss(
+        loss = ReferenceREDQLoss(
             make_actor(h),
             _ensemble(n, h),
             sub_sample_len=m,
@@ -105,7 +105,7 @@ def redq_variants(n: int, h: int, spqr: bool, m: int = 2, g: int = 20):
     return {
         "TorchRL REDQLoss x G": torchrl(),
         "Python loop (orig. REDQ/SPQR style)": loop(),
-        "torchrl_spqr REDQLoss(policy_update_delay=G)": ours(),
+        "torchrl_spqr ReferenceREDQLoss(policy_update_delay=G)": ours(),
     }, g
 
 

@@ -20,7 +20,7 @@ independence. ``beta = 0`` runs plain REDQ through the same code (the SPQR
 diagnostics are still logged).
 
 Everything is a stock TorchRL piece (``GymEnv``, ``Collector``,
-``TensorDictReplayBuffer``, ``SoftUpdate``) plus the package's ``REDQLoss``
+``TensorDictReplayBuffer``, ``SoftUpdate``) plus the package's ``ReferenceREDQLoss``
 (which follows the reference code: squared error, policy delay, critic-only
 calls), ``QEnsemble`` and ``SPQRLoss``.
 
@@ -57,7 +57,7 @@ from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
 from torchrl.objectives import SoftUpdate
 
 from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
-from torchrl_spqr.objectives import REDQLoss, mbpo_target_entropy
+from torchrl_spqr.objectives import ReferenceREDQLoss, mbpo_target_entropy
 
 LR, GAMMA, TAU = 3e-4, 0.99, 0.005  # the paper's values, shared by actor, critics and alpha
 
@@ -231,7 +231,7 @@ def main() -> None:
     except KeyError:  # not a MuJoCo family MBPO tuned: SAC's -dim(A)
         target_entropy = -float(env.action_spec.shape[-1])
 
-    redq = REDQLoss(
+    redq = ReferenceREDQLoss(
         actor,
         critics,
         sub_sample_len=args.subset,  # M

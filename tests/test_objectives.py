@@ -12,7 +12,7 @@ from torchrl_spqr import SPQRLoss
 from torchrl_spqr.objectives import (
     CQLNLoss,
     EDACLoss,
-    REDQLoss,
+    ReferenceREDQLoss,
     SACNLoss,
     mbpo_target_entropy,
 )
@@ -171,9 +171,9 @@ def test_errors():
     with pytest.raises(KeyError, match="next.reward"):
         loss(data)
     with pytest.raises(ValueError, match="sub_sample_len"):
-        REDQLoss(make_actor(), make_ensemble(3), sub_sample_len=5)
+        ReferenceREDQLoss(make_actor(), make_ensemble(3), sub_sample_len=5)
     with pytest.raises(ValueError, match="policy_update_delay"):
-        REDQLoss(make_actor(), make_ensemble(3), policy_update_delay=0)
+        ReferenceREDQLoss(make_actor(), make_ensemble(3), policy_update_delay=0)
 
 
 def test_key_remapping():
@@ -188,7 +188,7 @@ def test_key_remapping():
 # ---------------------------------------------------------------- REDQ
 def test_redq_subset_min_and_mse_sum():
     n, m = 10, 2
-    loss = _build(REDQLoss, n, sub_sample_len=m, alpha_init=0.1, policy_update_delay=20)
+    loss = _build(ReferenceREDQLoss, n, sub_sample_len=m, alpha_init=0.1, policy_update_delay=20)
     _fixed_sampler(loss)
     data = make_batch(B)
     torch.manual_seed(7)
@@ -213,7 +213,7 @@ def test_redq_subset_min_and_mse_sum():
 
 def test_redq_actor_mean_and_policy_delay():
     n, g = 6, 4
-    loss = _build(REDQLoss, n, alpha_init=0.1, policy_update_delay=g)
+    loss = _build(ReferenceREDQLoss, n, alpha_init=0.1, policy_update_delay=g)
     _fixed_sampler(loss)
     data = make_batch(B)
     flags = []
@@ -231,7 +231,7 @@ def test_redq_actor_mean_and_policy_delay():
 
 
 def test_redq_critic_only_path_skips_actor():
-    loss = _build(REDQLoss, 5, policy_update_delay=20)
+    loss = _build(ReferenceREDQLoss, 5, policy_update_delay=20)
     calls = {"n": 0}
     orig = loss._actor_out
 
@@ -378,7 +378,7 @@ def test_edac_cosine_term():
 
 
 # ---------------------------------------------------------------- SPQR
-@pytest.mark.parametrize("cls", [SACNLoss, REDQLoss, CQLNLoss, EDACLoss])
+@pytest.mark.parametrize("cls", [SACNLoss, ReferenceREDQLoss, CQLNLoss, EDACLoss])
 @pytest.mark.parametrize("pairs,source", [("next_policy", "fused"), ("data", "reused")])
 def test_spqr_composes_without_extra_pass(cls, pairs, source):
     base = _build(cls, 6)

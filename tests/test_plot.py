@@ -312,7 +312,7 @@ def test_example_checkpoints_are_supported(script, tmp_path):
     from torchrl.objectives import SACLoss
 
     from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
-    from torchrl_spqr.objectives import REDQLoss
+    from torchrl_spqr.objectives import ReferenceREDQLoss
 
     ex = _load_example(script)
     env = ex.make_env("Pendulum-v1", 0)
@@ -324,7 +324,7 @@ def test_example_checkpoints_are_supported(script, tmp_path):
         base.target_entropy  # registered lazily at the first update, as in a real checkpoint
         run = tmp_path / "spqr_sac_ens_Pendulum-v1_N3_beta1_seed0"
     else:
-        base = REDQLoss(
+        base = ReferenceREDQLoss(
             actor, critics, sub_sample_len=2, policy_update_delay=5, target_entropy=-0.5
         )
         run = tmp_path / "redq_spqr_Pendulum-v1_N3_M2_G5_beta1_seed0"

@@ -9,7 +9,13 @@ from torchrl_spqr import diagnostics, functional
 from torchrl_spqr.ensemble import QEnsemble, make_q_member
 from torchrl_spqr.functional import spqr_kl
 from torchrl_spqr.loss import SPQRLoss
-from torchrl_spqr.objectives import CQLNLoss, EDACLoss, REDQLoss, SACNLoss, mbpo_target_entropy
+from torchrl_spqr.objectives import (
+    CQLNLoss,
+    EDACLoss,
+    ReferenceREDQLoss,
+    SACNLoss,
+    mbpo_target_entropy,
+)
 
 __version__ = "0.1.0"
 
@@ -17,7 +23,7 @@ __all__ = [
     "CQLNLoss",
     "EDACLoss",
     "QEnsemble",
-    "REDQLoss",
+    "ReferenceREDQLoss",
     "SACNLoss",
     "SPQRLoss",
     "mbpo_target_entropy",
@@ -27,3 +33,20 @@ __all__ = [
     "spqr_kl",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # ``REDQLoss`` was renamed ``ReferenceREDQLoss``; the old name is kept for one release.
+    if name == "REDQLoss":
+        import warnings
+
+        warnings.warn(
+            "torchrl_spqr.REDQLoss is renamed ReferenceREDQLoss (the REDQ reference code's "
+            "loss: summed squared error, policy delay, no alpha clamp); the old name will be "
+            "removed in the next release. For TorchRL's semantics use "
+            "torchrl.objectives.REDQLoss.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return ReferenceREDQLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

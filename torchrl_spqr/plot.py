@@ -983,7 +983,7 @@ def _rebuild_example(run_dir: Path, path: Path):
     from torchrl.objectives import SACLoss
 
     from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
-    from torchrl_spqr.objectives import REDQLoss
+    from torchrl_spqr.objectives import ReferenceREDQLoss
     from torchrl_spqr.training import builders as B
 
     found = [(sc, pat.fullmatch(run_dir.name)) for sc, pat in _EXAMPLE_RES.items()]
@@ -1009,7 +1009,7 @@ def _rebuild_example(run_dir: Path, path: Path):
     n_in = env.observation_spec["observation"].shape[-1] + env.action_spec.shape[-1]
     critics = QEnsemble(lambda: make_q_member(n_in, num_cells=(hidden, hidden)), n)
     if script.endswith("redq_spqr.py"):
-        base = REDQLoss(
+        base = ReferenceREDQLoss(
             actor,
             critics,
             sub_sample_len=int(m["m"]),

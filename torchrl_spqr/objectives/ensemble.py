@@ -488,7 +488,6 @@ class _EnsembleLoss(MemberValuesMixin, LossModule):
                 with member.to_module(self.qvalue_network, preserve_module_state=False):
                     self.qvalue_network._reset_parameters(self.qvalue_network)
             self._modules["target_qvalue_network_params"].data.update_(params)
-        self._erase_cache()
 
     def _sample(self, td: TensorDictBase, *, grad: bool) -> tuple[Tensor, Tensor]:
         """Reparameterised action and its log-prob from the current policy at ``td``."""

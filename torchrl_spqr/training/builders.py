@@ -21,7 +21,7 @@ from torchrl.objectives import SoftUpdate
 
 from torchrl_spqr.ensemble import QEnsemble, make_q_member
 from torchrl_spqr.loss import SPQRLoss
-from torchrl_spqr.objectives import CQLNLoss, EDACLoss, REDQLoss, SACNLoss
+from torchrl_spqr.objectives import CQLNLoss, EDACLoss, ReferenceREDQLoss, SACNLoss
 
 __all__ = [
     "ConfigError",
@@ -46,7 +46,7 @@ __all__ = [
 ALGORITHMS = {
     "sac_ens": SACNLoss,
     "sac_n": SACNLoss,
-    "redq": REDQLoss,
+    "redq": ReferenceREDQLoss,
     "edac": EDACLoss,
     "cql": CQLNLoss,
 }
