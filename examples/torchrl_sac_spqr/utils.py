@@ -45,7 +45,8 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import MLP, ProbabilisticActor, ValueOperator
 from torchrl.modules.distributions import TanhNormal
 from torchrl.objectives import SoftUpdate
-from torchrl.objectives.sac import SACLoss
+from torchrl_spqr import SPQRLoss
+from torchrl_spqr.objectives import EnsembleSACLoss
 from torchrl.record import VideoRecorder
 
 # ====================================================================
@@ -286,20 +287,23 @@ def make_sac_agent(cfg, train_env, eval_env, device):
         return_log_prob=False,
     )
 
-    # Define Critic Network
-    qvalue_net = MLP(
-        num_cells=cfg.network.hidden_sizes,
-        out_features=1,
-        activation_class=get_activation(cfg),
-        device=device,
-    )
+    # Define Critic Networks: spqr.num_qvalue_nets independently initialised critics
+    qvalues = []
+    for _ in range(cfg.spqr.num_qvalue_nets):
+        qvalue_net = MLP(
+            num_cells=cfg.network.hidden_sizes,
+            out_features=1,
+            activation_class=get_activation(cfg),
+            device=device,
+        )
 
-    qvalue = ValueOperator(
-        in_keys=["action"] + in_keys,
-        module=qvalue_net,
-    )
+        qvalue = ValueOperator(
+            in_keys=["action"] + in_keys,
+            module=qvalue_net,
+        )
+        qvalues.append(qvalue)
 
-    model = nn.ModuleList([actor, qvalue])
+    model = nn.ModuleList([actor, *qvalues])
 
     # init nets
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
@@ -317,15 +321,18 @@ def make_sac_agent(cfg, train_env, eval_env, device):
 
 def make_loss_module(cfg, model):
     """Make loss module and target network updater."""
-    # Create SAC loss
-    loss_module = SACLoss(
+    # Create SAC loss: SACLoss over the N critics, with the SPQR penalty in loss_qvalue
+    loss_module = EnsembleSACLoss(
         actor_network=model[0],
-        qvalue_network=model[1],
-        num_qvalue_nets=2,
+        qvalue_network=list(model[1:]),
+        num_qvalue_nets=cfg.spqr.num_qvalue_nets,
         loss_function=cfg.optim.loss_function,
         delay_actor=False,
         delay_qvalue=True,
         alpha_init=cfg.optim.alpha_init,
+    )
+    loss_module = SPQRLoss(
+        loss_module, beta=cfg.spqr.beta, pairs=cfg.spqr.pairs, add_to="loss_qvalue"
     )
     loss_module.make_value_estimator(gamma=cfg.optim.gamma)
 
