@@ -87,9 +87,7 @@ def test_td0_target_equals_the_hand_written_one(cls):
     data["next", "terminated"] = term.unsqueeze(-1).float()
     assert torch.equal(loss._td_target(data, v), hand)
     # rewards without a trailing singleton dim
-    flat = TensorDict(
-        {"next": {"reward": r, "terminated": term, "done": term}}, [B]
-    )
+    flat = TensorDict({"next": {"reward": r, "terminated": term, "done": term}}, [B])
     assert torch.equal(loss._td_target(flat, v), hand)
 
 
@@ -237,9 +235,7 @@ def test_deactivate_vmap_equals_vmap(cls):
 @pytest.mark.parametrize("deactivate_vmap", [False, True])
 def test_set_vmap_randomness_after_construction(deactivate_vmap):
     torch.manual_seed(0)
-    loss = SACNLoss(
-        make_actor(), make_ensemble(4, dropout=0.5), deactivate_vmap=deactivate_vmap
-    )
+    loss = SACNLoss(make_actor(), make_ensemble(4, dropout=0.5), deactivate_vmap=deactivate_vmap)
     assert loss.vmap_randomness == "different"  # dropout detected
     with torch.no_grad():  # identical members: only the dropout masks can differ
         for p in loss.qvalue_network_params.values(True, True):

@@ -462,9 +462,7 @@ class _EnsembleLoss(MemberValuesMixin, LossModule):
     def _check_batch(self, tensordict: TensorDictBase) -> None:
         present = set(tensordict.keys(True, True))
         optional = {_norm(("next", self.tensor_keys.done))}
-        missing = [
-            k for k in self.in_keys if _norm(k) not in present and _norm(k) not in optional
-        ]
+        missing = [k for k in self.in_keys if _norm(k) not in present and _norm(k) not in optional]
         if missing:
             raise KeyError(
                 f"{type(self).__name__} needs keys {[_fmt(k) for k in missing]} in the batch."
