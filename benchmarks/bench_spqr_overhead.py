@@ -26,9 +26,10 @@ import warnings
 import torch
 from _common import ACT, OBS, make_actor, make_batch
 from tensordict import TensorDict
-from torchrl.objectives import REDQLoss, SACLoss, SoftUpdate
+from torchrl.objectives import SoftUpdate
 
 from torchrl_spqr import QEnsemble, SACNLoss, SPQRLoss, make_q_member
+from torchrl_spqr.objectives import EnsembleREDQLoss, EnsembleSACLoss
 
 
 def make_update(base: str, n: int, hidden: int, spqr: dict | None):
@@ -38,9 +39,9 @@ def make_update(base: str, n: int, hidden: int, spqr: dict | None):
     if base == "sacn":  # the package's SAC-N (native SPQR capture, batched-matmul critics)
         inner = SACNLoss(actor, ens, target_entropy=-float(ACT))
     elif base == "sac":
-        inner = SACLoss(actor, ens.members(), num_qvalue_nets=n, loss_function="l2")
+        inner = EnsembleSACLoss(actor, ens.members(), num_qvalue_nets=n, loss_function="l2")
     else:
-        inner = REDQLoss(
+        inner = EnsembleREDQLoss(
             actor, ens.members(), num_qvalue_nets=n, sub_sample_len=2, loss_function="l2"
         )
     inner.make_value_estimator(gamma=0.99)

@@ -2,7 +2,7 @@
 
 SAC with an ensemble of N = 10 independently initialised critics (min over all
 members for the target and the actor), plus the SPQR regulariser on the
-critics (``SPQRLoss`` wrapping TorchRL's ``SACLoss``). Everything is a stock
+critics (``SPQRLoss`` wrapping TorchRL's ``SACLoss``, as ``EnsembleSACLoss``). Everything is a stock
 TorchRL piece: ``GymEnv``, ``Collector``, ``TensorDictReplayBuffer``,
 ``SoftUpdate``, ``CSVLogger``-style output.
 
@@ -31,9 +31,10 @@ from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs import DoubleToFloat, GymEnv, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
-from torchrl.objectives import SACLoss, SoftUpdate
+from torchrl.objectives import SoftUpdate
 
 from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
+from torchrl_spqr.objectives import EnsembleSACLoss
 
 
 def parse_args() -> argparse.Namespace:
@@ -130,8 +131,9 @@ def main() -> None:
     critics = QEnsemble(
         lambda: make_q_member(n_in, num_cells=(args.hidden, args.hidden)), args.ensemble
     )
-    # SAC-Ens: TorchRL's SACLoss takes min over all N critics for target and actor.
-    sac = SACLoss(
+    # SAC-Ens: TorchRL's SACLoss takes min over all N critics for target and actor;
+    # EnsembleSACLoss is that loss, handing its per-member Q-values to SPQR (no extra pass).
+    sac = EnsembleSACLoss(
         actor,
         critics.members(),
         num_qvalue_nets=args.ensemble,
@@ -140,7 +142,7 @@ def main() -> None:
     )
     sac.make_value_estimator(gamma=0.99)
     loss = SPQRLoss(sac, beta=args.beta)  # default: Q_k(s', a'~pi) as the authors
-    updater = SoftUpdate(sac, tau=0.005)
+    updater = SoftUpdate(loss, tau=0.005)  # the wrapped loss's target critics
     optim = torch.optim.Adam(loss.parameters(), lr=3e-4)
 
     collector = Collector(

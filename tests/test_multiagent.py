@@ -28,6 +28,7 @@ from torchrl_spqr import QEnsemble, SPQRLoss
 from torchrl_spqr import multiagent as M
 from torchrl_spqr.functional import spqr_kl
 from torchrl_spqr.multiagent import MultiAgentQNet
+from torchrl_spqr.objectives import EnsembleSACLoss
 from torchrl_spqr.training.builders import ConfigError
 from torchrl_spqr.training.checkpoint import load_checkpoint
 
@@ -85,7 +86,7 @@ def make_critics(centralised: bool, share: bool, n: int = N) -> QEnsemble:
 
 def make_sac(critics: QEnsemble, seed: int = 0) -> SACLoss:
     torch.manual_seed(seed)
-    sac = SACLoss(
+    sac = EnsembleSACLoss(
         make_actor(),
         critics.members(),
         num_qvalue_nets=critics.num_members,

@@ -45,8 +45,9 @@ def _actor(action_key="action", deterministic=False) -> nn.Module:
         net = nn.Sequential(nn.Linear(N_OBS, H), nn.ReLU(), nn.Linear(H, N_ACT), nn.Tanh())
         from torchrl.modules import Actor
 
-        return Actor(net, in_keys=["observation"], out_keys=[action_key],
-                     spec=Bounded(-1.0, 1.0, (N_ACT,)))
+        return Actor(
+            net, in_keys=["observation"], out_keys=[action_key], spec=Bounded(-1.0, 1.0, (N_ACT,))
+        )
     net = nn.Sequential(
         nn.Linear(N_OBS, H), nn.ReLU(), nn.Linear(H, 2 * N_ACT), NormalParamExtractor()
     )
@@ -63,15 +64,16 @@ def _actor(action_key="action", deterministic=False) -> nn.Module:
 def _critics(n: int, action_key="action", value_key="state_action_value") -> QEnsemble:
     return QEnsemble(
         lambda: make_q_member(
-            N_OBS + N_ACT, num_cells=(H, H), in_keys=("observation", action_key),
+            N_OBS + N_ACT,
+            num_cells=(H, H),
+            in_keys=("observation", action_key),
             out_keys=(value_key,),
         ),
         n,
     )
 
 
-def make_loss(name: str, n: int = 3, *, action_key="action", value_key="state_action_value",
-              **kw):
+def make_loss(name: str, n: int = 3, *, action_key="action", value_key="state_action_value", **kw):
     """The loss ``name`` with ``n`` independent critics reading ``action_key``/``value_key``."""
     torch.manual_seed(0)
     members = _critics(n, action_key, value_key).members()
@@ -137,7 +139,7 @@ def test_forward_devices_and_each_loss_backprops(name, n, device):
         assert torch.equal(before.get(key), batch.get(key)), key
     assert out["loss_spqr"].device.type == device
     assert out["loss_spqr"] > 0
-    for key, value in _losses(out).items():
+    for value in _losses(out).values():
         if value.requires_grad:
             loss.zero_grad()
             value.backward(retain_graph=True)
@@ -199,8 +201,14 @@ def test_reduction(name, reduction):
         assert spqr.shape == torch.Size([B])
     else:
         assert spqr.shape == torch.Size([])
-    per = SPQRLoss(make_loss(name, reduction="none", **({"scalar_output_mode": "exclude"}
-                   if name in ("sac", "ens_sac", "ens_redq") else {})), beta=1.0)
+    per = SPQRLoss(
+        make_loss(
+            name,
+            reduction="none",
+            **({"scalar_output_mode": "exclude"} if name in ("sac", "ens_sac", "ens_redq") else {}),
+        ),
+        beta=1.0,
+    )
     torch.manual_seed(3)
     a = loss(make_batch(seed=3))["loss_spqr"]
     torch.manual_seed(3)
@@ -226,8 +234,15 @@ def test_priority_weights_weigh_the_kl(name):
     w = torch.zeros(B)
     w[0] = float(B)
     weighted_batch.set(key, w)
-    per = SPQRLoss(make_loss(name, reduction="none", **({"scalar_output_mode": "exclude"}
-                   if name in ("sac",) else {})), beta=1.0, pairs="data")
+    per = SPQRLoss(
+        make_loss(
+            name,
+            reduction="none",
+            **({"scalar_output_mode": "exclude"} if name in ("sac",) else {}),
+        ),
+        beta=1.0,
+        pairs="data",
+    )
     torch.manual_seed(0)
     per_el = per(batch.clone())["spqr_kl"]
     torch.manual_seed(0)
@@ -315,8 +330,9 @@ def test_reset_parameters_recursive_members_independent(name):
                 assert not torch.equal(leaf[0], leaf[i]), f"members 0 and {i} equal at {key}"
 
 
-@pytest.mark.parametrize("name", ("sac", "ens_sac", "redq", "ens_redq", "td3", "ens_td3",
-                                  "sacn", "edac", "cqln"))
+@pytest.mark.parametrize(
+    "name", ("sac", "ens_sac", "redq", "ens_redq", "td3", "ens_td3", "sacn", "edac", "cqln")
+)
 def test_soft_update_moves_the_wrapped_losses_targets(name):
     loss = SPQRLoss(make_loss(name), beta=1.0)
     with warnings.catch_warnings():
@@ -342,8 +358,11 @@ def test_soft_update_moves_the_wrapped_losses_targets(name):
 def test_call_without_tensordict(name):
     loss = SPQRLoss(make_loss(name), beta=1.0)
     batch = make_batch()
-    kwargs = {"_".join(k) if isinstance(k, tuple) else k: batch.get(k) for k in loss.in_keys
-              if k in batch.keys(True, True)}
+    kwargs = {
+        "_".join(k) if isinstance(k, tuple) else k: batch.get(k)
+        for k in loss.in_keys
+        if k in batch.keys(True, True)
+    }
     torch.manual_seed(0)
     outs = loss(**kwargs)
     torch.manual_seed(0)
@@ -358,8 +377,14 @@ def test_call_without_tensordict(name):
 def test_public_attributes_are_the_wrapped_losses(name):
     base = make_loss(name)
     loss = SPQRLoss(base, beta=1.0)
-    for attr in ("qvalue_network_params", "actor_network_params", "target_qvalue_network_params",
-                 "qvalue_network", "actor_network", "num_qvalue_nets"):
+    for attr in (
+        "qvalue_network_params",
+        "actor_network_params",
+        "target_qvalue_network_params",
+        "qvalue_network",
+        "actor_network",
+        "num_qvalue_nets",
+    ):
         assert getattr(loss, attr) is getattr(base, attr), attr
     if hasattr(base, "log_alpha"):
         assert loss.log_alpha is base.log_alpha

@@ -59,6 +59,7 @@ from torchrl.objectives import SACLoss, SoftUpdate, ValueEstimators
 
 from torchrl_spqr.ensemble import QEnsemble
 from torchrl_spqr.loss import SPQRLoss
+from torchrl_spqr.objectives import EnsembleSACLoss
 from torchrl_spqr.training.builders import ConfigError, _get, get_device, make_spqr_loss
 from torchrl_spqr.training.common import (
     RunContext,
@@ -353,8 +354,11 @@ def make_critics(cfg, env) -> QEnsemble:
 
 
 def make_loss_module(cfg, actor, critics: QEnsemble, env) -> tuple[SPQRLoss, SACLoss]:
-    """TorchRL's SACLoss on the agent group (min over all N critics), wrapped in SPQRLoss."""
-    base = SACLoss(
+    """TorchRL's SACLoss on the agent group (min over all N critics), wrapped in SPQRLoss.
+
+    ``EnsembleSACLoss`` is that loss handing its per-member Q-values to SPQR.
+    """
+    base = EnsembleSACLoss(
         actor,
         critics.members(),
         num_qvalue_nets=critics.num_members,

@@ -980,10 +980,8 @@ def _rebuild_example(run_dir: Path, path: Path):
     Their ``checkpoint.pt`` holds ``{"actor", "loss"}`` state dicts; the settings
     are read from the run folder's name and the hidden width from the weights.
     """
-    from torchrl.objectives import SACLoss
-
     from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
-    from torchrl_spqr.objectives import ReferenceREDQLoss
+    from torchrl_spqr.objectives import EnsembleSACLoss, ReferenceREDQLoss
     from torchrl_spqr.training import builders as B
 
     found = [(sc, pat.fullmatch(run_dir.name)) for sc, pat in _EXAMPLE_RES.items()]
@@ -1019,7 +1017,7 @@ def _rebuild_example(run_dir: Path, path: Path):
         )
         algorithm = f"redq M={m['m']} G={m['g']} ({script})"
     else:
-        base = SACLoss(
+        base = EnsembleSACLoss(
             actor, critics.members(), num_qvalue_nets=n, loss_function="l2",
             action_spec=env.action_spec,
         )  # fmt: skip

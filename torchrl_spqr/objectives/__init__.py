@@ -9,15 +9,15 @@ from torchrl_spqr.objectives.ensemble import (
     SACNLoss,
     mbpo_target_entropy,
 )
-from torchrl_spqr.objectives.torchrl_losses import (
-    EnsembleREDQLoss,
-    EnsembleSACLoss,
-    EnsembleTD3Loss,
-)
 from torchrl_spqr.objectives.member_values import (
     MemberValuesMixin,
     MemberValuesRequest,
     serves_member_values,
+)
+from torchrl_spqr.objectives.torchrl_losses import (
+    EnsembleREDQLoss,
+    EnsembleSACLoss,
+    EnsembleTD3Loss,
 )
 
 __all__ = [

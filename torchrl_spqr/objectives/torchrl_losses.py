@@ -177,7 +177,13 @@ class EnsembleSACLoss(_ListeningMixin, SACLoss):
         req = scope.request
         if scope.calls == 1:
             # the target: (s', a' ~ pi) under no_grad
-            if req.pairs == "next_policy" and not torch.is_grad_enabled():
+            # (with skip_done_states the done rows hold a zero action, not a policy sample:
+            # leave those pairs to the caller's explicit draw)
+            if (
+                req.pairs == "next_policy"
+                and not torch.is_grad_enabled()
+                and not getattr(self, "skip_done_states", False)
+            ):
                 req.next_input = self._next_input(td)
                 if req.next_input is not None:
                     req.source = "reused_sample"
