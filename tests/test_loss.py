@@ -18,7 +18,7 @@ from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
 from torchrl.data import Bounded
 from torchrl.modules import ProbabilisticActor, TanhNormal
-from torchrl.objectives import CQLLoss, REDQLoss, SACLoss, SoftUpdate, TD3Loss
+from torchrl.objectives import CQLLoss, SACLoss, SoftUpdate
 
 from torchrl_spqr import QEnsemble, SPQRLoss, make_q_member
 from torchrl_spqr.functional import spqr_kl

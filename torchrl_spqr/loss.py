@@ -675,7 +675,9 @@ class SPQRLoss(LossModule):
 
     def _priority_weights(self, tensordict: TensorDictBase) -> Tensor | None:
         key = getattr(self.tensor_keys, "priority_weight", None)
-        use = getattr(self.loss_module, "use_prioritized_weights", "auto") if self.wrapped else "auto"
+        use = (
+            getattr(self.loss_module, "use_prioritized_weights", "auto") if self.wrapped else "auto"
+        )
         if key is None or use not in (True, "auto"):
             return None
         return tensordict.get(key, None)
@@ -712,8 +714,10 @@ class SPQRLoss(LossModule):
         self._materialise_lazy_buffers()
         base = self.loss_module
         prefix = "loss_module."
-        if any(k.startswith("_value_estimator.") or k.startswith(prefix + "_value_estimator.")
-               for k in state_dict):
+        if any(
+            k.startswith("_value_estimator.") or k.startswith(prefix + "_value_estimator.")
+            for k in state_dict
+        ):
             # the trained loss built its default value estimator at its first forward (its
             # gamma is a buffer); reading the property builds the same default here (it
             # never replaces an existing estimator) so that the state can land
