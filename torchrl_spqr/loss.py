@@ -121,10 +121,13 @@ class SPQRLoss(LossModule):
             ``loss_spqr`` is returned, for training loops that back-propagate
             named entries (TorchRL's SOTA scripts read ``loss_qvalue``).
         diagnostics_interval: compute the diagnostics every ``k`` training
-            calls (``0`` disables them). Default 1: they cost well under a
-            millisecond at N=10, B=256 once the Q-values are there; with
-            ``beta=0`` and a loss that does not hand over its member values
-            they cost one ensemble pass (``0`` makes ``beta=0`` free).
+            calls. Default 1: they cost well under a millisecond at N=10,
+            B=256 once the Q-values are there; with ``beta=0`` and a loss that
+            does not hand over its member values they cost one ensemble pass.
+            ``0`` disables every ``spqr_*`` entry (``spqr_kl`` and
+            ``spqr_beta`` included) and makes ``beta=0`` free: with
+            ``add_to`` as well, the output has exactly the wrapped loss's
+            entries (a silent drop-in).
         level: level of the independence test (default 0.05).
         seed: seed of the generator used by ``filling="random"``.
 
@@ -452,9 +455,8 @@ class SPQRLoss(LossModule):
             return list(self._out_keys_override)
         base = list(self.loss_module.out_keys) if self.wrapped else []
         own = [] if self.add_to is not None else ["loss_spqr"]
-        own += ["spqr_kl", "spqr_beta"]
         if self.diagnostics_interval > 0:
-            own += list(_DIAG_KEYS)
+            own += ["spqr_kl", "spqr_beta", *_DIAG_KEYS]
         return base + own
 
     @out_keys.setter
@@ -474,9 +476,20 @@ class SPQRLoss(LossModule):
         actor = self._actor_module()
         if actor is None:
             return []
-        # keys the actor writes itself (e.g. distribution parameters of a composite policy)
-        written = {_norm(k) for k in getattr(actor, "out_keys", [])}
-        return [k for k in actor.in_keys if _norm(k) not in written]
+        # keys the actor writes itself (e.g. the ("params", ...) entries a composite policy's
+        # module writes and its distribution reads as "params") are not inputs
+        written = {
+            _tuple(k)
+            for m in actor.modules()
+            if isinstance(m, TensorDictModuleBase)
+            for k in getattr(m, "out_keys", [])
+        }
+
+        def produced(key: NestedKey) -> bool:
+            kt = _tuple(key)
+            return any(w[: len(kt)] == kt for w in written)
+
+        return [k for k in actor.in_keys if not produced(k)]
 
     def current_beta(self) -> float:
         """The beta that the next training call uses (after the schedule)."""
@@ -548,7 +561,8 @@ class SPQRLoss(LossModule):
         return td.select(*q_in, strict=False)
 
     def _check_keys(self, tensordict: TensorDictBase, need_q: bool = True) -> None:
-        present = set(tensordict.keys(True, True))
+        # leaves and sub-tensordicts (a composite action is a tensordict)
+        present = set(tensordict.keys(True))
         # every critic loss evaluates its critics at the data pairs: their inputs are needed
         wanted = self._q_in_keys() + (self._own_in_keys() if need_q else [])
         missing = [k for k in dict.fromkeys(wanted) if _norm(k) not in present]
@@ -642,13 +656,14 @@ class SPQRLoss(LossModule):
 
         if self.reduction == "none" and not self.wrapped:
             td_out = TensorDict(batch_size=tensordict.batch_size)
-        if self.add_to is not None:
-            td_out.set(self.add_to, td_out.get(self.add_to) + loss_spqr)
-        else:
+        if self.add_to is None:
             td_out.set("loss_spqr", loss_spqr)
-        if kl_el is not None:
-            self._write(td_out, "spqr_kl", kl.detach())
-        self._write(td_out, "spqr_beta", self.beta.detach().clone())
+        elif beta > 0:  # at beta=0 the named entry stays exactly the wrapped loss's
+            td_out.set(self.add_to, td_out.get(self.add_to) + loss_spqr)
+        if self.diagnostics_interval > 0:
+            if kl_el is not None:
+                self._write(td_out, "spqr_kl", kl.detach())
+            self._write(td_out, "spqr_beta", self.beta.detach().clone())
         if want_diag and q is not None:
             with torch.no_grad():
                 qd = q_vals.detach()
@@ -800,6 +815,10 @@ def _norm(key: NestedKey) -> NestedKey:
     if isinstance(key, tuple) and len(key) == 1:
         return key[0]
     return key
+
+
+def _tuple(key: NestedKey) -> tuple[str, ...]:
+    return tuple(key) if isinstance(key, tuple) else (key,)
 
 
 def _fmt(key: NestedKey) -> str:

@@ -48,6 +48,10 @@ import torch
 
 MODE = os.environ.get("SPQR_WRAP_MODE", "wrap")
 BETA = float(os.environ.get("SPQR_WRAP_BETA", "0"))
+# SPQR_WRAP_ADD_TO=loss_qvalue and SPQR_WRAP_DIAGNOSTICS=0 give the silent drop-in configuration
+# (the output has exactly the wrapped loss's entries); the default is SPQRLoss's default.
+ADD_TO = os.environ.get("SPQR_WRAP_ADD_TO") or None
+DIAGNOSTICS = int(os.environ.get("SPQR_WRAP_DIAGNOSTICS", "1"))
 MIN_CRITICS = int(os.environ.get("SPQR_WRAP_MIN_CRITICS", "3"))
 CQL_CLASS = os.environ.get("SPQR_WRAP_CQL_CLASS", "torchrl_spqr.objectives:EnsembleCQLLoss")
 TARGET_NAMES = ("SACLoss", "REDQLoss", "TD3Loss", "CQLLoss")
@@ -141,7 +145,7 @@ def _build(orig: type, args: tuple, kwargs: dict) -> Any:
 
     if MODE == "n3":
         return loss
-    return _spqr_cls()(loss, beta=BETA)
+    return _spqr_cls()(loss, beta=BETA, add_to=ADD_TO, diagnostics_interval=DIAGNOSTICS)
 
 
 class _ShimMeta(type):
@@ -204,7 +208,8 @@ def pytest_report_header(config):
     import torchrl_spqr
 
     return [
-        f"spqr-wrap: mode={MODE} beta={BETA} min_critics={MIN_CRITICS} "
+        f"spqr-wrap: mode={MODE} beta={BETA} add_to={ADD_TO} diagnostics={DIAGNOSTICS} "
+        f"min_critics={MIN_CRITICS} "
         f"torchrl_spqr={torchrl_spqr.__file__}",
         f"spqr-wrap: N-critic CQL = {CQL_CLASS} -> "
         + (
