@@ -14,6 +14,9 @@
 # Changed for SPQR: only how the loss is built: make_sac_agent builds
 # spqr.num_qvalue_nets independent critics, make_loss_module wraps
 # EnsembleSACLoss over them in SPQRLoss(add_to="loss_qvalue").
+# Fixed, not for SPQR (TorchRL's own script fails the same way with
+# logger.backend=csv): log_metrics logs the mean of multi-element values (the
+# per-episode returns) and skips None values (tqdm's rate before it has one).
 # (end of the torchrl_spqr header)
 from __future__ import annotations
 
@@ -381,6 +384,14 @@ def make_sac_optimizer(cfg, loss_module):
 
 
 def log_metrics(logger, metrics, step):
+    # torchrl_spqr fix, not SPQR: TorchRL's csv logger takes scalars only (float(value)),
+    # but "train/reward" holds one return per episode ended in the batch (log the mean)
+    # and "time/speed" is None while tqdm has no rate yet (skip it).
+    metrics = {
+        k: v.float().mean() if isinstance(v, torch.Tensor) and v.numel() > 1 else v
+        for k, v in metrics.items()
+        if v is not None
+    }
     logger.log_metrics(metrics, step)
 
 
