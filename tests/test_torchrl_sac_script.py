@@ -84,12 +84,14 @@ def _history(name: str) -> list[str]:
     if shutil.which("git") is None:
         pytest.skip("git is not available")
     try:
+        if _git("rev-parse", "--is-shallow-repository").strip() == "true":
+            pytest.skip("a shallow clone: the example folder's first commit is missing")
         commits = _git("log", "--format=%H", "--", f"{REL}/{name}").split()[::-1]
         added = _git("log", "--diff-filter=A", "--format=%H", "--", f"{REL}/{name}").split()
     except subprocess.CalledProcessError as err:  # not a checkout
         pytest.skip(f"git history unavailable: {err.stderr.strip()}")
-    if not added or commits[0] != added[-1]:  # a shallow clone: the first commit is missing
-        pytest.skip("the example folder's git history is incomplete (shallow clone?)")
+    if not added or commits[0] != added[-1]:
+        pytest.skip("the example folder's git history is incomplete")
     return commits
 
 
