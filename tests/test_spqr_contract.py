@@ -19,7 +19,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
-from torchrl.data import Bounded
+from torchrl.data import Bounded, Composite
 from torchrl.modules import ProbabilisticActor, TanhNormal
 from torchrl.objectives import REDQLoss, SACLoss, SoftUpdate, TD3Loss, ValueEstimators
 
@@ -471,3 +471,40 @@ def test_wrapping_twice_and_non_losses_are_refused():
         SPQRLoss(loss)
     with pytest.raises(ValueError, match="at least 3"):
         SPQRLoss(make_loss("ens_sac", n=2))
+
+
+@pytest.mark.parametrize("pairs", ("next_policy", "data", "policy"))
+@pytest.mark.parametrize("beta", (0.0, 1.0))
+def test_composite_action_distribution(pairs, beta):
+    """A policy with a composite action (``("action", "action1")``), as TorchRL's tests build."""
+    import functools
+
+    from tensordict.nn import CompositeDistribution
+
+    net = nn.Sequential(nn.Linear(N_OBS, 2 * N_ACT), NormalParamExtractor())
+    module = TensorDictModule(
+        net, in_keys=["observation"],
+        out_keys=[("params", "action1", "loc"), ("params", "action1", "scale")],
+    )  # fmt: skip
+    actor = ProbabilisticActor(
+        module,
+        in_keys=["params"],
+        out_keys=["action"],
+        distribution_class=functools.partial(
+            CompositeDistribution, distribution_map={"action1": TanhNormal}
+        ),
+        spec=Composite({"action": {"action1": Bounded(-1.0, 1.0, (N_ACT,))}}),
+        return_log_prob=True,
+    )
+    critics = QEnsemble(
+        lambda: make_q_member(N_OBS + N_ACT, num_cells=(H,), in_keys=("observation",
+                              ("action", "action1"))), 3)  # fmt: skip
+    sac = O.EnsembleSACLoss(
+        actor, critics.members(), num_qvalue_nets=3, loss_function="l2", target_entropy=-2.0
+    )
+    loss = SPQRLoss(sac, beta=beta, pairs=pairs)
+    batch = make_batch()
+    batch.set(("action", "action1"), batch.pop("action"))
+    out = loss(batch)
+    assert torch.isfinite(out["spqr_kl"]) and out["spqr_kl"] > 0
+    assert torch.isfinite(out["loss_qvalue"])

@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase, is_tensor_collection
 from tensordict.nn import (
+    CompositeDistribution,
     ProbabilisticTensorDictModule,
     ProbabilisticTensorDictSequential,
     TensorDictModuleBase,
@@ -441,13 +442,15 @@ class SPQRLoss(LossModule):
 
     def _own_in_keys(self) -> list[NestedKey]:
         q_in = self._q_in_keys()
-        act = self._key("action")
+        act = _tuple(self._key("action"))
         if self.pairs == "data":
             return q_in
         actor_in = self._actor_in_keys()
+        # the action (or, for a composite action, its entries) comes from the policy
+        not_action = [k for k in q_in if _tuple(k)[: len(act)] != act]
         if self.pairs == "policy":
-            return actor_in + [k for k in q_in if k != act]
-        return [_next(k) for k in actor_in] + [_next(k) for k in q_in if k != act]
+            return actor_in + not_action
+        return [_next(k) for k in actor_in] + [_next(k) for k in not_action]
 
     @property
     def out_keys(self) -> list[str]:
@@ -519,7 +522,7 @@ class SPQRLoss(LossModule):
                     actor, (ProbabilisticTensorDictModule, ProbabilisticTensorDictSequential)
                 ):
                     dist = actor.get_dist(inputs)
-                    if not getattr(dist, "has_rsample", False):
+                    if not _has_rsample(dist):
                         raise ValueError(
                             f"The actor's distribution {type(dist).__name__} has no "
                             "reparameterised sample (rsample); SPQR follows the authors in using "
@@ -527,7 +530,8 @@ class SPQRLoss(LossModule):
                             "(e.g. TanhNormal) or pairs='data'."
                         )
                     action = dist.rsample()
-                    if is_tensor_collection(action):
+                    if is_tensor_collection(action) and action.get(act_key, None) is not None:
+                        # a composite sample keyed by the full action key
                         action = action.get(act_key)
                 else:  # a deterministic policy (e.g. TorchRL's Actor for TD3)
                     action = actor(inputs).get(act_key)
@@ -815,6 +819,13 @@ def _norm(key: NestedKey) -> NestedKey:
     if isinstance(key, tuple) and len(key) == 1:
         return key[0]
     return key
+
+
+def _has_rsample(dist) -> bool:
+    """Whether ``dist`` has a reparameterised sample (a composite one: all its parts)."""
+    if isinstance(dist, CompositeDistribution):
+        return all(_has_rsample(d) for d in dist.values())
+    return bool(getattr(dist, "has_rsample", False))
 
 
 def _tuple(key: NestedKey) -> tuple[str, ...]:
