@@ -331,6 +331,16 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
         if self.num_qvalue_nets > 1:
             tensordict.set(self.tensor_keys.pred_q2, q_pred[1])
 
+    def _clear_param_weakrefs(self, tensordict: TensorDictBase) -> None:
+        """As ``CQLLoss`` does at the end of each term (for ``torch.compile``)."""
+        self._clear_weakrefs(
+            tensordict,
+            "actor_network_params",
+            "qvalue_network_params",
+            "target_actor_network_params",
+            "target_qvalue_network_params",
+        )
+
     def q_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
         """``CQLLoss.q_loss`` with ``N`` members; serves ``"data"`` member-value requests."""
         target_value = self._get_value_v(
@@ -356,13 +366,7 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
         loss_qval = self._reduce_loss(loss_qval, tensordict=tensordict)
         td_error = (q_pred - target_value).pow(2)
         metadata = {"td_error": td_error.detach()}
-        self._clear_weakrefs(
-            tensordict,
-            "actor_network_params",
-            "qvalue_network_params",
-            "target_actor_network_params",
-            "target_qvalue_network_params",
-        )
+        self._clear_param_weakrefs(tensordict)
         return loss_qval, metadata
 
     def cql_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict]:
@@ -440,13 +444,7 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
             tensordict.set(self.tensor_keys.cql_q2_loss, cql_q_losses[1])
         cql_q_loss = cql_q_losses.sum(0).mean(-1)
         cql_q_loss = self._reduce_loss(cql_q_loss, tensordict=tensordict)
-        self._clear_weakrefs(
-            tensordict,
-            "actor_network_params",
-            "qvalue_network_params",
-            "target_actor_network_params",
-            "target_qvalue_network_params",
-        )
+        self._clear_param_weakrefs(tensordict)
         return cql_q_loss, {}
 
     def _pred_q(self, tensordict: TensorDictBase) -> Tensor:
@@ -540,13 +538,7 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
             term = alpha_prime * (member - self.target_action_gap)
             loss = -term if loss is None else loss - term
         alpha_prime_loss = loss / self.num_qvalue_nets
-        self._clear_weakrefs(
-            tensordict,
-            "actor_network_params",
-            "qvalue_network_params",
-            "target_actor_network_params",
-            "target_qvalue_network_params",
-        )
+        self._clear_param_weakrefs(tensordict)
         return alpha_prime_loss, {}
 
     # ------------------------------------------------------------------ actor

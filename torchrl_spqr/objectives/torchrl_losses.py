@@ -34,6 +34,8 @@ Pairs served:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -84,16 +86,18 @@ class _ListeningMixin(MemberValuesMixin):
                 fn = fn.fn
             self.__dict__[name] = _Listener(fn, self, name)
 
-    def _open_scope(self, tensordict: TensorDictBase) -> _Scope | None:
+    @contextlib.contextmanager
+    def _listening(self, tensordict: TensorDictBase) -> Iterator[None]:
+        """Routes the listened critic calls to :meth:`_on_critic_call` while a request is open."""
         request = self.member_values_request
         if request is None or request.q is not None:
-            return None
-        scope = _Scope(request, tensordict.batch_size)
-        self.__dict__["_member_scope_"] = scope
-        return scope
-
-    def _close_scope(self) -> None:
-        self.__dict__["_member_scope_"] = None
+            yield
+            return
+        self.__dict__["_member_scope_"] = _Scope(request, tensordict.batch_size)
+        try:
+            yield
+        finally:
+            self.__dict__["_member_scope_"] = None
 
     def _q_key(self):
         return self.tensor_keys.state_action_value
@@ -164,13 +168,8 @@ class EnsembleSACLoss(_ListeningMixin, SACLoss):
         return ("data", "next_policy") if self._version == 2 else ()
 
     def qvalue_v2_loss(self, tensordict: TensorDictBase):
-        scope = self._open_scope(tensordict)
-        if scope is None:
+        with self._listening(tensordict):
             return super().qvalue_v2_loss(tensordict)
-        try:
-            return super().qvalue_v2_loss(tensordict)
-        finally:
-            self._close_scope()
 
     def _on_critic_call(self, scope: _Scope, fn, td: TensorDictBase, params: TensorDictBase):
         scope.calls += 1
@@ -229,13 +228,8 @@ class EnsembleREDQLoss(_ListeningMixin, REDQLoss):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        scope = self._open_scope(tensordict)
-        if scope is None:
+        with self._listening(tensordict):
             return super().forward(tensordict)
-        try:
-            return super().forward(tensordict)
-        finally:
-            self._close_scope()
 
     def _on_critic_call(self, scope: _Scope, fn, td: TensorDictBase, params: TensorDictBase):
         scope.calls += 1
@@ -273,13 +267,8 @@ class EnsembleTD3Loss(_ListeningMixin, TD3Loss):
     member_value_pairs = ("data",)
 
     def value_loss(self, tensordict: TensorDictBase):
-        scope = self._open_scope(tensordict)
-        if scope is None:
+        with self._listening(tensordict):
             return super().value_loss(tensordict)
-        try:
-            return super().value_loss(tensordict)
-        finally:
-            self._close_scope()
 
     def _on_critic_call(self, scope: _Scope, fn, td: TensorDictBase, params: TensorDictBase):
         scope.calls += 1
