@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import urllib.error
 from pathlib import Path
 
@@ -141,7 +143,7 @@ def test_load_local_minari_through_torchrl(store, monkeypatch):
 def test_converted_cache_is_reused_until_the_dataset_changes(tmp_path, monkeypatch):
     from torchrl.data.datasets import MinariExperienceReplay
 
-    D.build_dataset("local/hopper/cache-v0", "Hopper-v5", "random", steps=50, ref_max_score=1.0)
+    D.build_dataset("local/hopper/cache-v0", "Hopper-v5", "random", steps=50, ref_max_score=1e3)
     root = str(tmp_path / "trl")
     first = D.load_offline_dataset("local/hopper/cache-v0", batch_size=4, root=root)
     obs = D._storage_td(first.buffer)["observation"].clone()
@@ -159,7 +161,7 @@ def test_converted_cache_is_reused_until_the_dataset_changes(tmp_path, monkeypat
         "random",
         steps=60,
         seed=5,
-        ref_max_score=1.0,
+        ref_max_score=1e3,
         overwrite=True,
     )
     rebuilt = D.load_offline_dataset("local/hopper/cache-v0", batch_size=4, root=root)
@@ -377,14 +379,18 @@ def test_load_policy_from_run_and_policy_datasets(tmp_path):
         ref_max_score=10.0,
     )
     assert med.storage.metadata["total_steps"] == 60
+    expert_args = dict(steps=40, policy=str(tmp_path / "run"), max_episode_steps=30, ref_episodes=2)
+    # this untrained "expert" scores below the random policy: an inverted reference range
+    # is refused (normalised scores would fall as the return rises), and nothing is written
+    with pytest.raises(ValueError, match="is not above ref_min_score"):
+        D.build_dataset("local/hopper/pol-expert-v0", "Hopper-v5", "expert", **expert_args)
+    assert not D._exists_locally("local/hopper/pol-expert-v0")
     exp = D.build_dataset(
         "local/hopper/pol-expert-v0",
         "Hopper-v5",
         "expert",
-        steps=40,
-        policy=str(tmp_path / "run"),
-        max_episode_steps=30,
-        ref_episodes=2,
+        **expert_args,
+        ref_min_score=-100.0,
     )
     meta = exp.storage.metadata
     env = gym.make("Hopper-v5", max_episode_steps=30)
@@ -550,3 +556,355 @@ def test_cli_build_list_info(store, capsys):
         == 2
     )
     assert "already exists" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- safe building
+def _small(dataset_id, steps=30, seed=1, **kwargs):
+    """A tiny random dataset with given reference scores (no reference rollouts)."""
+    kwargs = {"ref_min_score": 0.0, "ref_max_score": 1e3, **kwargs}
+    return D.build_dataset(dataset_id, "Hopper-v5", "random", steps=steps, seed=seed, **kwargs)
+
+
+def _store():
+    return D.minari_datasets_path()
+
+
+def _staged():
+    """Staging folders left in the store (lock files aside)."""
+    root = _store() / D._STAGING_DIR
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def _fingerprint(dataset_id):
+    h5 = D._local_h5(dataset_id)
+    return h5.read_bytes(), minari.load_dataset(dataset_id).storage.metadata["total_steps"]
+
+
+def _build_cli(*args):
+    return D.main(["build", "--env", "Hopper-v5", "--kind", "random", *args])
+
+
+def test_overwrite_with_bad_steps_leaves_the_dataset_intact(capsys):
+    _small("local/safe/steps-v0")
+    before = _fingerprint("local/safe/steps-v0")
+    for steps in ("0", "-5"):
+        rc = _build_cli("--id", "local/safe/steps-v0", "--steps", steps, "--overwrite")
+        err = capsys.readouterr().err
+        assert rc == 2 and f"steps={steps}" in err and ">= 1" in err
+        assert _fingerprint("local/safe/steps-v0") == before
+    assert _staged() == []
+
+
+@pytest.mark.parametrize(
+    ("bad_id", "why"),
+    [
+        ("local/safe", "no version"),
+        ("local", "no namespace"),
+        (".", "'.' or '..'"),
+        ("..", "'.' or '..'"),
+        ("../outside", "'.' or '..'"),
+        ("local/../../outside-v0", "'.' or '..'"),
+        ("local/./x-v0", "'.' or '..'"),
+        ("ABS", "absolute path"),
+        ("ABS/x-v0", "absolute path"),
+        ("", "empty"),
+        ("local//x-v0", "empty component"),
+        ("local/safe/", "empty component"),
+        ("hopper-random-v0", "no namespace"),
+        ("local/a b-v0", "character"),
+    ],
+)
+def test_malformed_ids_are_refused_and_nothing_is_deleted(tmp_path, capsys, bad_id, why):
+    if not D._exists_locally("local/safe/sibling-v0"):
+        _small("local/safe/sibling-v0")
+    outside = _store().parent / "outside"  # what ../outside would name
+    outside.mkdir(exist_ok=True)
+    (outside / "keep.txt").write_text("keep")
+    absolute = tmp_path / "abs"
+    absolute.mkdir()
+    (absolute / "keep.txt").write_text("keep")
+    bad_id = bad_id.replace("ABS", str(absolute))
+    before = sorted(minari.list_local_datasets())
+    rc = _build_cli("--id", bad_id, "--steps", "10", "--overwrite")
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "namespace/name-vN" in err and why in err
+    assert (outside / "keep.txt").read_text() == "keep"
+    assert (absolute / "keep.txt").read_text() == "keep"
+    assert sorted(minari.list_local_datasets()) == before
+    assert D._exists_locally("local/safe/sibling-v0") and D._exists_locally(TINY_ID)
+    with pytest.raises(ValueError, match="namespace/name-vN"):  # the API and the loader too
+        D.build_dataset(bad_id, "Hopper-v5", "random", steps=10, overwrite=True)
+    with pytest.raises(ValueError, match="namespace/name-vN"):
+        D.load_offline_dataset(bad_id, batch_size=4, download=False)
+
+
+def test_ids_resolving_outside_the_store_or_naming_more_than_a_dataset(tmp_path, capsys):
+    outside = tmp_path / "elsewhere"
+    (outside / "data").mkdir(parents=True)
+    (outside / "data" / "keep.txt").write_text("keep")
+    (_store() / "local" / "link").mkdir(parents=True, exist_ok=True)
+    (_store() / "local" / "link" / "escape-v0").symlink_to(outside)
+    rc = _build_cli("--id", "local/link/escape-v0", "--steps", "10", "--overwrite")
+    assert rc == 2 and "outside the Minari store" in capsys.readouterr().err
+    assert (outside / "data" / "keep.txt").read_text() == "keep"
+
+    # a versioned id that names a namespace folder holding datasets: not replaced
+    _small("local/nsv-v1/inner-v0")
+    rc = _build_cli("--id", "local/nsv-v1", "--steps", "10", "--overwrite")
+    assert rc == 2 and "not a single Minari dataset folder" in capsys.readouterr().err
+    assert D._exists_locally("local/nsv-v1/inner-v0")
+    # an id inside another dataset's folder
+    rc = _build_cli("--id", "local/nsv-v1/inner-v0/deeper-v0", "--steps", "10")
+    assert rc == 2 and "inside the folder of the dataset" in capsys.readouterr().err
+    # a namespace component that is a file
+    (_store() / "local" / "afile").write_text("x")
+    rc = _build_cli("--id", "local/afile/x-v0", "--steps", "10")
+    assert rc == 2 and "is a file, not a namespace folder" in capsys.readouterr().err
+    assert (_store() / "local" / "afile").read_text() == "x"
+    assert _staged() == []
+
+
+def test_overwrite_replaces_the_data():
+    _small("local/safe/replace-v0", steps=30, seed=1)
+    old_obs = _episodes("local/safe/replace-v0")[0].observations
+    ds = _small("local/safe/replace-v0", steps=45, seed=2, overwrite=True)
+    assert ds.storage.metadata["total_steps"] == 45
+    eps = _episodes("local/safe/replace-v0")
+    assert sum(len(e.rewards) for e in eps) == 45
+    assert not np.array_equal(eps[0].observations, old_obs)
+    data = D.load_offline_dataset("local/safe/replace-v0", batch_size=4, download=False)
+    assert data.num_transitions == 45
+    assert _staged() == []
+    assert not any(D._STAGING_DIR in i for i in minari.list_local_datasets())
+    # a fresh id lands in place too, with Minari's namespace metadata
+    _small("local/fresh/ns-v0")
+    assert (_store() / "local" / "fresh" / "namespace_metadata.json").exists()
+    assert "local/fresh/ns-v0" in minari.list_local_datasets()
+
+
+@pytest.mark.parametrize("when", ["before_write", "after_write", "between_renames"])
+def test_a_failed_overwrite_leaves_the_old_dataset(monkeypatch, when):
+    dataset_id = f"local/safe/crash-{when.replace('_', '-')}-v0"
+    _small(dataset_id, steps=30, seed=1)
+    before = _fingerprint(dataset_id)
+    real_write, real_rename = D._write_minari_dataset, os.rename
+
+    def write(*args, **kwargs):
+        if when == "after_write":
+            real_write(*args, **kwargs)
+        raise RuntimeError("build step failed (test)")
+
+    def rename(src, dst):
+        if f"{os.sep}new{os.sep}" in str(src):  # the new dataset into place: fail
+            raise OSError("rename failed (test)")
+        return real_rename(src, dst)
+
+    if when == "between_renames":
+        monkeypatch.setattr(os, "rename", rename)
+    else:
+        monkeypatch.setattr(D, "_write_minari_dataset", write)
+    with pytest.raises((RuntimeError, OSError), match="failed \\(test\\)"):
+        _small(dataset_id, steps=45, seed=2, overwrite=True)
+    monkeypatch.undo()
+    assert _fingerprint(dataset_id) == before
+    assert _staged() == []
+    assert not any(D._STAGING_DIR in i for i in minari.list_local_datasets())
+    assert D.load_offline_dataset(dataset_id, batch_size=4, download=False).num_transitions == 30
+
+
+_KILLED_BUILD = """
+import os, sys
+from torchrl_spqr import datasets as D
+when, dataset_id = sys.argv[1], sys.argv[2]
+if when == "between_renames":
+    real = os.rename
+    def rename(src, dst):
+        if os.sep + "new" + os.sep in str(src):
+            os._exit(17)  # killed: the old dataset is aside, the new one not yet in place
+        real(src, dst)
+    os.rename = rename
+else:
+    real_write = D._write_minari_dataset
+    def write(*args, **kwargs):
+        real_write(*args, **kwargs)
+        os._exit(17)  # killed with the new dataset written aside, not marked complete
+    D._write_minari_dataset = write
+D.build_dataset(dataset_id, "Hopper-v5", "random", steps=45, seed=2, ref_min_score=0.0,
+                ref_max_score=1e3, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["during_write", "between_renames"])
+def test_a_killed_overwrite_leaves_a_complete_dataset(when):
+    import subprocess
+    import sys
+
+    dataset_id = f"local/safe/killed-{when.replace('_', '-')}-v0"
+    _small(dataset_id, steps=30, seed=1)
+    before = _fingerprint(dataset_id)
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(_store())}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_BUILD, when, dataset_id],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert len(_staged()) == 1  # what the killed build left
+    assert not any(D._STAGING_DIR in i for i in minari.list_local_datasets())
+    if when == "between_renames":
+        assert not D._exists_locally(dataset_id)  # neither in place: recovery is needed
+    recovered = (
+        pytest.warns(UserWarning, match="interrupted build")
+        if when == "between_renames"
+        else contextlib.nullcontext()
+    )
+    with recovered:  # the next load settles what the killed build left
+        data = D.load_offline_dataset(dataset_id, batch_size=4, download=False)
+    assert _staged() == []
+    if when == "during_write":  # the old dataset, untouched
+        assert _fingerprint(dataset_id) == before and data.num_transitions == 30
+    else:  # the old one was aside, the new one complete: the new one is installed
+        assert data.num_transitions == 45
+        assert minari.load_dataset(dataset_id).storage.metadata["total_steps"] == 45
+
+
+# --------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupted_hdf5_file_gives_a_clear_error(tmp_path, capsys, damage):
+    dataset_id = f"local/corrupt/{damage}-v0"
+    _small(dataset_id)
+    h5 = D._local_h5(dataset_id)
+    raw = h5.read_bytes()
+    h5.write_bytes(
+        {"truncated": raw[: len(raw) // 2], "garbage": os.urandom(len(raw)), "empty": b""}[damage]
+    )
+    with pytest.raises(D.DatasetCorruptedError) as info:
+        D.load_offline_dataset(dataset_id, batch_size=4, root=str(tmp_path), download=False)
+    msg = str(info.value)
+    assert str(h5) in msg and "--overwrite" in msg and dataset_id in msg
+    assert isinstance(info.value, ValueError)
+    assert D.main(["info", dataset_id]) == 2
+    assert str(h5) in capsys.readouterr().err
+    # the dataset is rebuilt over the damaged one
+    assert _small(dataset_id, steps=20, overwrite=True).storage.metadata["total_steps"] == 20
+    assert D.load_offline_dataset(dataset_id, batch_size=4, root=str(tmp_path)).num_transitions
+
+
+def test_broken_metadata_and_a_damaged_part(tmp_path):
+    _small("local/corrupt/meta-v0")
+    meta = D._local_h5("local/corrupt/meta-v0").parent / "metadata.json"
+    meta.write_text("{not json")
+    with pytest.raises(D.DatasetCorruptedError, match="local/corrupt/meta-v0"):
+        D.load_offline_dataset("local/corrupt/meta-v0", batch_size=4, download=False)
+    # a part of medium-expert that is damaged is named as well
+    _small("local/corrupt/part-v0")
+    D._local_h5("local/corrupt/part-v0").write_bytes(b"\0" * 100)
+    with pytest.raises(D.DatasetCorruptedError, match="main_data.hdf5"):
+        D.build_dataset(
+            "local/corrupt/me-v0", None, "medium-expert", parts=[TINY_ID, "local/corrupt/part-v0"]
+        )
+    assert not D._exists_locally("local/corrupt/me-v0")
+
+
+def _set_metadata(dataset_id, **values):
+    import json
+
+    path = D._local_h5(dataset_id).parent / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta.update(values)
+    path.write_text(json.dumps(meta))
+
+
+def test_reference_scores_never_give_nan(capsys):
+    # zero reference episodes: refused before anything is built
+    rc = _build_cli("--id", "local/refs/zero-v0", "--steps", "10", "--ref-episodes", "0")
+    assert rc == 2 and "ref_episodes=0" in capsys.readouterr().err
+    assert not D._exists_locally("local/refs/zero-v0")
+    # a zero-width, inverted or non-finite given range
+    for lo, hi in (("5", "5"), ("5", "1"), ("nan", "10"), ("0", "inf")):
+        rc = _build_cli(
+            "--id", "local/refs/range-v0", "--steps", "10",
+            "--ref-min-score", lo, "--ref-max-score", hi,
+        )  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 2 and ("ref_max_score > ref_min_score" in err or "finite" in err), err
+    assert not D._exists_locally("local/refs/range-v0")
+    # datasets that already record such values (older builds, hand edits): refused on load
+    _small("local/refs/recorded-v0")
+    for values, match in (
+        ({"ref_min_score": float("nan")}, "not a finite number"),
+        ({"ref_min_score": 7.0, "ref_max_score": 7.0}, "ref_max_score > ref_min_score"),
+        ({"ref_min_score": 9.0, "ref_max_score": 1.0}, "ref_max_score > ref_min_score"),
+    ):
+        _set_metadata("local/refs/recorded-v0", **values)
+        with pytest.raises(ValueError, match=match):
+            D.load_offline_dataset("local/refs/recorded-v0", batch_size=4, download=False)
+    # no reference scores at all: loads, and normalized_score says so (no NaN)
+    _set_metadata("local/refs/recorded-v0", ref_min_score=None, ref_max_score=None)
+    data = D.load_offline_dataset("local/refs/recorded-v0", batch_size=4, download=False)
+    assert data.ref_min_score is None and data.ref_max_score is None
+    with pytest.raises(ValueError, match="no reference scores"):
+        data.normalized_score(1.0)
+    with pytest.raises(ValueError, match="max > min"):  # an inverted range, given by hand
+        D.normalized_score(1.0, 5.0, 1.0)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            D.load_offline_dataset("local/refs/recorded-v0", batch_size=bad, download=False)
+
+
+def test_builder_arguments_are_checked_before_anything_is_built(tmp_path, capsys):
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    cfg = {"algorithm": "sac_ens", "env": {"name": "Hopper-v5", "max_episode_steps": 7}}
+    no_buffer = tmp_path / "no_buffer"
+    save_checkpoint(no_buffer, {"loss": {}, "config": cfg})
+    damaged = tmp_path / "damaged"
+    (damaged / "checkpoint").mkdir(parents=True)
+    (damaged / "checkpoint" / "state.pt").write_bytes(b"garbage" * 10)
+    cases = [
+        (["--kind", "random", "--env", "Nope-v0", "--steps", "10"], "'Nope-v0'"),
+        (["--kind", "random", "--env", "Hopper-v5", "--steps", "10", "--seed", "-1"], "seed=-1"),
+        (["--kind", "random", "--env", "Hopper-v5", "--max-episode-steps", "0"], "max_episode"),
+        (["--kind", "random", "--steps", "10"], "needs env_id"),
+        (["--kind", "random", "--env", "Hopper-v5", "--policy-run", "x"], "does not use policy"),
+        (["--kind", "random", "--env", "Hopper-v5", "--noise", "0.1"], "does not use noise"),
+        (["--kind", "medium", "--env", "Hopper-v5", "--steps", "10"], "needs a policy"),
+        (
+            ["--kind", "medium", "--env", "Hopper-v5", "--policy-run", str(tmp_path / "nope")],
+            "no such folder",
+        ),
+        (
+            ["--kind", "medium", "--env", "Hopper-v5", "--policy-run", str(empty_run)],
+            "--policy-run",
+        ),
+        (
+            ["--kind", "expert", "--env", "Hopper-v5", "--policy-run", "x", "--noise", "-1"],
+            "noise=-1",
+        ),
+        (["--kind", "medium-replay"], "needs source_run"),
+        (["--kind", "medium-replay", "--source-run", str(tmp_path / "nope")], "no such folder"),
+        (["--kind", "medium-replay", "--source-run", str(empty_run)], "cannot read its checkp"),
+        (["--kind", "medium-replay", "--source-run", str(no_buffer)], "cannot read its replay"),
+        (["--kind", "medium-replay", "--source-run", str(damaged)], "cannot read its checkp"),
+        (["--kind", "medium-replay", "--source-run", str(no_buffer), "--steps", "0"], "steps=0"),
+        (["--kind", "full-replay"], "needs expert_run"),
+        (["--kind", "medium-expert", "--parts", "local/x/a-v0", "local/x/b-v0"], "not available"),
+        (["--kind", "medium-expert", "--parts", "local/x", "local/x/b-v0"], "namespace/name-vN"),
+    ]
+    for args, match in cases:
+        rc = D.main(["build", "--id", "local/args/case-v0", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and match in err, (args, err)
+        assert "Traceback" not in err
+    assert not D._exists_locally("local/args/case-v0") and _staged() == []
+    with pytest.raises(SystemExit):  # argparse: an unknown kind
+        D.main(["build", "--id", "local/args/case-v0", "--kind", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kind='nope'"):
+        D.build_dataset("local/args/case-v0", "Hopper-v5", "nope", steps=10)
+    with pytest.raises(ValueError, match="steps=2.5"):
+        D.build_dataset("local/args/case-v0", "Hopper-v5", "random", steps=2.5)

@@ -53,6 +53,23 @@ rollouts), ``--expert-run`` (run whose actor sets ``ref_max_score``; the data so
 ``full-replay``), ``--ref-episodes``, ``--ref-min-score``, ``--ref-max-score``,
 ``--overwrite``.
 
+Every argument is checked before anything is built, and an error names the value and
+what to pass instead. Ids have Minari's form ``namespace/name-vN`` (namespaces may nest;
+letters, digits, ``_`` and ``-``): an id with no namespace or version, an absolute path,
+``.`` / ``..`` / empty components, or one whose folder would resolve outside the Minari
+store is refused. A dataset is written aside, in the store's hidden folder
+``.torchrl_spqr_build/``, and moved to its id only once complete; ``--overwrite``
+replaces exactly the one dataset named (a folder holding only ``data/``), by moving the
+old one aside, the new one into place, and then deleting the old one. A build killed at
+any instant leaves the id holding either its previous dataset or the complete new one:
+the next build, load, ``list`` or ``info`` in that store finishes or undoes an
+interrupted swap (with a warning) and removes the staging folder.
+
+A local dataset whose HDF5 file or metadata cannot be read raises
+:class:`DatasetCorruptedError` naming the file; recorded reference scores that are not
+finite, or with ``ref_max_score <= ref_min_score``, raise a ``ValueError`` on load
+rather than give NaN or inverted normalised scores.
+
 Only safe loaders are used: ``torch.load(weights_only=True)``, tensordict
 memmaps and HDF5.
 """
@@ -69,6 +86,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -86,6 +104,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "D4RL_ENV_IDS",
     "D4RL_REF_SCORES",
+    "DatasetCorruptedError",
     "DatasetUnavailableError",
     "KINDS",
     "OfflineData",
@@ -141,6 +160,13 @@ class DatasetUnavailableError(RuntimeError):
     """The dataset is neither on this machine nor downloadable; the message says what to do."""
 
 
+class DatasetCorruptedError(ValueError):
+    """A local dataset's files cannot be read (truncated / garbage HDF5, broken metadata).
+
+    The message names the file, the low-level error and how to replace the dataset.
+    """
+
+
 @dataclass
 class OfflineData:
     """A loaded offline dataset and what is needed to evaluate on it."""
@@ -162,12 +188,20 @@ class OfflineData:
 
 
 def normalized_score(episode_return: float, ref_min_score: float, ref_max_score: float) -> float:
-    """D4RL's normalised score: ``100 * (R - min) / (max - min)`` (0 random, 100 expert)."""
+    """D4RL's normalised score: ``100 * (R - min) / (max - min)`` (0 random, 100 expert).
+
+    The reference scores must be finite with ``max > min`` (else a ValueError names them:
+    a zero-width range would divide by zero, an inverted one would rank returns backwards).
+    A non-finite ``episode_return`` (an evaluation that diverged) gives a non-finite score.
+    """
     if ref_min_score is None or ref_max_score is None:
         raise ValueError("normalized_score needs both reference scores.")
     span = float(ref_max_score) - float(ref_min_score)
-    if not math.isfinite(span) or span == 0:
-        raise ValueError(f"Degenerate reference scores: min={ref_min_score}, max={ref_max_score}.")
+    if not math.isfinite(span) or span <= 0:
+        raise ValueError(
+            f"Degenerate reference scores: min={ref_min_score}, max={ref_max_score} "
+            "(normalised scores need finite values with max > min)."
+        )
     return 100.0 * (float(episode_return) - float(ref_min_score)) / span
 
 
@@ -216,6 +250,298 @@ def _local_h5(dataset_id: str) -> Path:
 
 def _exists_locally(dataset_id: str) -> bool:
     return _local_h5(dataset_id).exists()
+
+
+# --------------------------------------------------------------------------- ids and the store
+#: Minari's id form, with the namespace and the version required (namespaces nest):
+#: ``local/hopper/random-v0``; each component is letters, digits, ``_`` or ``-``.
+_MINARI_ID = re.compile(r"^(?P<namespace>[-\w]+(?:/[-\w]+)*)/(?P<name>[-\w]+?)-v(?P<version>\d+)$")
+_MINARI_ID_FORM = "namespace/name-vN (e.g. local/hopper/random-v0)"
+
+#: Hidden folder of the Minari store where :func:`build_dataset` writes a dataset before
+#: swapping it in (Minari's listings skip hidden folders). A build killed midway leaves a
+#: folder here; the next build or load in this store settles it (see
+#: :func:`_recover_interrupted_builds`).
+_STAGING_DIR = ".torchrl_spqr_build"
+
+
+def _check_dataset_id(dataset_id: Any) -> Path:
+    """The folder of ``dataset_id`` in the local Minari store, once the id is known to be safe.
+
+    Refused with a ``ValueError`` naming the expected form ``namespace/name-vN``: ids with
+    no namespace or no version, absolute paths, ``.`` / ``..`` / empty components, other
+    characters; then ids whose folder resolves outside the store (a symbolic link) or
+    inside another dataset's folder. Nothing is read or written but ``stat`` calls.
+    """
+    if not isinstance(dataset_id, str) or not _MINARI_ID.match(dataset_id):
+        text = dataset_id if isinstance(dataset_id, str) else ""
+        parts = text.split("/")
+        if not isinstance(dataset_id, str):
+            why = f"it is a {type(dataset_id).__name__}, not a string"
+        elif not text.strip():
+            why = "it is empty"
+        elif text.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", text):
+            why = "it is an absolute path"
+        elif "\\" in text:
+            why = "it contains a backslash"
+        elif any(p in (".", "..") for p in parts):
+            why = "it has a '.' or '..' component"
+        elif "" in parts:
+            why = "it has an empty component ('//', or a leading or trailing '/')"
+        elif len(parts) == 1:
+            why = "it has no namespace"
+        elif not re.search(r"-v\d+$", text):
+            why = "it has no version suffix -vN"
+        else:
+            why = "a component holds a character other than letters, digits, '_' and '-'"
+        hint = ""
+        if _D4RL_ID.match(text):
+            fam, kind, _ = parse_d4rl_id(text)
+            hint = (
+                f" It looks like a D4RL id: load it with source='d4rl', or use the Minari id of "
+                f"a local stand-in such as local/{fam}/{kind}-v0."
+            )
+        raise ValueError(
+            f"Dataset id {dataset_id!r} is not a Minari id: {why}. Expected the form "
+            f"{_MINARI_ID_FORM}.{hint}"
+        )
+    store = minari_datasets_path().expanduser().resolve()
+    folder = (store / dataset_id).resolve()
+    if folder == store or not folder.is_relative_to(store):
+        raise ValueError(
+            f"Dataset id {dataset_id!r} resolves to {folder}, outside the Minari store {store} "
+            "(through a symbolic link); refusing to use it. Use an id whose folder is inside "
+            "the store, or point MINARI_DATASETS_PATH at the store that holds it."
+        )
+    parent = folder.parent
+    while parent != store:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(
+                f"Dataset id {dataset_id!r}: {parent} is a file, not a namespace folder. "
+                "Choose another namespace."
+            )
+        if (parent / "data").is_dir():
+            raise ValueError(
+                f"Dataset id {dataset_id!r} lies inside the folder of the dataset "
+                f"{parent.relative_to(store).as_posix()!r} ({parent}); Minari cannot list a "
+                "dataset nested in another. Choose another namespace."
+            )
+        parent = parent.parent
+    return folder
+
+
+def _staging_root() -> Path:
+    return minari_datasets_path().expanduser().resolve() / _STAGING_DIR
+
+
+def _id_lock(dataset_id: str) -> Path:
+    root = _staging_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return root / (dataset_id.replace("/", "+") + ".lock")
+
+
+@contextlib.contextmanager
+def _minari_store(path: Path) -> Iterator[None]:
+    """Point Minari (``MINARI_DATASETS_PATH``) at ``path`` for the duration."""
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def _try_lock(path: Path):
+    """An open file holding an exclusive ``flock`` on ``path``, or None if another holds it.
+
+    None as well where ``fcntl`` is unavailable: then nothing is taken for abandoned.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fh = open(path, "a+")  # noqa: SIM115 - returned to the caller
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    return fh
+
+
+def _new_stage(dataset_id: str):
+    """A fresh staging folder for a build of ``dataset_id``, locked while this process lives.
+
+    Layout: ``.lock`` (``flock``-ed by the builder), ``journal.json`` (the id), ``new/``
+    (a private Minari store the dataset is written into), ``complete`` (written once the
+    new dataset is whole) and, during a swap, ``old/`` (the replaced dataset).
+    """
+    root = _staging_root()
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    lock = open(stage / ".lock", "a+")  # noqa: SIM115 - closed by the caller
+    with contextlib.suppress(ImportError):
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    journal = {"dataset_id": dataset_id, "pid": os.getpid(), "host": socket.gethostname()}
+    (stage / "journal.json").write_text(json.dumps(journal))
+    return stage, lock
+
+
+def _settle_stage(stage: Path, dataset_id: str, target: Path, roll_forward: bool) -> str | None:
+    """Leave a complete dataset at ``target`` if ``stage`` holds one, then delete ``stage``.
+
+    With the dataset's folder missing (a build stopped between the two renames of its
+    swap, or after completing a first build): the completed new build is moved into place
+    (``roll_forward``; a build that died) or else the old dataset is moved back. Only
+    ``stage`` (inside the store's staging folder) is ever deleted. Call with the id's lock.
+    """
+    note = None
+    new, old = stage / "new" / dataset_id, stage / "old"
+    if not target.exists() and not target.is_symlink():
+        if roll_forward and (stage / "complete").exists() and (new / "data").is_dir():
+            _ensure_namespaces(dataset_id)
+            os.rename(new, target)
+            note = f"installed the completed build of {dataset_id!r} of an interrupted build"
+        elif (old / "data").is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(old, target)
+            note = f"restored the previous {dataset_id!r}, set aside by an interrupted build"
+    if (old / "data").is_dir() and not target.exists():  # pragma: no cover - defensive
+        return note  # keep the only copy
+    shutil.rmtree(stage, ignore_errors=True)
+    return note
+
+
+def _recover_interrupted_builds() -> list[str]:
+    """Settle the staging folders of builds that died (their lock is free); returns notes.
+
+    After this, every dataset whose build was killed is at its id: the previous version,
+    or the new one if it was complete and the previous one had already been moved aside.
+    """
+    root = _staging_root()
+    if not root.is_dir():
+        return []
+    notes: list[str] = []
+    for stage in sorted(root.iterdir()):
+        if not stage.is_dir():
+            continue
+        try:
+            lock = _try_lock(stage / ".lock")
+        except OSError:  # vanished meanwhile (its build finished)
+            continue
+        if lock is None:  # a live build
+            continue
+        with lock:
+            try:
+                dataset_id = json.loads((stage / "journal.json").read_text())["dataset_id"]
+                target = _check_dataset_id(dataset_id)
+            except (OSError, ValueError, KeyError, TypeError):
+                # no readable journal: a build that died while starting (nothing built yet)
+                young = time.time() - stage.stat().st_mtime < 3600
+                if not young and not (stage / "old").exists():
+                    shutil.rmtree(stage, ignore_errors=True)
+                continue
+            with _file_lock(_id_lock(dataset_id)):
+                note = _settle_stage(stage, dataset_id, target, roll_forward=True)
+        if note:
+            notes.append(note)
+    for note in notes:
+        warnings.warn(f"Minari store {minari_datasets_path()}: {note}.", stacklevel=3)
+    return notes
+
+
+def _ensure_namespaces(dataset_id: str) -> None:
+    """Minari's namespace metadata files for the id's namespace and its parents (if missing)."""
+    store = minari_datasets_path().expanduser().resolve()
+    parts = dataset_id.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        folder = store.joinpath(*parts[:i])
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = folder / "namespace_metadata.json"
+        if not meta.exists():
+            meta.write_text("{}")
+
+
+def _check_replaceable(dataset_id: str, target: Path) -> None:
+    """``target`` is one Minari dataset's folder (``data/`` and no other folder), or raise."""
+    sub = sorted(p.name for p in target.iterdir() if p.is_dir()) if target.is_dir() else None
+    if sub != ["data"] or target.is_symlink():
+        raise ValueError(
+            f"{target} (the folder of {dataset_id!r}) is not a single Minari dataset folder "
+            f"(expected only a data/ subfolder, found {sub if sub is not None else 'a file'}): "
+            "refusing to replace it. Move or delete it by hand, or choose another id."
+        )
+
+
+def _corrupted(dataset_id: str, path: Path, err: BaseException) -> DatasetCorruptedError:
+    return DatasetCorruptedError(
+        f"Local Minari dataset {dataset_id!r} cannot be read: {path}: {type(err).__name__}: "
+        f"{str(err).rstrip('. ')}. The file is truncated or corrupted (an interrupted build, copy or download?). "
+        f"Rebuild it (python -m torchrl_spqr.datasets build ... --id {dataset_id} --overwrite), "
+        f"or delete {minari_datasets_path() / dataset_id} and download or copy it again."
+    )
+
+
+def _check_hdf5(dataset_id: str, full: bool = False) -> None:
+    """Open the dataset's HDF5 file and its episode groups; DatasetCorruptedError if unreadable.
+
+    ``full``: read every array too (a file damaged past its index).
+    """
+    import h5py
+
+    h5 = _local_h5(dataset_id)
+    try:
+        with h5py.File(h5, "r") as f:
+            names = list(f.keys())
+            if not names:
+                raise ValueError("the file holds no episodes")
+            for name in names:
+                ep = f[name]
+                missing = [k for k in ("actions", "rewards", "terminations") if k not in ep]
+                if missing:
+                    raise KeyError(f"episode {name!r} lacks {missing}")
+                if full:
+                    for _ in _h5_leaves(ep):
+                        pass
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise _corrupted(dataset_id, h5, err) from err
+
+
+def _ref_scores(meta: dict[str, Any], dataset_id: str) -> tuple[float | None, float | None]:
+    """The dataset's ``(ref_min_score, ref_max_score)``; None where not recorded.
+
+    A recorded value that is not a finite number, or a range with ``max <= min``, would
+    give NaN / infinite / inverted normalised scores: refused with a ValueError.
+    """
+    out: list[float | None] = []
+    for key in ("ref_min_score", "ref_max_score"):
+        raw = meta.get(key)
+        if raw is None:
+            out.append(None)
+            continue
+        v = _opt_float(raw)
+        if v is None:
+            raise ValueError(
+                f"Dataset {dataset_id!r} records {key}={raw!r}, not a finite number, so its "
+                "normalised scores would be NaN. Rebuild it with --ref-episodes >= 1, or "
+                "give --ref-min-score / --ref-max-score (python -m torchrl_spqr.datasets "
+                "build ... --overwrite)."
+            )
+        out.append(v)
+    lo, hi = out
+    if lo is not None and hi is not None and not hi > lo:
+        raise ValueError(
+            f"Dataset {dataset_id!r} records ref_min_score={lo} and ref_max_score={hi}: "
+            "normalised scores need ref_max_score > ref_min_score. Rebuild it with "
+            "--ref-min-score / --ref-max-score (python -m torchrl_spqr.datasets build ... "
+            "--overwrite)."
+        )
+    return lo, hi
 
 
 @contextlib.contextmanager
@@ -290,6 +616,10 @@ def load_offline_dataset(
         DatasetUnavailableError: not local and not downloadable (message names what was
             tried and how to provide the data).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected an integer >= 1.")
     if source == "minari":
         return _load_minari(dataset_id, batch_size, root, download)
     if source == "d4rl":
@@ -298,6 +628,8 @@ def load_offline_dataset(
 
 
 def _load_minari(dataset_id: str, batch_size: int, root, download: bool) -> OfflineData:
+    _check_dataset_id(dataset_id)  # ValueError on a malformed id, before any file access
+    _recover_interrupted_builds()
     local = minari_datasets_path() / dataset_id
     if not _exists_locally(dataset_id):
         tried = [
@@ -333,15 +665,21 @@ def _load_minari(dataset_id: str, batch_size: int, root, download: bool) -> Offl
             tried.append("remote download returned but wrote no data")
             raise _unavailable(dataset_id, tried, how)
 
-    rb = _minari_replay_buffer(dataset_id, batch_size, root)
-    _cast_float64_on_sample(rb)
+    _check_hdf5(dataset_id)
     meta = _minari_metadata(dataset_id)
+    ref_min, ref_max = _ref_scores(meta, dataset_id)
     env_id, env_kwargs = _minari_eval_env(meta)
+    try:
+        rb = _minari_replay_buffer(dataset_id, batch_size, root)
+    except (OSError, KeyError, ValueError, RuntimeError):
+        _check_hdf5(dataset_id, full=True)  # a damaged file is named as such
+        raise
+    _cast_float64_on_sample(rb)
     return OfflineData(
         buffer=rb,
         env_id=env_id,
-        ref_min_score=_opt_float(meta.get("ref_min_score")),
-        ref_max_score=_opt_float(meta.get("ref_max_score")),
+        ref_min_score=ref_min,
+        ref_max_score=ref_max,
         num_transitions=len(rb),
         dataset_id=dataset_id,
         env_kwargs=env_kwargs,
@@ -600,10 +938,15 @@ def _minari_metadata(dataset_id: str) -> dict[str, Any]:
     """The Minari metadata of a local dataset (``storage.metadata``: ref scores, env spec...)."""
     import minari
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = minari.load_dataset(dataset_id)
-    return dict(ds.storage.metadata)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = minari.load_dataset(dataset_id)
+        return dict(ds.storage.metadata)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        if isinstance(err, FileNotFoundError) and not _exists_locally(dataset_id):
+            raise
+        raise _corrupted(dataset_id, minari_datasets_path() / dataset_id / "data", err) from err
 
 
 def _minari_eval_env(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -814,22 +1157,16 @@ def _episodes_from_run(run_dir: str | os.PathLike, steps: int | None = None) -> 
     trailing incomplete episode is marked truncated). ``steps`` keeps the first ``steps``
     transitions (D4RL's medium-replay stops where the run reached "medium").
     """
-    from tensordict import TensorDict
-
-    from torchrl_spqr.training.checkpoint import load_checkpoint
+    from torchrl_spqr.training.checkpoint import load_checkpoint_data
 
     run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir)
-    ck = run_dir / "checkpoint"
-    if not (ck / "state.pt").exists():
-        ck = run_dir / "checkpoint.old"
+    # the newest complete checkpoint, verified; the buffer read without unpickling anything
+    state, data, ck = load_checkpoint_data(run_dir)
     path = ck / "buffer"
     meta = state.get("buffer_meta") or {}
-    if not path.exists() or not meta.get("len", 1):
+    if data is None:
         raise ValueError(f"{run_dir} holds no replay buffer (expected {path}).")
-    data = TensorDict.load_memmap(path)
-    n = int(meta.get("len", data.shape[0]))
-    data = data[:n]
+    n = int(meta["len"])
     cursor = int(meta.get("cursor", n))
     if n and cursor % n:  # a full ring buffer: the oldest transition sits at the cursor
         order = torch.cat([torch.arange(cursor % n, n), torch.arange(0, cursor % n)])
@@ -902,11 +1239,16 @@ def _episodes_from_minari(dataset_id: str) -> tuple[list[_Episode], dict[str, An
             [f"local Minari dataset {minari_datasets_path() / dataset_id}: not found"],
             [f"build it first: {_guess_build_command(dataset_id)}"],
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = minari.load_dataset(dataset_id)
+    _check_hdf5(dataset_id)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = minari.load_dataset(dataset_id)
+            raw = list(ds.iterate_episodes())
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise _corrupted(dataset_id, _local_h5(dataset_id), err) from err
     episodes = []
-    for ep in ds.iterate_episodes():
+    for ep in raw:
         if not isinstance(ep.observations, np.ndarray):
             raise ValueError(f"{dataset_id}: medium-expert needs array observations.")
         episodes.append(
@@ -919,6 +1261,188 @@ def _episodes_from_minari(dataset_id: str) -> tuple[list[_Episode], dict[str, An
             )
         )
     return episodes, dict(ds.storage.metadata)
+
+
+def _int_arg(name: str, value: Any, minimum: int, what: str) -> int:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        ok, value = True, int(value)
+    if not ok or int(value) < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum} ({what}).")
+    return int(value)
+
+
+def _float_arg(name: str, value: Any, what: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not math.isfinite(v):
+        raise ValueError(f"{name}={value!r}: expected a finite number ({what}).")
+    return v
+
+
+def _check_env_id(env_id: Any) -> str:
+    import gymnasium as gym
+
+    if not isinstance(env_id, str) or not env_id:
+        raise ValueError(f"env_id={env_id!r} (--env): expected a Gymnasium id such as Hopper-v5.")
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as err:
+        known = ", ".join(gym_id for gym_id, _ in D4RL_ENV_IDS.values())
+        raise ValueError(
+            f"env_id={env_id!r} (--env) is not a registered Gymnasium environment "
+            f"({type(err).__name__}: {err}). Pass a Gymnasium id such as {known}."
+        ) from err
+    return env_id
+
+
+def _check_run_dir(run: Any, flag: str) -> Path:
+    path = Path(os.fspath(run)).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"{flag} {str(run)!r}: no such folder. Pass the folder of an online run (the "
+            "output folder of sota_scripts/sac_ens_spqr, holding checkpoint/state.pt)."
+        )
+    return path
+
+
+def _run_error(flag: str, run: Any, err: BaseException, what: str) -> Exception:
+    """``err`` with the flag, the folder and what to pass instead.
+
+    The package's own errors (a damaged or unsafe checkpoint: ``CheckpointError``,
+    ``safe_io`` errors) keep their class; others become a ValueError.
+    """
+    detail = str(err).rstrip(". ")
+    msg = (
+        f"{flag} {str(run)!r}: {what}: {type(err).__name__}: {detail}. Pass the folder of an "
+        "online run that saved a checkpoint (sota_scripts/sac_ens_spqr output; the replay "
+        "kinds also need the replay buffer saved with it, checkpoint/buffer)."
+    )
+    if _own_error(err) and not isinstance(err, ValueError):
+        with contextlib.suppress(Exception):
+            return type(err)(msg)
+    return ValueError(msg)
+
+
+def _own_error(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[0] == "torchrl_spqr"
+
+
+def _check_build_args(
+    kind: Any,
+    env_id: Any,
+    steps: Any,
+    policy: Any,
+    seed: Any,
+    ref_min_score: Any,
+    ref_max_score: Any,
+    source_run: Any,
+    expert_run: Any,
+    parts: Any,
+    max_episode_steps: Any,
+    noise: Any,
+    ref_episodes: Any,
+) -> dict[str, Any]:
+    """Every argument of :func:`build_dataset` checked before anything is built or written.
+
+    Returns the normalised values; raises ValueError (or DatasetUnavailableError for a
+    missing part) naming the argument, its value and what to pass instead.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} (--kind): expected one of {', '.join(KINDS)}.")
+    out: dict[str, Any] = {}
+    out["steps"] = (
+        None if steps is None else _int_arg("steps", steps, 1, "--steps: transitions to collect")
+    )
+    out["seed"] = _int_arg("seed", seed, 0, "--seed")
+    out["ref_episodes"] = _int_arg(
+        "ref_episodes", ref_episodes, 1, "--ref-episodes: episodes averaged for a reference score"
+    )
+    out["max_episode_steps"] = (
+        None
+        if max_episode_steps is None
+        else _int_arg("max_episode_steps", max_episode_steps, 1, "--max-episode-steps")
+    )
+    out["noise"] = _float_arg("noise", noise, "--noise: Gaussian action noise std")
+    if out["noise"] < 0:
+        raise ValueError(f"noise={noise!r} (--noise): expected a standard deviation >= 0.")
+    lo = hi = None
+    if ref_min_score is not None:
+        lo = _float_arg("ref_min_score", ref_min_score, "--ref-min-score")
+    if ref_max_score is not None:
+        hi = _float_arg("ref_max_score", ref_max_score, "--ref-max-score")
+    if lo is not None and hi is not None and not hi > lo:
+        raise ValueError(
+            f"ref_min_score={lo} and ref_max_score={hi}: the normalised score "
+            "100 * (R - min) / (max - min) needs ref_max_score > ref_min_score."
+        )
+    out["ref_min_score"], out["ref_max_score"] = lo, hi
+    if env_id is not None:
+        out["env_id"] = _check_env_id(env_id)
+    else:
+        out["env_id"] = None
+
+    # arguments the recipe would ignore: an error, not a silent no-op
+    ignored = []
+    if policy is not None and kind not in ("medium", "expert"):
+        ignored.append("policy (--policy-run)")
+    if parts is not None and kind != "medium-expert":
+        ignored.append("parts (--parts)")
+    if source_run is not None and kind not in ("medium-replay", "full-replay"):
+        ignored.append("source_run (--source-run)")
+    if out["noise"] and kind not in ("medium", "expert"):
+        ignored.append("noise (--noise)")
+    if steps is not None and kind == "medium-expert":
+        ignored.append("steps (--steps)")
+    if ignored:
+        raise ValueError(
+            f"kind={kind!r} does not use {', '.join(ignored)}: drop "
+            f"{'it' if len(ignored) == 1 else 'them'}, or pick the kind that reads "
+            f"{'it' if len(ignored) == 1 else 'them'} (policy: medium / expert; source_run: "
+            "medium-replay / full-replay; parts: medium-expert)."
+        )
+
+    if kind in ("random", "medium", "expert") and out["env_id"] is None:
+        raise ValueError(f"kind={kind!r} needs env_id (--env), e.g. Hopper-v5.")
+    if kind in ("medium", "expert"):
+        if policy is None:
+            raise ValueError(
+                f"kind={kind!r} needs a policy: --policy-run RUN_DIR (an online run folder) "
+                "or policy=<callable obs -> action>."
+            )
+        if isinstance(policy, (str, os.PathLike)):
+            _check_run_dir(policy, "--policy-run")
+        elif not callable(policy):
+            raise ValueError(f"policy={policy!r}: expected a run folder or a callable.")
+    if kind == "medium-replay" and source_run is None:
+        raise ValueError("kind='medium-replay' needs source_run (--source-run RUN_DIR).")
+    if kind == "full-replay" and source_run is None and expert_run is None:
+        raise ValueError("kind='full-replay' needs expert_run (--expert-run RUN_DIR).")
+    if source_run is not None:
+        _check_run_dir(source_run, "--source-run")
+    if expert_run is not None:
+        _check_run_dir(expert_run, "--expert-run")
+    if kind == "medium-expert":
+        if isinstance(parts, str) or not isinstance(parts, Sequence) or len(parts) != 2:
+            raise ValueError(
+                f"parts={parts!r}: kind='medium-expert' needs two dataset ids, "
+                "--parts MEDIUM_ID EXPERT_ID."
+            )
+        for p in parts:
+            _check_dataset_id(p)
+            if not _exists_locally(p):
+                raise _unavailable(
+                    p,
+                    [f"local Minari dataset {minari_datasets_path() / p}: not found"],
+                    [f"build it first: {_guess_build_command(p)}"],
+                )
+            _check_hdf5(p)
+        out["parts"] = list(parts)
+    else:
+        out["parts"] = None
+    return out
 
 
 def build_dataset(
@@ -965,7 +1489,17 @@ def build_dataset(
             ``expert_run``), the expert part's value (``medium-expert``), else D4RL's
             expert reference for the env family (with a warning).
         max_episode_steps: time limit of the env (default: the env's, or the run's).
-        overwrite: replace an existing local dataset with the same id.
+        overwrite: replace an existing local dataset with the same id: the new one is
+            written aside and swapped in only when complete (see the module docstring).
+
+    Raises:
+        ValueError: a malformed id (expected ``namespace/name-vN``), an argument out of
+            range or unused by ``kind``, an unknown env id, a run folder that is missing or
+            holds no checkpoint / replay buffer, reference scores that are not finite or
+            with ``ref_max_score <= ref_min_score``. Nothing is written.
+        FileExistsError: the id exists and ``overwrite`` is False.
+        DatasetUnavailableError / DatasetCorruptedError: a ``parts`` dataset is missing or
+            unreadable.
 
     Terminations and time-limit truncations are stored apart; an episode cut off by
     ``steps`` ends with a truncation. Observations, actions and rewards are float32.
@@ -974,17 +1508,32 @@ def build_dataset(
     import minari
     from minari.data_collector import EpisodeBuffer
 
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}: expected one of {KINDS}.")
     t0 = time.perf_counter()
-    target = minari_datasets_path() / dataset_id
-    if target.exists():
+    # Everything is checked before anything is built; nothing is written before the end.
+    target = _check_dataset_id(dataset_id)
+    args = _check_build_args(
+        kind, env_id, steps, policy, seed, ref_min_score, ref_max_score, source_run,
+        expert_run, parts, max_episode_steps, noise, ref_episodes,
+    )  # fmt: skip
+    steps, seed, noise = args["steps"], args["seed"], args["noise"]
+    env_id, parts, max_episode_steps = args["env_id"], args["parts"], args["max_episode_steps"]
+    ref_min_score, ref_max_score = args["ref_min_score"], args["ref_max_score"]
+    ref_episodes = args["ref_episodes"]
+    store = minari_datasets_path().expanduser().resolve()
+    existing = next(p for p in (store, *store.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"The Minari store {store} is not writable ({existing} is read-only): point "
+            "MINARI_DATASETS_PATH at a writable folder."
+        )
+    _recover_interrupted_builds()
+    if target.exists() or target.is_symlink():
         if not overwrite:
             raise FileExistsError(
                 f"Minari dataset {dataset_id!r} already exists at {target} (pass overwrite=True "
                 "or --overwrite to replace it)."
             )
-        shutil.rmtree(target)
+        _check_replaceable(dataset_id, target)
 
     notes: list[str] = []
     ref_max_src = "given" if ref_max_score is not None else None
@@ -997,12 +1546,20 @@ def build_dataset(
             raise ValueError(
                 f"kind={kind!r} needs {'source_run' if kind == 'medium-replay' else 'expert_run'}."
             )
-        cfg = _run_config(Path(run))
+        flag = "--source-run" if run is source_run else "--expert-run"
+        try:
+            cfg = _run_config(Path(run))
+        except Exception as err:  # any failure to read the run, named with its flag
+            raise _run_error(flag, run, err, "cannot read its checkpoint") from err
         env_section = cfg.get("env") or {}
-        env_id = env_id or env_section.get("name")
+        if env_id is None and env_section.get("name"):
+            env_id = _check_env_id(env_section.get("name"))
         if max_episode_steps is None and env_section.get("max_episode_steps"):
             max_episode_steps = int(env_section["max_episode_steps"])
-        episodes = _episodes_from_run(run, steps)
+        try:
+            episodes = _episodes_from_run(run, steps)
+        except Exception as err:  # any failure to read the run, named with its flag
+            raise _run_error(flag, run, err, "cannot read its replay buffer") from err
         notes.append(f"replay buffer of the online run {Path(run).resolve()}")
         if kind == "full-replay" and ref_max_score is None:
             expert_run = expert_run or run
@@ -1044,7 +1601,10 @@ def build_dataset(
                 raise ValueError(f"kind={kind!r} needs a policy (callable or run folder).")
             if isinstance(policy, (str, os.PathLike)):
                 notes.append(f"deterministic actor of the online run {Path(policy).resolve()}")
-                policy = load_policy_from_run(policy)
+                try:
+                    policy = load_policy_from_run(policy)
+                except Exception as err:  # any failure to read the run, named with its flag
+                    raise _run_error("--policy-run", policy, err, "cannot load its actor") from err
             else:
                 notes.append(
                     "policy "
@@ -1075,7 +1635,10 @@ def build_dataset(
         ref_min_score = _random_ref_score(env, ref_episodes)
         ref_min_src = f"mean return of a uniform random policy over {ref_episodes} episodes"
     if ref_max_score is None and expert_run is not None:
-        expert = load_policy_from_run(expert_run)
+        try:
+            expert = load_policy_from_run(expert_run)
+        except Exception as err:  # any failure to read the run, named with its flag
+            raise _run_error("--expert-run", expert_run, err, "cannot load its actor") from err
         ref_max_score = _mean_return(env, expert, ref_episodes, _RANDOM_REF_SEED)
         ref_max_src = f"mean return of the expert run {expert_run} over {ref_episodes} episodes"
     if ref_max_score is None and _family_of_env(env_id) is not None:
@@ -1085,6 +1648,22 @@ def build_dataset(
             f"{dataset_id}: no ref_max_score given; using D4RL's expert reference "
             f"{ref_max_score} for {env_id}.",
             stacklevel=2,
+        )
+    for name, value, src in (
+        ("ref_min_score", ref_min_score, ref_min_src),
+        ("ref_max_score", ref_max_score, ref_max_src),
+    ):
+        if value is not None and not math.isfinite(float(value)):
+            raise ValueError(
+                f"{dataset_id}: {name}={value} ({src}) is not finite: the normalised scores "
+                f"would be NaN. Give --{name.replace('_', '-')} explicitly."
+            )
+    if ref_max_score is not None and not float(ref_max_score) > float(ref_min_score):
+        raise ValueError(
+            f"{dataset_id}: ref_max_score={ref_max_score} ({ref_max_src}) is not above "
+            f"ref_min_score={ref_min_score} ({ref_min_src}): normalised scores "
+            "100 * (R - min) / (max - min) would be undefined or inverted. Give "
+            "--ref-min-score / --ref-max-score explicitly (or a better --expert-run)."
         )
 
     obs_space = gym.spaces.Box(
@@ -1130,29 +1709,86 @@ def build_dataset(
     kw: dict[str, Any] = {}
     if ref_max_score is not None:  # Minari records the reference scores only with a max
         kw.update(ref_min_score=float(ref_min_score), ref_max_score=float(ref_max_score))
+    extra = {"torchrl_spqr_recipe": json.dumps(recipe)}
+    if ref_max_score is None:
+        extra["ref_min_score"] = float(ref_min_score)
+    # Written aside (a private store in the hidden staging folder), then swapped in.
+    stage, stage_lock = _new_stage(dataset_id)
+    try:
+        with _minari_store(stage / "new"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _write_minari_dataset(
+                dataset_id,
+                buffers,
+                env=env.spec,
+                eval_env=env.spec,
+                algorithm_name=f"torchrl_spqr.datasets/{kind}",
+                author="torchrl_spqr",
+                author_email="n/a",
+                code_permalink="torchrl_spqr/datasets.py",
+                action_space=env.action_space,
+                observation_space=obs_space,
+                description=description,
+                extra_metadata=extra,
+                **kw,
+            )
+        _fsync_tree(stage / "new")
+        (stage / "complete").write_text(dataset_id)
+        with _file_lock(_id_lock(dataset_id)):
+            try:
+                _swap_in(dataset_id, target, stage, overwrite)
+            finally:
+                _settle_stage(stage, dataset_id, target, roll_forward=False)
+    finally:
+        if target.exists() or not (stage / "old").exists():  # else: left for recovery
+            shutil.rmtree(stage, ignore_errors=True)  # a no-op after _settle_stage
+        stage_lock.close()
+        env.close()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = minari.create_dataset_from_buffers(
-            dataset_id,
-            buffers,
-            env=env.spec,
-            eval_env=env.spec,
-            algorithm_name=f"torchrl_spqr.datasets/{kind}",
-            author="torchrl_spqr",
-            author_email="n/a",
-            code_permalink="torchrl_spqr/datasets.py",
-            action_space=env.action_space,
-            observation_space=obs_space,
-            description=description,
-            **kw,
-        )
-        extra = {"torchrl_spqr_recipe": json.dumps(recipe)}
-        if ref_max_score is None:
-            extra["ref_min_score"] = float(ref_min_score)
-        ds.storage.update_metadata(extra)
-    env.close()
+        ds = minari.load_dataset(dataset_id)
     ds.build_time_s = time.perf_counter() - t0  # type: ignore[attr-defined]
     return ds
+
+
+def _write_minari_dataset(dataset_id: str, buffers, extra_metadata: dict[str, Any], **kwargs):
+    """``minari.create_dataset_from_buffers`` plus our metadata (into the current store)."""
+    import minari
+
+    ds = minari.create_dataset_from_buffers(dataset_id, buffers, **kwargs)
+    ds.storage.update_metadata(extra_metadata)
+    return ds
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files under ``folder`` to disk (a rename must not outrun its data)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with contextlib.suppress(OSError), open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _swap_in(dataset_id: str, target: Path, stage: Path, overwrite: bool) -> None:
+    """Move the complete build ``stage/new/<id>`` to ``target``; the old one aside first.
+
+    Two renames inside the store (atomic each): ``target -> stage/old`` then
+    ``stage/new/<id> -> target``; ``stage`` (and the old dataset with it) is deleted
+    afterwards by :func:`_settle_stage`, which also moves the old one back if the second
+    rename did not happen. Call with the id's lock held.
+    """
+    new = stage / "new" / dataset_id
+    if target.exists() or target.is_symlink():
+        if not overwrite:  # appeared while this build ran
+            raise FileExistsError(
+                f"Minari dataset {dataset_id!r} appeared at {target} while this build ran "
+                "(pass overwrite=True or --overwrite to replace it)."
+            )
+        _check_replaceable(dataset_id, target)
+        _ensure_namespaces(dataset_id)
+        os.rename(target, stage / "old")
+    else:
+        _ensure_namespaces(dataset_id)
+    os.rename(new, target)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1174,6 +1810,7 @@ def _format_row(dataset_id: str, meta: dict[str, Any]) -> str:
 def _cmd_list(args) -> int:
     import minari
 
+    _recover_interrupted_builds()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         datasets = minari.list_local_datasets()
@@ -1191,9 +1828,12 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    _check_dataset_id(args.id)
+    _recover_interrupted_builds()
     if not _exists_locally(args.id):
         print(f"{args.id}: not found under {minari_datasets_path()}", file=sys.stderr)
         return 1
+    _check_hdf5(args.id)
     meta = _minari_metadata(args.id)
     env_id, env_kwargs = _minari_eval_env(meta)
     print(f"id:              {args.id}")
@@ -1264,7 +1904,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--max-episode-steps", type=int, default=None)
     b.add_argument("--noise", type=float, default=0.0, help="Gaussian action noise std")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the dataset of this id (the new one is built aside and swapped in "
+        "only when complete)",
+    )
     b.set_defaults(func=_cmd_build)
     ls = sub.add_parser("list", help="local datasets with sizes and reference scores")
     ls.set_defaults(func=_cmd_list)
@@ -1274,9 +1919,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (DatasetUnavailableError, FileExistsError, ValueError) as err:
+    except (DatasetUnavailableError, OSError, ValueError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not _own_error(err):
+            raise  # not an input problem: a bug, with its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: a dataset is swapped in only once complete, so the id still holds "
+            "its previous dataset (or, if the swap was done, the new one)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":
