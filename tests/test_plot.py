@@ -347,3 +347,132 @@ def test_checkpoint_errors_are_explicit(tmp_path):
         plot.checkpoint_q_values(bad)
     with pytest.raises(FileNotFoundError, match="checkpoint/state.pt"):
         plot.checkpoint_q_values(tmp_path)
+
+
+# ------------------------------------------------------------ bad inputs
+
+
+def _write_rows(run: Path, rows: list[dict]) -> Path:
+    run.mkdir(parents=True)
+    with (run / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return run
+
+
+def _evals(values: list[float]) -> list[dict]:
+    return [
+        {"frames": 1000 * (i + 1), "updates": 900 * (i + 1), "eval_return": v, "spqr_kl": 0.6}
+        for i, v in enumerate(values)
+    ]
+
+
+def test_run_ending_in_nan_reports_nan_final_not_an_earlier_value(tmp_path):
+    root = tmp_path / "sweep"
+    _write_run(root / "beta0_N10_seed0", [5.0, 40.0, 70.0], 0)
+    _write_run(root / "beta0_N10_seed1", [15.0, 30.0, 90.0], 1)
+    _write_run(root / "beta1_N10_seed0", [10.0, 50.0, 100.0], 0)
+    _write_rows(root / "beta1_N10_seed1", _evals([20.0, 90.0, math.nan, math.nan]))
+    out = plot.run_outcome(plot.read_metrics(root / "beta1_N10_seed1"), "eval_return")
+    assert math.isnan(out["final"]) and out["final_step"] == 4000
+    assert out["diverged_at"] == 3000 and out["best"] == 90.0 and out["nonfinite"] == 2
+    groups = plot.group_runs([root])
+    rows = {r["group"]: r for r in plot.summary_rows(groups)}
+    spqr = rows["beta1_N10"]
+    assert spqr["final"][0] == 100.0 and math.isnan(spqr["final"][1])  # never 90.0
+    assert math.isnan(spqr["final_mean"]) and spqr["best"] == [100.0, 90.0]
+    assert spqr["diverged_at"] == [None, 3000] and spqr["steps"] == [3000, 4000]
+    table = plot.summary_table(groups)
+    line = next(ln for ln in table.splitlines() if ln.startswith("| beta1_N10 "))
+    assert "NaN (1 of 2 diverged)" in line and "NaN (diverged at step 3000) / 90.0" in line
+    assert "Diverged" in table and "beta1_N10_seed1 (from step 3000)" in table
+    # the paired effect: that seed's final is NaN, so is the comparison's final difference
+    (eff,) = plot.paired_effects(groups)
+    assert math.isnan(eff["final_spqr"]) and math.isnan(eff["final_diff_mean"])
+    assert eff["best_diff_mean"] == pytest.approx(((100 - 70) + (90 - 90)) / 2)
+    assert eff["diverged"] == [(1, "beta1_N10", 3000)]
+    md = plot.effects_table([eff])
+    assert "NaN (a run diverged)" in md and "beta1_N10 seed 1 (from step 3000)" in md
+    stats = plot._run_effect_stats(root / "beta1_N10_seed1", "eval_return")
+    assert math.isnan(stats[0]) and stats[1] == 90.0 and stats[3] == 3000
+
+
+def test_nan_in_the_middle_keeps_the_last_finite_final(tmp_path):
+    run = _write_rows(tmp_path / "r", _evals([1.0, math.nan, 3.0]))
+    out = plot.run_outcome(plot.read_metrics(run), "eval_return")
+    assert out["final"] == 3.0 and out["diverged_at"] is None and out["nonfinite"] == 1
+
+
+def test_cli_reports_header_only_and_all_nan_runs(sweep, tmp_path, capsys):
+    header_only = _write_rows(sweep / "beta1.0_N10_seed7", [])
+    empty = sweep / "beta1.0_N10_seed8"
+    empty.mkdir()
+    (empty / "metrics.csv").write_text("")
+    all_nan = _write_rows(sweep / "beta0.0_N10_seed5", _evals([math.nan, math.nan]))
+    out = tmp_path / "figs"
+    plot.main([str(sweep), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"skipped {header_only}: metrics.csv has a header but no rows" in err
+    assert f"skipped {empty}: metrics.csv is empty" in err
+    assert f"warning: {all_nan}: all 2 values of eval_return are NaN/inf" in err
+    summary = (out / "summary.md").read_text()
+    assert "| beta1.0_N10 | 3 |" in summary  # the two skipped runs are not counted
+    line = next(ln for ln in summary.splitlines() if ln.startswith("| beta0.0_N10 "))
+    assert "| 3 |" in line and "NaN (1 of 3 diverged)" in line  # the all-NaN run is
+    assert "NaN (diverged at step 1000) / nan" in line
+
+
+def test_cli_refuses_when_no_run_is_left(tmp_path, capsys):
+    _write_rows(tmp_path / "a_seed0", [])
+    _write_rows(tmp_path / "b_seed0", [{"frames": 10, "updates": 5, "spqr_kl": 0.6}])
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "skipped" in err and "no eval_return logged" in err
+    assert "no run left to report --key eval_return" in err and "spqr_kl" in err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--level", "1.5"], "(0, 1)"),
+        (["--level", "0"], "(0, 1)"),
+        (["--level", "-0.5"], "(0, 1)"),
+        (["--level", "abc"], "(0, 1)"),
+        (["--ci", "jackknife"], "invalid choice"),
+        (["--smooth", "0"], "--smooth"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--key", "no_such_metric"], "no run left to report --key no_such_metric"),
+        (["--effects-only"], "--effects-only needs --effects"),
+    ],
+)
+def test_cli_bad_arguments_are_clear_errors(sweep, argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(sweep), *argv])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (sweep / "plots").exists()
+
+
+def test_cli_bad_paths_are_clear_errors(sweep, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "nope")])
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "empty")])
+    assert "No run folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        plot.main([str(sweep), "--out", str(tmp_path / "file")])
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_mean_ci_rejects_a_level_outside_0_1():
+    for level in (1.5, 0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"level must be in \(0, 1\)"):
+            plot.mean_ci([1.0, 2.0, 3.0], level)
+    with pytest.raises(ValueError, match="method"):
+        plot.mean_ci([1.0], method="jackknife")  # also with one seed

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,15 +179,208 @@ def test_config_validation_names_field(override, field):
         validate_config(cfg)
 
 
-def test_bad_config_stops_script_before_training(tmp_path):
+#: (override, text the error must hold: the field and the value as given)
+BAD_ONLINE = [
+    ("logger.eval_interval=0", "logger.eval_interval=0"),
+    ("logger.log_interval=0", "logger.log_interval=0"),
+    ("checkpoint.interval=0", "checkpoint.interval=0"),
+    ("optim.batch_size=0", "optim.batch_size=0"),
+    ("spqr.beta=abc", "spqr.beta='abc'"),
+    ("spqr.beta=nan", "spqr.beta=nan"),
+    ("device=cuda", "device='cuda'"),
+    ("device=tpu9", "device='tpu9'"),
+    ("threads=0", "threads=0"),
+    ("threads=1.5", "threads=1.5"),
+    ("logger.eval_episodes=0", "logger.eval_episodes=0"),
+    ("collector.init_random_frames=200", "collector.init_random_frames=200"),
+    ("collector.init_random_frames=-1", "collector.init_random_frames=-1"),
+    ("collector.total_frames=-80", "collector.total_frames=-80"),
+    ("collector.frames_per_batch=-1", "collector.frames_per_batch=-1"),
+    ("replay_buffer.size=-5", "replay_buffer.size=-5"),
+    ("optim.lr=-0.001", "optim.lr=-0.001"),
+    ("optim.alpha_init=0", "optim.alpha_init=0"),
+    ("optim.utd_ratio=-2", "optim.utd_ratio=-2"),
+    ("network.ensemble_size=3.5", "network.ensemble_size=3.5"),
+    ("network.ensemble_size=-3", "network.ensemble_size=-3"),
+    ("network.hidden_sizes=[16,0]", "network.hidden_sizes=[16, 0]"),
+    ("network.dropout=1.0", "network.dropout=1.0"),
+    ("spqr.pairs=both", "spqr.pairs='both'"),
+    ("spqr.filling=diagonal", "spqr.filling='diagonal'"),
+    ("spqr.density=exact", "spqr.density='exact'"),
+    ("spqr.diagnostics_interval=-1", "spqr.diagnostics_interval=-1"),
+    ("compile.cudagraphs=true", "compile.cudagraphs=true"),
+    ("resume=maybe", "resume='maybe'"),
+    ("seed=abc", "seed='abc'"),
+    ("logger.backend=mlflow", "logger.backend='mlflow'"),
+    ("replay_buffer.storage=disk", "replay_buffer.storage='disk'"),
+    ("env.max_episode_steps=-1", "env.max_episode_steps=-1"),
+    ("network.sub_sample_len=4", "network.sub_sample_len=4"),  # REDQ's M > N = 3
+]
+
+_ADVICE = re.compile(r"\b(set|use|choose|lower|raise|give)\b")
+
+
+def _needs_no_gpu(override: str) -> None:
+    if override in ("device=cuda", "compile.cudagraphs=true") and torch.cuda.is_available():
+        pytest.skip("the case is an error only on a machine without CUDA")
+
+
+@pytest.mark.parametrize("override,shown", BAD_ONLINE, ids=[o for o, _ in BAD_ONLINE])
+def test_bad_config_stops_script_before_training(override, shown, tmp_path, monkeypatch):
+    """Each bad value stops the run before any environment is built, naming field, value, fix."""
+    _needs_no_gpu(override)
+    from torchrl_spqr.training import builders as B
+
+    def no_env(*args, **kwargs):
+        raise AssertionError("an environment was built before the config was checked")
+
+    monkeypatch.setattr(B, "make_environment", no_env)
+    cfg = _cfg("redq_spqr", "collector.total_frames=80", override)
+    with pytest.raises(ConfigError) as err:
+        online.train_online(cfg, tmp_path / "bad")
+    msg = str(err.value)
+    assert shown in msg, msg
+    assert _ADVICE.search(msg), msg  # says what to do
+    assert not (tmp_path / "bad").exists()  # nothing written: not even the run folder
+
+
+@pytest.mark.parametrize(
+    "override,shown",
+    [("spqr.beta=-0.5", "spqr.beta=-0.5"), ("logger.eval_interval=0", "logger.eval_interval=0")],
+)
+def test_bad_config_stops_script_subprocess(override, shown, tmp_path):
     cmd = [
         sys.executable,
         str(SCRIPTS["redq_spqr"] / "redq_spqr.py"),
         *TINY,
-        "spqr.beta=-0.5",
+        override,
         f"hydra.run.dir={tmp_path / 'bad'}",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
-    assert "spqr.beta=-0.5" in res.stderr
+    assert shown in res.stderr
+    assert "ConfigError" in res.stderr and "ZeroDivisionError" not in res.stderr
     assert not (tmp_path / "bad" / "metrics.csv").exists()
+
+
+def test_init_random_frames_equal_to_total_is_accepted():
+    """The update at the last frame runs (frames >= init_random_frames): not an error."""
+    validate_config(_cfg("sac_ens_spqr", "collector.total_frames=40"))
+
+
+def test_config_checks_accept_numbers_given_as_strings_or_whole_floats():
+    from torchrl_spqr.training.builders import cfg_float, cfg_int
+
+    cfg = {"a": "3", "b": 4.0, "c": "1e-3", "d": True}
+    assert cfg_int(cfg, "a") == 3 and cfg_int(cfg, "b") == 4
+    assert cfg_float(cfg, "c") == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="d=true"):
+        cfg_int(cfg, "d")
+    with pytest.raises(ConfigError, match="e is not set"):
+        cfg_int(cfg, "e")
+
+
+# ------------------------------------------------------------- offline and multi-agent scripts
+
+OFFLINE_TINY = [
+    "dataset=local_hopper_random",
+    "network.ensemble_size=3",
+    "network.hidden_sizes=[16,16]",
+    "optim.num_updates=60",
+    "optim.batch_size=16",
+    "logger.progress=false",
+]
+
+BAD_OFFLINE = [
+    ("edac_spqr", "logger.eval_interval=0", "logger.eval_interval=0"),
+    ("sac_n_spqr", "logger.log_interval=0", "logger.log_interval=0"),
+    ("cql_spqr", "checkpoint.interval=0", "checkpoint.interval=0"),
+    ("sac_n_spqr", "optim.batch_size=0", "optim.batch_size=0"),
+    ("cql_spqr", "spqr.beta=abc", "spqr.beta='abc'"),
+    ("edac_spqr", "device=cuda", "device='cuda'"),
+    ("sac_n_spqr", "threads=0", "threads=0"),
+    ("sac_n_spqr", "logger.eval_episodes=0", "logger.eval_episodes=0"),
+    ("edac_spqr", "optim.num_updates=-1", "optim.num_updates=-1"),
+    ("sac_n_spqr", "network.ensemble_size=2.5", "network.ensemble_size=2.5"),
+    ("cql_spqr", "spqr.filling=diagonal", "spqr.filling='diagonal'"),
+    ("edac_spqr", "optim.eta=-1", "optim.eta=-1"),
+    ("cql_spqr", "optim.num_random=0", "optim.num_random=0"),
+    ("cql_spqr", "optim.temperature=0", "optim.temperature=0"),
+    ("cql_spqr", "optim.bc_steps=-5", "optim.bc_steps=-5"),
+    ("sac_n_spqr", "dataset.source=hf", "dataset.source='hf'"),
+    ("sac_n_spqr", "dataset.id=''", "dataset.id=''"),
+]
+
+
+@pytest.mark.parametrize(
+    "algo,override,shown", BAD_OFFLINE, ids=[f"{a}-{o}" for a, o, _ in BAD_OFFLINE]
+)
+def test_bad_offline_config_stops_before_loading_data(algo, override, shown, tmp_path, monkeypatch):
+    _needs_no_gpu(override)
+    from torchrl_spqr.training import offline
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the config was checked")
+
+    monkeypatch.setattr(offline, "make_offline_data", no_data)
+    with initialize_config_dir(config_dir=str(ROOT / "sota_scripts" / algo), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*OFFLINE_TINY, override])
+    with pytest.raises(ConfigError) as err:
+        offline.train_offline(cfg, tmp_path / "bad")
+    msg = str(err.value)
+    assert shown in msg, msg
+    assert _ADVICE.search(msg), msg
+    assert not (tmp_path / "bad").exists()
+
+
+MASAC_TINY = [
+    "env.num_envs=4",
+    "env.max_steps=10",
+    "collector.frames_per_batch=40",
+    "collector.total_frames=80",
+    "replay_buffer.size=400",
+    "optim.batch_size=16",
+    "network.ensemble_size=3",
+    "logger.progress=false",
+]
+
+BAD_MASAC = [
+    ("logger.eval_interval=0", "logger.eval_interval=0"),
+    ("checkpoint.interval=0", "checkpoint.interval=0"),
+    ("optim.batch_size=0", "optim.batch_size=0"),
+    ("spqr.beta=abc", "spqr.beta='abc'"),
+    ("device=cuda", "device='cuda'"),
+    ("threads=0", "threads=0"),
+    ("logger.eval_episodes=0", "logger.eval_episodes=0"),
+    ("collector.init_random_frames=80", "collector.init_random_frames=80"),
+    ("collector.init_random_frames=-1", "collector.init_random_frames=-1"),
+    ("network.ensemble_size=3.5", "network.ensemble_size=3.5"),
+    ("spqr.pairs=both", "spqr.pairs='both'"),
+    ("spqr.density=exact", "spqr.density='exact'"),
+    ("env.num_envs=0", "env.num_envs=0"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1"),
+    ("optim.num_epochs=0.5", "optim.num_epochs=0.5"),
+    ("env.scenario.n_agents=0", "env.scenario.n_agents=0"),
+]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vmas") is None, reason="the MASAC script needs vmas")
+@pytest.mark.parametrize("override,shown", BAD_MASAC, ids=[o for o, _ in BAD_MASAC])
+def test_bad_masac_config_stops_before_training(override, shown, tmp_path, monkeypatch):
+    _needs_no_gpu(override)
+    from torchrl_spqr import multiagent as M
+
+    def no_env(*args, **kwargs):
+        raise AssertionError("an environment was built before the config was checked")
+
+    monkeypatch.setattr(M, "make_environment", no_env)
+    with initialize_config_dir(
+        config_dir=str(ROOT / "sota_scripts/masac_spqr"), version_base="1.3"
+    ):
+        cfg = compose(config_name="config", overrides=[*MASAC_TINY, override])
+    with pytest.raises(ConfigError) as err:
+        M.train_masac(cfg, tmp_path / "bad")
+    msg = str(err.value)
+    assert shown in msg, msg
+    assert _ADVICE.search(msg), msg
+    assert not (tmp_path / "bad").exists()

@@ -60,7 +60,19 @@ from torchrl.objectives import SACLoss, SoftUpdate, ValueEstimators
 from torchrl_spqr.ensemble import QEnsemble
 from torchrl_spqr.loss import SPQRLoss
 from torchrl_spqr.objectives import EnsembleSACLoss
-from torchrl_spqr.training.builders import ConfigError, _get, get_device, make_spqr_loss
+from torchrl_spqr.training.builders import (
+    ConfigError,
+    _get,
+    cfg_bool,
+    cfg_choice,
+    cfg_float,
+    cfg_int,
+    cfg_sizes,
+    get_device,
+    make_spqr_loss,
+    validate_runtime,
+    validate_spqr,
+)
 from torchrl_spqr.training.common import (
     RunContext,
     _plot,
@@ -193,10 +205,18 @@ def expand_done_to_agents(td: TensorDictBase, reward_key=(GROUP, "reward")) -> T
 
 # ============================================================================ config
 def validate_config(cfg) -> None:
-    """Stop before training on a config value that cannot work, naming the field."""
+    """Stop before training on a config value that cannot work, naming the field.
+
+    Checks the type and range of every field the script reads and their relations
+    (frames per batch vs vectorised copies, total frames, random frames, batch vs
+    buffer size, the device); each error names the field, the value and the fix.
+    """
     algo = _get(cfg, "algorithm")
     if algo != "masac":
-        raise ConfigError(f"algorithm={algo!r}: this script runs 'masac'.")
+        raise ConfigError(
+            f"algorithm={algo!r}: this script runs 'masac'; set algorithm=masac (the single-agent "
+            "algorithms have their own scripts in sota_scripts/)."
+        )
     scenario = _get(cfg, "env.scenario_name")
     try:
         import vmas
@@ -207,54 +227,72 @@ def validate_config(cfg) -> None:
     known = sorted(vmas.scenarios)
     if scenario not in known:
         raise ConfigError(
-            f"env.scenario_name={scenario!r} is not a VMAS scenario (known: {', '.join(known)})."
+            f"env.scenario_name={scenario!r} is not a VMAS scenario; choose one of: "
+            f"{', '.join(known)}."
         )
-    if not bool(_get(cfg, "env.continuous_actions", True)):
+    if not cfg_bool(cfg, "env.continuous_actions", True):
         raise ConfigError(
             "env.continuous_actions=false: this script implements continuous-action MASAC "
-            "(SACLoss with a Tanh-Gaussian policy)."
+            "(SACLoss with a Tanh-Gaussian policy); set env.continuous_actions=true."
         )
-    for field in ("env.max_steps", "env.num_envs", "collector.frames_per_batch"):
-        v = int(_get(cfg, field, 0))
-        if v < 1:
-            raise ConfigError(f"{field}={v} must be >= 1.")
-    total = int(_get(cfg, "collector.total_frames", 0))
-    fpb = int(_get(cfg, "collector.frames_per_batch"))
-    num_envs = int(_get(cfg, "env.num_envs"))
+    if _get(cfg, "env.scenario.n_agents") is not None:
+        cfg_int(cfg, "env.scenario.n_agents", lo=1)
+    validate_runtime(cfg, {"logger.eval_interval": "frames", "checkpoint.interval": "frames"})
+    cfg_int(cfg, "env.max_steps", lo=1)
+    num_envs = cfg_int(cfg, "env.num_envs", lo=1)
+    fpb = cfg_int(cfg, "collector.frames_per_batch", lo=1)
+    total = cfg_int(cfg, "collector.total_frames", lo=1)
     if fpb % num_envs:
         raise ConfigError(
             f"collector.frames_per_batch={fpb} must be a multiple of env.num_envs={num_envs} "
-            "(each iteration steps every vectorised copy the same number of times)."
+            "(each iteration steps every vectorised copy the same number of times); set "
+            "frames_per_batch to num_envs * steps per iteration."
         )
     if total < fpb:
         raise ConfigError(
-            f"collector.total_frames={total} must be >= collector.frames_per_batch={fpb}."
+            f"collector.total_frames={total} must be >= collector.frames_per_batch={fpb}: "
+            "raise total_frames or lower frames_per_batch."
         )
-    beta = float(_get(cfg, "spqr.beta", 0.0))
-    if not math.isfinite(beta) or beta < 0:
-        raise ConfigError(f"spqr.beta={beta} must be a finite number >= 0.")
-    n = int(_get(cfg, "network.ensemble_size", 0))
-    if n < 3:
+    init_random = cfg_int(cfg, "collector.init_random_frames", 0, lo=0)
+    if init_random >= total:
         raise ConfigError(
-            f"network.ensemble_size={n}: SPQR (and its diagnostics) needs an ensemble of at "
-            "least 3 critics."
+            f"collector.init_random_frames={init_random} is not below "
+            f"collector.total_frames={total}: no gradient update would run; set "
+            "collector.init_random_frames below collector.total_frames (or raise total_frames)."
         )
-    act = str(_get(cfg, "network.activation", "tanh"))
-    if act not in _ACTIVATIONS:
-        raise ConfigError(f"network.activation={act!r}: expected one of {sorted(_ACTIVATIONS)}.")
-    bs = int(_get(cfg, "optim.batch_size", 0))
-    size = int(_get(cfg, "replay_buffer.size", 0))
-    if bs < 1 or bs > size:
-        raise ConfigError(f"optim.batch_size={bs} must be in [1, replay_buffer.size={size}].")
-    epochs = int(_get(cfg, "optim.num_epochs", 1))
-    if epochs < 1:
-        raise ConfigError(f"optim.num_epochs={epochs} must be >= 1.")
-    for field in ("optim.lr", "optim.gamma", "optim.tau"):
-        v = float(_get(cfg, field))
-        if not (v > 0) or (field != "optim.lr" and v > 1):
-            raise ConfigError(f"{field}={v} is out of range.")
-    if int(_get(cfg, "logger.eval_episodes", 1)) < 1:
-        raise ConfigError("logger.eval_episodes must be >= 1.")
+    n = cfg_int(
+        cfg,
+        "network.ensemble_size",
+        lo=3,
+        hint="SPQR (and its diagnostics) needs an ensemble of at least 3 critics: set "
+        "network.ensemble_size to a whole number >= 3",
+    )
+    validate_spqr(cfg, n)
+    cfg_choice(cfg, "network.activation", tuple(sorted(_ACTIVATIONS)), "tanh")
+    cfg_sizes(cfg, "network.hidden_sizes")
+    if _get(cfg, "network.actor_hidden_sizes") is not None:
+        cfg_sizes(cfg, "network.actor_hidden_sizes")
+    cfg_bool(cfg, "network.centralised_critic", True)
+    cfg_bool(cfg, "network.shared_parameters", True)
+    size = cfg_int(cfg, "replay_buffer.size", lo=1)
+    bs = cfg_int(cfg, "optim.batch_size", lo=1)
+    if bs > size:
+        raise ConfigError(
+            f"optim.batch_size={bs} must be in [1, replay_buffer.size={size}]: lower "
+            "optim.batch_size or raise replay_buffer.size."
+        )
+    cfg_int(cfg, "optim.num_epochs", 1, lo=1)
+    cfg_float(cfg, "optim.lr", lo=0.0, lo_open=True)
+    cfg_float(cfg, "optim.gamma", lo=0.0, lo_open=True, hi=1.0)
+    cfg_float(cfg, "optim.tau", lo=0.0, lo_open=True, hi=1.0)
+    cfg_float(cfg, "optim.alpha_init", 1.0, lo=0.0, lo_open=True)
+    if _get(cfg, "optim.max_grad_norm") is not None:
+        cfg_float(
+            cfg,
+            "optim.max_grad_norm",
+            lo=0.0,
+            hint="set optim.max_grad_norm to a number > 0 (clip), or 0 / null (no clipping)",
+        )
 
 
 # ============================================================================ builders

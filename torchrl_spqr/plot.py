@@ -146,6 +146,70 @@ def _series(rows, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def run_outcome(rows, key: str) -> dict[str, Any] | None:
+    """Final and best ``key`` of one run, NaN-aware; ``None`` if the run never logged ``key``.
+
+    ``final`` is the value of the last row that logged ``key`` (its step: ``final_step``):
+    NaN when that value is not finite (NaN or +-inf), never an earlier finite value.
+    ``diverged_at`` is then the step from which every logged value is non-finite (else
+    None). ``best`` is the maximum over the finite values (NaN if there are none);
+    ``nonfinite`` counts the non-finite values logged anywhere in the run.
+    """
+    step = _step_key(rows)
+    pts = [(r.get(step, math.nan), r[key]) for r in rows if key in r]
+    if not pts:
+        return None
+    finite = [v for _, v in pts if math.isfinite(v)]
+    final_step, final = pts[-1]
+    diverged_at = None
+    if not math.isfinite(final):
+        i = len(pts) - 1
+        while i > 0 and not math.isfinite(pts[i - 1][1]):
+            i -= 1
+        diverged_at, final = pts[i][0], math.nan
+    return {
+        "final": final,
+        "final_step": final_step,
+        "best": max(finite) if finite else math.nan,
+        "diverged_at": diverged_at,
+        "nonfinite": len(pts) - len(finite),
+        "logged": len(pts),
+    }
+
+
+def check_run(run_dir: str | Path, key: str) -> tuple[str | None, str | None]:
+    """``(reason to skip the run, warning)`` for ``key``; both None for a sound run.
+
+    Skipped: an unreadable, empty or header-only ``metrics.csv``, or one that never
+    logged ``key``. Warned about (kept, its final reported as NaN): a run whose last
+    ``key`` is NaN / inf, or whose ``key`` is never finite.
+    """
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        if path.stat().st_size == 0:
+            return "metrics.csv is empty (the run stopped before writing its header)", None
+        rows = read_metrics(run_dir)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        return f"metrics.csv cannot be read ({err})", None
+    if not rows:
+        return "metrics.csv has a header but no rows (the run stopped before its first log)", None
+    out = run_outcome(rows, key)
+    if out is None:
+        return f"no {key} logged in its {len(rows)} rows", None
+    step = _step_key(rows)
+    if out["logged"] == out["nonfinite"]:
+        return None, (
+            f"all {out['logged']} values of {key} are NaN/inf (diverged at {step} "
+            f"{out['diverged_at']:g}): final and best reported as NaN, no curve drawn"
+        )
+    if out["diverged_at"] is not None:
+        return None, (
+            f"{key} is NaN/inf from {step} {out['diverged_at']:g} on (diverged): final reported "
+            "as NaN, the curve stops at the last finite value"
+        )
+    return None, None
+
+
 def _strip_seed(name: str) -> str:
     return _SEED_RE.sub("", name).strip("_,-= ")
 
@@ -263,6 +327,10 @@ def mean_ci(
     ``method="bootstrap"``: percentile bootstrap of the mean (``resamples`` draws,
     seeded). With one seed the interval is the mean itself.
     """
+    if method not in ("t", "bootstrap"):
+        raise ValueError(f"method must be 't' or 'bootstrap', got {method!r}.")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1) (e.g. 0.95), got {level}.")
     v = np.asarray(values, dtype=float)
     if v.ndim == 1:
         v = v[:, None]
@@ -554,25 +622,44 @@ def plot_groups(
 def summary_rows(
     groups: dict[str, list[Path]], key: str = "eval_return", level: float = 0.95
 ) -> list[dict[str, Any]]:
-    """Per group: seeds, final step(s), final and best ``key`` per seed and their statistics."""
+    """Per group: seeds, final step(s), final and best ``key`` per seed and their statistics.
+
+    A run's final is its last logged ``key`` (see :func:`run_outcome`): NaN when the run
+    diverged (``diverged_at``: per seed, the step it diverged at or None; ``diverged``:
+    ``(run, step)`` pairs), so the group's final mean is NaN too.
+    Runs that never logged ``key`` are left out (``left_out``); a group with none is omitted.
+    """
     out = []
     for gname, runs in groups.items():
-        finals, bests, steps = [], [], []
+        finals, bests, steps, diverged_at, diverged, left_out = [], [], [], [], [], []
         for run in runs:
-            rows = read_metrics(run)
-            x, y = _series(rows, key)
-            if y:
-                finals.append(y[-1])
-                bests.append(max(y))
-                steps.append(x[-1])
+            res = run_outcome(read_metrics(run), key)
+            if res is None:
+                left_out.append(run)
+                continue
+            finals.append(res["final"])
+            bests.append(res["best"])
+            steps.append(res["final_step"])
+            diverged_at.append(res["diverged_at"])
+            if res["diverged_at"] is not None:
+                diverged.append((run, res["diverged_at"]))
         if not finals:
             continue
-        row: dict[str, Any] = {"group": gname, "seeds": len(finals), "steps": steps}
+        row: dict[str, Any] = {
+            "group": gname,
+            "seeds": len(finals),
+            "steps": steps,
+            "diverged_at": diverged_at,
+            "diverged": diverged,
+            "left_out": left_out,
+        }
         for name, vals in (("final", finals), ("best", bests)):
             mean, lo, hi = mean_ci(np.asarray(vals)[:, None], level, "t")
             row[name] = vals
             row[f"{name}_mean"] = float(mean[0])
-            row[f"{name}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            finite = all(math.isfinite(v) for v in vals)
+            sd = statistics.stdev(vals) if len(vals) > 1 and finite else 0.0
+            row[f"{name}_sd"] = sd if finite else math.nan
             row[f"{name}_ci"] = (float(lo[0]), float(hi[0]))
         out.append(row)
     return out
@@ -597,21 +684,42 @@ def summary_table(run_dirs_or_groups, key: str = "eval_return", level: float = 0
     ]
 
     def ci(r, name):
-        if r["seeds"] < 2:
+        if r["seeds"] < 2 or not math.isfinite(r[f"{name}_mean"]):
             return "-"
         lo, hi = r[f"{name}_ci"]
         return f"[{lo:.1f}, {hi:.1f}]"
 
-    for r in summary_rows(groups, key, level):
+    def stat(r, name):
+        if math.isfinite(r[f"{name}_mean"]):
+            return f"{r[f'{name}_mean']:.1f} +- {r[f'{name}_sd']:.1f}"
+        bad = sum(not math.isfinite(v) for v in r[name])
+        return f"NaN ({bad} of {r['seeds']} diverged)"
+
+    def per_seed(r):
+        cells = []
+        for f, b, at in zip(r["final"], r["best"], r["diverged_at"]):
+            final = f"{f:.1f}" if at is None else f"NaN (diverged at step {at:.0f})"
+            cells.append(f"{final} / {b:.1f}")
+        return ", ".join(cells)
+
+    rows = summary_rows(groups, key, level)
+    for r in rows:
         lo_s, hi_s = min(r["steps"]), max(r["steps"])
         at = f"{lo_s:.0f}" if lo_s == hi_s else f"{lo_s:.0f}-{hi_s:.0f}"
         lines.append(
             f"| {r['group']} | {r['seeds']} | {at} "
-            f"| {r['final_mean']:.1f} +- {r['final_sd']:.1f} | {ci(r, 'final')} "
-            f"| {r['best_mean']:.1f} +- {r['best_sd']:.1f} | {ci(r, 'best')} "
-            f"| {', '.join(f'{f:.1f} / {b:.1f}' for f, b in zip(r['final'], r['best']))} |"
+            f"| {stat(r, 'final')} | {ci(r, 'final')} "
+            f"| {stat(r, 'best')} | {ci(r, 'best')} "
+            f"| {per_seed(r)} |"
         )
     lines.append("")
+    diverged = [(run, step) for r in rows for run, step in r["diverged"]]
+    if diverged:
+        lines.append(
+            f"Diverged ({key} NaN/inf at its last evaluation; its final is NaN, not an earlier "
+            "value): " + ", ".join(f"{run} (from step {step:.0f})" for run, step in diverged)
+        )
+        lines.append("")
     lines.append(
         f"sd: standard deviation over seeds (ddof 1); CI: {pct} Student-t interval of the mean "
         "over seeds; final: last logged value of each run; best: maximum over each run; "
@@ -639,19 +747,24 @@ def diagnostics_rows(
 
     ``last_fraction`` keeps each run's last fraction of logged rows (by step), e.g. 0.5 for
     the second half of training. A metric no run logged is left out of the group's row.
+    NaN / inf values are left out of the means and counted in ``<key>_nonfinite``.
     """
     if not 0.0 < last_fraction <= 1.0:
         raise ValueError(f"last_fraction must be in (0, 1], got {last_fraction}.")
     out = []
     for gname, runs in groups.items():
         row: dict[str, Any] = {"group": gname, "seeds": len(runs)}
+        metrics = [read_metrics(run) for run in runs]
         for key in keys:
-            per_run = []
-            for run in runs:
-                _, y = _series(read_metrics(run), key)
+            per_run, nonfinite = [], 0
+            for rows in metrics:
+                _, y = _series(rows, key)
+                nonfinite += sum(1 for r in rows if key in r and not math.isfinite(r[key]))
                 if y:
                     y = y[len(y) - max(1, math.ceil(last_fraction * len(y))) :]
                     per_run.append(float(np.mean(y)))
+            if nonfinite:
+                row[f"{key}_nonfinite"] = nonfinite
             if per_run:
                 row[key] = per_run
                 row[f"{key}_mean"] = float(np.mean(per_run))
@@ -686,6 +799,15 @@ def diagnostics_table(groups: dict[str, list[Path]], last_fraction: float = 1.0)
         "+- sd over seeds. Independent members: acceptance about 0.95, MP ratio about 1; "
         "compare the KL only at equal N."
     )
+    dropped = [
+        f"{r['group']}: {r[f'{k}_nonfinite']} {h}"
+        for r in rows
+        for k, h in SUMMARY_DIAGNOSTICS
+        if f"{k}_nonfinite" in r
+    ]
+    if dropped:
+        lines.append("")
+        lines.append("NaN/inf values left out of these means: " + "; ".join(dropped) + ".")
     return "\n".join(lines)
 
 
@@ -722,14 +844,20 @@ def effect_pairs(groups: dict[str, list[Path]]) -> list[tuple[str, float, str, s
     return out
 
 
-def _run_effect_stats(run: Path, key: str) -> tuple[float, float, float | None] | None:
-    """``(final, best)`` of ``key`` and the mean acceptance rate (None if not logged)."""
+def _run_effect_stats(
+    run: Path, key: str
+) -> tuple[float, float, float | None, float | None] | None:
+    """``(final, best)`` of ``key``, the mean acceptance rate (None if not logged) and the step
+    the run diverged at (None if its last ``key`` is finite; its final is then NaN).
+
+    None if the run never logged ``key``.
+    """
     rows = read_metrics(run)
-    _, y = _series(rows, key)
-    if not y:
+    res = run_outcome(rows, key)
+    if res is None:
         return None
     _, acc = _series(rows, "spqr_accept_rate")
-    return y[-1], max(y), float(np.mean(acc)) if acc else None
+    return res["final"], res["best"], float(np.mean(acc)) if acc else None, res["diverged_at"]
 
 
 def paired_effects(
@@ -743,7 +871,9 @@ def paired_effects(
     the same relative to the baseline's mean (``*_rel_mean``, ``*_rel_ci``, in
     percent); ``*_wins``: the seeds where SPQR is higher. Also each arm's acceptance
     rate (``accept_base``, ``accept_spqr``: mean over training, then over seeds) when
-    logged. With one seed the intervals collapse to the point.
+    logged. With one seed the intervals collapse to the point. A run whose last ``key`` is
+    NaN / inf (diverged) has a NaN final, so that comparison's final statistics are NaN;
+    ``diverged`` lists ``(seed, arm, step)`` of such runs.
     """
     rows = []
     for label, beta, base_arm, spqr_arm in effect_pairs(groups):
@@ -776,6 +906,12 @@ def paired_effects(
             row[f"{name}_rel_mean"] = 100 * float(mean[0]) / scale
             row[f"{name}_rel_ci"] = (100 * float(lo[0]) / scale, 100 * float(hi[0]) / scale)
             row[f"{name}_wins"] = int((w > b).sum())
+        row["diverged"] = [
+            (s, arm, vals[s][j][3])
+            for s in seeds
+            for j, arm in enumerate((base_arm, spqr_arm))
+            if vals[s][j][3] is not None
+        ]
         for j, tag in enumerate(("base", "spqr")):
             acc = [vals[s][j][2] for s in seeds]
             if all(a is not None for a in acc):
@@ -796,6 +932,8 @@ def effects_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
     ]
 
     def diff(r, name):
+        if not math.isfinite(r[f"{name}_diff_mean"]):
+            return "NaN (a run diverged)"
         lo, hi = r[f"{name}_diff_ci"]
         ci = f" [{lo:+.1f}, {hi:+.1f}]" if len(r["seeds"]) > 1 else ""
         return f"{r[f'{name}_diff_mean']:+.1f} ({r[f'{name}_rel_mean']:+.1f}%){ci}"
@@ -820,6 +958,13 @@ def effects_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
         "final: last evaluation; best: maximum over the run. Acceptance: the independence "
         "test's rate, mean over training then over seeds (about 0.95 for independent members)."
     )
+    diverged = [(r["comparison"], *d) for r in rows for d in r.get("diverged", [])]
+    if diverged:
+        lines.append("")
+        lines.append(
+            "Diverged (last evaluation NaN/inf; its final is NaN, not an earlier value): "
+            + ", ".join(f"{arm} seed {s} (from step {at:.0f})" for _, s, arm, at in diverged)
+        )
     return "\n".join(lines)
 
 
@@ -1368,6 +1513,53 @@ def _write_effects(groups, args, argv, fmts) -> list[Path]:
     return [*written, md]
 
 
+def _level_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the confidence level must be a number in (0, 1), e.g. 0.95 or 0.9"
+        )
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return v
+
+
+def _screen_runs(runs: list[tuple[Path, str]], key: str, p) -> list[tuple[Path, str]]:
+    """Runs usable for ``key``; says on stderr which were skipped or diverged, and why.
+
+    Refuses (``p.error``) when no run is left, naming the metrics that were logged.
+    """
+    kept, columns = [], set()
+    for run, arm in runs:
+        skip, warn = check_run(run, key)
+        if skip is not None:
+            print(f"skipped {run}: {skip}", file=sys.stderr)
+            if skip.startswith("no "):
+                columns |= {k for r in read_metrics(run) for k in r}
+            continue
+        if warn is not None:
+            print(f"warning: {run}: {warn}", file=sys.stderr)
+        kept.append((run, arm))
+    if not kept:
+        logged = ", ".join(sorted(columns)) if columns else "none"
+        p.error(
+            f"no run left to report --key {key} for ({len(runs)} run folder(s) skipped, see "
+            f"above); metrics these runs did log: {logged}"
+        )
+    return kept
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m torchrl_spqr.plot",
@@ -1380,8 +1572,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--svg", action="store_true", help="same as --format png svg")
     p.add_argument("--key", default="eval_return", help="evaluation metric (e.g. normalized_score)")
     p.add_argument("--ci", default="t", choices=["t", "bootstrap"], help="confidence band")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level of the band")
-    p.add_argument("--smooth", type=int, default=1, help="trailing mean over W logged points")
+    p.add_argument(
+        "--level", type=_level_arg, default=0.95, help="confidence level of the band, in (0, 1)"
+    )
+    p.add_argument(
+        "--smooth", type=_positive_int, default=1, help="trailing mean over W logged points"
+    )
     p.add_argument("--per-run", action="store_true", help="also learning_curve.<fmt> in each run")
     p.add_argument(
         "--checkpoint",
@@ -1389,8 +1585,10 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="spectrum and member-correlation figures of each run's checkpoint",
     )
-    p.add_argument("--batch-size", type=int, default=512, help="pairs for --checkpoint")
-    p.add_argument("--rollout-steps", type=int, default=300, help="steps if states are rolled out")
+    p.add_argument("--batch-size", type=_positive_int, default=512, help="pairs for --checkpoint")
+    p.add_argument(
+        "--rollout-steps", type=_positive_int, default=300, help="steps if states are rolled out"
+    )
     p.add_argument("--pairs", choices=["data", "next_policy", "policy"], default=None)
     p.add_argument("--source", choices=["auto", "buffer", "dataset", "rollout"], default="auto")
     p.add_argument(
@@ -1407,8 +1605,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--effects-only", action="store_true", help="write only the --effects outputs")
     args = p.parse_args(argv)
     fmts = tuple(dict.fromkeys(["png", "svg"] if args.svg else args.format))
+    if args.effects_only and not args.effects:
+        p.error("--effects-only needs --effects OUT")
     paths = [Path(x) for x in args.paths]
-    runs = find_runs(paths)
+    try:
+        runs = find_runs(paths)
+    except FileNotFoundError as err:
+        p.error(str(err))
+    runs = _screen_runs(runs, args.key, p)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file: give a folder")
     groups: dict[str, list[Path]] = {}
     for run, arm in runs:
         groups.setdefault(arm, []).append(run)
