@@ -318,10 +318,14 @@ class TestResidualCorrelation:
         q = _randn(6, 32, seed=6).requires_grad_()
         assert not any(v.requires_grad for v in D.residual_correlation(q).values())
 
-    def test_identical_members_finite(self):
+    def test_identical_members_degenerate(self):
+        """Identical members: the correlations are 0/0, NaN ("degenerate"), never the
+        0.0 that reads as independent (issue 20); the MP edge stays defined."""
         q = _randn(1, 64, seed=7).expand(6, 64).clone()
         stats = D.residual_correlation(q)
-        assert all(bool(torch.isfinite(v)) for v in stats.values())
+        for key in ("top_eigenvalue", "mp_ratio", "mean_pairwise_corr"):
+            assert bool(torch.isnan(stats[key])), key
+        assert bool(torch.isfinite(stats["mp_edge"]))
 
     @pytest.mark.parametrize("shape", [(6, 1), (6, 1, 1)])
     def test_batch_of_one(self, shape):
@@ -356,3 +360,78 @@ class TestEnsembleStd:
     def test_bad_input(self):
         with pytest.raises(ValueError, match="at least 3 members"):
             D.ensemble_std(torch.randn(2, 8))
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20: coinciding members read "degenerate", never "independent"
+# --------------------------------------------------------------------------- #
+class TestDegenerate:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_identical_members(self, dtype):
+        q = (_randn(1, 128, seed=11) * 50 + 7).to(dtype).expand(10, 128).clone()
+        assert bool(D.degenerate_mask(q).all())
+        assert float(D.degenerate_fraction(q)) == 1.0
+        assert not bool(D.independence_test(q).any())
+        assert bool(torch.isnan(D.acceptance_rate(q)))
+        assert bool(torch.isnan(D.residual_correlation(q)["mean_pairwise_corr"]))
+        assert float(D.ensemble_std(q)) == 0.0
+
+    def test_round_off_counts_as_coinciding(self):
+        """Members a few ulps apart (round-off of identical critics) are degenerate too."""
+        base = _randn(1, 64, seed=12, dtype=torch.float32) * 100
+        q = base.expand(6, 64).clone()
+        q[1] = torch.nextafter(q[1], q[1] + 1)
+        assert bool(D.degenerate_mask(q).all())
+        assert bool(torch.isnan(D.acceptance_rate(q)))
+        assert bool(torch.isnan(D.residual_correlation(q)["mp_ratio"]))
+
+    def test_zero_values(self):
+        assert bool(D.degenerate_mask(torch.zeros(6, 4)).all())
+        assert not bool(D.degenerate_mask(torch.zeros(6, 4).index_fill(0, torch.tensor([2]), 1e-30)).any())  # fmt: skip
+
+    def test_independent_members_unaffected(self):
+        q = _randn(10, 512, seed=13)
+        assert not bool(D.degenerate_mask(q).any())
+        assert float(D.degenerate_fraction(q)) == 0.0
+        accept = D.independence_test(q)
+        assert float(D.acceptance_rate(q)) == pytest.approx(float(accept.double().mean()))
+        assert bool(torch.isfinite(D.residual_correlation(q)["mean_pairwise_corr"]))
+
+    def test_partly_degenerate_batch(self):
+        """Degenerate elements are rejected by the test and left out of the rate."""
+        q = _randn(10, 64, seed=14)
+        q[:, :16] = q[0, :16]  # members coincide at the first 16 pairs
+        mask = D.degenerate_mask(q)
+        assert mask[:16].all() and not mask[16:].any()
+        assert float(D.degenerate_fraction(q)) == pytest.approx(0.25)
+        accept = D.independence_test(q)
+        assert not accept[:16].any()
+        rate = float(D.acceptance_rate(q))
+        assert rate == pytest.approx(float(D.independence_test(q[:, 16:]).double().mean()))
+        assert 0.7 < rate <= 1.0
+
+    def test_constant_offsets_have_undefined_correlation(self):
+        """Members that differ by constants only: residuals constant over the batch, 0/0."""
+        base = _randn(1, 64, seed=15)
+        q = base + torch.arange(6, dtype=torch.float64).unsqueeze(-1)
+        assert not bool(D.degenerate_mask(q).any())  # they differ at every pair
+        stats = D.residual_correlation(q)
+        assert bool(torch.isnan(stats["mean_pairwise_corr"]))
+        assert bool(torch.isfinite(stats["mp_edge"]))
+
+    def test_num_members_and_empty_batch(self):
+        q = _randn(64, 6, seed=16)
+        for fn in (D.degenerate_mask, D.acceptance_rate, D.residual_correlation, D.ensemble_std):
+            with pytest.raises(ValueError, match="num_members=6"):
+                fn(q, num_members=6)
+        with pytest.raises(ValueError, match="empty batch"):
+            D.acceptance_rate(torch.randn(6, 0))
+        with pytest.raises(ValueError, match="empty batch"):
+            D.degenerate_mask(torch.randn(6, 0))
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_low_precision(self, dtype):
+        q = _randn(10, 256, seed=17).to(dtype)
+        assert 0.8 < float(D.acceptance_rate(q)) <= 1.0
+        assert D.spectral_spike(q).dtype == dtype
+        assert bool(torch.isfinite(D.residual_correlation(q)["mp_ratio"]))

@@ -393,3 +393,168 @@ class TestCompile:
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+# ------------------------------------------------------------------ issue 20: bad members
+class TestSharedAndBadMembers:
+    """Members that are one critic, or not one architecture, are refused with a fix."""
+
+    def test_factory_wrapping_one_module_names_the_fix(self):
+        shared = make_q_member(IN, num_cells=(HIDDEN,))
+        with pytest.raises(ValueError, match="build each member with its own init"):
+            QEnsemble(lambda: shared, N)
+
+    def test_members_sharing_a_parameter_tensor_refused(self):
+        base = make_q_member(IN, num_cells=(HIDDEN,))
+
+        def factory():
+            m = make_q_member(IN, num_cells=(HIDDEN,))
+            m.module.net[0].weight = base.module.net[0].weight  # one tensor in every member
+            return m
+
+        with pytest.raises(ValueError, match=r"share a tensor.*module\.net\.0\.weight") as err:
+            QEnsemble(factory, 4)
+        assert "allow_shared=True" in str(err.value)
+        assert "own init" in str(err.value)
+
+    def test_members_sharing_a_submodule_refused(self):
+        trunk = nn.Linear(IN, HIDDEN)
+
+        class Q(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.trunk = trunk
+                self.head = nn.Linear(HIDDEN, 1)
+
+            def forward(self, obs, act):
+                return self.head(self.trunk(torch.cat([obs, act], -1)))
+
+        with pytest.raises(ValueError, match=r"share a tensor.*trunk"):
+            QEnsemble(Q, 3)
+
+    def test_members_sharing_a_buffer_refused(self):
+        buf = torch.zeros(1)
+
+        class Q(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(IN, 1)
+                self.register_buffer("offset", buf)
+
+            def forward(self, obs, act):
+                return self.lin(torch.cat([obs, act], -1)) + self.offset
+
+        with pytest.raises(ValueError, match=r"share a tensor.*offset"):
+            QEnsemble(Q, 3)
+
+    def test_identical_values_refused(self):
+        def reseeded():
+            torch.manual_seed(123)
+            return make_q_member(IN, num_cells=(HIDDEN,))
+
+        with pytest.raises(ValueError, match=r"Members 0 and 1 are identical in value.*own init"):
+            QEnsemble(reseeded, 3)
+        template = make_q_member(IN, num_cells=(HIDDEN,))
+        import copy
+
+        with pytest.raises(ValueError, match="identical in value"):
+            QEnsemble(lambda: copy.deepcopy(template), 3)
+
+    def test_partly_equal_values_accepted(self):
+        """Members equal in some tensors only (zero-initialised heads, buffers) are fine."""
+
+        class Q(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(IN, HIDDEN)
+                self.head = nn.Linear(HIDDEN, 1)
+                nn.init.zeros_(self.head.weight)
+                nn.init.zeros_(self.head.bias)
+
+            def forward(self, obs, act):
+                return self.head(torch.relu(self.lin(torch.cat([obs, act], -1))))
+
+        assert QEnsemble(Q, 3).num_members == 3
+
+    def test_allow_shared_builds_independent_copies(self):
+        shared = make_q_member(IN, num_cells=(HIDDEN,))
+        before = {k: v.clone() for k, v in shared.state_dict().items()}
+        ens = QEnsemble(lambda: shared, 4, allow_shared=True)
+        q = ens(make_batch(B))["state_action_value"]
+        assert all(torch.equal(q[0], q[i]) for i in range(4))  # identical, as asked
+        with torch.no_grad():  # the stacked copies are not tied to the module or each other
+            for leaf in ens.params.values(True, True):
+                leaf[1].add_(1.0)
+        for k, v in shared.state_dict().items():
+            assert v.device.type == "cpu" and torch.equal(v, before[k]), k
+        assert not torch.equal(ens.params[0].get(("module", "net", "0", "weight")),
+                               ens.params[1].get(("module", "net", "0", "weight")))  # fmt: skip
+
+    def test_kept_modules_never_altered(self):
+        """The constructor used to move the first member's parameters to ``meta``."""
+        kept = [make_q_member(IN, num_cells=(HIDDEN,)) for _ in range(3)]
+        states = [{k: v.clone() for k, v in m.state_dict().items()} for m in kept]
+        params = [[id(p) for p in m.parameters()] for m in kept]
+        it = iter(kept)
+        ens = QEnsemble(lambda: next(it), 3)
+        with torch.no_grad():
+            for leaf in ens.params.values(True, True):
+                leaf.mul_(2.0).add_(1.0)
+        td = make_batch(B)
+        for m, state, ids in zip(kept, states, params):
+            assert [id(p) for p in m.parameters()] == ids
+            assert all(isinstance(p, nn.Parameter) and p.is_leaf for p in m.parameters())
+            for k, v in m.state_dict().items():
+                assert v.device.type == "cpu" and torch.equal(v, state[k]), k
+            assert m(td.clone())["state_action_value"].shape == (B, 1)  # still usable
+        # and the ensemble does not see the kept modules' later changes
+        q0 = ens(td)["state_action_value"].clone()
+        with torch.no_grad():
+            kept[0].module.net[0].weight.zero_()
+        torch.testing.assert_close(ens(td)["state_action_value"], q0)
+
+    @pytest.mark.parametrize("n", [2.5, 3.7, float("nan"), float("inf")])
+    def test_fractional_size_refused(self, n):
+        with pytest.raises(ValueError, match=f"whole number.*{n}"):
+            QEnsemble(lambda: make_q_member(IN, num_cells=(HIDDEN,)), n)
+
+    @pytest.mark.parametrize("n", ["3", True, [3]])
+    def test_non_numeric_size_refused(self, n):
+        with pytest.raises(TypeError, match="num_members must be a positive integer"):
+            QEnsemble(lambda: make_q_member(IN, num_cells=(HIDDEN,)), n)
+
+    def test_integral_sizes_accepted(self):
+        import numpy as np
+
+        for n in (3, 3.0, np.int64(3), torch.tensor(3)):
+            assert QEnsemble(lambda: make_q_member(IN, num_cells=(HIDDEN,)), n).num_members == 3
+
+    def test_mismatched_architecture_names_the_parameter(self):
+        widths = iter([(HIDDEN,), (HIDDEN,), (HIDDEN + 1,)])
+        with pytest.raises(
+            ValueError,
+            match=r"Member 2 differs from member 0 in parameter 'module\.net\.0\.weight': "
+            r"shape \(17, 7\) vs \(16, 7\).*one architecture",
+        ):
+            QEnsemble(lambda: make_q_member(IN, num_cells=next(widths)), 3)
+
+    def test_mismatched_structure_names_the_parameter(self):
+        depths = iter([(HIDDEN,), (HIDDEN, HIDDEN)])
+        with pytest.raises(ValueError, match=r"Member 1 differs .* 'module\.net\.2\.weight'"):
+            QEnsemble(lambda: make_q_member(IN, num_cells=next(depths)), 2)
+        biases = iter([True, False])
+        with pytest.raises(ValueError, match=r"Member 1 has no parameter 'module\.bias'"):
+            QEnsemble(lambda: nn.Linear(IN, 1, bias=next(biases)), 2)
+        biases = iter([False, True])
+        with pytest.raises(ValueError, match=r"Member 1 has a parameter 'module\.bias' .* lacks"):
+            QEnsemble(lambda: nn.Linear(IN, 1, bias=next(biases)), 2)
+
+    def test_mismatched_dtype_named(self):
+        dtypes = iter([torch.float32, torch.float64])
+        with pytest.raises(ValueError, match=r"dtype torch\.float64 vs torch\.float32"):
+            QEnsemble(lambda: make_q_member(IN, num_cells=(HIDDEN,)).to(next(dtypes)), 2)
+
+    def test_mismatched_keys_named(self):
+        keys = iter([("observation", "action"), ("observation", "act")])
+        with pytest.raises(ValueError, match="in_keys"):
+            QEnsemble(lambda: make_q_member(IN, num_cells=(HIDDEN,), in_keys=next(keys)), 2)

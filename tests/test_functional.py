@@ -817,3 +817,96 @@ class TestAutograd:
         kl.backward()
         assert kl.device.type == device and q.grad.device.type == device
         assert torch.isfinite(kl) and bool(torch.isfinite(q.grad).all())
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20: bad inputs get a clear error or a documented result
+# --------------------------------------------------------------------------- #
+class TestBadInputs:
+    @pytest.mark.parametrize("shape", [(6, 0), (6, 0, 1), (10, 4, 0)])
+    def test_empty_batch_refused(self, shape):
+        with pytest.raises(ValueError, match=r"empty batch.*at least one state-action pair"):
+            spqr_kl(torch.randn(shape))
+        with pytest.raises(ValueError, match="empty batch"):
+            F.check_ensemble_values(torch.randn(shape))
+
+    def test_num_members_checks_the_layout(self):
+        q = torch.randn(256, 10)  # [batch, N] by mistake
+        with pytest.raises(ValueError, match=r"256 entries on dim 0.*num_members=10.*movedim"):
+            spqr_kl(q, num_members=10)
+        torch.testing.assert_close(spqr_kl(q.T, num_members=10), spqr_kl(q.T.contiguous()))
+        with pytest.raises(ValueError, match="num_members=6"):
+            F.check_ensemble_values(torch.randn(10, 4), num_members=6)
+
+    def test_batch_first_layout_warns_once(self):
+        F._warned_layout.discard((256, 10))
+        q = torch.randn(256, 10)
+        with pytest.warns(UserWarning, match=r"read as N=256 ensemble members.*movedim"):
+            spqr_kl(q, filling="random")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            kw = dict(filling="random", density="corrected")
+            spqr_kl(q, **kw)  # once per shape
+            spqr_kl(torch.randn(257, 10), num_members=257, **kw)  # layout stated
+            spqr_kl(torch.randn(10, 4))  # N > batch but a plausible ensemble: no warning
+            spqr_kl(torch.randn(150, 256), **kw)  # more pairs than members
+
+    @pytest.mark.parametrize(
+        "kw, match",
+        [
+            (dict(rho=0.0), r"rho must be in \(0, 1\].*got 0\.0"),
+            (dict(rho=-0.5), r"rho must be in \(0, 1\]"),
+            (dict(rho=1.5), r"rho must be in \(0, 1\]"),
+            (dict(rho=float("nan")), r"rho must be in \(0, 1\].*nan"),
+            (dict(rho=float("inf")), r"rho must be in \(0, 1\]"),
+            (dict(eps=-0.01), r"eps must be a finite number >= 0.*-0\.01"),
+            (dict(eps=float("nan")), r"eps must be a finite number >= 0"),
+            (dict(eps=float("inf")), r"eps must be a finite number >= 0"),
+            (dict(rho=1.0, density="corrected"), r"corrected.*rho=1\.0.*infinite"),
+            (dict(eps=0.0, density="corrected"), r"corrected.*eps=0\.0.*infinite"),
+        ],
+    )
+    def test_rho_eps_out_of_range(self, kw, match):
+        q = torch.randn(6, 16)
+        with pytest.raises(ValueError, match=match):
+            spqr_kl(q, **kw)
+        with pytest.raises(ValueError, match=match):
+            soft_semicircle_density(torch.zeros(3), **kw)
+
+    def test_rho_eps_edges_that_stay_finite(self):
+        q = torch.randn(6, 16) * 3
+        for kw in (dict(rho=1.0), dict(eps=0.0), dict(rho=1e-6), dict(eps=5.0)):
+            assert bool(torch.isfinite(spqr_kl(q, **kw))), kw
+        for kw in (dict(rho=0.999), dict(eps=1e-6)):
+            assert bool(torch.isfinite(spqr_kl(q, density="corrected", **kw))), kw
+
+    @pytest.mark.parametrize("kw", [dict(rho="0.5"), dict(eps="0.01"), dict(rho=None)])
+    def test_rho_eps_non_numeric(self, kw):
+        with pytest.raises(TypeError, match=r"must be a real number.*not a string"):
+            spqr_kl(torch.randn(6, 4), **kw)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_low_precision_computed_in_float32(self, dtype):
+        """float16/bfloat16: no eigensolver traceback; float32 math, result in the input dtype."""
+        q32 = torch.randn(10, 64) * 5 + 20
+        q = q32.to(dtype).requires_grad_()
+        kl = spqr_kl(q)
+        assert kl.dtype == dtype
+        ref = spqr_kl(q.detach().float())
+        assert float(kl) == pytest.approx(float(ref), rel=1e-2)
+        kl.backward()
+        assert q.grad.dtype == dtype and bool(torch.isfinite(q.grad).all())
+        none = spqr_kl(q.detach(), reduction="none", density="corrected")
+        assert none.dtype == dtype and none.shape == (64,)
+        eig = spqr_eigenvalues(q.detach())
+        assert eig.dtype == dtype
+        torch.testing.assert_close(eig.float(), spqr_eigenvalues(q.detach().float()),
+                                   rtol=2e-2, atol=2e-2)  # fmt: skip
+        mat = F.normalize_matrices(F.ensemble_to_matrices(q.detach()))
+        assert mat.dtype == dtype and bool(torch.isfinite(mat).all())
+
+    def test_low_precision_identical_members_finite(self):
+        q = torch.full((6, 4), 3.0, dtype=torch.float16, requires_grad=True)
+        kl = spqr_kl(q)
+        kl.backward()
+        assert bool(torch.isfinite(kl)) and float(q.grad.abs().max()) == 0.0

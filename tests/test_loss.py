@@ -745,3 +745,140 @@ def test_multi_dim_batch_per_column():
         )
     mean = SPQRLoss(sac, beta=1.0, pairs="data")(batch)
     torch.testing.assert_close(mean["loss_spqr"], out["loss_spqr"].mean())
+
+
+# ====================================================================== issue 20: bad inputs
+def test_identical_critics_read_degenerate_not_independent():
+    """Issue 20: critics built from one shared module stay identical under SAC-N + SPQR (the
+    SPQR gradient is zero there); the diagnostics must not read "independent"."""
+    from torchrl_spqr.objectives import SACNLoss
+
+    shared = make_q_member(N_OBS + N_ACT, num_cells=(HIDDEN, HIDDEN))
+    with pytest.raises(ValueError, match="build each member with its own init"):
+        QEnsemble(lambda: shared, 6)
+    critics = QEnsemble(lambda: shared, 6, allow_shared=True)  # asked for explicitly
+    sac = SACNLoss(make_actor(HIDDEN), critics)
+    loss = SPQRLoss(sac, beta=1.0)
+    opt = torch.optim.Adam(loss.parameters(), lr=1e-3)
+    for step in range(3):
+        out = loss(make_batch(B, seed=step))
+        opt.zero_grad()
+        total_loss(out).backward()
+        opt.step()
+        assert float(out["spqr_ensemble_std"]) == 0.0
+        for key in ("spqr_accept_rate", "spqr_mean_pairwise_corr", "spqr_mp_ratio"):
+            assert bool(torch.isnan(out[key])), key  # "degenerate", not 1.0 / 0.0
+        assert bool(torch.isfinite(out["loss_spqr"]))
+    for leaf in sac.qvalue_network_params.values(True, True):
+        assert all(torch.equal(leaf[0], leaf[i]) for i in range(1, 6))  # still one critic
+    # out_keys unchanged (no new entry), and diagnostics_interval=0 writes no spqr_* entry
+    assert tuple(k for k in loss.out_keys if k.startswith("spqr_") or k == "loss_spqr") == SPQR_KEYS
+    quiet = SPQRLoss(make_base("sac"), beta=1.0, diagnostics_interval=0)
+    assert not [k for k in quiet(make_batch(B)).keys() if k.startswith("spqr_")]
+
+
+def test_independent_critics_diagnostics_finite():
+    out = SPQRLoss(make_base("sac"), beta=1.0, pairs="data")(make_batch(64))
+    for key in ("spqr_accept_rate", "spqr_mean_pairwise_corr", "spqr_mp_ratio"):
+        assert bool(torch.isfinite(out[key])), key
+    assert 0.5 < float(out["spqr_accept_rate"]) <= 1.0
+
+
+@pytest.mark.parametrize("standalone", [False, True])
+def test_empty_batch_refused(standalone):
+    if standalone:
+        loss = SPQRLoss(qvalue_network=make_ensemble(N, HIDDEN), pairs="data")
+    else:
+        loss = SPQRLoss(make_base("sac"), beta=1.0)
+    with pytest.raises(ValueError, match=r"empty batch \(batch_size \(0,\)\)"):
+        loss(make_batch(0))
+
+
+def test_q_with_wrong_leading_dim_refused():
+    """SPQRLoss knows N: Q-values [batch, N] (or any other leading size) are refused."""
+    loss = SPQRLoss(make_base("sac"), beta=1.0)
+    with pytest.raises(ValueError, match=r"pairs='next_policy'.*dim 0.*num_members=10.*movedim"):
+        loss._validated(torch.randn(B, N))
+    with pytest.raises(ValueError, match="num_members=10"):
+        loss._validated(torch.randn(6, B, 1))
+    assert loss._validated(torch.randn(N, B, 1)).shape == (N, B)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(rho=0.0), r"rho must be in \(0, 1\]"),
+        (dict(rho=2.0), r"rho must be in \(0, 1\]"),
+        (dict(rho=float("nan")), r"rho must be in \(0, 1\]"),
+        (dict(eps=-1.0), r"eps must be a finite number >= 0"),
+        (dict(eps=float("inf")), r"eps must be a finite number >= 0"),
+        (dict(rho=1.0, density="corrected"), r"corrected.*infinite"),
+    ],
+)
+def test_rho_eps_out_of_range_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SPQRLoss(make_base("sac"), **kw)
+    with pytest.raises(ValueError, match=match):
+        SPQRLoss(qvalue_network=make_ensemble(N, HIDDEN), pairs="data", **kw)
+
+
+@pytest.mark.parametrize("beta", ["1", None, b"1", [1.0], True, 1j])
+def test_non_numeric_beta_refused(beta):
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        SPQRLoss(make_base("sac"), beta=beta)
+
+
+def test_numeric_beta_kinds_accepted():
+    import numpy as np
+
+    for beta in (1, 0.5, np.float32(0.5), torch.tensor(0.5)):
+        assert float(SPQRLoss(make_base("sac"), beta=beta).beta) == float(beta)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite non-negative"):
+            SPQRLoss(make_base("sac"), beta=bad)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_beta_schedule_bad_value_raises_at_that_step(bad):
+    """A schedule that turns negative or NaN raises in forward at that step (not applied as 0)."""
+    loss = SPQRLoss(make_base("sac"), beta=lambda step: 1.0 if step < 2 else bad)
+    for _ in range(2):
+        loss(make_batch(B))
+    before = int(loss.step_count)
+    with pytest.raises(ValueError, match=r"beta schedule returned .* at step 2.*non-negative"):
+        loss(make_batch(B))
+    assert int(loss.step_count) == before  # nothing was applied
+    assert float(loss.beta) == 1.0
+
+
+def test_beta_schedule_non_numeric_value_raises():
+    with pytest.raises(TypeError, match="value at step 0 must be a real number"):
+        SPQRLoss(make_base("sac"), beta=lambda step: "1")
+    loss = SPQRLoss(make_base("sac"), beta=lambda step: 1.0 if step == 0 else "0.5")
+    loss(make_batch(B))
+    with pytest.raises(TypeError, match="value at step 1 must be a real number"):
+        loss(make_batch(B))
+
+
+def test_beta_buffer_set_negative_raises():
+    loss = SPQRLoss(make_base("sac"), beta=1.0)
+    loss.beta.fill_(-1.0)  # e.g. by a scheduler of the buffer
+    with pytest.raises(ValueError, match=r"beta buffer holds -1\.0"):
+        loss(make_batch(B))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_q_values(dtype):
+    """float16/bfloat16 critics: regularised in float32, the penalty in their dtype."""
+    ens = make_ensemble(N, HIDDEN).to(dtype)
+    loss = SPQRLoss(qvalue_network=ens, pairs="data", beta=1.0)
+    batch = make_batch(32).apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    out = loss(batch)
+    assert out["loss_spqr"].dtype == dtype
+    out["loss_spqr"].backward()
+    grads = [leaf.grad for leaf in ens.params.values(True, True)]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    with torch.no_grad():
+        ref = spqr_kl(ens.q_values(batch).float())
+    assert float(out["spqr_kl"]) == pytest.approx(float(ref), rel=2e-2)
+    assert 0.0 <= float(out["spqr_accept_rate"]) <= 1.0

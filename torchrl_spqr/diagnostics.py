@@ -14,6 +14,17 @@ update:
   deviations from the ensemble mean over the batch, compared with the
   Marchenko-Pastur edge.
 - :func:`ensemble_std`: the spread of the members.
+- :func:`degenerate_mask` / :func:`degenerate_fraction`: where the members
+  coincide (their spread is zero within float resolution).
+
+Coinciding members are *degenerate*, not independent: the normalised SPQR
+matrix is 0/0 there (by convention the zero matrix, spike 0) and the residual
+correlations are 0/0. So :func:`independence_test` rejects such elements,
+:func:`acceptance_rate` is taken over the other elements only and is NaN when
+every element is degenerate, and :func:`residual_correlation` returns NaN for
+its correlation statistics when a member's residuals vanish (e.g. all members
+identical). NaN there means "undefined: the members coincide", never
+"independent".
 
 Examples:
     >>> import torch
@@ -48,10 +59,54 @@ __all__ = [
     "acceptance_rate",
     "residual_correlation",
     "ensemble_std",
+    "degenerate_mask",
+    "degenerate_fraction",
+    "DEGENERATE_ULPS",
 ]
 
 _NULL_SAMPLES = 100_000
 _NULL_SEED = 0
+
+#: Members at a state-action pair coincide when their spread (max - min) is at most
+#: this many units of the dtype's resolution (``torch.finfo(dtype).eps``) times their
+#: largest magnitude: round-off of identical critics, not a real difference.
+DEGENERATE_ULPS = 8
+
+
+def _degenerate_rtol(dtype: torch.dtype) -> float:
+    return DEGENERATE_ULPS * torch.finfo(dtype).eps
+
+
+def degenerate_mask(q: Tensor, *, num_members: int | None = None) -> Tensor:
+    """Where the members coincide: bool ``[*batch]`` for ``q`` ``[N, *batch]``.
+
+    ``True`` where ``max_k q_k - min_k q_k <= DEGENERATE_ULPS * eps * max_k |q_k|``
+    (``eps`` the resolution of ``q``'s dtype; exactly equal members, zeros
+    included, always count). The SPQR statistics are undefined there.
+
+    Examples:
+        >>> degenerate_mask(torch.ones(5, 3)).tolist()
+        [True, True, True]
+        >>> bool(degenerate_mask(torch.randn(5, 3)).any())
+        False
+    """
+    return _degenerate(check_ensemble_values(q, num_members=num_members, check_finite=False))
+
+
+def _degenerate(q: Tensor) -> Tensor:
+    """:func:`degenerate_mask` of an already validated ``[N, *batch]`` tensor."""
+    q = q.detach()
+    spread = q.amax(0) - q.amin(0)
+    scale = q.abs().amax(0)
+    return spread <= _degenerate_rtol(q.dtype) * scale
+
+
+def degenerate_fraction(q: Tensor, *, num_members: int | None = None) -> Tensor:
+    """Fraction of batch elements where the members coincide (scalar, see :func:`degenerate_mask`).
+
+    1.0 for an ensemble of identical critics (e.g. built from one shared module).
+    """
+    return degenerate_mask(q, num_members=num_members).to(torch.get_default_dtype()).mean()
 
 
 def spectral_spike(
@@ -114,20 +169,23 @@ def independence_test(
     generator: torch.Generator | None = None,
     num_samples: int = _NULL_SAMPLES,
     seed: int = _NULL_SEED,
+    num_members: int | None = None,
 ) -> Tensor:
     """Per-element accept (``True``) / reject of "the members at this pair are i.i.d.".
 
-    Rejects when the spike's Monte Carlo p-value is below ``level``.
+    Rejects when the spike's Monte Carlo p-value is below ``level``, and where
+    the members coincide (:func:`degenerate_mask`): the statistic is undefined
+    there, and exact ties have probability zero under the i.i.d. null.
     Returns a bool tensor of shape ``*batch``.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}.")
-    q = check_ensemble_values(q)
+    q = check_ensemble_values(q, num_members=num_members)
     d = matrix_side(q.shape[0])
     with torch.no_grad():
         spike = spectral_spike(q, filling=filling, generator=generator)
         pval = spike_pvalue(spike, d, num_samples=num_samples, seed=seed)
-    return pval >= level
+        return (pval >= level) & ~_degenerate(q)
 
 
 def acceptance_rate(
@@ -138,18 +196,31 @@ def acceptance_rate(
     generator: torch.Generator | None = None,
     num_samples: int = _NULL_SAMPLES,
     seed: int = _NULL_SEED,
+    num_members: int | None = None,
 ) -> Tensor:
     """Fraction of batch elements where :func:`independence_test` accepts (scalar).
 
-    Under the null it is about ``1 - level``.
+    Under the null it is about ``1 - level``. Elements where the members
+    coincide (:func:`degenerate_mask`) are left out (the test is undefined
+    there); when every element is degenerate the rate is NaN: "degenerate",
+    not "independent" (see :func:`degenerate_fraction`).
     """
+    q = check_ensemble_values(q, num_members=num_members)
     accept = independence_test(
-        q, level=level, filling=filling, generator=generator, num_samples=num_samples, seed=seed
+        q,
+        level=level,
+        filling=filling,
+        generator=generator,
+        num_samples=num_samples,
+        seed=seed,
+        num_members=num_members,
     )
-    return accept.to(torch.get_default_dtype()).mean()
+    valid = ~_degenerate(q)
+    dtype = torch.get_default_dtype()
+    return accept.to(dtype).sum() / valid.to(dtype).sum()
 
 
-def residual_correlation(q: Tensor) -> dict[str, Tensor]:
+def residual_correlation(q: Tensor, *, num_members: int | None = None) -> dict[str, Tensor]:
     """Cross-sample dependence of the members' residuals over the batch.
 
     Residuals are the members' deviations from the ensemble mean at each pair,
@@ -176,8 +247,14 @@ def residual_correlation(q: Tensor) -> dict[str, Tensor]:
     structure *among* members (clusters, a subset sharing an error pattern across
     the batch), not the ensemble's shared bias; measuring that needs the true values
     (``experiments/spectral_vs_direct.py``).
+
+    Degenerate ensembles: when a member's residuals are constant over the batch
+    (within :data:`DEGENERATE_ULPS` of the values' resolution; e.g. all members
+    identical, or a member that differs from the mean by a constant only), its
+    correlations are 0/0, and ``top_eigenvalue``, ``mp_ratio``
+    and ``mean_pairwise_corr`` are NaN (``mp_edge`` stays defined).
     """
-    q = check_ensemble_values(q).detach()
+    q = check_ensemble_values(q, num_members=num_members).detach()
     n = q.shape[0]
     x = q.flatten(1)  # [N, B]
     b = x.shape[1]
@@ -193,6 +270,10 @@ def residual_correlation(q: Tensor) -> dict[str, Tensor]:
     edge = (1 + (n / b) ** 0.5) ** 2
     off = corr.sum() - corr.diagonal().sum()
     mean_pair = off / (n * (n - 1))
+    # a member whose residuals are round-off only (rms <= rtol * the values' scale)
+    rms = std.squeeze(1) / b**0.5
+    if bool((rms <= _degenerate_rtol(q.dtype) * x.abs().amax()).any()):
+        top = mean_pair = torch.tensor(float("nan"), dtype=torch.float64, device=q.device)
     dtype = q.dtype
     return {
         "top_eigenvalue": top.to(dtype),
@@ -202,9 +283,9 @@ def residual_correlation(q: Tensor) -> dict[str, Tensor]:
     }
 
 
-def ensemble_std(q: Tensor) -> Tensor:
+def ensemble_std(q: Tensor, *, num_members: int | None = None) -> Tensor:
     """Mean over the batch of the (unbiased) std over members: ``[N, *batch] -> scalar``."""
-    q = check_ensemble_values(q)
+    q = check_ensemble_values(q, num_members=num_members)
     return q.detach().std(0).mean()
 
 

@@ -18,7 +18,12 @@ It plugs into TorchRL's ensemble losses in two ways:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import hashlib
+import itertools
+import math
+import numbers
+import operator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -242,6 +247,25 @@ class QEnsemble(TensorDictModuleBase):
             taken from the members.
         randomness: ``torch.vmap`` randomness; ``"different"`` (default) gives
             each member its own dropout mask.
+        allow_shared: build the ensemble even when members share parameter or
+            buffer tensors, or are identical in value (default ``False``: such
+            members are refused, see below). Each member then starts as its own
+            copy of those values (nothing stays tied), so the members start
+            identical where they shared.
+
+    Members are checked before stacking: ``num_members`` must be a whole number
+    (``2.5`` is refused, ``10.0`` reads as 10); all members must have the same
+    parameter and buffer names, shapes, dtypes and devices (the first mismatch
+    is named); and, unless ``allow_shared=True``, no two members may share a
+    tensor (by storage: a factory wrapping one shared module, or modules
+    re-using one parameter) or hold exactly the same values in every parameter
+    and buffer (e.g. a factory that reseeds before building). Identical critics
+    stay identical under training (SPQR's gradient is exactly zero there), so
+    the ensemble would silently be one critic.
+
+    The members' values are copied into the stacked ``params``: modules the
+    factory returns (or the ``template``) are never modified, so a module the
+    caller keeps stays as it was (its parameters are not moved or tied).
 
     The forward returns a new TensorDict of batch ``[N, *batch]`` with
     ``out_keys`` (e.g. ``state_action_value`` of shape ``[N, *batch, 1]``): the
@@ -269,21 +293,23 @@ class QEnsemble(TensorDictModuleBase):
         in_keys: Sequence[NestedKey] = ("observation", "action"),
         out_keys: Sequence[NestedKey] = ("state_action_value",),
         randomness: str = "different",
+        allow_shared: bool = False,
     ) -> None:
         super().__init__()
         if (factory is None) == (template is None):
             raise ValueError("Pass exactly one of `factory` or `template`.")
-        if num_members is None or int(num_members) < 1:
-            raise ValueError(f"num_members must be a positive integer, got {num_members!r}.")
-        num_members = int(num_members)
+        num_members = _ensemble_size(num_members)
         members: list[nn.Module] = []
         for _ in range(num_members):
             if factory is not None:
                 m = factory()
-                if any(m is prev for prev in members):
+                if not allow_shared and any(m is prev for prev in members):
                     raise ValueError(
-                        "The factory returned the same module twice; it must build a new "
-                        "critic at each call."
+                        "The factory returned the same module twice (e.g. `lambda: shared`): "
+                        "all members would be one critic. It must build a new critic at each "
+                        "call: build each member with its own init, e.g. "
+                        "QEnsemble(lambda: make_q_member(in_dim), N). Pass allow_shared=True "
+                        "to build identical copies on purpose."
                     )
             else:
                 m = copy.deepcopy(template)
@@ -292,14 +318,18 @@ class QEnsemble(TensorDictModuleBase):
                 m = TensorDictModule(m, in_keys=list(in_keys), out_keys=list(out_keys))
             members.append(m)
         self._check_materialised(members[0])
+        _check_same_architecture(members)
+        if not allow_shared:
+            _check_independent(members)
         self.num_members = num_members
         self.in_keys = list(members[0].in_keys)
         self.out_keys = list(members[0].out_keys)
         self.randomness = randomness
         params = TensorDict.from_modules(*members, as_module=True)
         self.params = params if isinstance(params, TensorDictParams) else TensorDictParams(params)
-        # The functional "shell": member 0's structure, parameters living on meta.
-        module = members[0]
+        # The functional "shell": member 0's structure, parameters living on meta. A copy:
+        # member 0 may be a module the caller keeps, which must stay as it was.
+        module = _meta_copy(members[0])
         TensorDict.from_module(module).data.to("meta").to_module(module)
         self.__dict__["_module"] = module  # not a submodule: holds no real state
         self._vmapped = None
@@ -378,6 +408,131 @@ class QEnsemble(TensorDictModuleBase):
                 m = _materialise(self._module, self.params[i])
                 _reinit_(m)
                 self.params[i].update_(TensorDict.from_module(m))
+
+
+def _ensemble_size(value) -> int:
+    """``num_members`` as an int: a positive whole number, else a clear error."""
+    if value is None:
+        raise ValueError("num_members must be a positive integer, got None.")
+    if isinstance(value, bool):
+        raise TypeError(f"num_members must be a positive integer, got {value!r} (bool).")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        if not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"num_members must be a positive integer, got {value!r} ({type(value).__name__})."
+            ) from None
+        if not (math.isfinite(value) and float(value).is_integer()):
+            raise ValueError(
+                f"num_members must be a whole number of critics, got {value!r}: pass an int "
+                f"(e.g. {max(math.floor(value), 1) if math.isfinite(value) else 10})."
+            ) from None
+        n = int(value)
+    if n < 1:
+        raise ValueError(f"num_members must be a positive integer, got {value!r}.")
+    return n
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """``(kind, name, tensor)`` for every parameter and buffer of ``module``."""
+    for name, p in module.named_parameters():
+        yield "parameter", name, p
+    for name, b in module.named_buffers():
+        yield "buffer", name, b
+
+
+def _check_same_architecture(members: list[nn.Module]) -> None:
+    """All members have the same tensor names, shapes, dtypes and devices (else: the first
+    mismatch, named)."""
+    fix = (
+        "All members of a QEnsemble must have one architecture (only their initial values may "
+        "differ): make the factory build the same network at every call."
+    )
+    ref = {name: (kind, t) for kind, name, t in _named_tensors(members[0])}
+    keys0 = (list(members[0].in_keys), list(members[0].out_keys))
+    for i, m in enumerate(members[1:], 1):
+        keys = (list(m.in_keys), list(m.out_keys))
+        if keys != keys0:
+            raise ValueError(
+                f"Member {i} reads/writes in_keys={keys[0]}, out_keys={keys[1]} but member 0 "
+                f"in_keys={keys0[0]}, out_keys={keys0[1]}. {fix}"
+            )
+        cur = {name: (kind, t) for kind, name, t in _named_tensors(m)}
+        for name, (kind, t0) in ref.items():
+            if name not in cur:
+                raise ValueError(f"Member {i} has no {kind} {name!r}, which member 0 has. {fix}")
+            t = cur[name][1]
+            for what, a, b in (
+                ("shape", tuple(t0.shape), tuple(t.shape)),
+                ("dtype", t0.dtype, t.dtype),
+                ("device", t0.device, t.device),
+            ):
+                if a != b:
+                    raise ValueError(
+                        f"Member {i} differs from member 0 in {kind} {name!r}: {what} {b} "
+                        f"vs {a}. {fix}"
+                    )
+        extra = [name for name in cur if name not in ref]
+        if extra:
+            kind = cur[extra[0]][0]
+            raise ValueError(f"Member {i} has a {kind} {extra[0]!r} that member 0 lacks. {fix}")
+
+
+def _check_independent(members: list[nn.Module]) -> None:
+    """No two members share a tensor (by storage) or hold identical values in all of them."""
+    fix = (
+        "Build each member with its own init (a factory that creates a new critic, with its "
+        "own parameters, at every call, e.g. QEnsemble(lambda: make_q_member(in_dim), N)), "
+        "or pass allow_shared=True to build the ensemble anyway (each member then starts as "
+        "a copy of those values)."
+    )
+    # by memory: the same tensor, or views of one storage whose byte ranges overlap
+    regions: dict[tuple, list[tuple[int, int, int, str]]] = {}
+    for i, m in enumerate(members):
+        for _, name, t in _named_tensors(m):
+            if t.numel() == 0 or t.device.type == "meta":
+                continue
+            start = t.data_ptr()
+            span = sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()))
+            end = start + (span + 1) * t.element_size()
+            key = (t.device, t.untyped_storage().data_ptr())
+            for s0, e0, j, other in regions.get(key, ()):
+                if j != i and start < e0 and s0 < end:
+                    raise ValueError(
+                        f"Members {j} and {i} share a tensor ({other!r} of member {j} and "
+                        f"{name!r} of member {i} are the same memory): the factory wraps one "
+                        "shared module or shared parameter tensors, so the critics would be "
+                        "the same function and stay identical in training (SPQR's gradient is "
+                        f"zero for identical members). {fix}"
+                    )
+            regions.setdefault(key, []).append((start, end, i, name))
+    seen: dict[bytes, int] = {}
+    for i, m in enumerate(members):
+        digest = hashlib.blake2b(digest_size=32)
+        for _, name, t in _named_tensors(m):
+            digest.update(name.encode())
+            flat = t.detach().reshape(-1)
+            digest.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")
+        first = seen.setdefault(digest.digest(), i)
+        if first != i:
+            raise ValueError(
+                f"Members {first} and {i} are identical in value (every parameter and buffer "
+                "is equal, e.g. a factory that re-seeds or copies one module): the critics "
+                "would stay identical in training (SPQR's gradient is zero for identical "
+                f"members). {fix}"
+            )
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers live on ``meta`` (no data copied)."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = t.detach().to("meta")
+        if isinstance(t, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+        memo[id(t)] = meta
+    return copy.deepcopy(module, memo)
 
 
 def _materialise(shell: nn.Module, params: TensorDictBase) -> nn.Module:

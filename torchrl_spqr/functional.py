@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from functools import lru_cache
 from typing import Literal
@@ -42,6 +43,7 @@ __all__ = [
     "triangle_indices",
     "member_positions",
     "check_ensemble_values",
+    "check_density_params",
     "ensemble_to_matrices",
     "normalize_matrices",
     "spqr_eigenvalues",
@@ -69,6 +71,69 @@ _SQRT_FLOOR = 1e-12
 
 _warned_unused: set[int] = set()
 _warned_paper_large: set[int] = set()
+_warned_layout: set[tuple[int, ...]] = set()
+
+#: Dtypes that the eigensolvers do not support: SPQR computes in float32 for them
+#: and returns its results in the input dtype.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: ``[*, B]`` inputs with more than this many rows, and more rows than columns, are
+#: most likely ``[batch, N]`` (see :func:`check_ensemble_values`).
+_LAYOUT_WARN_MIN_ROWS = 100
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is float16/bfloat16 (autograd flows through the cast)."""
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a Python float, or a TypeError naming ``name`` when it is not a real number.
+
+    Accepts Python/NumPy reals and one-element real tensors; refuses strings,
+    booleans, complex numbers and anything else.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+            return float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(
+        f"{name} must be a real number (int or float), got {value!r} "
+        f"({type(value).__name__}). Pass e.g. {name}=0.5, not a string."
+    )
+
+
+def check_density_params(rho: float, eps: float, density: str = "paper") -> tuple[float, float]:
+    """Validate the soft-semicircle parameters and return them as floats.
+
+    The target density must be positive everywhere (its logarithm is taken at
+    each eigenvalue), which needs ``0 < rho <= 1`` and a finite ``eps >= 0``,
+    and for ``density="corrected"`` (whose density outside [-2, 2] is
+    ``(1 - rho) * eps``) ``rho < 1`` and ``eps > 0``. Anything else would give
+    an infinite or NaN KL; it raises a :class:`ValueError` naming the value
+    (:class:`TypeError` for a non-number).
+
+    Examples:
+        >>> check_density_params(0.5, 0.01)
+        (0.5, 0.01)
+    """
+    rho_f, eps_f = _real("rho", rho), _real("eps", eps)
+    if not (math.isfinite(rho_f) and 0.0 < rho_f <= 1.0):
+        raise ValueError(
+            f"rho must be in (0, 1] (the weight of the semicircle term; authors: 0.5), got {rho}."
+        )
+    if not (math.isfinite(eps_f) and eps_f >= 0.0):
+        raise ValueError(
+            f"eps must be a finite number >= 0 (the density floor; authors: 0.01), got {eps}."
+        )
+    if density == "corrected" and not (1.0 - rho_f) * eps_f > 0.0:
+        raise ValueError(
+            f"density='corrected' with rho={rho} and eps={eps} is zero outside [-2, 2] "
+            "(its floor is (1 - rho) * eps), so the KL would be infinite: use rho < 1 and "
+            "eps > 0 (authors: rho=0.5, eps=0.01)."
+        )
+    return rho_f, eps_f
 
 
 def matrix_side(num_members: int) -> int:
@@ -171,14 +236,31 @@ def _is_batched(x: Tensor) -> bool:
         return False
 
 
-def check_ensemble_values(q: Tensor, *, name: str = "q", check_finite: bool = True) -> Tensor:
+def check_ensemble_values(
+    q: Tensor,
+    *,
+    name: str = "q",
+    check_finite: bool = True,
+    num_members: int | None = None,
+    warn_layout: bool = True,
+) -> Tensor:
     """Validate an ensemble tensor and return it as ``[N, *batch]``.
 
     Accepts ``[N, *batch]`` or ``[N, *batch, 1]``; a trailing singleton is
     squeezed only when there is a batch dim left (``[N, 1]`` is read as N members
     and a batch of one). Raises :class:`ValueError` with a message naming the
-    problem for a non-tensor, a non-floating dtype, ``N < 3``, or non-finite
-    values (counted).
+    problem for a non-tensor, a non-floating dtype, ``N < 3``, an empty batch
+    (a batch dim of size 0: the mean over it would be NaN), or non-finite values
+    (counted).
+
+    The ensemble is always read from dim 0, and nothing in a tensor says which
+    dim that is. With ``num_members`` given, a leading dim of any other size is
+    refused (the message suggests ``q.movedim(-1, 0)`` for ``[batch, N]``
+    input). Without it, a 2-D ``q`` whose leading dim is larger than 100 and
+    larger than its batch dim, shapes typical of a batch and atypical of an
+    ensemble (``[256, 10]`` read as 256 critics at 10 pairs), gives a one-time
+    :class:`UserWarning` per shape; pass ``num_members`` (or
+    ``warn_layout=False``) to state the layout and silence it.
     """
     if not isinstance(q, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(q).__name__}.")
@@ -192,10 +274,43 @@ def check_ensemble_values(q: Tensor, *, name: str = "q", check_finite: bool = Tr
     if q.ndim >= 3 and q.shape[-1] == 1:
         q = q.squeeze(-1)
     n = q.shape[0]
+    if num_members is not None and n != num_members:
+        hint = (
+            f" It looks like [batch, N]: pass {name}.movedim(-1, 0)."
+            if q.shape[-1] == num_members
+            else ""
+        )
+        raise ValueError(
+            f"{name} has {n} entries on dim 0 (shape {tuple(q.shape)}), but the ensemble has "
+            f"num_members={num_members}: the ensemble must be on the leading dim, "
+            f"[N, *batch].{hint}"
+        )
     if n < 3:
         raise ValueError(
             f"SPQR needs an ensemble of at least 3 members on dim 0 of {name}, got N={n} "
             f"(shape {tuple(q.shape)}). Is the ensemble on the leading dim?"
+        )
+    if q.numel() == 0:
+        raise ValueError(
+            f"{name} has an empty batch (shape {tuple(q.shape)}, N={n} members on dim 0): "
+            "SPQR needs at least one state-action pair. Skip the update for an empty batch."
+        )
+    if (
+        num_members is None
+        and warn_layout
+        and q.ndim == 2
+        and n > q.shape[1]
+        and n > _LAYOUT_WARN_MIN_ROWS
+        and tuple(q.shape) not in _warned_layout
+        and not _in_transform()
+    ):
+        _warned_layout.add(tuple(q.shape))
+        warnings.warn(
+            f"{name} of shape {tuple(q.shape)} is read as N={n} ensemble members (dim 0) at "
+            f"{q.shape[1]} state-action pairs. If it is [batch, N], pass "
+            f"{name}.movedim(-1, 0); if the layout is right, pass num_members={n} to say so.",
+            UserWarning,
+            stacklevel=3,
         )
     if check_finite and not _in_transform() and not _is_batched(q):
         finite = torch.isfinite(q)
@@ -252,7 +367,7 @@ def ensemble_to_matrices(
                 [1., 3., 4.],
                 [2., 4., 5.]])
     """
-    q = check_ensemble_values(q, check_finite=False)
+    q = check_ensemble_values(q, check_finite=False, warn_layout=False)
     n = q.shape[0]
     d = matrix_side(n)
     if positions is None:
@@ -280,7 +395,11 @@ def normalize_matrices(mat: Tensor) -> Tensor:
     behave like unit ones.
 
     After normalisation the squared eigenvalues sum to ``(d*d - 1) / d``.
+    float16/bfloat16 matrices are normalised in float32 and returned in their
+    dtype.
     """
+    if mat.dtype in _LOW_PRECISION:
+        return normalize_matrices(mat.float()).to(mat.dtype)
     d = mat.shape[-1]
     flat = mat.flatten(-2)
     # Centre on one entry first (held constant: the result does not depend on it).
@@ -305,7 +424,14 @@ def spqr_eigenvalues(
     generator: torch.Generator | None = None,
     positions: Tensor | None = None,
 ) -> Tensor:
-    """Eigenvalues ``[*batch, d]`` (ascending) of the normalised SPQR matrices of ``q``."""
+    """Eigenvalues ``[*batch, d]`` (ascending) of the normalised SPQR matrices of ``q``.
+
+    float16/bfloat16 ``q`` (which the eigensolvers do not support) is computed in
+    float32; the eigenvalues are returned in the input dtype.
+    """
+    if isinstance(q, Tensor) and q.dtype in _LOW_PRECISION:
+        eig = spqr_eigenvalues(q.float(), filling, generator=generator, positions=positions)
+        return eig.to(q.dtype)
     mat = normalize_matrices(
         ensemble_to_matrices(q, filling, generator=generator, positions=positions)
     )
@@ -334,9 +460,15 @@ def soft_semicircle_density(
 
     Inside the support, ``4 - x^2`` is floored at ``1e-12`` so that values and
     gradients stay finite at the edge.
+
+    ``rho`` and ``eps`` must keep the density positive (see
+    :func:`check_density_params`); other values raise a :class:`ValueError`
+    (tensor ``rho``/``eps``, e.g. learnable ones, are used as given).
     """
     if density not in DENSITIES:
         raise ValueError(f"density must be one of {DENSITIES}, got {density!r}.")
+    if not isinstance(rho, Tensor) and not isinstance(eps, Tensor):  # tensors: left as given
+        rho, eps = check_density_params(rho, eps, density)
     inside = x.abs() < 2
     inner = (4 - x.pow(2)).clamp_min(_SQRT_FLOOR)
     if density == "paper":
@@ -369,6 +501,7 @@ def spqr_kl(
     eps: float = 0.01,
     reduction: Reduction = "mean",
     generator: torch.Generator | None = None,
+    num_members: int | None = None,
 ) -> Tensor:
     """The SPQR regulariser: KL between the ensemble's spectrum and the soft semicircle.
 
@@ -380,14 +513,25 @@ def spqr_kl(
             ``"random"`` (fresh random assignment of ``T`` members per call).
         density: ``"paper"`` (the authors' density, default) or ``"corrected"``
             (recommended for ``N >= 15``; see :func:`soft_semicircle_density`).
-        rho: weight of the semicircle term (authors: 0.5).
-        eps: density floor (authors: 0.01).
+        rho: weight of the semicircle term (authors: 0.5), in ``(0, 1]``
+            (``< 1`` for ``density="corrected"``).
+        eps: density floor (authors: 0.01), finite and ``>= 0`` (``> 0`` for
+            ``density="corrected"``).
         reduction: ``"mean"`` over the batch (paper), ``"sum"``, or ``"none"``
             (shape ``*batch``).
         generator: random generator for ``filling="random"``.
+        num_members: optional check of the layout: the ensemble size, refused
+            if dim 0 of ``q`` has another size (e.g. ``[batch, N]`` input). See
+            :func:`check_ensemble_values` for the warning given without it.
 
     Returns:
-        The KL, reduced as requested. Its gradient flows to ``q``.
+        The KL, reduced as requested, in the dtype of ``q`` (float16/bfloat16
+        input is computed in float32). Its gradient flows to ``q``.
+
+    Raises:
+        ValueError: for an empty batch (the mean over no pairs is undefined),
+            ``rho``/``eps`` that make the target density vanish, and the input
+            errors of :func:`check_ensemble_values`.
 
     Examples:
         >>> q = torch.randn(6, 32)
@@ -400,7 +544,12 @@ def spqr_kl(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if filling not in FILLINGS:
         raise ValueError(f"filling must be one of {FILLINGS}, got {filling!r}.")
-    q = check_ensemble_values(q)
+    if density not in DENSITIES:
+        raise ValueError(f"density must be one of {DENSITIES}, got {density!r}.")
+    rho, eps = check_density_params(rho, eps, density)
+    q = check_ensemble_values(q, num_members=num_members)
+    out_dtype = q.dtype
+    q = _upcast(q)
     n = q.shape[0]
     d = matrix_side(n)
     t = d * (d + 1) // 2
@@ -411,7 +560,7 @@ def spqr_kl(
     eig = spqr_eigenvalues(q, filling, generator=generator)
     kl = spectral_kl(eig, rho=rho, eps=eps, density=density)
     if reduction == "mean":
-        return kl.mean()
-    if reduction == "sum":
-        return kl.sum()
-    return kl
+        kl = kl.mean()
+    elif reduction == "sum":
+        kl = kl.sum()
+    return kl.to(out_dtype)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,7 +111,9 @@ class SPQRLoss(LossModule):
             SAC, CQL and TD3 sum their critic loss over members while REDQ
             averages it, so the same beta weighs differently against each.
         pairs: ``"next_policy"`` (default, authors), ``"data"`` or ``"policy"``.
-        filling, density, rho, eps: see :func:`torchrl_spqr.functional.spqr_kl`.
+        filling, density, rho, eps: see :func:`torchrl_spqr.functional.spqr_kl`
+            (``0 < rho <= 1``, ``eps >= 0``; ``rho < 1`` and ``eps > 0`` for
+            ``density="corrected"``).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``. Defaults to the
             wrapped loss's reduction. Priority weights and loss masks in the
             batch weigh the per-sample KL as they weigh TorchRL's losses.
@@ -137,6 +140,24 @@ class SPQRLoss(LossModule):
     ``spqr_kl``, ``spqr_beta``, ``spqr_spike`` (mean over the batch of the
     largest |eigenvalue|), ``spqr_accept_rate``, ``spqr_mp_ratio``,
     ``spqr_mean_pairwise_corr``, ``spqr_ensemble_std``.
+
+    Degenerate ensembles: where the members coincide at a pair (spread within
+    :data:`~torchrl_spqr.diagnostics.DEGENERATE_ULPS` of float resolution, e.g.
+    critics built from one shared module) the independence test is undefined:
+    those pairs are left out of ``spqr_accept_rate``, which is NaN when every
+    pair of the batch is degenerate, and ``spqr_mp_ratio`` /
+    ``spqr_mean_pairwise_corr`` are NaN when a member's residuals vanish (see
+    :func:`~torchrl_spqr.diagnostics.residual_correlation`). NaN there reads
+    "degenerate", never "independent"; ``spqr_ensemble_std`` is then 0.
+
+    Inputs are checked: ``beta`` (and a schedule's values) must be real,
+    finite and non-negative (``TypeError`` for ``beta="1"``, ``ValueError``
+    in :meth:`forward` for a schedule that returns a negative or NaN value);
+    ``rho``/``eps`` as in :func:`~torchrl_spqr.functional.check_density_params`;
+    an empty batch raises a ``ValueError`` whenever SPQR computes anything; a
+    Q-value tensor whose leading dim is not ``num_members`` is refused.
+    float16/bfloat16 Q-values are regularised in float32 and ``loss_spqr`` is
+    returned in their dtype.
 
     A wrapping ``SPQRLoss`` stands where the wrapped loss stood: its
     attributes, keys, parameter groups, value estimator and target parameters
@@ -244,8 +265,7 @@ class SPQRLoss(LossModule):
         self.pairs = pairs
         self.filling = filling
         self.density = density
-        self.rho = float(rho)
-        self.eps = float(eps)
+        self.rho, self.eps = F.check_density_params(rho, eps, density)
         self.reuse = bool(reuse)
         self.diagnostics_interval = int(diagnostics_interval)
         self.level = float(level)
@@ -314,11 +334,11 @@ class SPQRLoss(LossModule):
         if self.reduction not in F.REDUCTIONS:
             raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {self.reduction!r}.")
         self._beta_fn: Callable[[int], float] | None = None
-        if callable(beta):
+        if callable(beta) and not isinstance(beta, torch.Tensor):
             self._beta_fn = beta
-            beta0 = float(beta(0))
+            beta0 = _beta_value(beta(0), "the beta schedule's value at step 0")
         else:
-            beta0 = float(beta)
+            beta0 = _beta_value(beta, "beta")
         if not math.isfinite(beta0) or beta0 < 0:
             raise ValueError(f"beta must be a finite non-negative number, got {beta0}.")
         self.register_buffer("beta", torch.tensor(beta0))
@@ -497,7 +517,8 @@ class SPQRLoss(LossModule):
     def current_beta(self) -> float:
         """The beta that the next training call uses (after the schedule)."""
         if self._beta_fn is not None:
-            return float(self._beta_fn(int(self.step_count)))
+            step = int(self.step_count)
+            return _beta_value(self._beta_fn(step), f"the beta schedule's value at step {step}")
         return float(self.beta)
 
     # ----------------------------------------------------- explicit compute
@@ -594,12 +615,14 @@ class SPQRLoss(LossModule):
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         beta = self.current_beta()
+        if not math.isfinite(beta) or beta < 0:
+            what = (
+                f"The beta schedule returned {beta} at step {int(self.step_count)}"
+                if self._beta_fn is not None
+                else f"The beta buffer holds {beta}"
+            )
+            raise ValueError(f"{what}; beta must be a finite non-negative number.")
         if self._beta_fn is not None:
-            if not math.isfinite(beta) or beta < 0:
-                raise ValueError(
-                    f"The beta schedule returned {beta} at step {int(self.step_count)}; "
-                    "beta must be a finite non-negative number."
-                )
             self.beta.fill_(beta)
         training = self.training
         step = int(self.step_count)
@@ -607,6 +630,12 @@ class SPQRLoss(LossModule):
             not training or step % self.diagnostics_interval == 0
         )
         need_q = beta > 0 or want_diag
+        if need_q and tensordict.batch_dims and tensordict.batch_size.numel() == 0:
+            raise ValueError(
+                f"SPQRLoss got an empty batch (batch_size {tuple(tensordict.batch_size)}): the "
+                "SPQR penalty and diagnostics over no state-action pairs are undefined (NaN). "
+                "Skip the update for an empty batch."
+            )
         q = None
         source = None
         next_input = None
@@ -652,7 +681,7 @@ class SPQRLoss(LossModule):
                 F._warn_paper_large(self.num_members)
             eig = F.spqr_eigenvalues(q_vals, self.filling, positions=positions)
             kl_el = F.spectral_kl(eig, rho=self.rho, eps=self.eps, density=self.density)
-            kl = self._reduce_loss(kl_el, tensordict, weights=weights)
+            kl = self._reduce_loss(kl_el, tensordict, weights=weights).to(q.dtype)
             loss_spqr = beta * kl if beta > 0 else self._zero_loss(tensordict, device)
         else:
             kl_el = None
@@ -674,12 +703,15 @@ class SPQRLoss(LossModule):
                 spike = eig.detach().abs().amax(-1)
                 d = eig.shape[-1]
                 pval = D.spike_pvalue(spike, d)
-                accept = (pval >= self.level).to(qd.dtype)
+                # members that coincide at a pair: the test is undefined there (left out;
+                # NaN when every pair is degenerate), never counted as "independent"
+                valid = ~D._degenerate(qd.to(q.dtype))  # the tolerance of the critics' dtype
+                accept = ((pval >= self.level) & valid).to(qd.dtype)
                 spike_red = spike.mean() if self.reduction == "none" else self._reduce(spike)
                 self._write(td_out, "spqr_spike", spike_red)
-                self._write(td_out, "spqr_accept_rate", accept.mean())
+                self._write(td_out, "spqr_accept_rate", accept.sum() / valid.to(qd.dtype).sum())
                 if qd[0].numel() >= 2:
-                    rc = D.residual_correlation(qd)
+                    rc = D.residual_correlation(qd, num_members=self.num_members)
                     self._write(td_out, "spqr_mp_ratio", rc["mp_ratio"])
                     self._write(td_out, "spqr_mean_pairwise_corr", rc["mean_pairwise_corr"])
                 self._write(td_out, "spqr_ensemble_std", qd.std(0).mean())
@@ -789,10 +821,14 @@ class SPQRLoss(LossModule):
             return self._online_q(td)
 
     def _validated(self, q: Tensor) -> Tensor:
+        """``q`` as ``[N, *batch]`` (``N == num_members``), float16/bfloat16 in float32."""
         try:
-            return F.check_ensemble_values(q, name=_fmt(self._key("state_action_value")))
+            q = F.check_ensemble_values(
+                q, name=_fmt(self._key("state_action_value")), num_members=self.num_members
+            )
         except ValueError as err:
             raise ValueError(f"SPQRLoss(pairs={self.pairs!r}): {err}") from err
+        return F._upcast(q)
 
     def _reduce(self, x: Tensor) -> Tensor:
         if self.reduction == "sum":
@@ -809,6 +845,19 @@ class SPQRLoss(LossModule):
             td_out.set_non_tensor(key, value)
         else:
             td_out.set(key, value)
+
+
+def _beta_value(value: Any, what: str) -> float:
+    """A beta (or a schedule's value) as a float; TypeError for a non-number (e.g. ``"1"``)."""
+    if isinstance(value, Tensor):
+        if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+            return float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(
+        f"{what} must be a real number (or beta a callable step -> number), got {value!r} "
+        f"({type(value).__name__}). Pass e.g. beta=1.0, not a string."
+    )
 
 
 def _next(key: NestedKey) -> tuple[str, ...]:
