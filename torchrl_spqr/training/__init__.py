@@ -1,6 +1,12 @@
 """Training utilities behind the SOTA-style scripts: builders, checkpoints, the online loop."""
 
 from torchrl_spqr.training.builders import ConfigError, validate_config
-from torchrl_spqr.training.checkpoint import load_checkpoint, save_checkpoint
+from torchrl_spqr.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-__all__ = ["ConfigError", "load_checkpoint", "save_checkpoint", "validate_config"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "load_checkpoint",
+    "save_checkpoint",
+    "validate_config",
+]

@@ -1,35 +1,59 @@
-"""Atomic, safely loadable checkpoints and resumable logs.
+"""Atomic, verified, safely loadable checkpoints and resumable logs.
 
 A checkpoint is a folder ``checkpoint/`` in the run folder holding
 
 - ``state.pt``: nested dicts of tensors and plain Python values (module and
-  optimiser state dicts, RNG states, counters), loaded with
+  optimiser state dicts, RNG states, counters, the config), loaded with
   ``torch.load(weights_only=True)``: no arbitrary unpickling;
-- ``buffer/``: the replay buffer's content as a tensordict memmap plus the
-  writer cursor in ``state.pt``.
+- ``buffer/``: the replay buffer's content as a tensordict memmap (the writer
+  cursor is in ``state.pt``), loaded by :mod:`torchrl_spqr.safe_io`, which
+  refuses any file a memmap of plain tensors does not hold (a pickle first of
+  all) and any tensor file whose size does not match its ``meta.json``;
+- ``manifest.json``, written last: the size and SHA-256 of every other file.
+  A checkpoint folder with a manifest is complete; on load every file is
+  checked against it, so a truncated or altered file is refused, naming it.
 
-It is written into ``checkpoint.tmp/`` and renamed over the previous one, so
-an interruption while writing leaves the previous checkpoint intact.
+A save writes ``checkpoint.tmp/`` (manifest last, files synced to disk), moves
+``checkpoint/`` to ``checkpoint.old/``, renames ``checkpoint.tmp/`` to
+``checkpoint/`` and removes ``checkpoint.old/``. A kill at any instant leaves
+at least one complete checkpoint: loading takes the newest complete one of
+``checkpoint.tmp/`` (complete only once its manifest is written, i.e. a save
+killed between its renames), ``checkpoint/`` and ``checkpoint.old/``, and
+falls back to the next one (with a warning) when a newer one fails
+verification. The next save first finishes an interrupted one, so it never
+deletes the newest complete checkpoint before its successor is complete.
+
+Checkpoints written before the manifest existed still load, with a warning that
+they cannot be verified (their memmap sizes are still checked against
+``meta.json`` and their state file still read with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tensordict import TensorDict
+
+from torchrl_spqr import safe_io
 
 __all__ = [
     "capture_rng",
     "restore_rng",
+    "CheckpointError",
+    "has_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "load_checkpoint_data",
+    "verify_checkpoint",
     "save_buffer",
     "load_buffer",
     "truncate_csv",
@@ -86,14 +110,234 @@ def save_buffer(buffer, path: Path) -> dict[str, int]:
     return meta
 
 
-def load_buffer(buffer, path: Path, meta: dict[str, int]) -> None:
-    """Refill an empty buffer from :func:`save_buffer`'s output."""
+def load_buffer(buffer, path: Path, meta: dict[str, int], data=None) -> None:
+    """Refill an empty buffer from :func:`save_buffer`'s output (loaded safely)."""
     if len(buffer):
         raise RuntimeError("load_buffer expects an empty replay buffer.")
     if meta["len"]:
-        data = TensorDict.load_memmap(path).clone()
-        buffer.extend(data)
+        if data is None:
+            data = _read_buffer(Path(path), meta)
+        capacity = _capacity(buffer)
+        if capacity is not None and meta["len"] > capacity:
+            raise CheckpointError(
+                f"The checkpoint's replay buffer holds {meta['len']} transitions, more than "
+                f"this run's replay_buffer.size={capacity}: resume with the size it was "
+                "saved with."
+            )
+        buffer.extend(data.clone())
         buffer._writer._cursor = meta["cursor"]  # noqa: SLF001
+
+
+def _capacity(buffer) -> int | None:
+    try:
+        return int(buffer.storage.max_size)
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover
+        return None
+
+
+def _read_buffer(path: Path, meta: dict[str, int]):
+    try:
+        data = safe_io.load_memmap(path)
+    except safe_io.CorruptFileError as err:
+        raise CheckpointError(str(err)) from None
+    n = int(meta["len"])
+    if data.ndim < 1 or data.shape[0] < n:
+        raise CheckpointError(
+            f"{path} holds {data.shape[0] if data.ndim else 0} transitions; its state file "
+            f"says {n}: the checkpoint is incomplete."
+        )
+    return data[:n]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, damaged, or does not match the run resuming it."""
+
+
+MANIFEST = "manifest.json"
+_FORMAT = 1
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. directories on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(folder: Path) -> None:
+    """Sync every file of ``folder`` to disk, then write its manifest (last)."""
+    files = {}
+    for p in _files(folder):
+        _fsync(p)
+        files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    for d in sorted({p.parent for p in folder.rglob("*")} | {folder}):
+        _fsync(d)
+    part = folder / (MANIFEST + ".part")
+    part.write_text(json.dumps({"format": _FORMAT, "files": files}, indent=1))
+    _fsync(part)
+    os.replace(part, folder / MANIFEST)
+    _fsync(folder)
+
+
+def verify_checkpoint(folder: str | os.PathLike, *, checksum: bool = True) -> bool:
+    """Check ``folder`` against its manifest; ``False`` for a checkpoint written without one.
+
+    Raises :class:`CheckpointError` naming the first missing, truncated or altered file
+    (sizes always; SHA-256 too with ``checksum=True``).
+    """
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not mpath.exists():
+        return False
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        items = [(str(k), int(v["size"]), str(v["sha256"])) for k, v in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{mpath} is unreadable ({err}).") from None
+    for rel, size, digest in items:
+        p = folder / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise CheckpointError(f"{mpath} names a file outside the checkpoint: {rel!r}.")
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing (listed in {mpath}).")
+        actual = p.stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"{p} holds {actual} bytes, {size} were written: the file is truncated "
+                "or was changed after the checkpoint was saved."
+            )
+        if checksum and _sha256(p) != digest:
+            raise CheckpointError(
+                f"{p} does not match its SHA-256 in {mpath}: the file was damaged or changed "
+                "after the checkpoint was saved."
+            )
+    return True
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of ``run_dir``, newest first (see the module docstring)."""
+    out = []
+    tmp = run_dir / "checkpoint.tmp"
+    if (tmp / MANIFEST).is_file():  # a save killed between its renames (else: partial)
+        out.append(tmp)
+    for name in ("checkpoint", "checkpoint.old"):
+        if (run_dir / name).is_dir():
+            out.append(run_dir / name)
+    return out
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds any checkpoint folder (complete or not) to resume from."""
+    return bool(_candidates(Path(run_dir)))
+
+
+def _load_one(folder: Path, with_buffer: bool):
+    verified = verify_checkpoint(folder)
+    if not verified:
+        if not (folder / "state.pt").is_file():
+            raise CheckpointError(f"{folder} is incomplete: no state.pt and no {MANIFEST}.")
+        warnings.warn(
+            f"{folder} was written without a {MANIFEST} (by an older torchrl_spqr): "
+            "its files cannot be verified against what was saved.",
+            UserWarning,
+            stacklevel=3,
+        )
+    try:
+        state = safe_io.load_state(folder / "state.pt")
+    except safe_io.CorruptFileError as err:
+        raise CheckpointError(str(err)) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{folder / 'state.pt'} is not a checkpoint state (a dict).")
+    data = None
+    meta = state.get("buffer_meta")
+    if with_buffer and meta and meta.get("len"):
+        data = _read_buffer(folder / "buffer", meta)
+    return state, data
+
+
+def load_checkpoint_data(run_dir: str | os.PathLike, *, buffer: bool = True):
+    """``(state, buffer_data, folder)`` of the newest complete checkpoint of ``run_dir``.
+
+    ``buffer_data`` is the replay buffer's first ``buffer_meta["len"]`` transitions as a
+    memmap-backed TensorDict (``None`` without a buffer or with ``buffer=False``). A newer
+    checkpoint that fails verification is skipped with a warning naming the file; a
+    file that could execute code (a pickle in the buffer folder) raises
+    :class:`~torchrl_spqr.safe_io.UnsafeFileError` at once.
+    """
+    run_dir = Path(run_dir)
+    cands = _candidates(run_dir)
+    if not cands:
+        raise FileNotFoundError(
+            f"No checkpoint in {run_dir} (expected {run_dir / 'checkpoint'}/state.pt); "
+            "cannot resume."
+        )
+    errors: list[str] = []
+    for folder in cands:
+        try:
+            state, data = _load_one(folder, buffer)
+        except CheckpointError as err:
+            errors.append(str(err))
+            continue
+        if errors:
+            warnings.warn(
+                "Refused the newer checkpoint(s): "
+                + " | ".join(errors)
+                + f" -- loading the older complete checkpoint {folder}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return state, data, folder
+    raise CheckpointError(
+        f"No complete checkpoint in {run_dir}: "
+        + " | ".join(errors)
+        + " Delete the damaged folder(s) to start over, or restore them from a backup."
+    )
+
+
+def load_checkpoint(run_dir: Path, buffer=None) -> dict[str, Any]:
+    """Load the newest complete checkpoint of ``run_dir`` (and refill an empty ``buffer``)."""
+    state, data, folder = load_checkpoint_data(run_dir, buffer=buffer is not None)
+    if buffer is not None and "buffer_meta" in state:
+        load_buffer(buffer, folder / "buffer", state["buffer_meta"], data=data)
+    return state
+
+
+def _finish_interrupted_save(run_dir: Path) -> None:
+    """Promote a complete ``checkpoint.tmp/`` left by a save killed between its renames."""
+    tmp, final, old = (run_dir / n for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+    if not (tmp / MANIFEST).is_file():
+        return
+    try:
+        verify_checkpoint(tmp, checksum=False)
+    except CheckpointError:
+        return  # damaged: the save below replaces it
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(run_dir)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], buffer=None) -> Path:
@@ -101,6 +345,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], buffer=None) -> Path:
     run_dir = Path(run_dir)
     final = run_dir / "checkpoint"
     tmp = run_dir / "checkpoint.tmp"
+    old = run_dir / "checkpoint.old"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _finish_interrupted_save(run_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -108,47 +355,53 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], buffer=None) -> Path:
     if buffer is not None:
         state["buffer_meta"] = save_buffer(buffer, tmp / "buffer")
     torch.save(state, tmp / "state.pt")
-    old = run_dir / "checkpoint.old"
+    _write_manifest(tmp)  # from here on checkpoint.tmp/ is complete
     if final.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(run_dir)
     if old.exists():
         shutil.rmtree(old)
     return final
 
 
-def load_checkpoint(run_dir: Path, buffer=None) -> dict[str, Any]:
-    """Load ``run_dir/checkpoint`` with ``weights_only=True`` (and refill ``buffer``)."""
-    run_dir = Path(run_dir)
-    final = run_dir / "checkpoint"
-    if not (final / "state.pt").exists():
-        old = run_dir / "checkpoint.old"  # interrupted between the two renames
-        if (old / "state.pt").exists():
-            final = old
-        else:
-            raise FileNotFoundError(
-                f"No checkpoint in {run_dir} (expected {final}/state.pt); cannot resume."
-            )
-    state = torch.load(final / "state.pt", weights_only=True, map_location="cpu")
-    if buffer is not None and "buffer_meta" in state:
-        load_buffer(buffer, final / "buffer", state["buffer_meta"])
-    return state
+def truncate_csv(
+    path: Path, max_step: int, step_field: str | int = 0, header: bool = True
+) -> float | None:
+    """Drop the rows of ``path`` whose step is above ``max_step`` (used on resume).
 
-
-def truncate_csv(path: Path, max_step: int, step_field: str | int = 0, header: bool = True) -> None:
-    """Drop the rows of ``path`` whose step is above ``max_step`` (used on resume)."""
+    A last line without its newline (the process was killed while writing it) is
+    dropped too, as is any row whose step does not parse. Returns the step of the
+    last row kept (``None`` if none).
+    """
     path = Path(path)
     if not path.exists():
-        return
+        return None
     with path.open(newline="") as f:
-        rows = list(csv.reader(f))
+        text = f.read()
+    if not text:
+        return None
+    lines = text.splitlines(keepends=True)
+    if not lines[-1].endswith(("\n", "\r")):
+        lines = lines[:-1]  # cut off mid-row
+    rows = list(csv.reader(lines))
     if not rows:
-        return
+        return None
     head, body = (rows[0], rows[1:]) if header else (None, rows)
+    if head is not None and isinstance(step_field, str) and step_field not in head:
+        return None  # not a file this package wrote: leave it alone
     idx = head.index(step_field) if (header and isinstance(step_field, str)) else int(step_field)
-    kept = [r for r in body if r and float(r[idx]) <= max_step]
+    kept, last = [], None
+    for r in body:
+        try:
+            step = float(r[idx])
+        except (IndexError, ValueError):
+            continue
+        if step <= max_step and (head is None or len(r) == len(head)):
+            kept.append(r)
+            last = step
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", newline="") as f:
         w = csv.writer(f)
@@ -156,3 +409,4 @@ def truncate_csv(path: Path, max_step: int, step_field: str | int = 0, header: b
             w.writerow(head)
         w.writerows(kept)
     os.replace(tmp, path)
+    return last

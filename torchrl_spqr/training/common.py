@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl_spqr.training import builders as B
 from torchrl_spqr.training.checkpoint import (
     capture_rng,
-    load_checkpoint,
+    has_checkpoint,
+    load_buffer,
+    load_checkpoint_data,
     restore_rng,
     save_checkpoint,
     truncate_csv,
@@ -157,21 +160,39 @@ class RunContext:
         self.metrics_path = self.run_dir / "metrics.csv"
         self.writer: _MetricsWriter | None = None
         self.logger = None
+        self.owed: dict[str, Any] | None = None
 
     def maybe_resume(self) -> bool:
-        """Restore from the run folder's checkpoint when ``resume=true``; open the logs."""
+        """Restore from the run folder's newest complete checkpoint when ``resume=true``.
+
+        Refuses (``ConfigError`` naming the field) a checkpoint saved with a config whose
+        shape-determining fields differ from this run's, and any checkpoint that fails
+        verification (``CheckpointError`` naming the file) rather than starting over.
+        Then opens the logs.
+        """
         resumed = False
-        if bool(B._get(self.cfg, "resume", False)) and (self.run_dir / "checkpoint").exists():
-            ck = load_checkpoint(self.run_dir, self.buffer)
-            self.loss.load_state_dict(ck["loss"])
-            for k, o in self.optims.items():
-                o.load_state_dict(ck["optim"][k])
-            self.state.update(ck["counters"])
-            restore_rng(ck["rng"])
+        if bool(B._get(self.cfg, "resume", False)) and has_checkpoint(self.run_dir):
+            state, data, folder = load_checkpoint_data(self.run_dir, buffer=self.buffer is not None)
+            saved_cfg, now_cfg = state.get("config") or {}, _plain(self.cfg)
+            check_resume_config(saved_cfg, now_cfg, folder)
+            try:
+                self.loss.load_state_dict(state["loss"])
+                for k, o in self.optims.items():
+                    o.load_state_dict(state["optim"][k])
+                if self.buffer is not None and "buffer_meta" in state:
+                    load_buffer(self.buffer, folder / "buffer", state["buffer_meta"], data=data)
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+                raise _mismatch_error(saved_cfg, now_cfg, folder, err) from err
+            self.state.update(state["counters"])
+            restore_rng(state["rng"])
             step = self.state[self.step_field]
-            truncate_csv(self.metrics_path, step, step_field=self.step_field)
+            last = truncate_csv(self.metrics_path, step, step_field=self.step_field)
             for p in (self.run_dir / "logs").rglob("scalars/*.csv"):
                 truncate_csv(p, step, step_field=0, header=False)
+            owed = state.get("owed_row")
+            # a row due at the checkpoint's step and not written yet (e.g. Ctrl-C during its
+            # evaluation): the loop completes and writes it first (unless it got written)
+            self.owed = owed if owed and (last is None or last < step) else None
             resumed = True
         elif self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run does not append to an old one
@@ -179,18 +200,32 @@ class RunContext:
         self.logger = _make_logger(self.cfg, self.run_dir)
         return resumed
 
+    def owe(self, *, evaluate: bool, train: bool) -> dict[str, Any]:
+        """Record that a row is due at the current step; returns the row to fill.
+
+        Until :meth:`log` writes it, a checkpoint (the one at exit on Ctrl-C) stores it
+        with what is left to do (``evaluate``: the evaluation; ``train``: the training
+        metrics), so that ``resume=true`` completes and writes it: an interruption
+        loses no logged row.
+        """
+        self.owed = {"row": {}, "eval": bool(evaluate), "train": bool(train)}
+        return self.owed["row"]
+
     def checkpoint(self) -> None:
-        save_checkpoint(
-            self.run_dir,
-            {
-                "loss": self.loss.state_dict(),
-                "optim": {k: o.state_dict() for k, o in self.optims.items()},
-                "counters": dict(self.state),
-                "rng": capture_rng(),
-                "config": _plain(self.cfg),
-            },
-            self.buffer,
-        )
+        state = {
+            "loss": self.loss.state_dict(),
+            "optim": {k: o.state_dict() for k, o in self.optims.items()},
+            "counters": dict(self.state),
+            "rng": capture_rng(),
+            "config": _plain(self.cfg),
+        }
+        if self.owed is not None:
+            state["owed_row"] = {
+                "row": {k: v for k, v in self.owed["row"].items() if isinstance(v, (int, float))},
+                "eval": bool(self.owed["eval"]),
+                "train": bool(self.owed.get("train", False)),
+            }
+        save_checkpoint(self.run_dir, state, self.buffer)
 
     def log(self, row: dict[str, Any]) -> None:
         st = self.state
@@ -202,6 +237,7 @@ class RunContext:
             "time_s": st["time_s"],
         }
         self.writer.write(row)
+        self.owed = None
         if self.logger is not None:
             for k, v in row.items():
                 if k != self.step_field and isinstance(v, (int, float)) and math.isfinite(v):
@@ -212,6 +248,93 @@ class RunContext:
         if self.writer is not None:
             self.writer.close()
         self.checkpoint()
+
+
+#: Config fields (or sections) that fix the shapes of what a checkpoint holds.
+SHAPE_FIELDS = (
+    "algorithm",
+    "env.name",
+    "env.scenario_name",
+    "env.scenario",
+    "env.continuous_actions",
+    "dataset.id",
+    "network",
+    "replay_buffer.size",
+)
+#: Fields that may change between a run and its resume without a word.
+_RESUME_FREE = (
+    "resume",
+    "logger",
+    "checkpoint",
+    "collector.total_frames",
+    "optim.num_updates",
+    "device",
+    "threads",
+    "hydra",
+    "compile",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _under(key: str, fields: tuple[str, ...]) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in fields)
+
+
+def config_differences(saved: Any, now: Any) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, now)}`` for the fields both configs set to different values."""
+    a, b = _flatten(saved or {}), _flatten(now or {})
+    return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
+
+
+def _describe(diffs: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: saved {v[0]!r}, now {v[1]!r}" for k, v in diffs.items())
+
+
+def check_resume_config(saved: Any, now: Any, folder: Path) -> None:
+    """Refuse to resume with a config whose shape-determining fields changed; warn on others."""
+    diffs = {k: v for k, v in config_differences(saved, now).items() if not _under(k, _RESUME_FREE)}
+    shape = {k: v for k, v in diffs.items() if _under(k, SHAPE_FIELDS)}
+    if shape:
+        raise B.ConfigError(
+            f"resume=true: the checkpoint {folder} was saved with a different "
+            f"{', '.join(shape)} ({_describe(shape)}). Resume with the saved value(s), or "
+            "start a new run in another folder (resume=false)."
+        )
+    if diffs:
+        warnings.warn(
+            f"resume=true: the config differs from the checkpoint's ({_describe(diffs)}); "
+            "continuing with this run's values.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _mismatch_error(saved: Any, now: Any, folder: Path, err: Exception) -> Exception:
+    diffs = {k: v for k, v in config_differences(saved, now).items() if not _under(k, _RESUME_FREE)}
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if diffs:
+        return B.ConfigError(
+            f"resume=true: the checkpoint {folder} does not fit this run's networks or buffer "
+            f"({first}); the config differs in {', '.join(diffs)} ({_describe(diffs)}). "
+            "Resume with the saved value(s), or start a new run in another folder."
+        )
+    return B.ConfigError(
+        f"resume=true: the checkpoint {folder} does not fit this run's networks or buffer "
+        f"({first}), although the saved config matches: it was written by another version "
+        "of the code. Start a new run in another folder (resume=false)."
+    )
 
 
 def _update(loss, buffer, optims, updater, device) -> TensorDictBase:

@@ -6,7 +6,9 @@ dataset's Gymnasium environment, logging the return and the normalised score
 (``100 * (R - ref_min) / (ref_max - ref_min)``, the D4RL convention, with the
 dataset's reference values). Final and best evaluations are both logged and
 returned. Checkpoint and resume as online (the dataset itself is not copied
-into the checkpoint).
+into the checkpoint): ``metrics.csv`` holds one row per logging step (a
+multiple of ``logger.log_interval`` or ``logger.eval_interval`` updates, and
+the last update), whatever the interruptions and resumes.
 """
 
 from __future__ import annotations
@@ -73,40 +75,61 @@ def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
     pbar = _progress(total, st["updates"], bool(B._get(cfg, "logger.progress", True)))
     t_window, n_window = time.perf_counter(), 0
     last_out = None
+
+    def train_part() -> dict[str, float]:
+        nonlocal t_window, n_window
+        row = _scalar_metrics(last_out) if last_out is not None else {}
+        now = time.perf_counter()
+        row["updates_per_s"] = n_window / max(now - t_window, 1e-9)
+        t_window, n_window = now, 0
+        return row
+
+    def eval_part(row: dict[str, Any]) -> None:
+        mean, std = evaluate_policy(eval_env, actor, eval_eps)
+        st["last_eval"] = mean
+        st["best_eval"] = max(st["best_eval"], mean)
+        row.update(eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"])
+        if ref_min is not None and ref_max is not None:
+            from torchrl_spqr.datasets import normalized_score
+
+            score = normalized_score(mean, ref_min, ref_max)
+            st["last_score"] = score
+            st["best_score"] = max(st["best_score"], score)
+            row.update(normalized_score=score, best_normalized_score=st["best_score"])
+
     try:
+        if run.owed is not None:  # the row due when the run was interrupted
+            if run.owed["eval"]:
+                eval_part(run.owed["row"])
+            run.log(run.owed["row"])
         while st["updates"] < total:
             t0 = time.perf_counter()
             last_out = _update(loss, data.buffer, optims, updater, device)
             st["updates"] += 1
+            due_log = st["updates"] % log_every == 0
+            due_eval = st["updates"] % eval_every == 0 or st["updates"] == total
+            # owed from here on (see RunContext.owe)
+            row = run.owe(evaluate=due_eval, train=due_log) if due_log or due_eval else None
             n_window += 1
             st["time_s"] += time.perf_counter() - t0
-            row: dict[str, Any] = {}
-            if st["updates"] % log_every == 0:
-                row.update(_scalar_metrics(last_out))
-                now = time.perf_counter()
-                row["updates_per_s"] = n_window / max(now - t_window, 1e-9)
-                t_window, n_window = now, 0
-            if st["updates"] % eval_every == 0 or st["updates"] == total:
-                mean, std = evaluate_policy(eval_env, actor, eval_eps)
-                st["last_eval"] = mean
-                st["best_eval"] = max(st["best_eval"], mean)
-                row.update(eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"])
-                if ref_min is not None and ref_max is not None:
-                    from torchrl_spqr.datasets import normalized_score
-
-                    score = normalized_score(mean, ref_min, ref_max)
-                    st["last_score"] = score
-                    st["best_score"] = max(st["best_score"], score)
-                    row.update(normalized_score=score, best_normalized_score=st["best_score"])
-            if row:
+            if row is not None:
+                if due_log:
+                    row.update(train_part())
+                    run.owed["train"] = False
+                if due_eval:
+                    eval_part(row)
+                    run.owed["eval"] = False
                 run.log(row)
             if st["updates"] % ckpt_every == 0:
                 run.checkpoint()
             if pbar is not None:
                 pbar.update(1)
-                if row:
+                if row is not None:
                     pbar.set_postfix(score=st["last_score"], ret=st["last_eval"])
     finally:
+        if run.owed is not None and run.owed.get("train"):
+            run.owed["row"].update(train_part())
+            run.owed["train"] = False
         if pbar is not None:
             pbar.close()
         run.close()

@@ -11,10 +11,15 @@ SPQR metrics every ``logger.log_interval`` frames, checkpoint every
 workers are shut down on every exit path.
 
 ``resume=true`` restores the networks, optimisers, temperature, replay buffer,
-RNG states and counters from the run folder's checkpoint, truncates the logs
-to the checkpoint's frame count (nothing logged after it is kept twice) and
-continues. The episode that was running at the interruption restarts from a
-reset.
+RNG states and counters from the run folder's newest complete checkpoint,
+truncates the logs to the checkpoint's frame count (nothing logged after it is
+kept twice), writes the row that was due when the run was interrupted if it
+was not written (its evaluation is run then: Ctrl-C during an evaluation loses
+no row) and continues. The episode that was running at the interruption
+restarts from a reset. Invariant: ``metrics.csv`` holds one row per logging
+step (a multiple of ``logger.log_interval`` or ``logger.eval_interval`` frames,
+and the last frame), steps strictly increasing, whatever the interruptions
+(Ctrl-C or a kill at any instant) and resumes.
 """
 
 from __future__ import annotations
@@ -74,7 +79,31 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
     t_upd, n_upd, t_start_window, f_window = 0.0, 0, time.perf_counter(), 0
     last_out = None
     collector = None
+
+    def train_part() -> dict[str, float]:
+        """The training metrics of a log row (and a new fps / updates-per-s window)."""
+        nonlocal t_upd, n_upd, t_start_window, f_window
+        now = time.perf_counter()
+        row = _scalar_metrics(last_out) if last_out is not None else {}
+        if recent_returns:
+            row["train_return"] = sum(recent_returns) / len(recent_returns)
+            recent_returns.clear()
+        row["fps"] = f_window / max(now - t_start_window, 1e-9)
+        row["updates_per_s"] = n_upd / t_upd if t_upd > 0 else 0.0
+        t_upd, n_upd, t_start_window, f_window = 0.0, 0, now, 0
+        return row
+
+    def eval_part(row: dict[str, Any]) -> None:
+        mean, std = evaluate_policy(eval_env, actor, eval_eps)
+        st["last_eval"] = mean
+        st["best_eval"] = max(st["best_eval"], mean)
+        row.update(eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"])
+
     try:
+        if run.owed is not None:  # the row due when the run was interrupted
+            if run.owed["eval"]:
+                eval_part(run.owed["row"])
+            log(run.owed["row"])
         if remaining > 0:
             collector = B.make_collector(
                 cfg,
@@ -91,6 +120,10 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                 buffer.extend(data)
                 n = data.numel()
                 st["frames"] += n
+                due_log = st["frames"] % log_every < n
+                due_eval = st["frames"] % eval_every < n or st["frames"] >= total
+                # one row per logged frame count; owed from here on (see RunContext.owe)
+                row = run.owe(evaluate=due_eval, train=due_log) if due_log or due_eval else None
                 f_window += n
                 done = data["next", "done"].squeeze(-1)
                 if done.any():
@@ -109,23 +142,13 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                 now = time.perf_counter()
                 st["time_s"] += now - t_prev
                 t_prev = now
-                row: dict[str, Any] = {}
-                if st["frames"] % log_every < n:
-                    row.update(_scalar_metrics(last_out) if last_out is not None else {})
-                    if recent_returns:
-                        row["train_return"] = sum(recent_returns) / len(recent_returns)
-                        recent_returns.clear()
-                    row["fps"] = f_window / max(now - t_start_window, 1e-9)
-                    row["updates_per_s"] = n_upd / t_upd if t_upd > 0 else 0.0
-                    t_upd, n_upd, t_start_window, f_window = 0.0, 0, now, 0
-                if st["frames"] % eval_every < n or st["frames"] >= total:
-                    mean, std = evaluate_policy(eval_env, actor, eval_eps)
-                    st["last_eval"] = mean
-                    st["best_eval"] = max(st["best_eval"], mean)
-                    row.update(
-                        eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"]
-                    )
-                if row:  # one row per logged frame count
+                if row is not None:
+                    if due_log:
+                        row.update(train_part())
+                        run.owed["train"] = False
+                    if due_eval:
+                        eval_part(row)
+                        run.owed["eval"] = False
                     log(row)
                 if st["frames"] % ckpt_every < n:
                     checkpoint()
@@ -137,6 +160,9 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                 if st["frames"] >= total:  # asynchronous workers may still be running
                     break
     finally:  # Ctrl-C or an error: stop the workers, keep what was logged, checkpoint
+        if run.owed is not None and run.owed.get("train"):
+            run.owed["row"].update(train_part())  # the owed row keeps its training metrics
+            run.owed["train"] = False
         B.shutdown_collector(collector)
         if pbar is not None:
             pbar.close()
