@@ -1054,9 +1054,10 @@ _EXAMPLE_RES = {
 
 
 def _find_checkpoint(run_dir: Path) -> tuple[str, Path]:
-    for name in ("checkpoint", "checkpoint.old"):
-        if (run_dir / name / "state.pt").is_file():
-            return "run_context", run_dir / name
+    from torchrl_spqr.training.checkpoint import has_checkpoint
+
+    if has_checkpoint(run_dir):  # the newest complete one is chosen (and verified) on load
+        return "run_context", run_dir / "checkpoint"
     if (run_dir / "checkpoint.pt").is_file():
         return "example", run_dir / "checkpoint.pt"
     raise FileNotFoundError(
@@ -1067,8 +1068,10 @@ def _find_checkpoint(run_dir: Path) -> tuple[str, Path]:
 
 def _rebuild_run_context(run_dir: Path, ck_dir: Path):
     from torchrl_spqr.training import builders as B
+    from torchrl_spqr.training.checkpoint import load_checkpoint_data
 
-    state = torch.load(ck_dir / "state.pt", weights_only=True, map_location="cpu")
+    # verified against its manifest; the buffer read without unpickling anything
+    state, buffer_data, ck_dir = load_checkpoint_data(run_dir)
     cfg = state.get("config")
     if not cfg:
         raise ValueError(f"{ck_dir}/state.pt holds no 'config': cannot rebuild the agent.")
@@ -1098,12 +1101,7 @@ def _rebuild_run_context(run_dir: Path, ck_dir: Path):
         env = B.make_environment(env_cfg, seed, env_kwargs=env_kwargs)
     _actor, loss, base, _opt, _upd = B.make_agent(cfg, env)
     loss.load_state_dict(state["loss"])
-    buffer_td = None
-    meta = state.get("buffer_meta")
-    if meta and meta.get("len") and (ck_dir / "buffer").exists():
-        from tensordict import TensorDict
-
-        buffer_td = TensorDict.load_memmap(ck_dir / "buffer")[: int(meta["len"])]
+    buffer_td = buffer_data
     spqr = {
         "pairs": str(B._get(cfg, "spqr.pairs", "next_policy")),
         "filling": str(B._get(cfg, "spqr.filling", "ordered")),
@@ -1139,7 +1137,9 @@ def _rebuild_example(run_dir: Path, path: Path):
             "(examples/redq_spqr.py), which is where they keep their settings."
         )
     script, m = found[0]
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    from torchrl_spqr.safe_io import load_state
+
+    state = load_state(path)  # torch.load(weights_only=True), a clear error if damaged
     actor_w = [v for k, v in state["actor"].items() if k.endswith("weight")]
     hidden = int(actor_w[0].shape[0])
     n = int(m["n"])
