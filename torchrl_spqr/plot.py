@@ -1306,6 +1306,16 @@ def _pairs_text(pairs: str) -> str:
     }[pairs]
 
 
+def _density_ok(rho: float, eps: float, density: str) -> bool:
+    from torchrl_spqr import functional as F
+
+    try:
+        F.check_density_params(rho, eps, density)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def plot_spectrum(batch: EnsembleBatch, out: str | Path, formats=("png",)) -> list[Path]:
     """Histogram of the normalised SPQR eigenvalues against the semicircle; spike vs its null.
 
@@ -1330,9 +1340,14 @@ def plot_spectrum(batch: EnsembleBatch, out: str | Path, formats=("png",)) -> li
         eig = F.spqr_eigenvalues(q, batch.filling, generator=gen)  # [B, d]
         t = d * (d + 1) // 2
         null_eig = F.spqr_eigenvalues(torch.randn(t, 20_000, generator=gen, dtype=torch.float64))
+    # the "corrected" density needs rho < 1 and eps > 0: a run outside that range gets the
+    # paper curve only (its own density), not an error
+    densities = [
+        dens for dens in ("paper", "corrected") if _density_ok(batch.rho, batch.eps, dens)
+    ]
     kls = {
         dens: float(F.spectral_kl(eig, rho=batch.rho, eps=batch.eps, density=dens).mean())
-        for dens in ("paper", "corrected")
+        for dens in densities
     }
     kl_null = float(F.spectral_kl(null_eig, rho=batch.rho, eps=batch.eps, density="paper").mean())
     xmax = max(2.6, float(eig.abs().max()) * 1.08)
@@ -1361,6 +1376,8 @@ def plot_spectrum(batch: EnsembleBatch, out: str | Path, formats=("png",)) -> li
     )
     ax.plot(xs, F.semicircle_density(xs), color="tab:green", lw=1.8, label="Wigner semicircle")
     for dens, style in (("paper", "--"), ("corrected", ":")):
+        if dens not in kls:
+            continue
         ax.plot(
             xs,
             F.soft_semicircle_density(xs, rho=batch.rho, eps=batch.eps, density=dens),

@@ -18,11 +18,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from utils import train
 
+from torchrl_spqr.training.cli import run_script
+
 
 @hydra.main(version_base="1.3", config_path="", config_name="config")
 def main(cfg) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
-    result = train(cfg, run_dir)
+    result = run_script(train, cfg, run_dir)  # a bad config: one line, exit 2
     print(
         f"frames {result['frames']}, updates {result['updates']}, "
         f"final eval return {result['final_eval_return']:.3f}, "

@@ -15,11 +15,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from utils import train
 
+from torchrl_spqr.training.cli import run_script
+
 
 @hydra.main(version_base="1.3", config_path="", config_name="config")
 def main(cfg) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
-    r = train(cfg, run_dir)
+    r = run_script(train, cfg, run_dir)  # a bad config: one line, exit 2
     print(
         f"updates {r['updates']}, final eval return {r['final_eval_return']:.1f} "
         f"(normalised {r['final_normalized_score']:.1f}), best eval return "
