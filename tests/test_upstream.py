@@ -132,11 +132,17 @@ def test_patch_math_equals_package(upstream_spqr, n, density, filling):
         warnings.simplefilter("ignore", UserWarning)
         for reduction in ("none", "mean", "sum"):
             up = upstream_spqr.spqr_kl(
-                q_up, filling=filling, density=density, reduction=reduction,
+                q_up,
+                filling=filling,
+                density=density,
+                reduction=reduction,
                 generator=torch.Generator().manual_seed(7),
             )
             pkg = F.spqr_kl(
-                q_pkg, filling=filling, density=density, reduction=reduction,
+                q_pkg,
+                filling=filling,
+                density=density,
+                reduction=reduction,
                 generator=torch.Generator().manual_seed(7),
             )
             assert torch.equal(up, pkg), (reduction, up, pkg)
@@ -178,8 +184,16 @@ def test_minari_fix_targets_the_installed_torchrl():
     import torchrl.data.datasets.minari_data as minari_data
 
     patch = _patch("0001").read_text()
-    removed = [ln[1:].strip() for ln in patch.splitlines() if ln.startswith("-") and not ln.startswith("---")]
-    added = [ln[1:].strip() for ln in patch.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    removed = [
+        ln[1:].strip()
+        for ln in patch.splitlines()
+        if ln.startswith("-") and not ln.startswith("---")
+    ]
+    added = [
+        ln[1:].strip()
+        for ln in patch.splitlines()
+        if ln.startswith("+") and not ln.startswith("+++")
+    ]
     assert "td_data = td_data.memmap_like(self.data_path_root)" in removed
     assert "td_data = td_data.memmap(self.data_path_root)" in added
     installed = Path(minari_data.__file__).read_text()
@@ -204,6 +218,7 @@ def test_library_part_applies_to_the_installed_torchrl(tmp_path):
         res = _git_apply("--include=torchrl/*", "--exclude=*", str(patch), cwd=tmp_path)
         assert res.returncode == 0, f"{patch.name}: {res.stderr}"
     assert "class SPQRLoss(LossModule)" in (tmp_path / "torchrl/objectives/spqr.py").read_text()
-    assert "memmap(self.data_path_root)" in (
-        tmp_path / "torchrl/data/datasets/minari_data.py"
-    ).read_text()
+    assert (
+        "memmap(self.data_path_root)"
+        in (tmp_path / "torchrl/data/datasets/minari_data.py").read_text()
+    )

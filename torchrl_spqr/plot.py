@@ -1342,9 +1342,7 @@ def plot_spectrum(batch: EnsembleBatch, out: str | Path, formats=("png",)) -> li
         null_eig = F.spqr_eigenvalues(torch.randn(t, 20_000, generator=gen, dtype=torch.float64))
     # the "corrected" density needs rho < 1 and eps > 0: a run outside that range gets the
     # paper curve only (its own density), not an error
-    densities = [
-        dens for dens in ("paper", "corrected") if _density_ok(batch.rho, batch.eps, dens)
-    ]
+    densities = [dens for dens in ("paper", "corrected") if _density_ok(batch.rho, batch.eps, dens)]
     kls = {
         dens: float(F.spectral_kl(eig, rho=batch.rho, eps=batch.eps, density=dens).mean())
         for dens in densities
