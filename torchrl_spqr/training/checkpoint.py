@@ -330,6 +330,15 @@ def _finish_interrupted_save(run_dir: Path) -> None:
         verify_checkpoint(tmp, checksum=False)
     except CheckpointError:
         return  # damaged: the save below replaces it
+    _swap_in(run_dir, tmp, final, old)
+
+
+def _swap_in(run_dir: Path, tmp: Path, final: Path, old: Path) -> None:
+    """Make the complete ``tmp`` the checkpoint: ``final`` -> ``old``, ``tmp`` -> ``final``.
+
+    At every instant one complete checkpoint exists (``final``, or ``old`` and
+    ``tmp`` between the two renames); ``old`` is deleted only once ``tmp`` is in place.
+    """
     if final.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -356,14 +365,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], buffer=None) -> Path:
         state["buffer_meta"] = save_buffer(buffer, tmp / "buffer")
     torch.save(state, tmp / "state.pt")
     _write_manifest(tmp)  # from here on checkpoint.tmp/ is complete
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(run_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    _swap_in(run_dir, tmp, final, old)
     return final
 
 
