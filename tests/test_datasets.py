@@ -464,9 +464,9 @@ def test_missing_minari_dataset_raises_a_clear_error(store, monkeypatch):
 
 def test_d4rl_id_mapping_and_reference_scores():
     assert D.parse_d4rl_id("hopper-medium-replay-v2") == ("hopper", "medium-replay", 2)
-    assert D.d4rl_env_id("hopper-medium-replay-v2") == "Hopper-v5"
-    assert D.d4rl_env_id("halfcheetah-expert-v2") == "HalfCheetah-v5"
-    assert D.d4rl_env_id("walker2d-full-replay-v2") == "Walker2d-v5"
+    assert D.d4rl_env_id("hopper-medium-replay-v2") == "Hopper-v4"
+    assert D.d4rl_env_id("halfcheetah-expert-v2") == "HalfCheetah-v4"
+    assert D.d4rl_env_id("walker2d-full-replay-v2") == "Walker2d-v4"
     assert D.d4rl_env_id("ant-medium-expert-v2") == "Ant-v4"
     assert D.d4rl_env_kwargs("ant-random-v2") == {"use_contact_forces": True}
     # D4RL's REF_MIN_SCORE / REF_MAX_SCORE (d4rl/infos.py), the same for every split

@@ -135,13 +135,20 @@ D4RL_REF_SCORES: dict[str, tuple[float, float]] = {
 }
 
 #: Gymnasium env to evaluate a D4RL Gym-MuJoCo dataset in, with its constructor kwargs.
-#: Hopper / HalfCheetah / Walker2d v5 have D4RL's observation layout (11 / 17 / 17 dims).
-#: D4RL's ant data has 111 dims (contact forces of all 14 bodies, world included): only
-#: ``Ant-v4`` with ``use_contact_forces=True`` matches (``Ant-v5`` gives 105 dims).
+#: D4RL's ``*-v2`` data was collected in gym's mujoco-py ``*-v3`` envs; Gymnasium's ``v4``
+#: are those envs (same model files, same reward) on the ``mujoco`` bindings, so every
+#: family maps to ``v4``: the data's own dynamics and reward. ``v5`` differs:
+#: ``Walker2d-v5`` gives the right foot friction 1.9 (v2-v4: right 0.9, left 1.9), and
+#: Hopper / Walker2d / Ant ``v5`` no longer pay ``healthy_reward`` on the step that
+#: terminates an episode (D4RL's returns and reference scores include it). HalfCheetah
+#: v4 and v5 are identical (v4 kept for uniformity). D4RL's ant data has 111 dims
+#: (contact forces of all 14 bodies, world included): only ``Ant-v4`` with
+#: ``use_contact_forces=True`` matches (``Ant-v5`` gives 105 dims).
+#: Checked by ``tests/test_fidelity_envs_init.py`` (friction read from the simulator).
 D4RL_ENV_IDS: dict[str, tuple[str, dict[str, Any]]] = {
-    "halfcheetah": ("HalfCheetah-v5", {}),
-    "hopper": ("Hopper-v5", {}),
-    "walker2d": ("Walker2d-v5", {}),
+    "halfcheetah": ("HalfCheetah-v4", {}),
+    "hopper": ("Hopper-v4", {}),
+    "walker2d": ("Walker2d-v4", {}),
     "ant": ("Ant-v4", {"use_contact_forces": True}),
 }
 
@@ -219,7 +226,7 @@ def parse_d4rl_id(dataset_id: str) -> tuple[str, str, int]:
 
 
 def d4rl_env_id(dataset_id: str) -> str:
-    """Gymnasium id to evaluate a D4RL dataset in (``hopper-medium-v2`` -> ``Hopper-v5``)."""
+    """Gymnasium id to evaluate a D4RL dataset in (``hopper-medium-v2`` -> ``Hopper-v4``)."""
     return D4RL_ENV_IDS[parse_d4rl_id(dataset_id)[0]][0]
 
 
@@ -560,7 +567,7 @@ def _guess_build_command(dataset_id: str) -> str:
     low = dataset_id.lower()
     env = next(
         (
-            gym_id if fam != "ant" else "Ant-v5"
+            gym_id.replace("-v4", "-v5")
             for fam, (gym_id, _) in D4RL_ENV_IDS.items()
             if re.search(rf"(^|[/_-]){fam}([/_-]|$)", low)
         ),

@@ -31,7 +31,7 @@ from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictPara
 from tensordict.utils import NestedKey
 from torch import nn
 
-__all__ = ["BatchedMLP", "QEnsemble", "make_q_member"]
+__all__ = ["INIT_SCHEMES", "BatchedMLP", "QEnsemble", "init_linear_stack_", "make_q_member"]
 
 _RESETTABLE_WITHOUT_PARAMS = (nn.Dropout, nn.Identity, nn.ReLU, nn.Tanh, nn.SiLU, nn.ELU)
 
@@ -45,11 +45,15 @@ def make_q_member(
     dropout: float = 0.0,
     in_keys: Sequence[NestedKey] = ("observation", "action"),
     out_keys: Sequence[NestedKey] = ("state_action_value",),
+    init: str = "default",
 ) -> TensorDictModule:
     """One critic ``Q(s, a)``: an MLP on the concatenated inputs, as a TensorDictModule.
 
     ``layer_norm`` and ``dropout`` (DroQ-style, after each hidden linear layer)
-    are optional. With ``in_features=None`` the first layer is lazy.
+    are optional. With ``in_features=None`` the first layer is lazy (then only
+    ``init="default"``). ``init`` is one of :data:`INIT_SCHEMES` (see
+    :func:`init_linear_stack_`); each call draws its own weights, so the members
+    of a :class:`QEnsemble` stay independent under every scheme.
 
     Examples:
         >>> member = make_q_member(14, num_cells=(32, 32), layer_norm=True, dropout=0.01)
@@ -69,8 +73,58 @@ def make_q_member(
         layers.append(activation_class())
         prev = width
     layers.append(nn.Linear(prev, 1) if prev is not None else nn.LazyLinear(1))
+    _check_init(init)
+    if init != "default":
+        if in_features is None:
+            raise ValueError(
+                f"make_q_member(init={init!r}) needs in_features (a lazy first layer has no "
+                "weights to initialise yet); pass in_features or use init='default'."
+            )
+        init_linear_stack_([m for m in layers if isinstance(m, nn.Linear)], init)
     net = _ConcatMLP(nn.Sequential(*layers))
     return TensorDictModule(net, in_keys=list(in_keys), out_keys=list(out_keys))
+
+
+#: Weight initialisations of :func:`init_linear_stack_` (``network.init`` in the configs).
+INIT_SCHEMES = ("default", "edac", "redq")
+
+
+def _check_init(init: str) -> None:
+    if not isinstance(init, str) or init not in INIT_SCHEMES:
+        raise ValueError(f"init={init!r}: expected one of {', '.join(INIT_SCHEMES)}.")
+
+
+@torch.no_grad()
+def init_linear_stack_(
+    linears: Sequence[nn.Linear], init: str, *, output_bound: float = 3e-3
+) -> None:
+    """Re-initialise an MLP's linear layers (in order, the last one the output) in place.
+
+    - ``"default"``: left as PyTorch draws them (weights and biases uniform in
+      +-1/sqrt(fan_in)).
+    - ``"edac"``: EDAC's and CORL's: hidden weights kept (PyTorch's uniform in
+      +-1/sqrt(fan_in), the bound of EDAC's ``fanin_init``), hidden biases 0.1, output
+      weights and bias uniform in +-``output_bound`` (3e-3 for critics, 1e-3 for the
+      policy). Sources: ``snu-mllab/EDAC`` ``lifelong_rl/models/networks.py`` l. 312-360,
+      ``lifelong_rl/policies/models/tanh_gaussian_policy.py`` l. 43, 63-64;
+      ``tinkoff-ai/CORL`` ``algorithms/offline/sac_n.py`` l. 220-226, 280-284.
+    - ``"redq"``: REDQ's ``weights_init_``: Xavier-uniform weights (gain 1), zero
+      biases, every layer (``watchernyu/REDQ`` ``redq/algos/core.py`` l. 18-22).
+    """
+    _check_init(init)
+    linears = list(linears)
+    if init == "default" or not linears:
+        return
+    for i, lin in enumerate(linears):
+        last = i == len(linears) - 1
+        if init == "redq":
+            nn.init.xavier_uniform_(lin.weight, gain=1.0)
+            nn.init.zeros_(lin.bias)
+        elif last:
+            nn.init.uniform_(lin.weight, -output_bound, output_bound)
+            nn.init.uniform_(lin.bias, -output_bound, output_bound)
+        else:
+            nn.init.constant_(lin.bias, 0.1)
 
 
 class _ConcatMLP(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torchrl.envs import Compose, DoubleToFloat, GymEnv, RewardSum, StepCounter,
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
 from torchrl.objectives import SoftUpdate
 
-from torchrl_spqr.ensemble import QEnsemble, make_q_member
+from torchrl_spqr.ensemble import INIT_SCHEMES, QEnsemble, init_linear_stack_, make_q_member
 from torchrl_spqr.loss import SPQRLoss
 from torchrl_spqr.objectives import CQLNLoss, EDACLoss, ReferenceREDQLoss, SACNLoss
 
@@ -411,6 +412,9 @@ def validate_config(cfg, *, online: bool = True) -> None:
         size = cfg_int(cfg, "replay_buffer.size", lo=1)
         if bs > size:
             raise ConfigError(
+    init = cfg_choice(cfg, "network.init", INIT_SCHEMES, "default")
+    cfg_choice(cfg, "network.actor_init", INIT_SCHEMES, init)
+    _validate_log_std_clamp(cfg)
                 f"optim.batch_size={bs} is larger than replay_buffer.size={size}; lower "
                 "optim.batch_size or raise replay_buffer.size."
             )
@@ -512,13 +516,21 @@ def _register_robotics_if_needed(name: str) -> None:
 
 
 def make_actor(cfg, env) -> ProbabilisticActor:
-    """Tanh-Gaussian policy MLP (SAC / REDQ defaults)."""
+    """Tanh-Gaussian policy MLP (SAC / REDQ defaults).
+
+    ``network.actor_init`` (default ``network.init``) picks the weight init
+    (:func:`~torchrl_spqr.ensemble.init_linear_stack_`; the policy's output layer
+    uses EDAC's +-1e-3). ``network.actor_log_std_clamp: [low, high]`` makes the
+    scale ``exp(clamp(log_std))`` as in REDQ / EDAC; ``null`` (default) keeps
+    TorchRL's ``biased_softplus_1.0`` scale (lower bound 1e-4).
+    """
     n_obs = env.observation_spec["observation"].shape[-1]
     n_act = env.action_spec.shape[-1]
     hidden = list(_get(cfg, "network.actor_hidden_sizes", _get(cfg, "network.hidden_sizes")))
-    net = nn.Sequential(
-        MLP(in_features=n_obs, out_features=2 * n_act, num_cells=hidden, activation_class=nn.ReLU),
-        NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=1e-4),
+    mlp = MLP(in_features=n_obs, out_features=2 * n_act, num_cells=hidden, activation_class=nn.ReLU)
+    init = str(_get(cfg, "network.actor_init", _get(cfg, "network.init", "default")))
+    init_linear_stack_(
+        [m for m in mlp.modules() if isinstance(m, nn.Linear)], init, output_bound=1e-3
     )
     spec = env.action_spec
     return ProbabilisticActor(
@@ -538,7 +550,9 @@ def make_critics(cfg, env) -> QEnsemble:
     layer_norm = bool(_get(cfg, "network.layer_norm", False))
     dropout = float(_get(cfg, "network.dropout", 0.0))
     return QEnsemble(
-        lambda: make_q_member(n_in, num_cells=hidden, layer_norm=layer_norm, dropout=dropout),
+        lambda: make_q_member(
+            n_in, num_cells=hidden, layer_norm=layer_norm, dropout=dropout, init=init
+        ),
         int(_get(cfg, "network.ensemble_size")),
     )
 
@@ -586,6 +600,26 @@ def make_spqr_loss(cfg, base) -> SPQRLoss:
     return SPQRLoss(
         base,
         beta=float(_get(cfg, "spqr.beta", 0.0)),
+class ClampedLogStd(nn.Module):
+    """``[loc, log_std]`` -> ``(loc, exp(clamp(log_std, low, high)))``.
+
+    The policy head of REDQ (``log_std`` clamped to [-20, 2], ``redq/algos/core.py``
+    l. 7-8, 218) and EDAC / CORL ([-5, 2]). No parameters: swapping it for
+    ``NormalParamExtractor`` keeps the actor's state dict keys.
+    """
+
+    def __init__(self, low: float, high: float) -> None:
+        super().__init__()
+        self.low, self.high = float(low), float(high)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, log_std = x.chunk(2, -1)
+        return loc, log_std.clamp(self.low, self.high).exp()
+
+    def extra_repr(self) -> str:
+        return f"low={self.low:g}, high={self.high:g}"
+
+
         pairs=str(_get(cfg, "spqr.pairs", "next_policy")),
         filling=str(_get(cfg, "spqr.filling", "ordered")),
         density=str(_get(cfg, "spqr.density", "paper")),
@@ -595,6 +629,12 @@ def make_spqr_loss(cfg, base) -> SPQRLoss:
 
 def make_optimizers(cfg, base) -> dict[str, torch.optim.Optimizer]:
     """Separate Adam optimisers for the actor, the critics and the temperatures."""
+    clamp = _get(cfg, "network.actor_log_std_clamp")
+    if clamp is None:
+        head = NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=1e-4)
+    else:
+        head = ClampedLogStd(*clamp)
+    net = nn.Sequential(mlp, head)
     lr = float(_get(cfg, "optim.lr"))
     actor_lr = float(_get(cfg, "optim.actor_lr", lr))
     critic_lr = float(_get(cfg, "optim.critic_lr", lr))
@@ -612,6 +652,7 @@ def make_optimizers(cfg, base) -> dict[str, torch.optim.Optimizer]:
     return opts
 
 
+    init = str(_get(cfg, "network.init", "default"))
 def make_replay_buffer(cfg, run_dir=None) -> TensorDictReplayBuffer:
     size = int(_get(cfg, "replay_buffer.size"))
     kind = _get(cfg, "replay_buffer.storage", "lazy_tensor")
