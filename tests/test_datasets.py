@@ -909,3 +909,41 @@ def test_builder_arguments_are_checked_before_anything_is_built(tmp_path, capsys
         D.build_dataset("local/args/case-v0", "Hopper-v5", "nope", steps=10)
     with pytest.raises(ValueError, match="steps=2.5"):
         D.build_dataset("local/args/case-v0", "Hopper-v5", "random", steps=2.5)
+
+
+# --- issue 18: reward transform at load ---
+
+
+def test_reward_transform_is_applied_once_at_load_and_leaves_the_data_alone(store):
+    st = D._storage_td
+    plain = D.load_offline_dataset(TINY_ID, batch_size=8, root=str(store["root"] / "trl"))
+    assert (plain.reward_scale, plain.reward_shift) == (1.0, 0.0)
+    r0 = st(plain.buffer)["next", "reward"].clone()
+    data = D.load_offline_dataset(
+        TINY_ID, batch_size=8, root=str(store["root"] / "trl"), reward_scale=3.0, reward_shift=-0.5
+    )
+    assert (data.reward_scale, data.reward_shift) == (3.0, -0.5)
+    r1 = st(data.buffer)["next", "reward"]
+    torch.testing.assert_close(r1, (r0.double() * 3.0 - 0.5).to(r0.dtype))
+    for _ in range(3):  # sampling does not transform again
+        data.buffer.sample()
+    torch.testing.assert_close(st(data.buffer)["next", "reward"], r1)
+    # the dataset and TorchRL's converted cache are unchanged: a fresh load sees the source
+    again = D.load_offline_dataset(TINY_ID, batch_size=8, root=str(store["root"] / "trl"))
+    torch.testing.assert_close(st(again.buffer)["next", "reward"], r0)
+    eps = _episodes(TINY_ID)
+    np.testing.assert_array_equal(r0.reshape(-1).numpy(), np.concatenate([e.rewards for e in eps]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"reward_scale": float("nan")}, "reward_scale"),
+        ({"reward_scale": 0.0}, "reward_scale"),
+        ({"reward_scale": "2"}, "reward_scale"),
+        ({"reward_shift": float("inf")}, "reward_shift"),
+    ],
+)
+def test_bad_reward_transform_arguments(store, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        D.load_offline_dataset(TINY_ID, batch_size=8, **kwargs)

@@ -187,6 +187,10 @@ class OfflineData:
     #: extra ``gymnasium.make`` kwargs of the evaluation env (e.g. ``max_episode_steps``).
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     source: str = "minari"
+    #: the reward transform applied once to the stored rewards: r' = reward_scale * r + reward_shift
+    #: (training targets only; evaluation returns stay in the environment's own reward).
+    reward_scale: float = 1.0
+    reward_shift: float = 0.0
 
     def normalized_score(self, episode_return: float) -> float:
         if self.ref_min_score is None or self.ref_max_score is None:
@@ -606,6 +610,8 @@ def load_offline_dataset(
     source: str = "minari",
     root: str | None = None,
     download: bool = True,
+    reward_scale: float = 1.0,
+    reward_shift: float = 0.0,
 ) -> OfflineData:
     """Load ``dataset_id`` through TorchRL's dataset class for ``source``.
 
@@ -618,6 +624,11 @@ def load_offline_dataset(
             ``~/.cache/torchrl/{minari,d4rl}``). The raw Minari data lives in the Minari
             store (``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``).
         download: try the remote hub when the data is not on this machine.
+        reward_scale, reward_shift: ``r' = reward_scale * r + reward_shift``, applied once, here,
+            to the buffer's stored ``("next", "reward")`` (an in-memory copy: the dataset and
+            TorchRL's converted cache on disk are never modified). Scale first, then shift, as
+            CORL's ``modify_reward`` (``rewards * reward_scale + reward_bias``); the SPQR
+            authors' ``(r - 0.5) * 1.0`` is scale 1, shift -0.5. Defaults: unchanged rewards.
 
     Raises:
         DatasetUnavailableError: not local and not downloadable (message names what was
@@ -627,11 +638,44 @@ def load_offline_dataset(
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected an integer >= 1.")
+    scale = _reward_arg("reward_scale", reward_scale, nonzero=True)
+    shift = _reward_arg("reward_shift", reward_shift)
     if source == "minari":
-        return _load_minari(dataset_id, batch_size, root, download)
-    if source == "d4rl":
-        return _load_d4rl(dataset_id, batch_size, root, download)
-    raise ValueError(f"source={source!r}: expected 'minari' or 'd4rl'.")
+        data = _load_minari(dataset_id, batch_size, root, download)
+    elif source == "d4rl":
+        data = _load_d4rl(dataset_id, batch_size, root, download)
+    else:
+        raise ValueError(f"source={source!r}: expected 'minari' or 'd4rl'.")
+    if scale != 1.0 or shift != 0.0:
+        _transform_rewards(data.buffer, scale, shift)
+    data.reward_scale, data.reward_shift = scale, shift
+    return data
+
+
+def _reward_arg(name: str, value: Any, nonzero: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(float(value)) or (nonzero and float(value) == 0.0):
+        need = "a finite, non-zero number" if nonzero else "a finite number"
+        raise ValueError(f"{name}={value!r}: expected {need}.")
+    return float(value)
+
+
+def _transform_rewards(rb, scale: float, shift: float) -> None:
+    """``r' = scale * r + shift`` on the stored rewards, once, without touching the files.
+
+    The storage's tensordict is TorchRL's memory-mapped (and locked) cache, shared with
+    other runs: swap in a shallow copy whose ``("next", "reward")`` is a transformed
+    in-memory tensor; every other entry stays the same memory-mapped tensor.
+    """
+    storage = rb.storage
+    td = storage._storage  # noqa: SLF001 - TensorStorage's tensordict (memmap)
+    r = td["next", "reward"]
+    plain = r.as_subclass(torch.Tensor).to(torch.float64, copy=True)
+    new = plain.mul_(scale).add_(shift).to(r.dtype)
+    shallow = td.clone(recurse=False)
+    shallow.unlock_()
+    shallow.set(("next", "reward"), new)
+    storage._storage = shallow  # noqa: SLF001
 
 
 def _load_minari(dataset_id: str, batch_size: int, root, download: bool) -> OfflineData:

@@ -307,7 +307,37 @@ def validate_spqr(cfg, ensemble_size: int, min_members: int = 3) -> float:
         lo=0,
         hint="set spqr.diagnostics_interval to k >= 1 (every k-th update) or 0 (off)",
     )
+    _validate_member_weights(cfg, ensemble_size)
     return beta
+
+
+def _validate_member_weights(cfg, ensemble_size: int) -> None:
+    """``spqr.member_weights``: null, ``authors`` or N non-negative numbers (SPQRLoss's check)."""
+    from torchrl_spqr.loss import _member_weights
+
+    value = _raw(cfg, "spqr.member_weights", None)
+    if value is None:
+        return
+    try:
+        _member_weights(value if isinstance(value, str) else _plain(value), ensemble_size)
+    except (TypeError, ValueError) as err:
+        raise _bad(
+            "spqr.member_weights",
+            value,
+            f"null, authors or a list of network.ensemble_size={ensemble_size} finite "
+            f"non-negative numbers ({err})",
+            hint="e.g. spqr.member_weights=authors (member k gets (N - k) * beta, as the "
+            "authors' N optimisers) or null (beta for every member)",
+        ) from None
+
+
+def _plain(value: Any) -> Any:
+    """An OmegaConf list as a plain list (other values unchanged)."""
+    try:
+        from omegaconf import ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        return value
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
 
 
 def _validate_optim_common(cfg) -> None:
@@ -315,6 +345,8 @@ def _validate_optim_common(cfg) -> None:
     lr = cfg_float(cfg, "optim.lr", lo=0.0, lo_open=True)
     for field in ("optim.actor_lr", "optim.critic_lr", "optim.alpha_lr"):
         cfg_float(cfg, field, lr, lo=0.0, lo_open=True)
+    critic_lr = cfg_float(cfg, "optim.critic_lr", lr, lo=0.0, lo_open=True)
+    cfg_float(cfg, "optim.lagrange_lr", critic_lr, lo=0.0, lo_open=True)
     cfg_float(cfg, "optim.weight_decay", 0.0, lo=0.0)
     cfg_float(cfg, "optim.gamma", lo=0.0, hi=1.0, lo_open=True)
     cfg_float(cfg, "optim.tau", lo=0.0, hi=1.0, lo_open=True)
@@ -380,6 +412,9 @@ def validate_config(cfg, *, online: bool = True) -> None:
         cfg_sizes(cfg, "network.actor_hidden_sizes")
     cfg_bool(cfg, "network.layer_norm", False)
     cfg_float(cfg, "network.dropout", 0.0, lo=0.0, hi=1.0, hi_open=True)
+    init = cfg_choice(cfg, "network.init", INIT_SCHEMES, "default")
+    cfg_choice(cfg, "network.actor_init", INIT_SCHEMES, init)
+    _validate_log_std_clamp(cfg)
     _validate_optim_common(cfg)
     bs = cfg_int(cfg, "optim.batch_size", lo=1)
     if algo == "redq":
@@ -412,9 +447,6 @@ def validate_config(cfg, *, online: bool = True) -> None:
         size = cfg_int(cfg, "replay_buffer.size", lo=1)
         if bs > size:
             raise ConfigError(
-    init = cfg_choice(cfg, "network.init", INIT_SCHEMES, "default")
-    cfg_choice(cfg, "network.actor_init", INIT_SCHEMES, init)
-    _validate_log_std_clamp(cfg)
                 f"optim.batch_size={bs} is larger than replay_buffer.size={size}; lower "
                 "optim.batch_size or raise replay_buffer.size."
             )
@@ -444,6 +476,49 @@ def validate_config(cfg, *, online: bool = True) -> None:
         cfg_int(cfg, "optim.num_updates", lo=1)
         cfg_choice(cfg, "dataset.source", ("minari", "d4rl"), "minari")
         cfg_bool(cfg, "dataset.download", True)
+        scale = cfg_float(
+            cfg,
+            "dataset.reward_scale",
+            1.0,
+            hint="set dataset.reward_scale to a finite, non-zero number (1: unchanged rewards)",
+        )
+        if scale == 0.0:
+            raise _bad(
+                "dataset.reward_scale",
+                _get(cfg, "dataset.reward_scale"),
+                "a finite, non-zero number",
+                "scale 0 erases every reward; set dataset.reward_scale=1 for unchanged rewards",
+            )
+        cfg_float(
+            cfg,
+            "dataset.reward_shift",
+            0.0,
+            hint="set dataset.reward_shift to a finite number (0: unchanged rewards)",
+        )
+
+
+def _validate_log_std_clamp(cfg) -> None:
+    value = _raw(cfg, "network.actor_log_std_clamp", None)
+    if value is None:
+        return
+    try:
+        pair = [v for v in value] if not isinstance(value, (str, bytes)) else None
+    except TypeError:
+        pair = None
+    ok = (
+        pair is not None
+        and len(pair) == 2
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+        and all(math.isfinite(float(v)) for v in pair)
+        and float(pair[0]) < float(pair[1])
+    )
+    if not ok:
+        raise _bad(
+            "network.actor_log_std_clamp",
+            value,
+            "null or [low, high], two finite numbers with low < high",
+            hint="e.g. network.actor_log_std_clamp=[-20,2] (REDQ) or [-5,2] (EDAC / CORL)",
+        )
 
 
 def _validate_collector(cfg, total: int) -> None:
@@ -515,6 +590,26 @@ def _register_robotics_if_needed(name: str) -> None:
             ) from err
 
 
+class ClampedLogStd(nn.Module):
+    """``[loc, log_std]`` -> ``(loc, exp(clamp(log_std, low, high)))``.
+
+    The policy head of REDQ (``log_std`` clamped to [-20, 2], ``redq/algos/core.py``
+    l. 7-8, 218) and EDAC / CORL ([-5, 2]). No parameters: swapping it for
+    ``NormalParamExtractor`` keeps the actor's state dict keys.
+    """
+
+    def __init__(self, low: float, high: float) -> None:
+        super().__init__()
+        self.low, self.high = float(low), float(high)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, log_std = x.chunk(2, -1)
+        return loc, log_std.clamp(self.low, self.high).exp()
+
+    def extra_repr(self) -> str:
+        return f"low={self.low:g}, high={self.high:g}"
+
+
 def make_actor(cfg, env) -> ProbabilisticActor:
     """Tanh-Gaussian policy MLP (SAC / REDQ defaults).
 
@@ -532,6 +627,12 @@ def make_actor(cfg, env) -> ProbabilisticActor:
     init_linear_stack_(
         [m for m in mlp.modules() if isinstance(m, nn.Linear)], init, output_bound=1e-3
     )
+    clamp = _get(cfg, "network.actor_log_std_clamp")
+    if clamp is None:
+        head = NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=1e-4)
+    else:
+        head = ClampedLogStd(*clamp)
+    net = nn.Sequential(mlp, head)
     spec = env.action_spec
     return ProbabilisticActor(
         TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
@@ -549,6 +650,7 @@ def make_critics(cfg, env) -> QEnsemble:
     hidden = tuple(_get(cfg, "network.hidden_sizes"))
     layer_norm = bool(_get(cfg, "network.layer_norm", False))
     dropout = float(_get(cfg, "network.dropout", 0.0))
+    init = str(_get(cfg, "network.init", "default"))
     return QEnsemble(
         lambda: make_q_member(
             n_in, num_cells=hidden, layer_norm=layer_norm, dropout=dropout, init=init
@@ -600,26 +702,7 @@ def make_spqr_loss(cfg, base) -> SPQRLoss:
     return SPQRLoss(
         base,
         beta=float(_get(cfg, "spqr.beta", 0.0)),
-class ClampedLogStd(nn.Module):
-    """``[loc, log_std]`` -> ``(loc, exp(clamp(log_std, low, high)))``.
-
-    The policy head of REDQ (``log_std`` clamped to [-20, 2], ``redq/algos/core.py``
-    l. 7-8, 218) and EDAC / CORL ([-5, 2]). No parameters: swapping it for
-    ``NormalParamExtractor`` keeps the actor's state dict keys.
-    """
-
-    def __init__(self, low: float, high: float) -> None:
-        super().__init__()
-        self.low, self.high = float(low), float(high)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, log_std = x.chunk(2, -1)
-        return loc, log_std.clamp(self.low, self.high).exp()
-
-    def extra_repr(self) -> str:
-        return f"low={self.low:g}, high={self.high:g}"
-
-
+        member_weights=_plain(_get(cfg, "spqr.member_weights")),
         pairs=str(_get(cfg, "spqr.pairs", "next_policy")),
         filling=str(_get(cfg, "spqr.filling", "ordered")),
         density=str(_get(cfg, "spqr.density", "paper")),
@@ -629,12 +712,6 @@ class ClampedLogStd(nn.Module):
 
 def make_optimizers(cfg, base) -> dict[str, torch.optim.Optimizer]:
     """Separate Adam optimisers for the actor, the critics and the temperatures."""
-    clamp = _get(cfg, "network.actor_log_std_clamp")
-    if clamp is None:
-        head = NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=1e-4)
-    else:
-        head = ClampedLogStd(*clamp)
-    net = nn.Sequential(mlp, head)
     lr = float(_get(cfg, "optim.lr"))
     actor_lr = float(_get(cfg, "optim.actor_lr", lr))
     critic_lr = float(_get(cfg, "optim.critic_lr", lr))
@@ -646,13 +723,18 @@ def make_optimizers(cfg, base) -> dict[str, torch.optim.Optimizer]:
             list(base.qvalue_network_params.values(True, True)), lr=critic_lr, weight_decay=wd
         ),
     }
-    temps = [p for name, p in base.named_parameters() if name.startswith("log_alpha")]
-    if temps:
+    named = [(name, p) for name, p in base.named_parameters() if name.startswith("log_alpha")]
+    temps = [p for name, p in named if not name.startswith("log_alpha_prime")]
+    primes = [p for name, p in named if name.startswith("log_alpha_prime")]
+    if primes:  # CQL's Lagrange multiplier: the critics' lr, as the CQL / SPQR authors and CORL
+        lagrange_lr = float(_get(cfg, "optim.lagrange_lr", critic_lr))
+        groups = [{"params": temps, "lr": alpha_lr}] if temps else []
+        opts["alpha"] = torch.optim.Adam([*groups, {"params": primes, "lr": lagrange_lr}])
+    elif temps:
         opts["alpha"] = torch.optim.Adam(temps, lr=alpha_lr)
     return opts
 
 
-    init = str(_get(cfg, "network.init", "default"))
 def make_replay_buffer(cfg, run_dir=None) -> TensorDictReplayBuffer:
     size = int(_get(cfg, "replay_buffer.size"))
     kind = _get(cfg, "replay_buffer.storage", "lazy_tensor")

@@ -9,10 +9,16 @@ returned. Checkpoint and resume as online (the dataset itself is not copied
 into the checkpoint): ``metrics.csv`` holds one row per logging step (a
 multiple of ``logger.log_interval`` or ``logger.eval_interval`` updates, and
 the last update), whatever the interruptions and resumes.
+
+``dataset.reward_scale`` / ``dataset.reward_shift`` (``r' = scale * r + shift``) transform
+the stored rewards once, at load; the run folder's ``dataset_transform.json`` records them.
+They change the training targets only: evaluation returns and normalised scores are in the
+environment's own reward.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -42,13 +48,32 @@ def make_offline_data(cfg):
         source=str(B._get(cfg, "dataset.source", "minari")),
         root=B._get(cfg, "dataset.root"),
         download=bool(B._get(cfg, "dataset.download", True)),
+        reward_scale=float(B._get(cfg, "dataset.reward_scale", 1.0)),
+        reward_shift=float(B._get(cfg, "dataset.reward_shift", 0.0)),
     )
+
+
+def _record_transform(run_dir: Path, data) -> None:
+    """``dataset_transform.json``: the reward transform this run trained with."""
+    info = {
+        "dataset_id": data.dataset_id,
+        "source": data.source,
+        "reward_scale": data.reward_scale,
+        "reward_shift": data.reward_shift,
+        "formula": "r' = reward_scale * r + reward_shift",
+        "applied": "once, to the stored rewards at load (training targets only)",
+        "evaluation": "environment's own reward (untransformed)",
+    }
+    tmp = run_dir / "dataset_transform.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(run_dir / "dataset_transform.json")
 
 
 def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
     """Train per ``cfg`` on a fixed dataset in ``run_dir``; returns final and best evaluation."""
     run_dir, seed, device = prepare_run(cfg, run_dir, online=False)
     data = make_offline_data(cfg)
+    _record_transform(run_dir, data)
     env_name = B._get(cfg, "env.name") or data.env_id
     eval_cfg = {
         "env": {"name": env_name, "max_episode_steps": B._get(cfg, "env.max_episode_steps")}
