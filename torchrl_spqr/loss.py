@@ -55,7 +55,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,32 @@ class SPQRLoss(LossModule):
             (``step`` counts the calls of :meth:`forward` in training mode).
             SAC, CQL and TD3 sum their critic loss over members while REDQ
             averages it, so the same beta weighs differently against each.
+        member_weights: per-member multipliers of the penalty's *gradient*.
+            ``None`` (default): every member's gradient is ``beta`` times
+            ``d KL / d theta_k``. ``"authors"``: member ``k`` (0-based, in the
+            ensemble's order) gets ``(N - k) * beta`` times it, which is what
+            the authors' CQL-N update does (``dohyeoklee/SPQR``,
+            ``SPQR-CQL-Min/rlkit/torch/sac/cql.py``): the shared term
+            ``beta * rmt_loss`` is added to each of the N critics' losses
+            (lines 378-380), and the critics' losses are back-propagated in
+            the order ``qf1, qf2, qfs[0], ...``, each after zeroing only its
+            own optimiser's gradients, all optimiser steps coming after the
+            last backward (lines 388-407). Member ``k`` therefore keeps the
+            shared term's gradient from losses ``k..N-1`` (``N - k`` copies)
+            and loses those of ``0..k-1`` to its ``zero_grad``: for N = 6,
+            beta = 2 the members get 12, 10, 8, 6, 4, 2 (mean 7). Its own
+            TD and CQL terms reach it once. The weights are not normalised:
+            Adam removes a common scale of a member's whole gradient but not
+            the ratio of the SPQR part to the TD/CQL part, which is what the
+            weighting changes. Or a sequence of ``N`` finite non-negative
+            weights ``w_k`` (member ``k``'s gradient is ``w_k * beta * dKL``;
+            ``[1] * N`` is the default). The weights act per member on the
+            Q-values (``q_k`` keeps its value, its gradient from the penalty
+            is scaled by ``w_k``), exact for critics with separate parameters
+            (as :class:`~torchrl_spqr.QEnsemble` and TorchRL's stacked critics
+            have). They index members, not matrix positions (with
+            ``filling="random"`` too), and do not change any reported value:
+            ``loss_spqr`` stays ``beta * KL`` and ``spqr_kl`` the KL.
         pairs: ``"next_policy"`` (default, authors), ``"data"`` or ``"policy"``.
         filling, density, rho, eps: see :func:`torchrl_spqr.functional.spqr_kl`
             (``0 < rho <= 1``, ``eps >= 0``; ``rho < 1`` and ``eps > 0`` for
@@ -234,6 +260,7 @@ class SPQRLoss(LossModule):
         qvalue_network: QEnsemble | None = None,
         actor_network: TensorDictModuleBase | None = None,
         beta: float | Callable[[int], float] = 1.0,
+        member_weights: str | Sequence[float] | None = None,
         pairs: str = "next_policy",
         filling: F.Filling = "ordered",
         density: F.Density = "paper",
@@ -343,6 +370,13 @@ class SPQRLoss(LossModule):
             raise ValueError(f"beta must be a finite non-negative number, got {beta0}.")
         self.register_buffer("beta", torch.tensor(beta0))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        weights = _member_weights(member_weights, self.num_members)
+        #: the per-member gradient multipliers as floats (``None``: beta for every member)
+        self.member_weights: tuple[float, ...] | None = (
+            None if weights is None else tuple(weights.tolist())
+        )
+        # not in the state dict: set by the constructor, like pairs and filling
+        self.register_buffer("_member_w", weights, persistent=False)
 
     # ------------------------------------------------------------ transparency
     def __getattr__(self, name: str) -> Any:
@@ -679,7 +713,10 @@ class SPQRLoss(LossModule):
                 F._warn_unused(self.num_members, positions.numel())
             if self.density == "paper" and F.matrix_side(self.num_members) >= 5:
                 F._warn_paper_large(self.num_members)
-            eig = F.spqr_eigenvalues(q_vals, self.filling, positions=positions)
+            q_pen = q_vals
+            if beta > 0 and self._member_w is not None:
+                q_pen = _weight_member_grads(q_vals, self._member_w)
+            eig = F.spqr_eigenvalues(q_pen, self.filling, positions=positions)
             kl_el = F.spectral_kl(eig, rho=self.rho, eps=self.eps, density=self.density)
             kl = self._reduce_loss(kl_el, tensordict, weights=weights).to(q.dtype)
             loss_spqr = beta * kl if beta > 0 else self._zero_loss(tensordict, device)
@@ -858,6 +895,76 @@ def _beta_value(value: Any, what: str) -> float:
         f"{what} must be a real number (or beta a callable step -> number), got {value!r} "
         f"({type(value).__name__}). Pass e.g. beta=1.0, not a string."
     )
+
+
+def _member_weights(spec: Any, n: int) -> Tensor | None:
+    """``member_weights`` as a float32 ``[n]`` tensor (``None`` for ``None``); clear errors."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec == "authors":
+            return torch.arange(n, 0, -1, dtype=torch.float32)
+        raise ValueError(
+            f"member_weights={spec!r} is not a known weighting: use 'authors' (member k gets "
+            f"(N - k) * beta, as the authors' N optimisers), a sequence of N={n} non-negative "
+            "weights, or None (beta for every member)."
+        )
+    if isinstance(spec, Tensor):
+        if spec.dim() != 1:
+            raise ValueError(
+                f"member_weights must be 1-D (one weight per member, N={n}), got a tensor of "
+                f"shape {tuple(spec.shape)}."
+            )
+        spec = spec.detach().cpu().tolist()
+    try:
+        if isinstance(spec, (bytes, dict)):
+            raise TypeError
+        values = list(spec)  # a list, tuple, or e.g. an OmegaConf ListConfig
+    except TypeError:
+        raise TypeError(
+            f"member_weights must be 'authors', a sequence of N={n} weights or None, got "
+            f"{spec!r} ({type(spec).__name__})."
+        ) from None
+    if len(values) != n:
+        raise ValueError(
+            f"member_weights has {len(values)} entries but the ensemble has N={n} members: give "
+            "one weight per member."
+        )
+    out = []
+    for k, v in enumerate(values):
+        if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point():
+            v = float(v)
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise TypeError(
+                f"member_weights[{k}] = {v!r} ({type(v).__name__}): each member weight must be "
+                "a real number."
+            )
+        w = float(v)
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(
+                f"member_weights[{k}] = {w}: each member weight must be a finite non-negative "
+                "number."
+            )
+        out.append(w)
+    if not any(out):
+        raise ValueError(
+            "member_weights are all 0: no member would receive the SPQR gradient; use beta=0 "
+            "to switch the penalty off."
+        )
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _weight_member_grads(q: Tensor, w: Tensor) -> Tensor:
+    """``q`` unchanged in value (bit for bit), its gradient scaled by ``w[k]`` on member ``k``.
+
+    ``q.detach() + (q w - (q w).detach())``: the bracket is exactly 0 for finite
+    values, so the forward is ``q`` itself; the gradient reaches ``q`` only through
+    ``q w``. Member ``k``'s parameters reach the penalty only through ``q[k]``, so
+    its parameter gradient is ``w[k]`` times the unweighted one (chain rule).
+    """
+    wq = w.to(device=q.device, dtype=q.dtype).reshape(-1, *([1] * (q.dim() - 1)))
+    scaled = q * wq
+    return q.detach() + (scaled - scaled.detach())
 
 
 def _next(key: NestedKey) -> tuple[str, ...]:
