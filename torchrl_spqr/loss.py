@@ -742,7 +742,7 @@ class SPQRLoss(LossModule):
                 pval = D.spike_pvalue(spike, d)
                 # members that coincide at a pair: the test is undefined there (left out;
                 # NaN when every pair is degenerate), never counted as "independent"
-                valid = ~D._degenerate(qd.to(q.dtype))  # the tolerance of the critics' dtype
+                valid = ~D.degenerate_mask(qd.to(q.dtype), num_members=self.num_members)
                 accept = ((pval >= self.level) & valid).to(qd.dtype)
                 spike_red = spike.mean() if self.reduction == "none" else self._reduce(spike)
                 self._write(td_out, "spqr_spike", spike_red)
