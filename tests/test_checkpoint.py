@@ -418,18 +418,31 @@ def _launch(run):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
 
+def _rows_logged(run) -> int:
+    path = run / "metrics.csv"
+    try:
+        return max(0, len(path.read_text().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
 def _kill_at_random(run, rng, max_delay):
-    """Start the run, wait until it trains (a new checkpoint), SIGKILL it after a random delay."""
-    manifest = run / "checkpoint" / C.MANIFEST
-    before = manifest.stat().st_mtime_ns if manifest.exists() else None
+    """Start the run and SIGKILL it at a random point of its training.
+
+    The point is drawn in training progress, not wall time, so that a fast machine
+    (where the whole tiny run takes a few seconds) is hit as surely as a slow one: wait
+    until a random number of new rows (1 to 9 of the run's 12) is logged, then a random
+    fraction of ``max_delay`` / 40 seconds (inside an update, a save or an evaluation).
+    """
+    start_rows = _rows_logged(run)
+    target = start_rows + rng.randint(1, 9)
     proc = _launch(run)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        now = manifest.stat().st_mtime_ns if manifest.exists() else None
-        if now is not None and now != before:
+        if _rows_logged(run) >= target:
             break
-        time.sleep(0.02)
-    delay = rng.uniform(0, max_delay)
+        time.sleep(0.005)
+    delay = rng.uniform(0, max_delay / 40)
     time.sleep(delay)
     finished = proc.poll() is not None
     proc.send_signal(signal.SIGKILL) if not finished else None

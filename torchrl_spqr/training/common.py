@@ -194,8 +194,14 @@ class RunContext:
             # evaluation): the loop completes and writes it first (unless it got written)
             self.owed = owed if owed and (last is None or last < step) else None
             resumed = True
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run does not append to an old one
+        else:
+            # a fresh run (also one killed before its first checkpoint, then restarted)
+            # does not append to an old one: neither to metrics.csv nor to TorchRL's CSV
+            # scalar logs, which would otherwise repeat the steps logged before the kill
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            for p in (self.run_dir / "logs").rglob("scalars/*.csv"):
+                truncate_csv(p, -math.inf, step_field=0, header=False)
         self.writer = _MetricsWriter(self.metrics_path)
         self.logger = _make_logger(self.cfg, self.run_dir)
         return resumed
