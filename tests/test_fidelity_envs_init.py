@@ -197,6 +197,7 @@ def test_validate_network_init_fields():
         ("edac", "edac", [-5, 2]),
         ("redq", "redq", [-20, 2]),
         ("sac_ens", "redq", [-20, 2]),
+        ("cql", "edac", [-5, 2]),  # the SPQR authors' rlkit networks
     ],
 )
 def test_script_defaults(algo, init, clamp):
