@@ -26,7 +26,12 @@ SCRIPT = ROOT / "benchmarks" / "learning" / "paper_scale.sh"
 def _plan(tmp_path: Path, **env: str) -> tuple[str, list[list[str]]]:
     run_env = {**os.environ, "DRY_RUN": "1", "OUT_DIR": str(tmp_path / "out"), **env}
     res = subprocess.run(
-        ["bash", str(SCRIPT)], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120
+        ["bash", str(SCRIPT)],
+        cwd=tmp_path,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
@@ -89,7 +94,12 @@ def test_paper_scale_plan_fits_the_budget(tmp_path):
     _, fast = _plan(tmp_path, DEVICE="cuda", ASSUMED_RATE="100000")
 
     def total(cmds):
-        return {int(a.split("=", 1)[1]) for c in cmds for a in c if a.startswith("collector.total_frames=")}
+        return {
+            int(a.split("=", 1)[1])
+            for c in cmds
+            for a in c
+            if a.startswith("collector.total_frames=")
+        }
 
     (f_slow,), (f_fast,) = total(slow), total(fast)
     assert 10_000 <= f_slow < f_fast == 300_000
