@@ -44,6 +44,7 @@ __all__ = [
     "member_positions",
     "check_ensemble_values",
     "check_density_params",
+    "real_number",
     "ensemble_to_matrices",
     "normalize_matrices",
     "spqr_eigenvalues",
@@ -87,11 +88,16 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in _LOW_PRECISION else x
 
 
-def _real(name: str, value) -> float:
+def real_number(name: str, value, *, hint: str | None = None) -> float:
     """``value`` as a Python float, or a TypeError naming ``name`` when it is not a real number.
 
     Accepts Python/NumPy reals and one-element real tensors; refuses strings,
-    booleans, complex numbers and anything else.
+    booleans, complex numbers and anything else. ``hint`` replaces the default
+    advice at the end of the message.
+
+    Examples:
+        >>> real_number("rho", 0.5)
+        0.5
     """
     if isinstance(value, Tensor):
         if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
@@ -100,7 +106,7 @@ def _real(name: str, value) -> float:
         return float(value)
     raise TypeError(
         f"{name} must be a real number (int or float), got {value!r} "
-        f"({type(value).__name__}). Pass e.g. {name}=0.5, not a string."
+        f"({type(value).__name__}). " + (hint or f"Pass e.g. {name}=0.5, not a string.")
     )
 
 
@@ -118,7 +124,7 @@ def check_density_params(rho: float, eps: float, density: str = "paper") -> tupl
         >>> check_density_params(0.5, 0.01)
         (0.5, 0.01)
     """
-    rho_f, eps_f = _real("rho", rho), _real("eps", eps)
+    rho_f, eps_f = real_number("rho", rho), real_number("eps", eps)
     if not (math.isfinite(rho_f) and 0.0 < rho_f <= 1.0):
         raise ValueError(
             f"rho must be in (0, 1] (the weight of the semicircle term; authors: 0.5), got {rho}."

@@ -886,14 +886,10 @@ class SPQRLoss(LossModule):
 
 def _beta_value(value: Any, what: str) -> float:
     """A beta (or a schedule's value) as a float; TypeError for a non-number (e.g. ``"1"``)."""
-    if isinstance(value, Tensor):
-        if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
-            return float(value)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    raise TypeError(
-        f"{what} must be a real number (or beta a callable step -> number), got {value!r} "
-        f"({type(value).__name__}). Pass e.g. beta=1.0, not a string."
+    return F.real_number(
+        what,
+        value,
+        hint="beta may also be a callable step -> number; pass e.g. beta=1.0, not a string.",
     )
 
 
