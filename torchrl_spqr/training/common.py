@@ -7,6 +7,7 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,31 @@ class RunContext:
                 "train": bool(self.owed.get("train", False)),
             }
         save_checkpoint(self.run_dir, state, self.buffer)
+
+    def write_owed(
+        self,
+        eval_part: Callable[[dict[str, Any]], None],
+        train_part: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """Complete the owed row (its training metrics, then its evaluation) and write it.
+
+        Without ``train_part`` (on resume, where the interrupted run stored them already)
+        only the evaluation still owed is run.
+        """
+        owed = self.owed
+        if train_part is not None and owed["train"]:
+            owed["row"].update(train_part())
+            owed["train"] = False
+        if owed["eval"]:
+            eval_part(owed["row"])
+            owed["eval"] = False
+        self.log(owed["row"])
+
+    def keep_owed_train(self, train_part: Callable[[], dict[str, Any]]) -> None:
+        """On interruption: the owed row keeps the training metrics of the last update."""
+        if self.owed is not None and self.owed.get("train"):
+            self.owed["row"].update(train_part())
+            self.owed["train"] = False
 
     def log(self, row: dict[str, Any]) -> None:
         st = self.state

@@ -124,9 +124,7 @@ def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
 
     try:
         if run.owed is not None:  # the row due when the run was interrupted
-            if run.owed["eval"]:
-                eval_part(run.owed["row"])
-            run.log(run.owed["row"])
+            run.write_owed(eval_part)
         while st["updates"] < total:
             t0 = time.perf_counter()
             last_out = _update(loss, data.buffer, optims, updater, device)
@@ -138,13 +136,7 @@ def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
             n_window += 1
             st["time_s"] += time.perf_counter() - t0
             if row is not None:
-                if due_log:
-                    row.update(train_part())
-                    run.owed["train"] = False
-                if due_eval:
-                    eval_part(row)
-                    run.owed["eval"] = False
-                run.log(row)
+                run.write_owed(eval_part, train_part)
             if st["updates"] % ckpt_every == 0:
                 run.checkpoint()
             if pbar is not None:
@@ -152,9 +144,7 @@ def train_offline(cfg, run_dir: str | Path) -> dict[str, float]:
                 if row is not None:
                     pbar.set_postfix(score=st["last_score"], ret=st["last_eval"])
     finally:
-        if run.owed is not None and run.owed.get("train"):
-            run.owed["row"].update(train_part())
-            run.owed["train"] = False
+        run.keep_owed_train(train_part)  # the owed row keeps its training metrics
         if pbar is not None:
             pbar.close()
         run.close()

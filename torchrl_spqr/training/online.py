@@ -71,7 +71,7 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
     st = run.state
     if run.maybe_resume():
         print(f"resumed from {run_dir / 'checkpoint'} at frame {st['frames']}")
-    checkpoint, log = run.checkpoint, run.log
+    checkpoint = run.checkpoint
 
     remaining = total - st["frames"]
     pbar = _progress(total, st["frames"], bool(B._get(cfg, "logger.progress", True)))
@@ -101,9 +101,7 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
 
     try:
         if run.owed is not None:  # the row due when the run was interrupted
-            if run.owed["eval"]:
-                eval_part(run.owed["row"])
-            log(run.owed["row"])
+            run.write_owed(eval_part)
         if remaining > 0:
             collector = B.make_collector(
                 cfg,
@@ -143,13 +141,7 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                 st["time_s"] += now - t_prev
                 t_prev = now
                 if row is not None:
-                    if due_log:
-                        row.update(train_part())
-                        run.owed["train"] = False
-                    if due_eval:
-                        eval_part(row)
-                        run.owed["eval"] = False
-                    log(row)
+                    run.write_owed(eval_part, train_part)
                 if st["frames"] % ckpt_every < n:
                     checkpoint()
                 if pbar is not None:
@@ -160,9 +152,7 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
                 if st["frames"] >= total:  # asynchronous workers may still be running
                     break
     finally:  # Ctrl-C or an error: stop the workers, keep what was logged, checkpoint
-        if run.owed is not None and run.owed.get("train"):
-            run.owed["row"].update(train_part())  # the owed row keeps its training metrics
-            run.owed["train"] = False
+        run.keep_owed_train(train_part)  # the owed row keeps its training metrics
         B.shutdown_collector(collector)
         if pbar is not None:
             pbar.close()
