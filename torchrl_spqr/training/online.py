@@ -54,8 +54,6 @@ def train_online(cfg, run_dir: str | Path) -> dict[str, float]:
     env = B.make_environment(cfg, seed)
     eval_env = B.make_environment(cfg, seed + 10_000)
     actor, loss, base, optims, updater = B.make_agent(cfg, env, device)
-    if bool(B._get(cfg, "compile.cudagraphs", False)) and device.type != "cuda":
-        raise B.ConfigError("compile.cudagraphs=true needs a CUDA device.")
     loss_fn = torch.compile(loss) if bool(B._get(cfg, "compile.compile", False)) else loss
     buffer = B.make_replay_buffer(cfg, run_dir)
 
