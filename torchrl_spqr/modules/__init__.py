@@ -1,0 +1,21 @@
+"""Networks: the critic ensemble and the batched MLP that evaluates it (layer 1).
+
+Like TorchRL's ``torchrl.modules``, this package holds modules only: no losses, data or
+training loops. Objectives (:mod:`torchrl_spqr.objectives`) build on it.
+"""
+
+from torchrl_spqr.modules.ensemble import (
+    INIT_SCHEMES,
+    BatchedMLP,
+    QEnsemble,
+    init_linear_stack_,
+    make_q_member,
+)
+
+__all__ = [
+    "INIT_SCHEMES",
+    "BatchedMLP",
+    "QEnsemble",
+    "init_linear_stack_",
+    "make_q_member",
+]
