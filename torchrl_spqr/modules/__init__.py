@@ -11,6 +11,7 @@ from torchrl_spqr.modules.ensemble import (
     init_linear_stack_,
     make_q_member,
 )
+from torchrl_spqr.modules.multiagent import MultiAgentQNet
 
 __all__ = [
     "INIT_SCHEMES",
@@ -18,4 +19,5 @@ __all__ = [
     "QEnsemble",
     "init_linear_stack_",
     "make_q_member",
+    "MultiAgentQNet",
 ]
