@@ -1242,7 +1242,7 @@ def checkpoint_q_values(
             rollout), ``"buffer"``, ``"dataset"`` or ``"rollout"``.
         seed: seed of the batch draw and of the policy's samples.
     """
-    from torchrl_spqr.loss import SPQRLoss
+    from torchrl_spqr.objectives.spqr import SPQRLoss
 
     run_dir = Path(run_dir)
     kind, path = _find_checkpoint(run_dir)
