@@ -6,14 +6,14 @@ random matrices built from their Q-values with Wigner's semicircle law.
 """
 
 from torchrl_spqr import diagnostics, functional
-from torchrl_spqr.ensemble import QEnsemble, make_q_member
 from torchrl_spqr.functional import spqr_kl
-from torchrl_spqr.loss import SPQRLoss
+from torchrl_spqr.modules import QEnsemble, make_q_member
 from torchrl_spqr.objectives import (
     CQLNLoss,
     EDACLoss,
     ReferenceREDQLoss,
     SACNLoss,
+    SPQRLoss,
     mbpo_target_entropy,
 )
 

@@ -45,6 +45,9 @@ __all__ = [
     "check_ensemble_values",
     "check_density_params",
     "real_number",
+    "upcast",
+    "warn_unused",
+    "warn_paper_large",
     "ensemble_to_matrices",
     "normalize_matrices",
     "spqr_eigenvalues",
@@ -83,8 +86,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _LAYOUT_WARN_MIN_ROWS = 100
 
 
-def _upcast(x: Tensor) -> Tensor:
-    """``x`` in float32 when it is float16/bfloat16 (autograd flows through the cast)."""
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is float16/bfloat16 (autograd flows through the cast).
+
+    The eigensolvers do not support half precision, so SPQR computes in float32 there.
+    """
     return x.float() if x.dtype in _LOW_PRECISION else x
 
 
@@ -329,7 +335,12 @@ def check_ensemble_values(
     return q
 
 
-def _warn_unused(n: int, t: int) -> None:
+def warn_unused(n: int, t: int) -> None:
+    """Warn once per ``n`` that ordered filling uses only the first ``t`` of ``n`` members.
+
+    Silent when ``n == t`` (a triangular number). The warning points two frames up
+    (the caller of the function that calls this one).
+    """
     if n != t and n not in _warned_unused:
         _warned_unused.add(n)
         warnings.warn(
@@ -341,7 +352,11 @@ def _warn_unused(n: int, t: int) -> None:
         )
 
 
-def _warn_paper_large(n: int) -> None:
+def warn_paper_large(n: int) -> None:
+    """Warn once per ``n`` that ``density="paper"`` does not penalise spikes for ``d >= 5``.
+
+    The caller decides when it applies (paper density and ``matrix_side(n) >= 5``).
+    """
     if n not in _warned_paper_large:
         _warned_paper_large.add(n)
         warnings.warn(
@@ -555,14 +570,14 @@ def spqr_kl(
     rho, eps = check_density_params(rho, eps, density)
     q = check_ensemble_values(q, num_members=num_members)
     out_dtype = q.dtype
-    q = _upcast(q)
+    q = upcast(q)
     n = q.shape[0]
     d = matrix_side(n)
     t = d * (d + 1) // 2
     if filling == "ordered":
-        _warn_unused(n, t)
+        warn_unused(n, t)
     if density == "paper" and d >= 5:
-        _warn_paper_large(n)
+        warn_paper_large(n)
     eig = spqr_eigenvalues(q, filling, generator=generator)
     kl = spectral_kl(eig, rho=rho, eps=eps, density=density)
     if reduction == "mean":

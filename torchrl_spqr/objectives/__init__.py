@@ -1,19 +1,23 @@
-"""Loss modules: the package's ensemble losses and the member-values protocol SPQR reads."""
+"""Loss modules: SPQR, the package's ensemble losses and the member-values protocol SPQR reads.
+
+One loss per module, as in ``torchrl.objectives``: :mod:`~torchrl_spqr.objectives.spqr`
+(``SPQRLoss``), :mod:`~torchrl_spqr.objectives.sac_n`, :mod:`~torchrl_spqr.objectives.redq`,
+:mod:`~torchrl_spqr.objectives.edac`, :mod:`~torchrl_spqr.objectives.cql_n` (their shared
+base in :mod:`~torchrl_spqr.objectives.common`), :mod:`~torchrl_spqr.objectives.cql` and
+:mod:`~torchrl_spqr.objectives.torchrl_losses` (TorchRL's losses with ``N`` critics).
+"""
 
 from torchrl_spqr.objectives.cql import EnsembleCQLLoss
-from torchrl_spqr.objectives.ensemble import (
-    MBPO_TARGET_ENTROPY,
-    CQLNLoss,
-    EDACLoss,
-    ReferenceREDQLoss,
-    SACNLoss,
-    mbpo_target_entropy,
-)
+from torchrl_spqr.objectives.cql_n import CQLNLoss
+from torchrl_spqr.objectives.edac import EDACLoss
 from torchrl_spqr.objectives.member_values import (
     MemberValuesMixin,
     MemberValuesRequest,
     serves_member_values,
 )
+from torchrl_spqr.objectives.redq import MBPO_TARGET_ENTROPY, ReferenceREDQLoss, mbpo_target_entropy
+from torchrl_spqr.objectives.sac_n import SACNLoss
+from torchrl_spqr.objectives.spqr import SPQRLoss
 from torchrl_spqr.objectives.torchrl_losses import (
     EnsembleREDQLoss,
     EnsembleSACLoss,
@@ -32,6 +36,7 @@ __all__ = [
     "MemberValuesRequest",
     "ReferenceREDQLoss",
     "SACNLoss",
+    "SPQRLoss",
     "mbpo_target_entropy",
     "serves_member_values",
 ]

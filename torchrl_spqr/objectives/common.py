@@ -1,4 +1,9 @@
-"""Ensemble actor-critic losses the SPQR paper builds on: SAC-N, REDQ, CQL-N, EDAC.
+"""The shared base of the ensemble actor-critic losses the SPQR paper builds on.
+
+The losses themselves live one per module: :mod:`~torchrl_spqr.objectives.sac_n`
+(SAC-N), :mod:`~torchrl_spqr.objectives.redq` (REDQ),
+:mod:`~torchrl_spqr.objectives.edac` (EDAC) and :mod:`~torchrl_spqr.objectives.cql_n`
+(CQL-N).
 
 TorchRL deviates from the originals in places (its ``CQLLoss`` fixes 2
 critics, it has no EDAC, its ``REDQLoss`` updates the actor at every gradient
@@ -47,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictParams, dispatch
+from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictParams
 from tensordict.utils import NestedKey
 from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
@@ -61,73 +66,20 @@ from torchrl.objectives.utils import (
 )
 from torchrl.objectives.value import ValueEstimatorBase
 
-from torchrl_spqr.ensemble import BatchedMLP, QEnsemble
+from torchrl_spqr.modules.ensemble import BatchedMLP, QEnsemble
 from torchrl_spqr.objectives.member_values import MemberValuesMixin
+from torchrl_spqr.objectives.utils import as_members, key_str, next_key, plain_key
 
-__all__ = [
-    "MBPO_TARGET_ENTROPY",
-    "mbpo_target_entropy",
-    "SACNLoss",
-    "ReferenceREDQLoss",
-    "CQLNLoss",
-    "EDACLoss",
-]
-
-#: Target entropies used by MBPO and the REDQ reference code, per environment family.
-MBPO_TARGET_ENTROPY: dict[str, float] = {
-    "Hopper": -1.0,
-    "HalfCheetah": -3.0,
-    "Walker2d": -3.0,
-    "Ant": -4.0,
-    "Humanoid": -2.0,
-}
+__all__ = ["EnsembleLossBase", "critic_metadata"]
 
 
-def mbpo_target_entropy(env_name: str, default: float | None = None) -> float:
-    """MBPO / REDQ target entropy for a Gymnasium MuJoCo id such as ``"Hopper-v5"``.
+class EnsembleLossBase(MemberValuesMixin, LossModule):
+    """Shared machinery of the ensemble actor-critic losses: subclass it, do not use it directly.
 
-    Environments outside the MBPO table raise ``KeyError`` unless ``default`` is given.
+    Subclasses implement ``forward`` from the documented pieces (``_critic_target``,
+    ``_critic_regression``, ``_actor_out``, ``_finish``), as :class:`SACNLoss`,
+    :class:`ReferenceREDQLoss`, :class:`EDACLoss` and :class:`CQLNLoss` do.
     """
-    family = env_name.split("-")[0].split("/")[-1]
-    if family not in MBPO_TARGET_ENTROPY:
-        if default is not None:
-            return float(default)
-        raise KeyError(
-            f"No MBPO target entropy for {env_name!r}; known families: {sorted(MBPO_TARGET_ENTROPY)}."
-        )
-    return MBPO_TARGET_ENTROPY[family]
-
-
-def _as_members(qvalue_network, num_qvalue_nets: int | None) -> list[TensorDictModuleBase]:
-    if isinstance(qvalue_network, QEnsemble):
-        if num_qvalue_nets is not None and num_qvalue_nets != qvalue_network.num_members:
-            raise ValueError(
-                f"num_qvalue_nets={num_qvalue_nets} but the QEnsemble has "
-                f"{qvalue_network.num_members} members."
-            )
-        return qvalue_network.members()
-    if isinstance(qvalue_network, (list, tuple)):
-        members = list(qvalue_network)
-        if num_qvalue_nets is not None and num_qvalue_nets != len(members):
-            raise ValueError(
-                f"num_qvalue_nets={num_qvalue_nets} but {len(members)} critics were given."
-            )
-        ids = {id(p) for m in members for p in m.parameters()}
-        if len(ids) != sum(1 for m in members for _ in m.parameters()):
-            raise ValueError(
-                "The critics share parameter tensors (e.g. [q] * N): pass independently "
-                "built members (QEnsemble or [make_q() for _ in range(N)])."
-            )
-        return members
-    raise TypeError(
-        "qvalue_network must be a QEnsemble or a list of independently built critics; a single "
-        "module would be expanded and resampled by TorchRL, which leaves constant tensors "
-        "identical across members."
-    )
-
-
-class _EnsembleLoss(MemberValuesMixin, LossModule):
-    """Shared machinery of the ensemble actor-critic losses (not for direct use)."""
 
     @dataclass
     class _AcceptedKeys:
@@ -195,7 +147,7 @@ class _EnsembleLoss(MemberValuesMixin, LossModule):
         self._in_keys = None
         self._out_keys = None
         super().__init__()
-        members = _as_members(qvalue_network, num_qvalue_nets)
+        members = as_members(qvalue_network, num_qvalue_nets)
         n = len(members)
         if n < min_members:
             raise ValueError(
@@ -418,7 +370,7 @@ class _EnsembleLoss(MemberValuesMixin, LossModule):
                 ("next", self.tensor_keys.done),
                 ("next", self.tensor_keys.terminated),
                 *self.actor_network.in_keys,
-                *[_next(k) for k in self.actor_network.in_keys],
+                *[next_key(k) for k in self.actor_network.in_keys],
                 *self.qvalue_network.in_keys,
             ]
             return list(dict.fromkeys(keys))
@@ -461,11 +413,13 @@ class _EnsembleLoss(MemberValuesMixin, LossModule):
 
     def _check_batch(self, tensordict: TensorDictBase) -> None:
         present = set(tensordict.keys(True, True))
-        optional = {_norm(("next", self.tensor_keys.done))}
-        missing = [k for k in self.in_keys if _norm(k) not in present and _norm(k) not in optional]
+        optional = {plain_key(("next", self.tensor_keys.done))}
+        missing = [
+            k for k in self.in_keys if plain_key(k) not in present and plain_key(k) not in optional
+        ]
         if missing:
             raise KeyError(
-                f"{type(self).__name__} needs keys {[_fmt(k) for k in missing]} in the batch."
+                f"{type(self).__name__} needs keys {[key_str(k) for k in missing]} in the batch."
             )
 
     # ----------------------------------------------------------- reset
@@ -614,7 +568,7 @@ class _EnsembleLoss(MemberValuesMixin, LossModule):
         tensordict.set(
             self.tensor_keys.priority, (pred.detach() - y.unsqueeze(0)).abs().max(0).values
         )
-        return {"loss_qvalue": self._reduce(loss, tensordict), **_critic_metadata(pred, y)}
+        return {"loss_qvalue": self._reduce(loss, tensordict), **critic_metadata(pred, y)}
 
     def _finish(self, tensordict: TensorDictBase, out: dict[str, Tensor]) -> TensorDictBase:
         bs = tensordict.batch_size if self.reduction == "none" else torch.Size([])
@@ -627,381 +581,6 @@ class _EnsembleLoss(MemberValuesMixin, LossModule):
         return td_out
 
 
-def _critic_metadata(pred: Tensor, y: Tensor) -> dict[str, Tensor]:
+def critic_metadata(pred: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Detached ``q_mean`` (online prediction) and ``target_value`` (TD target) means."""
     return {"q_mean": pred.detach().mean(), "target_value": y.detach().mean()}
-
-
-class SACNLoss(_EnsembleLoss):
-    """SAC-N / SAC-Ens (An et al. 2021; Chen et al. 2021's SAC-Ens baseline).
-
-    ``N`` critics, min over all ``N`` target members for the soft TD target and
-    over all ``N`` online members for the actor, squared-error critic loss
-    summed over members and averaged over the batch (as in the SAC-N reference
-    code), automatic entropy tuning.
-
-    Args:
-        actor_network: a probabilistic actor (e.g. ``ProbabilisticActor`` with
-            ``TanhNormal``).
-        qvalue_network: a :class:`~torchrl_spqr.QEnsemble` or a list of
-            independently built critics.
-
-    Keyword Args:
-        num_qvalue_nets: optional check of ``N``.
-        gamma: discount (default 0.99). Kept in the ``gamma`` buffer (saved in
-            the state dict, schedulable with ``loss.gamma = 0.98``) and used by
-            whichever value estimator :meth:`make_value_estimator` set (TD(0) by
-            default); ``make_value_estimator(gamma=...)`` also sets it.
-        alpha_init, fixed_alpha, target_entropy, action_spec: entropy
-            temperature settings (``target_entropy="auto"`` is ``-dim(A)``).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (through TorchRL's
-            ``_reduce_loss``: priority weights and loss masks apply).
-        deactivate_vmap: evaluate the members in a Python loop instead of one
-            batched / vmapped call (same values up to float round-off).
-        use_prioritized_weights: ``"auto"`` (default) or ``True`` weighs the
-            per-element losses with the batch's ``priority_weight`` entry when
-            present (prioritized replay); ``False`` ignores it.
-
-    A keyword call returns the ``out_keys`` as a tuple::
-
-        loss_actor, loss_qvalue, loss_alpha, alpha, entropy, q_mean, target_value = loss(
-            observation=obs, action=act, next_observation=obs2, next_reward=r,
-            next_done=done, next_terminated=term)
-
-    Examples:
-        >>> import torch
-        >>> from torch import nn
-        >>> from tensordict import TensorDict
-        >>> from tensordict.nn import NormalParamExtractor, TensorDictModule
-        >>> from torchrl.data import Bounded
-        >>> from torchrl.modules import ProbabilisticActor, TanhNormal
-        >>> from torchrl_spqr import QEnsemble, make_q_member
-        >>> from torchrl_spqr.objectives import SACNLoss
-        >>> actor = ProbabilisticActor(
-        ...     TensorDictModule(nn.Sequential(nn.Linear(4, 4), NormalParamExtractor()),
-        ...                      in_keys=["observation"], out_keys=["loc", "scale"]),
-        ...     in_keys=["loc", "scale"], distribution_class=TanhNormal,
-        ...     spec=Bounded(-1.0, 1.0, (2,)), return_log_prob=True)
-        >>> loss = SACNLoss(actor, QEnsemble(lambda: make_q_member(6, num_cells=(16,)), 5))
-        >>> data = TensorDict({"observation": torch.randn(8, 4), "action": torch.rand(8, 2) * 2 - 1,
-        ...     "next": {"observation": torch.randn(8, 4), "reward": torch.randn(8, 1),
-        ...              "done": torch.zeros(8, 1, dtype=torch.bool),
-        ...              "terminated": torch.zeros(8, 1, dtype=torch.bool)}}, [8])
-        >>> out = loss(data)
-        >>> sorted(k for k in out.keys() if k.startswith("loss_"))
-        ['loss_actor', 'loss_alpha', 'loss_qvalue']
-    """
-
-    def _critic_out(self, tensordict: TensorDictBase) -> dict[str, Tensor]:
-        y, next_in = self._critic_target(tensordict)
-        return self._critic_regression(tensordict, y, next_in)
-
-    @dispatch
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        self._check_batch(tensordict)
-        out = self._critic_out(tensordict)
-        out.update(self._actor_out(tensordict, "min"))
-        return self._finish(tensordict, out)
-
-
-class ReferenceREDQLoss(_EnsembleLoss):
-    """REDQ as in Chen et al. 2021 and its reference code.
-
-    Mapping to the paper: ``N = num_qvalue_nets`` (10) critics; the soft TD
-    target takes the min over a random subset of ``M = sub_sample_len`` (2)
-    *target* critics, drawn afresh at each critic update; the critic loss is
-    the squared error summed over members (the reference code multiplies the
-    member-mean MSE by ``N``); the actor maximises the *mean* over all ``N``
-    online critics; entropy is tuned automatically (MBPO target entropies via
-    :func:`mbpo_target_entropy`). The update-to-data ratio ``G`` (20) is the
-    number of calls per environment step, and the policy (and alpha) is
-    updated once per ``policy_update_delay`` calls (set it to ``G``, as the
-    reference code does).
-
-    On the calls where the policy is not due, the forward runs the critic-only
-    path: no actor loss, no critic pass at policy actions; ``loss_actor`` and
-    ``loss_alpha`` are returned as zeros (no gradient), so summing the
-    ``loss_*`` entries stays correct. ``actor_updated`` in the output says
-    which path ran.
-
-    Unlike TorchRL's ``REDQLoss``: squared error (not smooth-L1), no alpha
-    clamping, the policy updated every ``G`` calls, and the next action drawn
-    from the current policy (as in the reference code). Named ``REDQLoss``
-    up to version 0.1 (the old name still works for one release, with a
-    ``FutureWarning``); for TorchRL's semantics use
-    :class:`torchrl.objectives.REDQLoss`.
-
-    ``out_keys`` has no ``entropy``: the critic-only calls do not sample the
-    policy (the tensordict output has ``entropy`` on the calls that update it).
-    """
-
-    _extra_out_keys = ("actor_updated", "q_mean", "target_value")
-
-    def __init__(
-        self,
-        actor_network: TensorDictModuleBase,
-        qvalue_network: QEnsemble | Sequence[TensorDictModuleBase],
-        *,
-        sub_sample_len: int = 2,
-        policy_update_delay: int = 20,
-        **kwargs,
-    ) -> None:
-        super().__init__(actor_network, qvalue_network, **kwargs)
-        if not 1 <= sub_sample_len <= self.num_qvalue_nets:
-            raise ValueError(
-                f"sub_sample_len (M) must be in [1, N={self.num_qvalue_nets}], got {sub_sample_len}."
-            )
-        if policy_update_delay < 1:
-            raise ValueError(f"policy_update_delay must be >= 1, got {policy_update_delay}.")
-        self.sub_sample_len = int(sub_sample_len)
-        self.policy_update_delay = int(policy_update_delay)
-        self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
-
-    def _critic_out(self, tensordict: TensorDictBase) -> dict[str, Tensor]:
-        subset = torch.randperm(self.num_qvalue_nets, device=self.update_count.device)[
-            : self.sub_sample_len
-        ]
-        y, next_in = self._critic_target(tensordict, subset=subset)
-        return self._critic_regression(tensordict, y, next_in)
-
-    def actor_due(self) -> bool:
-        """Whether the next training call updates the policy."""
-        return (int(self.update_count) + 1) % self.policy_update_delay == 0
-
-    @dispatch
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        self._check_batch(tensordict)
-        out = self._critic_out(tensordict)
-        due = self.actor_due() or not self.training
-        if due:
-            out.update(self._actor_out(tensordict, "mean"))
-        else:
-            zero = torch.zeros((), device=out["loss_qvalue"].device)
-            if self.reduction == "none":
-                zero = zero.expand(tensordict.batch_size)
-            out.update(loss_actor=zero, loss_alpha=zero)
-        out["actor_updated"] = torch.tensor(due)
-        if self.training:
-            self.update_count += 1
-        return self._finish(tensordict, out)
-
-
-class EDACLoss(SACNLoss):
-    """EDAC (An et al. 2021): SAC-N plus the ensemble gradient-diversity term.
-
-    ``loss_diversity = eta / (N - 1) * sum_{i != j} <g_i, g_j>`` averaged over the
-    batch, with ``g_k`` the unit-normalised gradient of ``Q_k`` with respect to
-    the dataset action, as in the paper and its reference code (this equals
-    ``eta * N`` times the mean pairwise cosine similarity; the published
-    ``eta`` per dataset use this scale). The diversity term reaches only the
-    critics.
-
-    Args:
-        eta: weight of the diversity term (paper: 1.0 for most Gym datasets).
-    """
-
-    def __init__(self, actor_network, qvalue_network, *, eta: float = 1.0, **kwargs) -> None:
-        super().__init__(actor_network, qvalue_network, **kwargs)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}.")
-        self.eta = float(eta)
-
-    def _extra_loss_keys(self) -> list[str]:
-        return ["loss_diversity"]
-
-    def _critic_out(self, tensordict: TensorDictBase) -> dict[str, Tensor]:
-        out = super()._critic_out(tensordict)
-        out["loss_diversity"] = self._reduce(self.eta * self.diversity(tensordict), tensordict)
-        return out
-
-    def diversity(self, tensordict: TensorDictBase) -> Tensor:
-        """Per-element ``1/(N-1) * sum_{i != j}`` cosine of the members' action-gradients."""
-        n = self.num_qvalue_nets
-        td = tensordict.select(*self.qvalue_network.in_keys, strict=False)
-        td = td.expand(n, *td.batch_size).clone()
-        act = td.get(self.tensor_keys.action).detach().requires_grad_(True)
-        td.set(self.tensor_keys.action, act)
-        with torch.enable_grad():
-            q = self._vmap_qvalue_network00(td, self.qvalue_network_params)
-            q = q.get(self.tensor_keys.state_action_value)
-            (grad,) = torch.autograd.grad(q.sum(), act, create_graph=True)
-        grad = grad / (grad.norm(dim=-1, keepdim=True) + 1e-10)  # [N, *batch, A]
-        g = grad.movedim(0, -2)  # [*batch, N, A]
-        gram = g @ g.transpose(-1, -2)  # [*batch, N, N]
-        off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-        return off / (n - 1)
-
-
-class CQLNLoss(_EnsembleLoss):
-    """Conservative Q-learning with ``N`` critics ("CQL-Min"), CQL(H) as in Kumar et al. 2020.
-
-    Per member ``k`` the conservative term is (importance-sampled, the
-    reference code's ``min_q_version=3``)::
-
-        logsumexp_j( [Q_k(s, a_rand_j) - log(0.5^|A|),
-                      Q_k(s, a~pi(s)_j) - log pi,
-                      Q_k(s, a~pi(s')_j) - log pi] / T ) * T  -  Q_k(s, a_data)
-
-    with ``num_random`` uniform actions and ``num_random`` policy samples per
-    state, the logsumexp taken over all ``3 * num_random`` sampled actions per
-    state, weighted by ``min_q_weight``, summed over members. With
-    ``lagrange_thresh`` set, the weight is ``alpha' * min_q_weight`` and
-    ``alpha'`` is tuned so the gap approaches ``lagrange_thresh``
-    (``loss_alpha_prime``). The TD target takes the min over all ``N`` target
-    members (``max_q_backup=True``: max over ``num_random`` next actions first,
-    per member); ``backup_entropy`` adds ``-alpha log pi`` to it (off by
-    default, as in the reference code). The actor maximises the min over all
-    ``N`` critics, and for the first ``bc_steps`` actor updates imitates the
-    data instead (``alpha log pi - log pi(a_data | s)``).
-    """
-
-    def __init__(
-        self,
-        actor_network,
-        qvalue_network,
-        *,
-        min_q_weight: float = 5.0,
-        temperature: float = 1.0,
-        num_random: int = 10,
-        lagrange_thresh: float | None = None,
-        max_q_backup: bool = False,
-        backup_entropy: bool = False,
-        bc_steps: int = 0,
-        **kwargs,
-    ) -> None:
-        super().__init__(actor_network, qvalue_network, **kwargs)
-        if num_random < 1:
-            raise ValueError(f"num_random must be >= 1, got {num_random}.")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        self.min_q_weight = float(min_q_weight)
-        self.temperature = float(temperature)
-        self.num_random = int(num_random)
-        self.max_q_backup = bool(max_q_backup)
-        self.backup_entropy = bool(backup_entropy)
-        self.bc_steps = int(bc_steps)
-        self.with_lagrange = lagrange_thresh is not None
-        self.lagrange_thresh = float(lagrange_thresh) if lagrange_thresh is not None else None
-        if self.with_lagrange:
-            self.log_alpha_prime = torch.nn.Parameter(torch.zeros(()))
-        self.register_buffer("actor_update_count", torch.zeros((), dtype=torch.long))
-
-    def _extra_loss_keys(self) -> list[str]:
-        return ["loss_cql", "loss_alpha_prime"] if self.with_lagrange else ["loss_cql"]
-
-    @property
-    def _extra_out_keys(self) -> tuple[str, ...]:
-        keys = ("entropy", "q_mean", "target_value", "cql_gap")
-        return (*keys, "alpha_prime") if self.with_lagrange else keys
-
-    def _repeat(self, td: TensorDictBase) -> TensorDictBase:
-        """Each batch element repeated ``num_random`` times: ``[B] -> [B, R]``."""
-        return td.unsqueeze(-1).expand(*td.batch_size, self.num_random).clone()
-
-    def _critic_target_cql(self, tensordict: TensorDictBase):
-        if not self.max_q_backup:
-            if self.backup_entropy:
-                return self._critic_target(tensordict)
-            next_td = tensordict.get("next")
-            with torch.no_grad():
-                next_action, _ = self._sample(next_td, grad=False)
-                next_in = self._q_in(next_td, next_action)
-                q_next = self._q(next_in, self.target_qvalue_network_params)
-                y = self._td_target(tensordict, q_next.min(0).values)
-            return y, next_in
-        next_td = tensordict.get("next")
-        with torch.no_grad():
-            rep = self._repeat(next_td.select(*self.actor_network.in_keys, strict=False))
-            a, lp = self._sample(rep, grad=False)
-            q_next = self._q(self._q_in(rep, a), self.target_qvalue_network_params)  # [N, B, R]
-            v = q_next.max(-1).values.min(0).values
-            if self.backup_entropy:
-                v = v - self._alpha * lp.gather(
-                    -1, q_next.max(-1).indices.min(0).indices.unsqueeze(-1)
-                ).squeeze(-1)
-            y = self._td_target(tensordict, v)
-        return y, self._q_in(next_td, a[..., 0, :])
-
-    def conservative_term(self, tensordict: TensorDictBase, pred: Tensor) -> Tensor:
-        """Per-member, per-element CQL(H) gap ``[N, *batch]`` (before weighting)."""
-        obs = self._repeat(tensordict.select(*self.actor_network.in_keys, strict=False))
-        next_obs = self._repeat(
-            tensordict.get("next").select(*self.actor_network.in_keys, strict=False)
-        )
-        act_dim = tensordict.get(self.tensor_keys.action).shape[-1]
-        with torch.no_grad():
-            a_cur, lp_cur = self._sample(obs, grad=False)
-            a_next, lp_next = self._sample(next_obs, grad=False)
-        a_rand = torch.empty_like(a_cur).uniform_(-1, 1)
-        # the critic is evaluated at current states for all three action sets
-        q_in = torch.cat(
-            [self._q_in(obs, a_rand), self._q_in(obs, a_cur), self._q_in(obs, a_next)], -1
-        )
-        q = self._q(q_in, self.qvalue_network_params)  # [N, B, 3R]
-        log_density = torch.cat(
-            [
-                torch.full_like(lp_cur, act_dim * math.log(0.5)),
-                lp_cur,
-                lp_next,
-            ],
-            -1,
-        )
-        cat_q = q - log_density.unsqueeze(0)
-        lse = torch.logsumexp(cat_q / self.temperature, dim=-1) * self.temperature
-        return lse - pred
-
-    @dispatch
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        self._check_batch(tensordict)
-        y, next_in = self._critic_target_cql(tensordict)
-        td_sa = tensordict.select(*self.qvalue_network.in_keys, strict=False)
-        pred = self._online_pred(td_sa, next_in)
-        out: dict[str, Tensor] = {
-            "loss_qvalue": self._reduce(self._mse_sum_members(pred, y), tensordict),
-            **_critic_metadata(pred, y),
-        }
-        gap = self.conservative_term(tensordict, pred)  # [N, *batch]
-        weighted = self.min_q_weight * gap
-        if self.with_lagrange:
-            # CQL reference code: alpha' * (min_q_weight * gap - threshold), alpha' in [0, 1e6]
-            alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
-            weighted = weighted - self.lagrange_thresh
-            gap_per_member = weighted.detach().mean(tuple(range(1, gap.ndim)))  # [N]
-            out["loss_alpha_prime"] = -(alpha_prime * gap_per_member).mean()
-            out["alpha_prime"] = alpha_prime.detach()
-            weighted = alpha_prime.detach() * weighted
-        out["loss_cql"] = self._reduce(weighted.sum(0), tensordict)
-        out["cql_gap"] = gap.detach().mean()
-        bc = int(self.actor_update_count) < self.bc_steps
-        if bc:
-            action, log_prob = self._sample(tensordict, grad=True)
-            with (
-                set_exploration_type(ExplorationType.RANDOM),
-                self.actor_network_params.to_module(
-                    self.actor_network, preserve_module_state=False
-                ),
-            ):
-                dist = self.actor_network.get_dist(
-                    tensordict.select(*self.actor_network.in_keys, strict=False)
-                )
-                a_data = tensordict.get(self.tensor_keys.action).clamp(-1 + 1e-6, 1 - 1e-6)
-                lp_data = dist.log_prob(a_data)
-            out["loss_actor"] = self._reduce(self._alpha * log_prob - lp_data, tensordict)
-            out["loss_alpha"] = self._reduce(self._alpha_loss(log_prob), tensordict)
-            out["entropy"] = -log_prob.detach().mean()
-        else:
-            out.update(self._actor_out(tensordict, "min"))
-        if self.training:
-            self.actor_update_count += 1
-        return self._finish(tensordict, out)
-
-
-def _next(key: NestedKey) -> tuple[str, ...]:
-    return ("next", *key) if isinstance(key, tuple) else ("next", key)
-
-
-def _norm(key: NestedKey) -> NestedKey:
-    return key[0] if isinstance(key, tuple) and len(key) == 1 else key
-
-
-def _fmt(key: NestedKey) -> str:
-    return ".".join(key) if isinstance(key, tuple) else str(key)

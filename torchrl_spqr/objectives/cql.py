@@ -32,7 +32,7 @@ from torchrl.modules.distributions.utils import rsample_and_log_prob
 from torchrl.objectives import CQLLoss
 from torchrl.objectives.utils import distance_loss
 
-from torchrl_spqr.ensemble import QEnsemble
+from torchrl_spqr.modules.ensemble import QEnsemble
 from torchrl_spqr.objectives.member_values import MemberValuesMixin
 
 __all__ = ["EnsembleCQLLoss"]

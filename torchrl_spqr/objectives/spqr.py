@@ -47,13 +47,19 @@ Attributes it does not define itself (``qvalue_network_params``,
 parameters; the call without a tensordict (``loss(observation=..., ...)``,
 TorchRL's ``@dispatch``) works; a bare loss's ``state_dict`` loads into the
 wrapper.
+
+Long module: one class. ``SPQRLoss``'s documented arguments and runnable example,
+the transparency that makes a wrapper stand where the wrapped loss stood (attributes,
+keys, value estimator, target updaters, state dicts) and the ``forward`` that uses
+both are read together; the member weighting
+(:mod:`torchrl_spqr.objectives.member_weights`) and the key helpers
+(:mod:`torchrl_spqr.objectives.utils`) live in their own modules.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,10 +82,12 @@ from torchrl.objectives import LossModule
 
 from torchrl_spqr import diagnostics as D
 from torchrl_spqr import functional as F
-from torchrl_spqr.ensemble import QEnsemble
+from torchrl_spqr.modules.ensemble import QEnsemble
+from torchrl_spqr.objectives import member_weights as W
 from torchrl_spqr.objectives.member_values import serves_member_values
+from torchrl_spqr.objectives.utils import key_str, key_tuple, next_key, plain_key
 
-__all__ = ["SPQRLoss"]
+__all__ = ["PAIRS", "SPQRLoss"]
 
 PAIRS = ("next_policy", "data", "policy")
 #: Where ``add_to`` may put the penalty.
@@ -370,7 +378,7 @@ class SPQRLoss(LossModule):
             raise ValueError(f"beta must be a finite non-negative number, got {beta0}.")
         self.register_buffer("beta", torch.tensor(beta0))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        weights = _member_weights(member_weights, self.num_members)
+        weights = W.member_weights(member_weights, self.num_members)
         #: the per-member gradient multipliers as floats (``None``: beta for every member)
         self.member_weights: tuple[float, ...] | None = (
             None if weights is None else tuple(weights.tolist())
@@ -496,15 +504,15 @@ class SPQRLoss(LossModule):
 
     def _own_in_keys(self) -> list[NestedKey]:
         q_in = self._q_in_keys()
-        act = _tuple(self._key("action"))
+        act = key_tuple(self._key("action"))
         if self.pairs == "data":
             return q_in
         actor_in = self._actor_in_keys()
         # the action (or, for a composite action, its entries) comes from the policy
-        not_action = [k for k in q_in if _tuple(k)[: len(act)] != act]
+        not_action = [k for k in q_in if key_tuple(k)[: len(act)] != act]
         if self.pairs == "policy":
             return actor_in + not_action
-        return [_next(k) for k in actor_in] + [_next(k) for k in not_action]
+        return [next_key(k) for k in actor_in] + [next_key(k) for k in not_action]
 
     @property
     def out_keys(self) -> list[str]:
@@ -536,14 +544,14 @@ class SPQRLoss(LossModule):
         # keys the actor writes itself (e.g. the ("params", ...) entries a composite policy's
         # module writes and its distribution reads as "params") are not inputs
         written = {
-            _tuple(k)
+            key_tuple(k)
             for m in actor.modules()
             if isinstance(m, TensorDictModuleBase)
             for k in getattr(m, "out_keys", [])
         }
 
         def produced(key: NestedKey) -> bool:
-            kt = _tuple(key)
+            kt = key_tuple(key)
             return any(w[: len(kt)] == kt for w in written)
 
         return [k for k in actor.in_keys if not produced(k)]
@@ -624,11 +632,11 @@ class SPQRLoss(LossModule):
         present = set(tensordict.keys(True))
         # every critic loss evaluates its critics at the data pairs: their inputs are needed
         wanted = self._q_in_keys() + (self._own_in_keys() if need_q else [])
-        missing = [k for k in dict.fromkeys(wanted) if _norm(k) not in present]
+        missing = [k for k in dict.fromkeys(wanted) if plain_key(k) not in present]
         if missing:
             raise KeyError(
-                f"SPQRLoss(pairs={self.pairs!r}) needs keys {[_fmt(k) for k in missing]} in the "
-                f"batch, which has {sorted(_fmt(k) for k in present)}."
+                f"SPQRLoss(pairs={self.pairs!r}) needs keys {[key_str(k) for k in missing]} in the "
+                f"batch, which has {sorted(key_str(k) for k in present)}."
             )
 
     def _warn_extra_pass(self) -> None:
@@ -710,12 +718,12 @@ class SPQRLoss(LossModule):
                     self.num_members, self.filling, generator=self._generator, device=q_vals.device
                 )
             if self.filling == "ordered":
-                F._warn_unused(self.num_members, positions.numel())
+                F.warn_unused(self.num_members, positions.numel())
             if self.density == "paper" and F.matrix_side(self.num_members) >= 5:
-                F._warn_paper_large(self.num_members)
+                F.warn_paper_large(self.num_members)
             q_pen = q_vals
             if beta > 0 and self._member_w is not None:
-                q_pen = _weight_member_grads(q_vals, self._member_w)
+                q_pen = W.weight_member_grads(q_vals, self._member_w)
             eig = F.spqr_eigenvalues(q_pen, self.filling, positions=positions)
             kl_el = F.spectral_kl(eig, rho=self.rho, eps=self.eps, density=self.density)
             kl = self._reduce_loss(kl_el, tensordict, weights=weights).to(q.dtype)
@@ -861,11 +869,11 @@ class SPQRLoss(LossModule):
         """``q`` as ``[N, *batch]`` (``N == num_members``), float16/bfloat16 in float32."""
         try:
             q = F.check_ensemble_values(
-                q, name=_fmt(self._key("state_action_value")), num_members=self.num_members
+                q, name=key_str(self._key("state_action_value")), num_members=self.num_members
             )
         except ValueError as err:
             raise ValueError(f"SPQRLoss(pairs={self.pairs!r}): {err}") from err
-        return F._upcast(q)
+        return F.upcast(q)
 
     def _reduce(self, x: Tensor) -> Tensor:
         if self.reduction == "sum":
@@ -893,96 +901,8 @@ def _beta_value(value: Any, what: str) -> float:
     )
 
 
-def _member_weights(spec: Any, n: int) -> Tensor | None:
-    """``member_weights`` as a float32 ``[n]`` tensor (``None`` for ``None``); clear errors."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        if spec == "authors":
-            return torch.arange(n, 0, -1, dtype=torch.float32)
-        raise ValueError(
-            f"member_weights={spec!r} is not a known weighting: use 'authors' (member k gets "
-            f"(N - k) * beta, as the authors' N optimisers), a sequence of N={n} non-negative "
-            "weights, or None (beta for every member)."
-        )
-    if isinstance(spec, Tensor):
-        if spec.dim() != 1:
-            raise ValueError(
-                f"member_weights must be 1-D (one weight per member, N={n}), got a tensor of "
-                f"shape {tuple(spec.shape)}."
-            )
-        spec = spec.detach().cpu().tolist()
-    try:
-        if isinstance(spec, (bytes, dict)):
-            raise TypeError
-        values = list(spec)  # a list, tuple, or e.g. an OmegaConf ListConfig
-    except TypeError:
-        raise TypeError(
-            f"member_weights must be 'authors', a sequence of N={n} weights or None, got "
-            f"{spec!r} ({type(spec).__name__})."
-        ) from None
-    if len(values) != n:
-        raise ValueError(
-            f"member_weights has {len(values)} entries but the ensemble has N={n} members: give "
-            "one weight per member."
-        )
-    out = []
-    for k, v in enumerate(values):
-        if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point():
-            v = float(v)
-        if not isinstance(v, numbers.Real) or isinstance(v, bool):
-            raise TypeError(
-                f"member_weights[{k}] = {v!r} ({type(v).__name__}): each member weight must be "
-                "a real number."
-            )
-        w = float(v)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(
-                f"member_weights[{k}] = {w}: each member weight must be a finite non-negative "
-                "number."
-            )
-        out.append(w)
-    if not any(out):
-        raise ValueError(
-            "member_weights are all 0: no member would receive the SPQR gradient; use beta=0 "
-            "to switch the penalty off."
-        )
-    return torch.tensor(out, dtype=torch.float32)
-
-
-def _weight_member_grads(q: Tensor, w: Tensor) -> Tensor:
-    """``q`` unchanged in value (bit for bit), its gradient scaled by ``w[k]`` on member ``k``.
-
-    ``q.detach() + (q w - (q w).detach())``: the bracket is exactly 0 for finite
-    values, so the forward is ``q`` itself; the gradient reaches ``q`` only through
-    ``q w``. Member ``k``'s parameters reach the penalty only through ``q[k]``, so
-    its parameter gradient is ``w[k]`` times the unweighted one (chain rule).
-    """
-    wq = w.to(device=q.device, dtype=q.dtype).reshape(-1, *([1] * (q.dim() - 1)))
-    scaled = q * wq
-    return q.detach() + (scaled - scaled.detach())
-
-
-def _next(key: NestedKey) -> tuple[str, ...]:
-    return ("next", *key) if isinstance(key, tuple) else ("next", key)
-
-
-def _norm(key: NestedKey) -> NestedKey:
-    if isinstance(key, tuple) and len(key) == 1:
-        return key[0]
-    return key
-
-
 def _has_rsample(dist) -> bool:
     """Whether ``dist`` has a reparameterised sample (a composite one: all its parts)."""
     if isinstance(dist, CompositeDistribution):
         return all(_has_rsample(d) for d in dist.values())
     return bool(getattr(dist, "has_rsample", False))
-
-
-def _tuple(key: NestedKey) -> tuple[str, ...]:
-    return tuple(key) if isinstance(key, tuple) else (key,)
-
-
-def _fmt(key: NestedKey) -> str:
-    return ".".join(key) if isinstance(key, tuple) else str(key)

@@ -1,0 +1,87 @@
+"""Helpers shared by the package's losses (like ``torchrl.objectives.utils``): keys, critics."""
+
+from __future__ import annotations
+
+from tensordict.nn import TensorDictModuleBase
+from tensordict.utils import NestedKey
+
+from torchrl_spqr.modules.ensemble import QEnsemble
+
+__all__ = ["as_members", "key_str", "key_tuple", "next_key", "plain_key"]
+
+
+def next_key(key: NestedKey) -> tuple[str, ...]:
+    """The key of ``key``'s entry in the ``"next"`` sub-tensordict.
+
+    Examples:
+        >>> next_key("observation")
+        ('next', 'observation')
+        >>> next_key(("agents", "observation"))
+        ('next', 'agents', 'observation')
+    """
+    return ("next", *key) if isinstance(key, tuple) else ("next", key)
+
+
+def plain_key(key: NestedKey) -> NestedKey:
+    """``key`` as ``TensorDictBase.keys(True)`` lists it: a one-element tuple becomes its string.
+
+    Examples:
+        >>> plain_key(("action",))
+        'action'
+        >>> plain_key(("next", "reward"))
+        ('next', 'reward')
+    """
+    return key[0] if isinstance(key, tuple) and len(key) == 1 else key
+
+
+def key_tuple(key: NestedKey) -> tuple[str, ...]:
+    """``key`` as a tuple of strings.
+
+    Examples:
+        >>> key_tuple("action")
+        ('action',)
+    """
+    return tuple(key) if isinstance(key, tuple) else (key,)
+
+
+def key_str(key: NestedKey) -> str:
+    """``key`` for an error message: nested entries joined with dots.
+
+    Examples:
+        >>> key_str(("next", "observation"))
+        'next.observation'
+    """
+    return ".".join(key) if isinstance(key, tuple) else str(key)
+
+
+def as_members(qvalue_network, num_qvalue_nets: int | None) -> list[TensorDictModuleBase]:
+    """The critics of an ensemble loss as a list of independently built members.
+
+    Accepts a :class:`~torchrl_spqr.modules.QEnsemble` or a list of modules with no
+    shared parameter tensor; ``num_qvalue_nets``, when given, must match their number.
+    """
+    if isinstance(qvalue_network, QEnsemble):
+        if num_qvalue_nets is not None and num_qvalue_nets != qvalue_network.num_members:
+            raise ValueError(
+                f"num_qvalue_nets={num_qvalue_nets} but the QEnsemble has "
+                f"{qvalue_network.num_members} members."
+            )
+        return qvalue_network.members()
+    if isinstance(qvalue_network, (list, tuple)):
+        members = list(qvalue_network)
+        if num_qvalue_nets is not None and num_qvalue_nets != len(members):
+            raise ValueError(
+                f"num_qvalue_nets={num_qvalue_nets} but {len(members)} critics were given."
+            )
+        ids = {id(p) for m in members for p in m.parameters()}
+        if len(ids) != sum(1 for m in members for _ in m.parameters()):
+            raise ValueError(
+                "The critics share parameter tensors (e.g. [q] * N): pass independently "
+                "built members (QEnsemble or [make_q() for _ in range(N)])."
+            )
+        return members
+    raise TypeError(
+        "qvalue_network must be a QEnsemble or a list of independently built critics; a single "
+        "module would be expanded and resampled by TorchRL, which leaves constant tensors "
+        "identical across members."
+    )
