@@ -8,10 +8,12 @@ ensemble, the agent dim is a batch dim. SPQR must build one matrix per (sample, 
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -24,11 +26,11 @@ from torchrl.modules import ProbabilisticActor, TanhNormal
 from torchrl.modules.models.multiagent import MultiAgentMLP
 from torchrl.objectives import SACLoss, ValueEstimators
 
-from torchrl_spqr import QEnsemble, SPQRLoss
-from torchrl_spqr import multiagent as M
+from torchrl_spqr import SPQRLoss
 from torchrl_spqr.functional import spqr_kl
-from torchrl_spqr.multiagent import MultiAgentQNet
+from torchrl_spqr.modules import MultiAgentQNet, QEnsemble
 from torchrl_spqr.objectives import EnsembleSACLoss
+from torchrl_spqr.training import multiagent as MA
 from torchrl_spqr.training.builders import ConfigError
 from torchrl_spqr.training.checkpoint import load_checkpoint
 
@@ -318,6 +320,23 @@ TINY = [
 ]
 
 
+@functools.cache
+def masac_script() -> types.ModuleType:
+    """``sota_scripts/masac_spqr/masac_spqr.py`` imported by path (its ``utils`` is its own)."""
+    saved = sys.modules.pop("utils", None)  # another script's utils.py may hold the name
+    sys.path.insert(0, str(SCRIPT))
+    try:
+        spec = importlib.util.spec_from_file_location("masac_spqr_script", SCRIPT / "masac_spqr.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT))
+        sys.modules.pop("utils", None)
+        if saved is not None:
+            sys.modules["utils"] = saved
+    return module
+
+
 def _cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
 
@@ -363,8 +382,9 @@ def test_script_end_to_end_subprocess(tmp_path):
 @needs_vmas
 def test_interrupt_and_resume(tmp_path, monkeypatch):
     run = tmp_path / "run"
+    S = masac_script()
     calls = {"n": 0}
-    real = M._update
+    real = S.update
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -372,19 +392,22 @@ def test_interrupt_and_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(M, "_update", interrupted)
+    monkeypatch.setattr(S, "update", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        M.train_masac(_cfg("collector.total_frames=200"), run)
-    monkeypatch.setattr(M, "_update", real)
+        S.train(_cfg("collector.total_frames=200"), run)
+    monkeypatch.setattr(S, "update", real)
     ck = load_checkpoint(run)  # weights_only=True
     assert ck["counters"]["frames"] == 120 and ck["counters"]["updates"] == 5
     assert [int(r["frames"]) for r in _rows(run)] == [40, 80]
     loss_before = ck["loss"]
-    res = M.train_masac(_cfg("collector.total_frames=200", "resume=true"), run)
+    res = S.train(_cfg("collector.total_frames=200", "resume=true"), run)
     assert res["frames"] == 200
     rows = _rows(run)
-    # the interrupted iteration's frames are counted, its row was not written: nothing twice
-    assert [int(r["frames"]) for r in rows] == [40, 80, 160, 200]
+    # the interrupted iteration's frames are counted; its row (owed at the stop, with the
+    # metrics of its last update) is written first on resume: every row once, none lost
+    assert [int(r["frames"]) for r in rows] == [40, 80, 120, 160, 200]
+    assert [int(r["updates"]) for r in rows] == [2, 4, 5, 7, 9]
+    assert rows[2]["eval_return"] == "" and rows[2]["loss_qvalue"] != ""
     assert int(rows[-1]["updates"]) == 5 + 2 * 2
     # resumed from the checkpoint's weights, then trained further
     after = load_checkpoint(run)["loss"]
@@ -395,17 +418,17 @@ def test_interrupt_and_resume(tmp_path, monkeypatch):
 @needs_vmas
 def test_checkpoint_restores_weights(tmp_path):
     run = tmp_path / "run"
-    M.train_masac(_cfg("collector.total_frames=80"), run)
+    masac_script().train(_cfg("collector.total_frames=80"), run)
     ck = load_checkpoint(run)
     cfg = _cfg("collector.total_frames=80")
-    env = M.make_environment(cfg, 0)
-    loss, _ = M.make_loss_module(cfg, M.make_actor(cfg, env), M.make_critics(cfg, env), env)
+    env = MA.make_environment(cfg, 0)
+    loss, _ = MA.make_loss_module(cfg, MA.make_actor(cfg, env), MA.make_critics(cfg, env), env)
     fresh = {k: v.clone() for k, v in loss.state_dict().items()}
     loss.load_state_dict(ck["loss"])
     for k, v in ck["loss"].items():
         assert torch.equal(loss.state_dict()[k], v), k
     assert any(not torch.equal(fresh[k], ck["loss"][k]) for k in fresh)
-    buf = M.make_replay_buffer(cfg)
+    buf = MA.make_replay_buffer(cfg)
     load_checkpoint(run, buf)
     assert len(buf) == 80 and buf[:2][G, "observation"].shape == (2, 3, 16)
 
@@ -428,5 +451,42 @@ def test_checkpoint_restores_weights(tmp_path):
 )
 def test_bad_config_names_field(override, field, tmp_path):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        M.train_masac(_cfg(override), tmp_path / "bad")
+        masac_script().train(_cfg(override), tmp_path / "bad")
     assert not (tmp_path / "bad" / "metrics.csv").exists()
+
+
+@needs_vmas
+@pytest.mark.parametrize("stop", [None, RuntimeError])
+def test_collector_shut_down_on_every_exit_path(stop, tmp_path, monkeypatch):
+    """The script shuts its collector down once, on a normal end and on an exception."""
+    S = masac_script()
+    made = []
+
+    def spied_collector(*args, **kwargs):
+        collector = MA.make_collector(*args, **kwargs)
+        real_shutdown = collector.shutdown
+        calls = []
+
+        def shutdown(*a, **kw):
+            calls.append(1)
+            return real_shutdown(*a, **kw)
+
+        collector.shutdown = shutdown
+        made.append(calls)
+        return collector
+
+    def failing_update(*args, **kwargs):
+        raise stop("update failed")
+
+    monkeypatch.setattr(S, "make_collector", spied_collector)
+    if stop is None:
+        res = S.train(_cfg("collector.total_frames=80"), tmp_path / "run")
+        assert res["frames"] == 80
+    else:
+        monkeypatch.setattr(S, "update", failing_update)
+        with pytest.raises(stop, match="update failed"):
+            S.train(_cfg("collector.total_frames=80"), tmp_path / "run")
+    assert [len(calls) for calls in made] == [1]
+    assert load_checkpoint(tmp_path / "run")["counters"]["frames"] == 40 * (
+        2 if stop is None else 1
+    )

@@ -368,7 +368,9 @@ BAD_MASAC = [
 @pytest.mark.parametrize("override,shown", BAD_MASAC, ids=[o for o, _ in BAD_MASAC])
 def test_bad_masac_config_stops_before_training(override, shown, tmp_path, monkeypatch):
     _needs_no_gpu(override)
-    from torchrl_spqr import multiagent as M
+    from test_multiagent import masac_script
+
+    M = masac_script()
 
     def no_env(*args, **kwargs):
         raise AssertionError("an environment was built before the config was checked")
@@ -379,7 +381,7 @@ def test_bad_masac_config_stops_before_training(override, shown, tmp_path, monke
     ):
         cfg = compose(config_name="config", overrides=[*MASAC_TINY, override])
     with pytest.raises(ConfigError) as err:
-        M.train_masac(cfg, tmp_path / "bad")
+        M.train(cfg, tmp_path / "bad")
     msg = str(err.value)
     assert shown in msg, msg
     assert _ADVICE.search(msg), msg

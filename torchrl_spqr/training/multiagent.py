@@ -1,0 +1,351 @@
+"""Builders for multi-agent SAC (MASAC / ISAC) with an SPQR-regularised ensemble critic, on VMAS.
+
+The pieces of TorchRL's ``sota-implementations/multiagent/sac.py`` (continuous
+actions): VMAS scenarios through :class:`~torchrl.envs.libs.vmas.VmasEnv`
+vectorised over many environments, a Tanh-Gaussian policy
+(:class:`~torchrl.modules.models.multiagent.MultiAgentMLP`, per-agent or shared
+parameters), TorchRL's :class:`~torchrl.objectives.SACLoss` with its keys set
+to the ``"agents"`` group, TD(0) targets and a soft target update. What
+changes: the critic is an ensemble of ``N`` independently initialised
+:class:`~torchrl_spqr.modules.MultiAgentQNet` members
+(:class:`~torchrl_spqr.modules.QEnsemble`, one vectorised call for all members)
+and the loss is wrapped in :class:`~torchrl_spqr.objectives.spqr.SPQRLoss`
+(``spqr.beta=0``: the ensemble MASAC baseline, same code). The training loop is
+``sota_scripts/masac_spqr/masac_spqr.py``.
+
+Axes. A sampled batch has batch size ``[B]`` and per-agent entries of shape
+``[B, n_agents, ...]``. The ensemble's Q-values, as SACLoss's vmapped calls
+produce them, are ``[N, B, n_agents, 1]``: dim 0 is the **ensemble**; dims 1..
+are **batch** dims, the agent dim included. SPQR builds one ``d x d`` matrix
+from the ``N`` member values at every ``(sample, agent)`` and averages the KL
+over samples *and* agents: the regulariser of agent ``i`` only sees agent
+``i``'s ``N`` Q-values. With a centralised critic and shared parameters
+(MASAC's default) every agent reads the same joint Q-value, so the ``n_agents``
+matrices of one sample are equal and the KL equals the per-sample one. The
+correlation diagnostics (``spqr_mp_ratio``, ``spqr_mean_pairwise_corr``) pool
+samples and agents.
+
+The optimisers, the replay buffer, the target updater and the collector are the
+single-agent builders of :mod:`torchrl_spqr.training.builders` (same config
+keys, same objects).
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.collectors import Collector
+from torchrl.envs import Compose, RewardSum, StepCounter, TransformedEnv
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.modules import ProbabilisticActor, TanhNormal
+from torchrl.modules.models.multiagent import MultiAgentMLP
+from torchrl.objectives import SACLoss, ValueEstimators
+
+from torchrl_spqr.modules import QEnsemble
+from torchrl_spqr.modules.multiagent import GROUP, MultiAgentQNet
+from torchrl_spqr.objectives import EnsembleSACLoss
+from torchrl_spqr.objectives.spqr import SPQRLoss
+from torchrl_spqr.training import builders as B
+from torchrl_spqr.training.builders import (
+    ConfigError,
+    _get,
+    cfg_bool,
+    cfg_choice,
+    cfg_float,
+    cfg_int,
+    cfg_sizes,
+    make_optimizers,
+    make_replay_buffer,
+    make_spqr_loss,
+    make_target_updater,
+    validate_runtime,
+    validate_spqr,
+)
+
+__all__ = [
+    "GROUP",
+    "ACTIVATIONS",
+    "expand_done_to_agents",
+    "validate_config",
+    "make_environment",
+    "make_actor",
+    "make_critics",
+    "make_loss_module",
+    "make_optimizers",
+    "make_target_updater",
+    "make_replay_buffer",
+    "make_collector",
+    "evaluate",
+]
+
+#: ``network.activation`` choices.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+}
+
+
+def expand_done_to_agents(td: TensorDictBase, reward_key=(GROUP, "reward")) -> TensorDictBase:
+    """Copy ``("next", "done" / "terminated")`` to the agent group, shaped like the reward.
+
+    VMAS reports done flags per environment ``[*batch, 1]`` and rewards per
+    agent ``[*batch, n_agents, 1]``; the TD target needs them aligned (as
+    TorchRL's multi-agent examples' ``DoneTransform``).
+    """
+    shape = td.get(("next", *reward_key)).shape
+    for key in ("done", "terminated"):
+        td.set(("next", reward_key[0], key), td.get(("next", key)).unsqueeze(-1).expand(shape))
+    return td
+
+
+# ============================================================================ config
+def validate_config(cfg) -> None:
+    """Stop before training on a config value that cannot work, naming the field.
+
+    Checks the type and range of every field the MASAC script reads and their
+    relations (frames per batch vs vectorised copies, total frames, random
+    frames, batch vs buffer size, the device); each error names the field, the
+    value and the fix.
+    """
+    algo = _get(cfg, "algorithm")
+    if algo != "masac":
+        raise ConfigError(
+            f"algorithm={algo!r}: this script runs 'masac'; set algorithm=masac (the single-agent "
+            "algorithms have their own scripts in sota_scripts/)."
+        )
+    scenario = _get(cfg, "env.scenario_name")
+    try:
+        import vmas
+    except ImportError as err:
+        raise ConfigError(
+            "VMAS is not installed: pip install 'torchrl-spqr[multiagent]' (or pip install vmas)."
+        ) from err
+    known = sorted(vmas.scenarios)
+    if scenario not in known:
+        raise ConfigError(
+            f"env.scenario_name={scenario!r} is not a VMAS scenario; choose one of: "
+            f"{', '.join(known)}."
+        )
+    if not cfg_bool(cfg, "env.continuous_actions", True):
+        raise ConfigError(
+            "env.continuous_actions=false: this script implements continuous-action MASAC "
+            "(SACLoss with a Tanh-Gaussian policy); set env.continuous_actions=true."
+        )
+    if _get(cfg, "env.scenario.n_agents") is not None:
+        cfg_int(cfg, "env.scenario.n_agents", lo=1)
+    validate_runtime(cfg, {"logger.eval_interval": "frames", "checkpoint.interval": "frames"})
+    cfg_int(cfg, "env.max_steps", lo=1)
+    num_envs = cfg_int(cfg, "env.num_envs", lo=1)
+    fpb = cfg_int(cfg, "collector.frames_per_batch", lo=1)
+    total = cfg_int(cfg, "collector.total_frames", lo=1)
+    if fpb % num_envs:
+        raise ConfigError(
+            f"collector.frames_per_batch={fpb} must be a multiple of env.num_envs={num_envs} "
+            "(each iteration steps every vectorised copy the same number of times); set "
+            "frames_per_batch to num_envs * steps per iteration."
+        )
+    if total < fpb:
+        raise ConfigError(
+            f"collector.total_frames={total} must be >= collector.frames_per_batch={fpb}: "
+            "raise total_frames or lower frames_per_batch."
+        )
+    backend = _get(cfg, "collector.backend", "single")
+    if backend != "single":
+        raise ConfigError(
+            f"collector.backend={backend!r}: the MASAC script steps its VMAS copies in one "
+            "process (VMAS vectorises them); set collector.backend=single or remove it."
+        )
+    init_random = cfg_int(cfg, "collector.init_random_frames", 0, lo=0)
+    if init_random >= total:
+        raise ConfigError(
+            f"collector.init_random_frames={init_random} is not below "
+            f"collector.total_frames={total}: no gradient update would run; set "
+            "collector.init_random_frames below collector.total_frames (or raise total_frames)."
+        )
+    n = cfg_int(
+        cfg,
+        "network.ensemble_size",
+        lo=3,
+        hint="SPQR (and its diagnostics) needs an ensemble of at least 3 critics: set "
+        "network.ensemble_size to a whole number >= 3",
+    )
+    validate_spqr(cfg, n)
+    cfg_choice(cfg, "network.activation", tuple(sorted(ACTIVATIONS)), "tanh")
+    cfg_sizes(cfg, "network.hidden_sizes")
+    if _get(cfg, "network.actor_hidden_sizes") is not None:
+        cfg_sizes(cfg, "network.actor_hidden_sizes")
+    cfg_bool(cfg, "network.centralised_critic", True)
+    cfg_bool(cfg, "network.shared_parameters", True)
+    size = cfg_int(cfg, "replay_buffer.size", lo=1)
+    bs = cfg_int(cfg, "optim.batch_size", lo=1)
+    if bs > size:
+        raise ConfigError(
+            f"optim.batch_size={bs} must be in [1, replay_buffer.size={size}]: lower "
+            "optim.batch_size or raise replay_buffer.size."
+        )
+    cfg_int(cfg, "optim.num_epochs", 1, lo=1)
+    cfg_float(cfg, "optim.lr", lo=0.0, lo_open=True)
+    cfg_float(cfg, "optim.gamma", lo=0.0, lo_open=True, hi=1.0)
+    cfg_float(cfg, "optim.tau", lo=0.0, lo_open=True, hi=1.0)
+    cfg_float(cfg, "optim.alpha_init", 1.0, lo=0.0, lo_open=True)
+    if _get(cfg, "optim.max_grad_norm") is not None:
+        cfg_float(
+            cfg,
+            "optim.max_grad_norm",
+            lo=0.0,
+            hint="set optim.max_grad_norm to a number > 0 (clip), or 0 / null (no clipping)",
+        )
+
+
+# ============================================================================ builders
+def make_environment(cfg, seed: int, num_envs: int | None = None, device="cpu") -> TransformedEnv:
+    """A vectorised VMAS env (``num_envs`` copies) with per-agent episode returns.
+
+    The time limit ``env.max_steps`` is a :class:`~torchrl.envs.StepCounter`
+    truncation, not VMAS's own ``max_steps`` (which reports the time limit as
+    ``terminated``): the TD target bootstraps through time limits and stops only
+    at the scenario's terminal states. TorchRL's multi-agent example passes
+    ``max_steps`` to VMAS, i.e. treats time limits as terminal.
+    """
+    from torchrl.envs.libs.vmas import VmasEnv
+
+    scenario_kwargs = dict(_get(cfg, "env.scenario", {}) or {})
+    env = VmasEnv(
+        scenario=str(_get(cfg, "env.scenario_name")),
+        num_envs=int(num_envs if num_envs is not None else _get(cfg, "env.num_envs")),
+        continuous_actions=True,
+        max_steps=None,
+        device=device,
+        seed=int(seed),
+        **scenario_kwargs,
+    )
+    return TransformedEnv(
+        env,
+        Compose(
+            StepCounter(int(_get(cfg, "env.max_steps"))),
+            RewardSum(in_keys=[env.reward_key], out_keys=[(GROUP, "episode_reward")]),
+        ),
+    )
+
+
+def _sizes(env) -> tuple[int, int, int]:
+    obs = env.full_observation_spec_unbatched[GROUP, "observation"].shape[-1]
+    act = env.full_action_spec_unbatched[GROUP, "action"].shape[-1]
+    return env.n_agents, obs, act
+
+
+def make_actor(cfg, env) -> ProbabilisticActor:
+    """Tanh-Gaussian policy on each agent's own observation (shared or per-agent MLP)."""
+    n_agents, obs, act = _sizes(env)
+    hidden = list(_get(cfg, "network.actor_hidden_sizes", _get(cfg, "network.hidden_sizes")))
+    net = nn.Sequential(
+        MultiAgentMLP(
+            n_agent_inputs=obs,
+            n_agent_outputs=2 * act,
+            n_agents=n_agents,
+            centralised=False,
+            share_params=bool(_get(cfg, "network.shared_parameters", True)),
+            depth=len(hidden),
+            num_cells=hidden,
+            activation_class=ACTIVATIONS[str(_get(cfg, "network.activation", "tanh"))],
+        ),
+        NormalParamExtractor(),
+    )
+    spec = env.full_action_spec_unbatched
+    return ProbabilisticActor(
+        TensorDictModule(
+            net, in_keys=[(GROUP, "observation")], out_keys=[(GROUP, "loc"), (GROUP, "scale")]
+        ),
+        spec=spec,
+        in_keys=[(GROUP, "loc"), (GROUP, "scale")],
+        out_keys=[env.action_key],
+        distribution_class=TanhNormal,
+        distribution_kwargs={
+            "low": spec[GROUP, "action"].space.low,
+            "high": spec[GROUP, "action"].space.high,
+        },
+        return_log_prob=True,
+    )
+
+
+def make_critics(cfg, env) -> QEnsemble:
+    """``network.ensemble_size`` independently initialised multi-agent critics."""
+    n_agents, obs, act = _sizes(env)
+    hidden = tuple(_get(cfg, "network.hidden_sizes"))
+    centralised = bool(_get(cfg, "network.centralised_critic", True))
+    share = bool(_get(cfg, "network.shared_parameters", True))
+    activation = ACTIVATIONS[str(_get(cfg, "network.activation", "tanh"))]
+
+    def member() -> TensorDictModule:
+        return TensorDictModule(
+            MultiAgentQNet(
+                n_agents,
+                obs + act,
+                num_cells=hidden,
+                activation_class=activation,
+                centralised=centralised,
+                share_params=share,
+            ),
+            in_keys=[(GROUP, "observation"), env.action_key],
+            out_keys=[(GROUP, "state_action_value")],
+        )
+
+    return QEnsemble(member, int(_get(cfg, "network.ensemble_size")))
+
+
+def make_loss_module(cfg, actor, critics: QEnsemble, env) -> tuple[SPQRLoss, SACLoss]:
+    """TorchRL's SACLoss on the agent group (min over all N critics), wrapped in SPQRLoss.
+
+    ``EnsembleSACLoss`` is that loss handing its per-member Q-values to SPQR.
+    Returns ``(spqr_loss, sac_loss)``.
+    """
+    base = EnsembleSACLoss(
+        actor,
+        critics.members(),
+        num_qvalue_nets=critics.num_members,
+        delay_qvalue=True,
+        alpha_init=float(_get(cfg, "optim.alpha_init", 1.0)),
+        action_spec=env.full_action_spec_unbatched,
+    )
+    base.set_keys(
+        state_action_value=(GROUP, "state_action_value"),
+        action=env.action_key,
+        reward=env.reward_key,
+        done=(GROUP, "done"),
+        terminated=(GROUP, "terminated"),
+    )
+    base.make_value_estimator(ValueEstimators.TD0, gamma=float(_get(cfg, "optim.gamma")))
+    # SACLoss registers its target-entropy buffer lazily (at the first forward): create it
+    # now, so that a fresh loss loads a trained loss's state dict (resume).
+    _ = base.target_entropy
+    return make_spqr_loss(cfg, base), base
+
+
+def make_collector(cfg, env, actor, *, total_frames: int) -> Collector:
+    """A single-process collector of ``collector.frames_per_batch`` frames over ``env``'s copies.
+
+    The single-agent builder with the ``single`` backend; the policy acts from
+    the first frame (``collector.init_random_frames`` only delays the updates).
+    """
+    return B.make_collector(cfg, env, actor, total_frames=total_frames, init_random_frames=0)
+
+
+@torch.no_grad()
+def evaluate(env, actor, max_steps: int) -> tuple[float, float]:
+    """Deterministic policy on all of ``env``'s vectorised copies for one episode each.
+
+    Returns the mean and std over episodes of the return (summed over time,
+    averaged over agents), as TorchRL's multi-agent examples report it.
+    """
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        td = env.rollout(max_steps, actor, break_when_any_done=False, auto_cast_to_device=True)
+    reward = td.get(("next", GROUP, "reward"))  # [envs, T, n_agents, 1]
+    done = td.get(("next", "done")).squeeze(-1)  # [envs, T]
+    # only the first episode of each env (VMAS resets envs that finish early)
+    first = (done.cumsum(1) - done.long()) == 0
+    returns = (reward.mean((-2, -1)) * first).sum(1)
+    return float(returns.mean()), float(returns.std(unbiased=False)) if returns.numel() > 1 else 0.0
