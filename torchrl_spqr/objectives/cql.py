@@ -6,6 +6,10 @@ two-term Lagrange loss). :class:`EnsembleCQLLoss` subclasses it (TorchRL's own
 precedent is ``TQCLoss(SACLoss)``) with the same constructor, keys, options and
 output entries plus ``num_qvalue_nets``; at ``N = 2`` it gives the same values
 and gradients as ``CQLLoss``.
+
+Long module: one class that overrides ``CQLLoss``'s methods one by one (critic, CQL,
+Lagrange, actor and value terms) and documents how each generalises to ``N``
+critics; split, the overrides would be read apart from the class they override.
 """
 
 from __future__ import annotations
