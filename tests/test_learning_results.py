@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("matplotlib")
-from torchrl_spqr import plot  # noqa: E402
+from torchrl_spqr import analysis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEARNING = ROOT / "benchmarks" / "learning"
@@ -72,8 +72,8 @@ def _matches(cell: str, expected: list[float]) -> None:
 
 def _arms(folder: str, prefix: str) -> dict[int, list[Path]]:
     """``{0: baseline runs, 1: SPQR runs}`` of the one beta-1 comparison whose arms start so."""
-    groups = plot.group_runs([LEARNING / folder])
-    pairs = [p for p in plot.effect_pairs(groups) if p[2].startswith(prefix)]
+    groups = analysis.group_runs([LEARNING / folder])
+    pairs = [p for p in analysis.effect_pairs(groups) if p[2].startswith(prefix)]
     assert [p[1] for p in pairs] == [1.0], (folder, prefix, sorted(groups))
     _, _, base, spqr = pairs[0]
     return {0: groups[base], 1: groups[spqr]}
@@ -89,9 +89,9 @@ def test_readme_learning_row_matches_the_runs(row):
     setting, _budget, seeds, final, best, accept = row
     folder, prefix, key = SETTINGS[setting]
     arms = _arms(folder, prefix)
-    summ = {b: plot.summary_rows({"arm": runs}, key)[0] for b, runs in arms.items()}
-    diag = {b: plot.diagnostics_rows({"arm": runs})[0] for b, runs in arms.items()}
-    run_seeds = {b: sorted(plot._seed_of(r) for r in runs) for b, runs in arms.items()}
+    summ = {b: analysis.summary_rows({"arm": runs}, key)[0] for b, runs in arms.items()}
+    diag = {b: analysis.diagnostics_rows({"arm": runs})[0] for b, runs in arms.items()}
+    run_seeds = {b: sorted(analysis.seed_of(r) for r in runs) for b, runs in arms.items()}
     assert run_seeds[0] == run_seeds[1] == [int(s) for s in _NUM.findall(seeds)]
     for cell, name in ((final, "final"), (best, "best")):
         with_sd = len(_NUM.findall(cell)) == 4
@@ -107,10 +107,11 @@ def test_readme_learning_row_matches_the_runs(row):
 def test_committed_effects_table_matches_the_runs():
     path = LEARNING / "effects.md"
     text = path.read_text()
-    cmd = re.search(r"Written by `python -m torchrl_spqr\.plot ([^`]+)`", text)
+    # written by the command line under its new name or its old one (torchrl_spqr.plot)
+    cmd = re.search(r"Written by `python -m torchrl_spqr\.(?:analysis|plot) ([^`]+)`", text)
     assert cmd, "effects.md records the command that wrote it"
     args = cmd.group(1).split()
     folders = [ROOT / a for a in args[: next(i for i, a in enumerate(args) if a.startswith("--"))]]
     assert "--key" not in args  # the table below is of eval_return
-    eff = plot.paired_effects(plot.group_runs(folders))
-    assert plot.effects_table(eff) in text
+    eff = analysis.paired_effects(analysis.group_runs(folders))
+    assert analysis.effects_table(eff) in text

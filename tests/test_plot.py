@@ -1,4 +1,4 @@
-"""torchrl_spqr.plot: run discovery and grouping, confidence bands, summary, figures, checkpoints."""
+"""torchrl_spqr.analysis: run discovery and grouping, confidence bands, summary, figures, checkpoints."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 pytest.importorskip("matplotlib")
-from torchrl_spqr import plot  # noqa: E402
+from torchrl_spqr import analysis  # noqa: E402
+from torchrl_spqr.analysis import cli  # noqa: E402
 from torchrl_spqr.functional import matrix_side  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,16 +59,16 @@ def sweep(tmp_path) -> Path:
 
 
 def test_find_runs_discovers_and_groups_a_sweep(sweep):
-    runs = plot.find_runs([sweep])
+    runs = analysis.find_runs([sweep])
     assert len(runs) == 5
-    groups = plot.group_runs([sweep])
+    groups = analysis.group_runs([sweep])
     assert sorted(groups) == ["beta0.0_N10", "beta1.0_N10"]
     assert [r.name for r in groups["beta1.0_N10"]] == [f"beta1.0_N10_seed{k}" for k in range(3)]
     # from the multirun root the label keeps the algorithm and the environment
-    top = plot.group_runs([sweep.parents[1]])
+    top = analysis.group_runs([sweep.parents[1]])
     assert sorted(top) == ["sac_ens/Hopper-v5/beta0.0_N10", "sac_ens/Hopper-v5/beta1.0_N10"]
     # run folders given one by one group the same way
-    one_by_one = plot.group_runs(sorted(sweep.iterdir()))
+    one_by_one = analysis.group_runs(sorted(sweep.iterdir()))
     assert {k: len(v) for k, v in one_by_one.items()} == {"beta0.0_N10": 2, "beta1.0_N10": 3}
 
 
@@ -78,15 +79,15 @@ def test_hydra_numbered_subfolders_group_by_overrides(tmp_path):
         _write_run(run, [1.0, 2.0, 3.0], seed)
         (run / ".hydra").mkdir()
         (run / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- spqr.beta={beta}\n")
-    groups = plot.group_runs([root])
+    groups = analysis.group_runs([root])
     assert {k: len(v) for k, v in groups.items()} == {"spqr.beta=0": 2, "spqr.beta=1": 2}
 
 
 def test_group_curve_mean_and_t_band_match_a_hand_computation(sweep):
     from scipy import stats
 
-    rows = [plot.read_metrics(r) for r in plot.group_runs([sweep])["beta1.0_N10"]]
-    c = plot.group_curve(rows, "eval_return")
+    rows = [analysis.read_metrics(r) for r in analysis.group_runs([sweep])["beta1.0_N10"]]
+    c = analysis.group_curve(rows, "eval_return")
     assert c.seeds == 3 and c.step_key == "frames" and not c.interpolated
     assert c.steps.tolist() == [1000, 2000, 3000]
     vals = np.array([EVALS["beta1.0_N10"][k] for k in range(3)])
@@ -94,33 +95,31 @@ def test_group_curve_mean_and_t_band_match_a_hand_computation(sweep):
     np.testing.assert_allclose(c.mean, vals.mean(0))
     np.testing.assert_allclose(c.lo, vals.mean(0) - half)
     np.testing.assert_allclose(c.hi, vals.mean(0) + half)
-    # the fallback table (no scipy) agrees with scipy at 95%
-    assert abs(plot._T975[1] - stats.t.ppf(0.975, 2)) < 1e-3
 
 
 def test_group_curve_interpolates_runs_logged_at_different_steps():
     a = [{"frames": 0.0, "x": 0.0}, {"frames": 10.0, "x": 10.0}, {"frames": 20.0, "x": 20.0}]
     b = [{"frames": 5.0, "x": 0.0}, {"frames": 15.0, "x": 0.0}]
-    c = plot.group_curve([a, b], "x")
+    c = analysis.group_curve([a, b], "x")
     assert c.interpolated and c.steps.tolist() == [5.0, 10.0, 15.0]
     np.testing.assert_allclose(c.mean, [2.5, 5.0, 7.5])
 
 
 def test_bootstrap_band_is_seeded_and_brackets_the_mean():
     v = np.array([[1.0, 5.0], [2.0, 6.0], [4.0, 9.0], [3.0, 7.0]])
-    m1, lo1, hi1 = plot.mean_ci(v, method="bootstrap")
-    m2, lo2, hi2 = plot.mean_ci(v, method="bootstrap")
+    m1, lo1, hi1 = analysis.mean_ci(v, method="bootstrap")
+    m2, lo2, hi2 = analysis.mean_ci(v, method="bootstrap")
     assert np.array_equal(lo1, lo2) and np.array_equal(hi1, hi2)
     assert np.all(v.min(0) <= lo1) and np.all(lo1 < m1) and np.all(m1 < hi1)
     assert np.all(hi1 <= v.max(0))
-    m, lo, hi = plot.mean_ci(v[:1])  # one seed: no band
+    m, lo, hi = analysis.mean_ci(v[:1])  # one seed: no band
     assert np.array_equal(lo, m) and np.array_equal(hi, m)
 
 
 def test_summary_numbers_match_a_hand_computation(sweep):
     from scipy import stats
 
-    rows = {r["group"]: r for r in plot.summary_rows(plot.group_runs([sweep]))}
+    rows = {r["group"]: r for r in analysis.summary_rows(analysis.group_runs([sweep]))}
     a = rows["beta1.0_N10"]
     finals, bests = [100.0, 130.0, 160.0], [100.0, 130.0, 200.0]  # seed 2 peaks at 2000
     assert a["seeds"] == 3 and a["final"] == finals and a["best"] == bests
@@ -129,7 +128,7 @@ def test_summary_numbers_match_a_hand_computation(sweep):
     assert a["final_ci"] == pytest.approx((130.0 - half, 130.0 + half))
     assert a["best_mean"] == pytest.approx(np.mean(bests))
     assert a["best_sd"] == pytest.approx(np.std(bests, ddof=1))
-    table = plot.summary_table(plot.group_runs([sweep]))
+    table = analysis.summary_table(analysis.group_runs([sweep]))
     line = next(ln for ln in table.splitlines() if ln.startswith("| beta1.0_N10 "))
     assert "| 3 | 3000 | 130.0 +- 30.0 |" in line
     assert f"[{130 - half:.1f}, {130 + half:.1f}]" in line
@@ -138,32 +137,32 @@ def test_summary_numbers_match_a_hand_computation(sweep):
 
 
 def test_diagnostics_table_matches_a_hand_computation(sweep):
-    groups = plot.group_runs([sweep])
-    rows = {r["group"]: r for r in plot.diagnostics_rows(groups)}
+    groups = analysis.group_runs([sweep])
+    rows = {r["group"]: r for r in analysis.diagnostics_rows(groups)}
     a = rows["beta1.0_N10"]
     # seed k logs spqr_kl = 0.6 + 0.01 k at every training row: run means 0.60, 0.61, 0.62
     assert a["spqr_kl"] == pytest.approx([0.60, 0.61, 0.62])
     assert a["spqr_kl_mean"] == pytest.approx(0.61) and a["spqr_kl_sd"] == pytest.approx(0.01)
     assert a["spqr_accept_rate_mean"] == pytest.approx(0.95) and "spqr_spike" not in a
-    table = plot.diagnostics_table(groups)
+    table = analysis.diagnostics_table(groups)
     line = next(ln for ln in table.splitlines() if ln.startswith("| beta1.0_N10 "))
     assert "| 3 | 0.6100 +- 0.0100 | 0.9500 +- 0.0000 |" in line
     assert "spike" not in table.splitlines()[0]  # no run logged it: no column
     # the last third of the rows: one row per run, same values here
-    tail = {r["group"]: r for r in plot.diagnostics_rows(groups, last_fraction=1 / 3)}
+    tail = {r["group"]: r for r in analysis.diagnostics_rows(groups, last_fraction=1 / 3)}
     assert tail["beta1.0_N10"]["spqr_kl"] == pytest.approx(a["spqr_kl"])
     with pytest.raises(ValueError, match="last_fraction"):
-        plot.diagnostics_rows(groups, last_fraction=0.0)
+        analysis.diagnostics_rows(groups, last_fraction=0.0)
     per_seed = next(
-        ln for ln in plot.summary_table(groups).splitlines() if ln.startswith("| beta1.0_N10 ")
+        ln for ln in analysis.summary_table(groups).splitlines() if ln.startswith("| beta1.0_N10 ")
     )
     assert per_seed.endswith("| 100.0 / 100.0, 130.0 / 130.0, 160.0 / 200.0 |")
 
 
 def test_paired_effects_match_a_hand_computation(sweep):
-    groups = plot.group_runs([sweep])
-    assert plot.effect_pairs(groups) == [("N10", 1.0, "beta0.0_N10", "beta1.0_N10")]
-    (r,) = plot.paired_effects(groups)
+    groups = analysis.group_runs([sweep])
+    assert analysis.effect_pairs(groups) == [("N10", 1.0, "beta0.0_N10", "beta1.0_N10")]
+    (r,) = analysis.paired_effects(groups)
     assert r["seeds"] == [0, 1]  # seed 2 has no baseline run: left out
     # final: 100 - 70 and 130 - 90; best is the same here (both arms peak at the end)
     for name in ("final", "best"):
@@ -178,7 +177,7 @@ def test_paired_effects_match_a_hand_computation(sweep):
         assert r[f"{name}_rel_mean"] == pytest.approx(100 * 35.0 / 80.0)
         assert r[f"{name}_wins"] == 2
     assert r["accept_base"] == pytest.approx(0.95) and r["accept_spqr"] == pytest.approx(0.95)
-    md = plot.effects_table([r])
+    md = analysis.effects_table([r])
     assert "| N10 | 1 | 2 | 80.0 / 115.0 | +35.0 (+43.8%) [" in md
 
 
@@ -190,7 +189,7 @@ def test_effect_pairs_need_arms_that_differ_only_by_beta(tmp_path):
         _write_run(run, [1.0, 2.0], 0)
         (run / ".hydra").mkdir()
         (run / ".hydra" / "overrides.yaml").write_text(f"- seed=0\n- spqr.beta={beta}\n")
-    pairs = plot.effect_pairs(plot.group_runs([tmp_path]))
+    pairs = analysis.effect_pairs(analysis.group_runs([tmp_path]))
     # N3 and redq have no beta-0 twin; multirun's arms differ only by spqr.beta
     assert sorted(pairs) == [
         ("multirun/spqr", 10.0, "multirun/spqr.beta=0", "multirun/spqr.beta=10"),
@@ -200,18 +199,18 @@ def test_effect_pairs_need_arms_that_differ_only_by_beta(tmp_path):
 
 def test_cli_effects_only(sweep, tmp_path):
     eff = tmp_path / "eff"
-    plot.main([str(sweep), "--effects", str(eff), "--effects-only"])
+    cli.main([str(sweep), "--effects", str(eff), "--effects-only"])
     assert eff.with_suffix(".png").exists() and eff.with_suffix(".md").exists()
     assert not (sweep / "plots").exists()  # no curves, no summary
     with pytest.raises(SystemExit):
-        plot.main([str(sweep), "--effects-only"])
+        cli.main([str(sweep), "--effects-only"])
 
 
 def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     out = tmp_path / "figs"
     cmp = tmp_path / "cmp"
     argv = [str(sweep), "--format", "png", "svg", "--out", str(out), "--ci", "bootstrap"]
-    plot.main([*argv, "--compare", str(cmp), "--effects", str(tmp_path / "eff" / "effects")])
+    cli.main([*argv, "--compare", str(cmp), "--effects", str(tmp_path / "eff" / "effects")])
     for name in ("learning_curves", "diagnostics"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         svg = (out / f"{name}.svg").read_text()
@@ -220,7 +219,7 @@ def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     assert (tmp_path / "eff" / "effects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     eff_md = (tmp_path / "eff" / "effects.md").read_text()
     assert (
-        eff_md.startswith("Written by `python -m torchrl_spqr.plot ")
+        eff_md.startswith("Written by `python -m torchrl_spqr.analysis ")
         and "| N10 | 1 | 2 |" in eff_md
     )
     summary = (out / "summary.md").read_text()
@@ -229,10 +228,10 @@ def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "learning_curves.svg" in printed and "| beta1.0_N10 | 3 |" in printed
     # default output folder: <sweep>/plots for a sweep, the run folder for one run
-    assert plot._default_out([sweep]) == sweep / "plots"
+    assert cli._default_out([sweep]) == sweep / "plots"
     run = sweep / "beta1.0_N10_seed0"
-    assert plot._default_out([run]) == run
-    assert plot._default_out([run, sweep / "beta0.0_N10_seed1"]) == sweep / "plots"
+    assert cli._default_out([run]) == run
+    assert cli._default_out([run, sweep / "beta0.0_N10_seed1"]) == sweep / "plots"
 
 
 # ------------------------------------------------------------ checkpoints
@@ -279,21 +278,21 @@ def _check_spectrum_invariant(q: torch.Tensor) -> None:
 
 
 def test_checkpoint_batch_from_buffer_and_from_rollout(sota_run):
-    b = plot.checkpoint_q_values(sota_run, batch_size=32)
+    b = analysis.checkpoint_q_values(sota_run, batch_size=32)
     assert b.q.shape == (6, 32) and torch.isfinite(b.q).all()
     assert "replay buffer" in b.source and b.pairs == "next_policy"
     assert (b.filling, b.density, b.rho, b.eps) == ("ordered", "paper", 0.5, 0.01)
     _check_spectrum_invariant(b.q)
-    r = plot.checkpoint_q_values(sota_run, batch_size=500, source="rollout", rollout_steps=50)
+    r = analysis.checkpoint_q_values(sota_run, batch_size=500, source="rollout", rollout_steps=50)
     assert r.q.shape == (6, 50) and "rollout" in r.source
     # "data" pairs evaluate the critics at stored actions: another batch, same members
-    dq = plot.checkpoint_q_values(sota_run, batch_size=32, pairs="data")
+    dq = analysis.checkpoint_q_values(sota_run, batch_size=32, pairs="data")
     assert dq.q.shape == (6, 32) and not torch.equal(dq.q, b.q)
 
 
 def test_cli_checkpoint_figures(sota_run, tmp_path):
     out = tmp_path / "ck"
-    plot.main([str(sota_run), "--checkpoint", "--batch-size", "40", "--out", str(out)])
+    cli.main([str(sota_run), "--checkpoint", "--batch-size", "40", "--out", str(out)])
     for name in ("spectrum", "correlation"):
         png = out / f"{name}_{sota_run.name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000
@@ -331,11 +330,11 @@ def test_example_checkpoints_are_supported(script, tmp_path):
     loss = SPQRLoss(base, beta=1.0)
     run.mkdir()
     torch.save({"actor": actor.state_dict(), "loss": loss.state_dict()}, run / "checkpoint.pt")
-    b = plot.checkpoint_q_values(run, batch_size=30, rollout_steps=30)
+    b = analysis.checkpoint_q_values(run, batch_size=30, rollout_steps=30)
     assert b.q.shape == (3, 30) and "rollout" in b.source and script in b.meta["algorithm"]
     # the saved critics, not freshly initialised ones
     torch.testing.assert_close(b.q, critics.q_values(b.inputs))
-    paths = plot.plot_spectrum(b, tmp_path / "spec")
+    paths = analysis.plot_spectrum(b, tmp_path / "spec")
     assert paths[0].exists()
 
 
@@ -344,9 +343,9 @@ def test_checkpoint_errors_are_explicit(tmp_path):
     bad.mkdir()
     torch.save({"actor": {}, "loss": {}}, bad / "checkpoint.pt")
     with pytest.raises(ValueError, match="spqr_sac_ens_<env>_N<N>"):
-        plot.checkpoint_q_values(bad)
+        analysis.checkpoint_q_values(bad)
     with pytest.raises(FileNotFoundError, match="checkpoint/state.pt"):
-        plot.checkpoint_q_values(tmp_path)
+        analysis.checkpoint_q_values(tmp_path)
 
 
 # ------------------------------------------------------------ bad inputs
@@ -374,33 +373,33 @@ def test_run_ending_in_nan_reports_nan_final_not_an_earlier_value(tmp_path):
     _write_run(root / "beta0_N10_seed1", [15.0, 30.0, 90.0], 1)
     _write_run(root / "beta1_N10_seed0", [10.0, 50.0, 100.0], 0)
     _write_rows(root / "beta1_N10_seed1", _evals([20.0, 90.0, math.nan, math.nan]))
-    out = plot.run_outcome(plot.read_metrics(root / "beta1_N10_seed1"), "eval_return")
+    out = analysis.run_outcome(analysis.read_metrics(root / "beta1_N10_seed1"), "eval_return")
     assert math.isnan(out["final"]) and out["final_step"] == 4000
     assert out["diverged_at"] == 3000 and out["best"] == 90.0 and out["nonfinite"] == 2
-    groups = plot.group_runs([root])
-    rows = {r["group"]: r for r in plot.summary_rows(groups)}
+    groups = analysis.group_runs([root])
+    rows = {r["group"]: r for r in analysis.summary_rows(groups)}
     spqr = rows["beta1_N10"]
     assert spqr["final"][0] == 100.0 and math.isnan(spqr["final"][1])  # never 90.0
     assert math.isnan(spqr["final_mean"]) and spqr["best"] == [100.0, 90.0]
     assert spqr["diverged_at"] == [None, 3000] and spqr["steps"] == [3000, 4000]
-    table = plot.summary_table(groups)
+    table = analysis.summary_table(groups)
     line = next(ln for ln in table.splitlines() if ln.startswith("| beta1_N10 "))
     assert "NaN (1 of 2 diverged)" in line and "NaN (diverged at step 3000) / 90.0" in line
     assert "Diverged" in table and "beta1_N10_seed1 (from step 3000)" in table
     # the paired effect: that seed's final is NaN, so is the comparison's final difference
-    (eff,) = plot.paired_effects(groups)
+    (eff,) = analysis.paired_effects(groups)
     assert math.isnan(eff["final_spqr"]) and math.isnan(eff["final_diff_mean"])
     assert eff["best_diff_mean"] == pytest.approx(((100 - 70) + (90 - 90)) / 2)
     assert eff["diverged"] == [(1, "beta1_N10", 3000)]
-    md = plot.effects_table([eff])
+    md = analysis.effects_table([eff])
     assert "NaN (a run diverged)" in md and "beta1_N10 seed 1 (from step 3000)" in md
-    stats = plot._run_effect_stats(root / "beta1_N10_seed1", "eval_return")
+    stats = analysis.run_effect_stats(root / "beta1_N10_seed1", "eval_return")
     assert math.isnan(stats[0]) and stats[1] == 90.0 and stats[3] == 3000
 
 
 def test_nan_in_the_middle_keeps_the_last_finite_final(tmp_path):
     run = _write_rows(tmp_path / "r", _evals([1.0, math.nan, 3.0]))
-    out = plot.run_outcome(plot.read_metrics(run), "eval_return")
+    out = analysis.run_outcome(analysis.read_metrics(run), "eval_return")
     assert out["final"] == 3.0 and out["diverged_at"] is None and out["nonfinite"] == 1
 
 
@@ -411,7 +410,7 @@ def test_cli_reports_header_only_and_all_nan_runs(sweep, tmp_path, capsys):
     (empty / "metrics.csv").write_text("")
     all_nan = _write_rows(sweep / "beta0.0_N10_seed5", _evals([math.nan, math.nan]))
     out = tmp_path / "figs"
-    plot.main([str(sweep), "--out", str(out)])
+    cli.main([str(sweep), "--out", str(out)])
     err = capsys.readouterr().err
     assert f"skipped {header_only}: metrics.csv has a header but no rows" in err
     assert f"skipped {empty}: metrics.csv is empty" in err
@@ -427,7 +426,7 @@ def test_cli_refuses_when_no_run_is_left(tmp_path, capsys):
     _write_rows(tmp_path / "a_seed0", [])
     _write_rows(tmp_path / "b_seed0", [{"frames": 10, "updates": 5, "spqr_kl": 0.6}])
     with pytest.raises(SystemExit) as exc:
-        plot.main([str(tmp_path)])
+        cli.main([str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "skipped" in err and "no eval_return logged" in err
@@ -450,7 +449,7 @@ def test_cli_refuses_when_no_run_is_left(tmp_path, capsys):
 )
 def test_cli_bad_arguments_are_clear_errors(sweep, argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
-        plot.main([str(sweep), *argv])
+        cli.main([str(sweep), *argv])
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
     assert not (sweep / "plots").exists()
@@ -458,21 +457,21 @@ def test_cli_bad_arguments_are_clear_errors(sweep, argv, needle, capsys):
 
 def test_cli_bad_paths_are_clear_errors(sweep, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        plot.main([str(tmp_path / "nope")])
+        cli.main([str(tmp_path / "nope")])
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
-        plot.main([str(tmp_path / "empty")])
+        cli.main([str(tmp_path / "empty")])
     assert "No run folder" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit):
-        plot.main([str(sweep), "--out", str(tmp_path / "file")])
+        cli.main([str(sweep), "--out", str(tmp_path / "file")])
     assert "is a file" in capsys.readouterr().err
 
 
 def test_mean_ci_rejects_a_level_outside_0_1():
     for level in (1.5, 0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match=r"level must be in \(0, 1\)"):
-            plot.mean_ci([1.0, 2.0, 3.0], level)
+            analysis.mean_ci([1.0, 2.0, 3.0], level)
     with pytest.raises(ValueError, match="method"):
-        plot.mean_ci([1.0], method="jackknife")  # also with one seed
+        analysis.mean_ci([1.0], method="jackknife")  # also with one seed
