@@ -175,9 +175,9 @@ def test_ctrl_c_stops_cleanly_and_resume_completes_the_log(script, tmp_path):
     assert _rows(run) == [r for r in _schedule(script) if r[0] <= stopped]
     assert (run / "learning_curve.png").exists()
     if script == "redq_spqr":  # the plot tool still reads the example's checkpoint
-        from torchrl_spqr import plot
+        from torchrl_spqr import analysis
 
-        assert plot.checkpoint_q_values(run, batch_size=8, rollout_steps=8).q.shape == (3, 8)
+        assert analysis.checkpoint_q_values(run, batch_size=8, rollout_steps=8).q.shape == (3, 8)
 
     res = _resume(script, tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -4,7 +4,7 @@ Each script is run by bash with ``python`` replaced by a recorder on ``PATH``, s
 every training command it would start is captured (nothing trains). Each captured
 ``sota_scripts`` command must compose with Hydra (an unknown or misspelled key
 fails), each ``examples/spqr_demo.py`` command must parse, and the run folders
-must differ only in ``beta`` and ``seed`` so that ``torchrl_spqr.plot`` groups
+must differ only in ``beta`` and ``seed`` so that ``torchrl_spqr.analysis`` groups
 the arms.
 """
 
@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("hydra")
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from torchrl_spqr import plot  # noqa: E402
+from torchrl_spqr import analysis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEARNING = ROOT / "benchmarks" / "learning"
@@ -125,7 +125,7 @@ def test_learning_script_commands_are_valid(tmp_path, script, args, env):
     assert len(set(run_dirs)) == len(run_dirs)
     for rd in run_dirs:
         assert f"seed{seed}" in Path(rd).name
-        assert plot.group_name(rd) != Path(rd).name
+        assert analysis.group_name(rd) != Path(rd).name
 
 
 def _seed_arg(script: str, args: list[str]) -> str:

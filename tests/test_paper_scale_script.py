@@ -2,7 +2,7 @@
 
 The plan's commands must compose with Hydra (an unknown or misspelled key fails), cover
 beta 0 and 1 for every seed with the planned budget, and name their run folders so that
-``torchrl_spqr.plot`` pairs the arms by seed.
+``torchrl_spqr.analysis`` pairs the arms by seed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("hydra")
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from torchrl_spqr import plot  # noqa: E402
+from torchrl_spqr import analysis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "learning" / "paper_scale.sh"
@@ -82,9 +82,9 @@ def test_paper_scale_plan_composes(tmp_path, env, seeds, device):
     groups: dict[str, list[Path]] = {}
     for (_, s), rd in runs.items():
         assert f"seed{s}" in Path(rd).name
-        groups.setdefault(plot.group_name(rd), []).append(Path(rd))
+        groups.setdefault(analysis.group_name(rd), []).append(Path(rd))
     assert len(groups) == 2
-    pairs = plot.effect_pairs(groups)
+    pairs = analysis.effect_pairs(groups)
     assert len(pairs) == 1 and pairs[0][1] == 1.0
 
 

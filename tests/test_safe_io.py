@@ -247,22 +247,22 @@ def test_dataset_source_run_refuses_poisoned_buffer(poisoned, tmp_path, monkeypa
 
 def test_plot_checkpoint_refuses_poisoned_buffer(poisoned):
     pytest.importorskip("matplotlib")
-    from torchrl_spqr import plot
+    from torchrl_spqr import analysis
 
     run, _cfg, marker = poisoned
     with pytest.raises(UnsafeFileError, match="NonTensorData"):
-        plot.checkpoint_q_values(run, batch_size=8)
+        analysis.checkpoint_q_values(run, batch_size=8)
     assert not marker.exists()
 
 
 def test_plot_example_checkpoint_refuses_pickle(tmp_path):
     pytest.importorskip("matplotlib")
-    from torchrl_spqr import plot
+    from torchrl_spqr import analysis
 
     run = tmp_path / "spqr_sac_ens_Pendulum-v1_N3_beta1.0_seed0"
     run.mkdir()
     marker = tmp_path / "MARKER"
     torch.save({"actor": {"w": Boom(marker)}, "loss": {}}, run / "checkpoint.pt")
     with pytest.raises(CorruptFileError, match=r"checkpoint\.pt"):
-        plot.checkpoint_q_values(run, batch_size=8)
+        analysis.checkpoint_q_values(run, batch_size=8)
     assert not marker.exists()
