@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import urllib.error
 from pathlib import Path
 
@@ -17,8 +18,18 @@ pytest.importorskip("h5py")
 import gymnasium as gym  # noqa: E402
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer  # noqa: E402
 
-from torchrl_spqr import datasets as D  # noqa: E402
+from torchrl_spqr import data as D  # noqa: E402
+from torchrl_spqr.data import builder as data_builder  # noqa: E402
+from torchrl_spqr.data.cli import main as cli_main  # noqa: E402
+from torchrl_spqr.data.episodes import _RANDOM_REF_SEED  # noqa: E402
+from torchrl_spqr.data.offline import _storage_td  # noqa: E402
+from torchrl_spqr.data.store import _STAGING_DIR, _exists_locally, _local_h5  # noqa: E402
 from torchrl_spqr.training.checkpoint import save_checkpoint  # noqa: E402
+from torchrl_spqr.training.restore import (  # noqa: E402
+    RunFolders,
+    load_policy_from_run,
+    run_episodes,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -117,7 +128,7 @@ def test_load_local_minari_through_torchrl(store, monkeypatch):
     # the converted buffer holds the real data, episode after episode (TorchRL 0.14.1 alone
     # leaves it all zeros), with terminations and truncations apart
     eps = _episodes(TINY_ID)
-    st = D._storage_td(data.buffer)
+    st = _storage_td(data.buffer)
     obs = np.concatenate([e.observations[:-1] for e in eps])
     nxt = np.concatenate([e.observations[1:] for e in eps])
     np.testing.assert_array_equal(st["observation"].numpy(), obs)
@@ -146,7 +157,7 @@ def test_converted_cache_is_reused_until_the_dataset_changes(tmp_path, monkeypat
     D.build_dataset("local/hopper/cache-v0", "Hopper-v5", "random", steps=50, ref_max_score=1e3)
     root = str(tmp_path / "trl")
     first = D.load_offline_dataset("local/hopper/cache-v0", batch_size=4, root=root)
-    obs = D._storage_td(first.buffer)["observation"].clone()
+    obs = _storage_td(first.buffer)["observation"].clone()
 
     def no_conversion(self):
         raise AssertionError("re-converted an unchanged dataset")
@@ -154,7 +165,7 @@ def test_converted_cache_is_reused_until_the_dataset_changes(tmp_path, monkeypat
     with monkeypatch.context() as mp:  # a second load only maps the stamped cache
         mp.setattr(MinariExperienceReplay, "_download_and_preproc", no_conversion)
         again = D.load_offline_dataset("local/hopper/cache-v0", batch_size=4, root=root)
-        assert torch.equal(D._storage_td(again.buffer)["observation"], obs)
+        assert torch.equal(_storage_td(again.buffer)["observation"], obs)
     D.build_dataset(  # same id, other data: the cache is rebuilt
         "local/hopper/cache-v0",
         "Hopper-v5",
@@ -168,7 +179,7 @@ def test_converted_cache_is_reused_until_the_dataset_changes(tmp_path, monkeypat
     assert rebuilt.num_transitions == 60
     eps = _episodes("local/hopper/cache-v0")
     np.testing.assert_array_equal(
-        D._storage_td(rebuilt.buffer)["observation"].numpy(),
+        _storage_td(rebuilt.buffer)["observation"].numpy(),
         np.concatenate([e.observations[:-1] for e in eps]),
     )
 
@@ -176,10 +187,10 @@ def test_converted_cache_is_reused_until_the_dataset_changes(tmp_path, monkeypat
 def test_ref_min_score_is_the_random_policy_return(store):
     meta = store["dataset"].storage.metadata
     env = gym.make("Hopper-v5", max_episode_steps=TIME_LIMIT)
-    env.action_space.seed(D._RANDOM_REF_SEED)
+    env.action_space.seed(_RANDOM_REF_SEED)
     returns = []
     for i in range(10):
-        env.reset(seed=D._RANDOM_REF_SEED + i)
+        env.reset(seed=_RANDOM_REF_SEED + i)
         ret, done = 0.0, False
         while not done:
             _, r, term, trunc, _ = env.step(env.action_space.sample())
@@ -257,6 +268,7 @@ def test_medium_replay_from_a_run_folder(tmp_path):
         source_run=str(tmp_path / "run"),
         ref_min_score=0.0,
         ref_max_score=100.0,
+        runs=RunFolders(),
     )
     assert ds.storage.metadata["total_steps"] == 16
     eps = _episodes("local/hopper/mr-v0")
@@ -279,7 +291,7 @@ def test_replay_of_a_wrapped_ring_buffer(tmp_path):
     data = _synthetic_run(
         tmp_path / "run", [(5, "terminated"), (7, "truncated"), (4, None)], capacity=12
     )
-    episodes = D._episodes_from_run(tmp_path / "run")
+    episodes = run_episodes(tmp_path / "run")
     assert [len(e) for e in episodes] == [1, 7, 4]
     assert episodes[0].terminations.tolist() == [True]
     np.testing.assert_array_equal(episodes[0].observations[0], data["observation"][4].numpy())
@@ -353,7 +365,7 @@ def test_load_policy_from_run_and_policy_datasets(tmp_path):
     from torchrl.envs.utils import ExplorationType, set_exploration_type
 
     _, base, _ = _tiny_run(tmp_path / "run")
-    policy = D.load_policy_from_run(tmp_path / "run")
+    policy = load_policy_from_run(tmp_path / "run")
     obs = np.random.default_rng(0).standard_normal((5, OBS))
     act = policy(obs)
     assert act.shape == (5, ACT) and act.dtype == np.float32
@@ -380,12 +392,18 @@ def test_load_policy_from_run_and_policy_datasets(tmp_path):
         ref_max_score=10.0,
     )
     assert med.storage.metadata["total_steps"] == 60
-    expert_args = dict(steps=40, policy=str(tmp_path / "run"), max_episode_steps=30, ref_episodes=2)
+    expert_args = dict(
+        steps=40,
+        policy=str(tmp_path / "run"),
+        max_episode_steps=30,
+        ref_episodes=2,
+        runs=RunFolders(),
+    )
     # this untrained "expert" scores below the random policy: an inverted reference range
     # is refused (normalised scores would fall as the return rises), and nothing is written
     with pytest.raises(ValueError, match="is not above ref_min_score"):
         D.build_dataset("local/hopper/pol-expert-v0", "Hopper-v5", "expert", **expert_args)
-    assert not D._exists_locally("local/hopper/pol-expert-v0")
+    assert not _exists_locally("local/hopper/pol-expert-v0")
     exp = D.build_dataset(
         "local/hopper/pol-expert-v0",
         "Hopper-v5",
@@ -395,7 +413,7 @@ def test_load_policy_from_run_and_policy_datasets(tmp_path):
     )
     meta = exp.storage.metadata
     env = gym.make("Hopper-v5", max_episode_steps=30)
-    expected = np.mean([_det_return(env, policy, D._RANDOM_REF_SEED + i) for i in range(2)])
+    expected = np.mean([_det_return(env, policy, _RANDOM_REF_SEED + i) for i in range(2)])
     assert meta["ref_max_score"] == pytest.approx(expected)  # mean return of the expert policy
     eps = _episodes("local/hopper/pol-expert-v0")
     obs0, _ = env.reset(seed=0)
@@ -417,12 +435,13 @@ def test_full_replay_from_an_expert_run(tmp_path):
         expert_run=str(tmp_path / "expert"),
         ref_min_score=0.0,
         ref_episodes=2,
+        runs=RunFolders(),
     )
     meta = ds.storage.metadata
     assert meta["total_steps"] == 15 and meta["total_episodes"] == 2
-    policy = D.load_policy_from_run(tmp_path / "expert")
+    policy = load_policy_from_run(tmp_path / "expert")
     env = gym.make("Hopper-v5", max_episode_steps=30)  # the run's time limit
-    expected = np.mean([_det_return(env, policy, D._RANDOM_REF_SEED + i) for i in range(2)])
+    expected = np.mean([_det_return(env, policy, _RANDOM_REF_SEED + i) for i in range(2)])
     assert meta["ref_max_score"] == pytest.approx(expected)
     assert "full-replay" in meta["description"]
 
@@ -454,7 +473,7 @@ def test_missing_minari_dataset_raises_a_clear_error(store, monkeypatch):
     assert "mujoco/hopper/medium-v0" in msg
     assert str(store["root"] / "minari") in msg  # the local path that was tried
     assert "ConnectionError" in msg and "huggingface.co" in msg  # the download and its error
-    assert "python -m torchrl_spqr.datasets build --env Hopper-v5 --kind medium" in msg
+    assert "python -m torchrl_spqr.data build --env Hopper-v5 --kind medium" in msg
     assert "minari download mujoco/hopper/medium-v0" in msg
     assert seen["timeout"] == D.DOWNLOAD_TIMEOUT_S  # the hub call cannot block for long
 
@@ -504,7 +523,7 @@ def test_d4rl_download_failure_is_clear(tmp_path, monkeypatch):
     assert "hopper-medium-replay-v2" in msg and "hopper_medium_replay-v2.hdf5" in msg
     assert "URLError" in msg and "name resolution" in msg
     assert "mujoco/hopper/medium-v0" in msg  # Minari's MuJoCo datasets
-    assert "python -m torchrl_spqr.datasets build --env Hopper-v5 --kind medium-replay" in msg
+    assert "python -m torchrl_spqr.data build --env Hopper-v5 --kind medium-replay" in msg
     with pytest.raises(ValueError):
         D.load_offline_dataset("kitchen-mixed-v0", batch_size=4, source="d4rl")
     with pytest.raises(ValueError):
@@ -513,7 +532,7 @@ def test_d4rl_download_failure_is_clear(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- CLI
 def test_cli_build_list_info(store, capsys):
-    rc = D.main(
+    rc = cli_main(
         [
             "build",
             "--env",
@@ -532,16 +551,16 @@ def test_cli_build_list_info(store, capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0 and "100 steps" in out
-    assert D.main(["list"]) == 0
+    assert cli_main(["list"]) == 0
     out = capsys.readouterr().out
     assert "local/hopper/cli-v0" in out and TINY_ID in out and "123.00" in out
-    assert D.main(["info", "local/hopper/cli-v0"]) == 0
+    assert cli_main(["info", "local/hopper/cli-v0"]) == 0
     out = capsys.readouterr().out
     assert "Hopper-v5" in out and "ref_max_score:" in out and "123.0" in out
-    assert D.main(["info", "local/nope/none-v0"]) == 1
+    assert cli_main(["info", "local/nope/none-v0"]) == 1
     # an existing id is not overwritten silently
     assert (
-        D.main(
+        cli_main(
             [
                 "build",
                 "--env",
@@ -572,17 +591,17 @@ def _store():
 
 def _staged():
     """Staging folders left in the store (lock files aside)."""
-    root = _store() / D._STAGING_DIR
+    root = _store() / _STAGING_DIR
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
 
 
 def _fingerprint(dataset_id):
-    h5 = D._local_h5(dataset_id)
+    h5 = _local_h5(dataset_id)
     return h5.read_bytes(), minari.load_dataset(dataset_id).storage.metadata["total_steps"]
 
 
 def _build_cli(*args):
-    return D.main(["build", "--env", "Hopper-v5", "--kind", "random", *args])
+    return cli_main(["build", "--env", "Hopper-v5", "--kind", "random", *args])
 
 
 def test_overwrite_with_bad_steps_leaves_the_dataset_intact(capsys):
@@ -616,7 +635,7 @@ def test_overwrite_with_bad_steps_leaves_the_dataset_intact(capsys):
     ],
 )
 def test_malformed_ids_are_refused_and_nothing_is_deleted(tmp_path, capsys, bad_id, why):
-    if not D._exists_locally("local/safe/sibling-v0"):
+    if not _exists_locally("local/safe/sibling-v0"):
         _small("local/safe/sibling-v0")
     outside = _store().parent / "outside"  # what ../outside would name
     outside.mkdir(exist_ok=True)
@@ -633,7 +652,7 @@ def test_malformed_ids_are_refused_and_nothing_is_deleted(tmp_path, capsys, bad_
     assert (outside / "keep.txt").read_text() == "keep"
     assert (absolute / "keep.txt").read_text() == "keep"
     assert sorted(minari.list_local_datasets()) == before
-    assert D._exists_locally("local/safe/sibling-v0") and D._exists_locally(TINY_ID)
+    assert _exists_locally("local/safe/sibling-v0") and _exists_locally(TINY_ID)
     with pytest.raises(ValueError, match="namespace/name-vN"):  # the API and the loader too
         D.build_dataset(bad_id, "Hopper-v5", "random", steps=10, overwrite=True)
     with pytest.raises(ValueError, match="namespace/name-vN"):
@@ -654,7 +673,7 @@ def test_ids_resolving_outside_the_store_or_naming_more_than_a_dataset(tmp_path,
     _small("local/nsv-v1/inner-v0")
     rc = _build_cli("--id", "local/nsv-v1", "--steps", "10", "--overwrite")
     assert rc == 2 and "not a single Minari dataset folder" in capsys.readouterr().err
-    assert D._exists_locally("local/nsv-v1/inner-v0")
+    assert _exists_locally("local/nsv-v1/inner-v0")
     # an id inside another dataset's folder
     rc = _build_cli("--id", "local/nsv-v1/inner-v0/deeper-v0", "--steps", "10")
     assert rc == 2 and "inside the folder of the dataset" in capsys.readouterr().err
@@ -677,7 +696,7 @@ def test_overwrite_replaces_the_data():
     data = D.load_offline_dataset("local/safe/replace-v0", batch_size=4, download=False)
     assert data.num_transitions == 45
     assert _staged() == []
-    assert not any(D._STAGING_DIR in i for i in minari.list_local_datasets())
+    assert not any(_STAGING_DIR in i for i in minari.list_local_datasets())
     # a fresh id lands in place too, with Minari's namespace metadata
     _small("local/fresh/ns-v0")
     assert (_store() / "local" / "fresh" / "namespace_metadata.json").exists()
@@ -689,7 +708,7 @@ def test_a_failed_overwrite_leaves_the_old_dataset(monkeypatch, when):
     dataset_id = f"local/safe/crash-{when.replace('_', '-')}-v0"
     _small(dataset_id, steps=30, seed=1)
     before = _fingerprint(dataset_id)
-    real_write, real_rename = D._write_minari_dataset, os.rename
+    real_write, real_rename = data_builder._write_minari_dataset, os.rename
 
     def write(*args, **kwargs):
         if when == "after_write":
@@ -704,19 +723,19 @@ def test_a_failed_overwrite_leaves_the_old_dataset(monkeypatch, when):
     if when == "between_renames":
         monkeypatch.setattr(os, "rename", rename)
     else:
-        monkeypatch.setattr(D, "_write_minari_dataset", write)
+        monkeypatch.setattr(data_builder, "_write_minari_dataset", write)
     with pytest.raises((RuntimeError, OSError), match="failed \\(test\\)"):
         _small(dataset_id, steps=45, seed=2, overwrite=True)
     monkeypatch.undo()
     assert _fingerprint(dataset_id) == before
     assert _staged() == []
-    assert not any(D._STAGING_DIR in i for i in minari.list_local_datasets())
+    assert not any(_STAGING_DIR in i for i in minari.list_local_datasets())
     assert D.load_offline_dataset(dataset_id, batch_size=4, download=False).num_transitions == 30
 
 
 _KILLED_BUILD = """
 import os, sys
-from torchrl_spqr import datasets as D
+from torchrl_spqr.data import builder as D
 when, dataset_id = sys.argv[1], sys.argv[2]
 if when == "between_renames":
     real = os.rename
@@ -755,9 +774,9 @@ def test_a_killed_overwrite_leaves_a_complete_dataset(when):
     )
     assert proc.returncode == 17, proc.stderr[-3000:]
     assert len(_staged()) == 1  # what the killed build left
-    assert not any(D._STAGING_DIR in i for i in minari.list_local_datasets())
+    assert not any(_STAGING_DIR in i for i in minari.list_local_datasets())
     if when == "between_renames":
-        assert not D._exists_locally(dataset_id)  # neither in place: recovery is needed
+        assert not _exists_locally(dataset_id)  # neither in place: recovery is needed
     recovered = (
         pytest.warns(UserWarning, match="interrupted build")
         if when == "between_renames"
@@ -778,7 +797,7 @@ def test_a_killed_overwrite_leaves_a_complete_dataset(when):
 def test_a_corrupted_hdf5_file_gives_a_clear_error(tmp_path, capsys, damage):
     dataset_id = f"local/corrupt/{damage}-v0"
     _small(dataset_id)
-    h5 = D._local_h5(dataset_id)
+    h5 = _local_h5(dataset_id)
     raw = h5.read_bytes()
     h5.write_bytes(
         {"truncated": raw[: len(raw) // 2], "garbage": os.urandom(len(raw)), "empty": b""}[damage]
@@ -788,7 +807,7 @@ def test_a_corrupted_hdf5_file_gives_a_clear_error(tmp_path, capsys, damage):
     msg = str(info.value)
     assert str(h5) in msg and "--overwrite" in msg and dataset_id in msg
     assert isinstance(info.value, ValueError)
-    assert D.main(["info", dataset_id]) == 2
+    assert cli_main(["info", dataset_id]) == 2
     assert str(h5) in capsys.readouterr().err
     # the dataset is rebuilt over the damaged one
     assert _small(dataset_id, steps=20, overwrite=True).storage.metadata["total_steps"] == 20
@@ -797,24 +816,24 @@ def test_a_corrupted_hdf5_file_gives_a_clear_error(tmp_path, capsys, damage):
 
 def test_broken_metadata_and_a_damaged_part(tmp_path):
     _small("local/corrupt/meta-v0")
-    meta = D._local_h5("local/corrupt/meta-v0").parent / "metadata.json"
+    meta = _local_h5("local/corrupt/meta-v0").parent / "metadata.json"
     meta.write_text("{not json")
     with pytest.raises(D.DatasetCorruptedError, match="local/corrupt/meta-v0"):
         D.load_offline_dataset("local/corrupt/meta-v0", batch_size=4, download=False)
     # a part of medium-expert that is damaged is named as well
     _small("local/corrupt/part-v0")
-    D._local_h5("local/corrupt/part-v0").write_bytes(b"\0" * 100)
+    _local_h5("local/corrupt/part-v0").write_bytes(b"\0" * 100)
     with pytest.raises(D.DatasetCorruptedError, match="main_data.hdf5"):
         D.build_dataset(
             "local/corrupt/me-v0", None, "medium-expert", parts=[TINY_ID, "local/corrupt/part-v0"]
         )
-    assert not D._exists_locally("local/corrupt/me-v0")
+    assert not _exists_locally("local/corrupt/me-v0")
 
 
 def _set_metadata(dataset_id, **values):
     import json
 
-    path = D._local_h5(dataset_id).parent / "metadata.json"
+    path = _local_h5(dataset_id).parent / "metadata.json"
     meta = json.loads(path.read_text())
     meta.update(values)
     path.write_text(json.dumps(meta))
@@ -824,7 +843,7 @@ def test_reference_scores_never_give_nan(capsys):
     # zero reference episodes: refused before anything is built
     rc = _build_cli("--id", "local/refs/zero-v0", "--steps", "10", "--ref-episodes", "0")
     assert rc == 2 and "ref_episodes=0" in capsys.readouterr().err
-    assert not D._exists_locally("local/refs/zero-v0")
+    assert not _exists_locally("local/refs/zero-v0")
     # a zero-width, inverted or non-finite given range
     for lo, hi in (("5", "5"), ("5", "1"), ("nan", "10"), ("0", "inf")):
         rc = _build_cli(
@@ -833,7 +852,7 @@ def test_reference_scores_never_give_nan(capsys):
         )  # fmt: skip
         err = capsys.readouterr().err
         assert rc == 2 and ("ref_max_score > ref_min_score" in err or "finite" in err), err
-    assert not D._exists_locally("local/refs/range-v0")
+    assert not _exists_locally("local/refs/range-v0")
     # datasets that already record such values (older builds, hand edits): refused on load
     _small("local/refs/recorded-v0")
     for values, match in (
@@ -897,13 +916,13 @@ def test_builder_arguments_are_checked_before_anything_is_built(tmp_path, capsys
         (["--kind", "medium-expert", "--parts", "local/x", "local/x/b-v0"], "namespace/name-vN"),
     ]
     for args, match in cases:
-        rc = D.main(["build", "--id", "local/args/case-v0", *args])
+        rc = cli_main(["build", "--id", "local/args/case-v0", *args])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and match in err, (args, err)
         assert "Traceback" not in err
-    assert not D._exists_locally("local/args/case-v0") and _staged() == []
+    assert not _exists_locally("local/args/case-v0") and _staged() == []
     with pytest.raises(SystemExit):  # argparse: an unknown kind
-        D.main(["build", "--id", "local/args/case-v0", "--kind", "nope"])
+        cli_main(["build", "--id", "local/args/case-v0", "--kind", "nope"])
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(ValueError, match="kind='nope'"):
         D.build_dataset("local/args/case-v0", "Hopper-v5", "nope", steps=10)
@@ -911,11 +930,40 @@ def test_builder_arguments_are_checked_before_anything_is_built(tmp_path, capsys
         D.build_dataset("local/args/case-v0", "Hopper-v5", "random", steps=2.5)
 
 
+def test_run_folders_are_read_only_through_a_reader(tmp_path):
+    """The data layer reads run folders through a RunReader (the CLI passes RunFolders)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cases = [
+        ("medium", "Hopper-v5", {"steps": 10, "policy": str(run)}, "policy"),
+        ("medium-replay", None, {"source_run": str(run)}, "source_run"),
+        ("full-replay", None, {"expert_run": run}, "expert_run"),
+    ]
+    for kind, env_id, kwargs, name in cases:
+        with pytest.raises(
+            ValueError,
+            match=rf"{name}='{re.escape(str(run))}' \(--[-a-z]+\) is a run folder: pass "
+            r"runs=torchrl_spqr\.training\.restore\.RunFolders\(\)",
+        ):
+            D.build_dataset("local/args/reader-v0", env_id, kind, **kwargs)
+    with pytest.raises(ValueError, match="runs=<object .*expected a RunReader"):
+        D.build_dataset(
+            "local/args/reader-v0", None, "medium-replay", source_run=str(run), runs=object()
+        )
+    assert not _exists_locally("local/args/reader-v0") and _staged() == []
+    assert isinstance(RunFolders(), D.RunReader)
+    # with the reader, the folder is read (and, holding no checkpoint, refused by name)
+    with pytest.raises(ValueError, match="--source-run .*cannot read its checkpoint"):
+        D.build_dataset(
+            "local/args/reader-v0", None, "medium-replay", source_run=str(run), runs=RunFolders()
+        )
+
+
 # --- issue 18: reward transform at load ---
 
 
 def test_reward_transform_is_applied_once_at_load_and_leaves_the_data_alone(store):
-    st = D._storage_td
+    st = _storage_td
     plain = D.load_offline_dataset(TINY_ID, batch_size=8, root=str(store["root"] / "trl"))
     assert (plain.reward_scale, plain.reward_shift) == (1.0, 0.0)
     r0 = st(plain.buffer)["next", "reward"].clone()

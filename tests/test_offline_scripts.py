@@ -14,7 +14,7 @@ pytest.importorskip("hydra")
 pytest.importorskip("minari")
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from torchrl_spqr.datasets import (  # noqa: E402
+from torchrl_spqr.data import (  # noqa: E402
     DatasetUnavailableError,
     build_dataset,
     load_offline_dataset,
@@ -179,7 +179,7 @@ def test_reward_transform_trains_on_transformed_rewards_and_evaluates_in_env_rew
     """A huge shift (1000 a step) shows in the buffer, never in the evaluation return."""
     import json
 
-    from torchrl_spqr.datasets import _storage_td
+    from torchrl_spqr.data.offline import _storage_td
 
     run = tmp_path / "shifted"
     res = train_offline(

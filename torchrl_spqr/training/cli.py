@@ -19,7 +19,7 @@ __all__ = ["run_script", "user_errors"]
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types whose message is meant for the user, not a traceback."""
-    from torchrl_spqr.datasets import DatasetCorruptedError, DatasetUnavailableError
+    from torchrl_spqr.data import DatasetCorruptedError, DatasetUnavailableError
     from torchrl_spqr.safe_io import CorruptFileError, UnsafeFileError
     from torchrl_spqr.training.builders import ConfigError
     from torchrl_spqr.training.checkpoint import CheckpointError
