@@ -489,7 +489,7 @@ OFFLINE_ID = "local/test/ckpt-random-v0"
 @pytest.fixture(scope="module")
 def offline_root(tmp_path_factory):
     pytest.importorskip("minari")
-    from torchrl_spqr.datasets import build_dataset
+    from torchrl_spqr.data import build_dataset
 
     root = tmp_path_factory.mktemp("minari_ck")
     mp = pytest.MonkeyPatch()

@@ -145,7 +145,7 @@ def test_toy_scripts_tiny(script, tmp_path):
 def test_ensemble_size_hopper_tiny(tmp_path, monkeypatch):
     pytest.importorskip("minari")
     pytest.importorskip("hydra")
-    from torchrl_spqr.datasets import build_dataset
+    from torchrl_spqr.data import build_dataset
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     build_dataset(

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from torchrl_spqr import datasets as D
+from torchrl_spqr import data as D
 from torchrl_spqr.modules import QEnsemble, init_linear_stack_, make_q_member
 from torchrl_spqr.training import builders as B
 

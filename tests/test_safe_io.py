@@ -234,14 +234,17 @@ def test_resume_refuses_poisoned_buffer(poisoned):
 
 def test_dataset_source_run_refuses_poisoned_buffer(poisoned, tmp_path, monkeypatch):
     pytest.importorskip("minari")
-    from torchrl_spqr import datasets
+    from torchrl_spqr.data import build_dataset
+    from torchrl_spqr.training.restore import RunFolders, run_episodes
 
     run, _cfg, marker = poisoned
     with pytest.raises(UnsafeFileError, match="NonTensorData"):
-        datasets._episodes_from_run(run)
+        run_episodes(run)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     with pytest.raises((ValueError, UnsafeFileError), match="source-run.*NonTensorData"):
-        datasets.build_dataset("local/test/poison-v0", None, "medium-replay", source_run=str(run))
+        build_dataset(
+            "local/test/poison-v0", None, "medium-replay", source_run=str(run), runs=RunFolders()
+        )
     assert not marker.exists()
 
 
