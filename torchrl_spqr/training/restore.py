@@ -207,7 +207,9 @@ def _load_sota(run_dir: Path, *, buffer: bool, dataset: bool) -> RestoredAgent:
         }
         env = B.make_environment(env_cfg, seed, env_kwargs=env_kwargs)
     try:
-        actor, loss, base, _optims, _updater = B.make_agent(cfg, env)
+        # no optimisers: a restored agent is not trained further, and its config may lack them
+        actor = B.make_actor(cfg, env)
+        loss, base = B.make_loss_module(cfg, actor, B.make_critics(cfg, env), env.action_spec)
         loss.load_state_dict(state["loss"])
     except Exception:
         env.close()
