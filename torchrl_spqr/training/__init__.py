@@ -1,12 +1,13 @@
 """Training utilities behind the SOTA-style scripts: builders, checkpoints, the online loop."""
 
-from torchrl_spqr.training.builders import ConfigError, validate_config
 from torchrl_spqr.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from torchrl_spqr.training.config import ConfigError, resolve_config, validate_config
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "load_checkpoint",
+    "resolve_config",
     "save_checkpoint",
     "validate_config",
 ]
