@@ -243,7 +243,7 @@ def sota_run(tmp_path_factory) -> Path:
     pytest.importorskip("hydra")
     from hydra import compose, initialize_config_dir
 
-    from torchrl_spqr.training import online
+    from _helpers import load_script
 
     overrides = [
         "env=pendulum",
@@ -265,7 +265,7 @@ def sota_run(tmp_path_factory) -> Path:
     ):
         cfg = compose(config_name="config", overrides=overrides)
     run = tmp_path_factory.mktemp("sota") / "beta1.0_N6_seed0"
-    online.train_online(cfg, run)
+    load_script("sac_ens_spqr").train(cfg, run)
     return run
 
 
