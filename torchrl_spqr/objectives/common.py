@@ -16,7 +16,7 @@ reference code and share one base:
 - target parameters live in ``target_qvalue_network_params`` so that
   TorchRL's :class:`~torchrl.objectives.SoftUpdate` works unchanged;
 - the TD target comes from TorchRL's value-estimator registry
-  (:meth:`~_EnsembleLoss.make_value_estimator`): the soft next value
+  (:meth:`~EnsembleLossBase.make_value_estimator`): the soft next value
   ``V(s') = agg_k Q_k(s', a') - alpha log pi(a'|s')`` is written at
   ``("next", value_key)`` and ``self.value_estimator.value_estimate`` turns it
   into the target. The default, TD(0), is ``r + gamma * (1 - terminated) * V(s')``:
@@ -30,7 +30,7 @@ reference code and share one base:
 - ``forward`` accepts a tensordict or keyword arguments (``@dispatch``:
   ``loss(observation=..., action=..., next_reward=..., ...)`` returns the
   ``out_keys`` as a tuple);
-- :meth:`~_EnsembleLoss.reset_parameters_recursive` re-draws every member on
+- :meth:`~EnsembleLossBase.reset_parameters_recursive` re-draws every member on
   its own (with its own fan-in) and copies the result into the targets;
 - per-member online Q-values are handed to :class:`~torchrl_spqr.SPQRLoss`
   through the public member-values protocol
