@@ -578,6 +578,38 @@ def test_cli_build_list_info(store, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_the_old_command_line_still_works_without_a_warning(tmp_path):
+    """``python -m torchrl_spqr.datasets ...`` (the README's command) runs the new CLI, silently."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-W", "always::FutureWarning", "-m", "torchrl_spqr.datasets", *args],
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    helped = run("--help")
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    assert helped.stdout.startswith("usage: python -m torchrl_spqr.datasets "), helped.stdout
+    assert "{build,list,info}" in helped.stdout
+    assert "FutureWarning" not in helped.stderr, helped.stderr[-3000:]
+    built = run(
+        *("build", "--env", "Hopper-v5", "--kind", "random", "--steps", "30"),
+        *("--ref-episodes", "1", "--ref-max-score", "1000", "--id", "local/old/cli-v0"),
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "built local/old/cli-v0" in built.stdout and "30 steps" in built.stdout
+    assert "FutureWarning" not in built.stderr, built.stderr[-3000:]
+    assert (tmp_path / "minari" / "local/old/cli-v0/data/main_data.hdf5").is_file()
+
+
 # --------------------------------------------------------------------------- safe building
 def _small(dataset_id, steps=30, seed=1, **kwargs):
     """A tiny random dataset with given reference scores (no reference rollouts)."""

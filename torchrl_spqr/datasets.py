@@ -3,9 +3,9 @@
 ``from torchrl_spqr.datasets import load_offline_dataset`` (and every other public name)
 still works for one release and emits a ``FutureWarning`` naming the new location: loading
 and scores in :mod:`torchrl_spqr.data`, the command line in :mod:`torchrl_spqr.data.cli`,
-``load_policy_from_run`` in :mod:`torchrl_spqr.training.restore`. The old
-``build_dataset`` keeps reading run folders as before (it passes
-``runs=torchrl_spqr.training.restore.RunFolders()``).
+``load_policy_from_run`` in :mod:`torchrl_spqr.training.restore`. ``build_dataset`` reads
+run folders (``policy``, ``source_run``, ``expert_run`` given as folders) only when passed
+``runs=torchrl_spqr.training.restore.RunFolders()``; the command line passes it.
 
 ``python -m torchrl_spqr.datasets build|list|info`` keeps working, without a warning: it
 runs the new command line, ``python -m torchrl_spqr.data``.
@@ -13,7 +13,6 @@ runs the new command line, ``python -m torchrl_spqr.data``.
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from typing import Any
@@ -43,28 +42,18 @@ __all__ = sorted(_MOVED)
 
 
 def _moved(name: str) -> Any:
-    from torchrl_spqr import data
-    from torchrl_spqr.data import cli
-    from torchrl_spqr.training import restore
-
-    if name == "build_dataset":
-        return _build_dataset_reading_runs(data.build_dataset, restore.RunFolders)
+    """The object ``name`` at its new location (imported only when asked for)."""
     if name == "load_policy_from_run":
-        return restore.load_policy_from_run
+        from torchrl_spqr.training.restore import load_policy_from_run
+
+        return load_policy_from_run
     if name == "main":
-        return cli.main
+        from torchrl_spqr.data.cli import main
+
+        return main
+    from torchrl_spqr import data
+
     return getattr(data, name)
-
-
-def _build_dataset_reading_runs(build_dataset: Any, reader: type) -> Any:
-    """The old ``build_dataset``: run folders (``policy``, ``source_run``...) read by default."""
-
-    @functools.wraps(build_dataset)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("runs", reader())
-        return build_dataset(*args, **kwargs)
-
-    return wrapper
 
 
 def __getattr__(name: str) -> Any:
