@@ -1,7 +1,12 @@
 """``make_*`` builders shared by the SOTA-style scripts (TorchRL ``sota-implementations`` layout).
 
-Each takes the script's config (an OmegaConf ``DictConfig`` or any object with
-attribute access) and returns a stock TorchRL piece.
+Each takes the run's config and returns a stock TorchRL piece. The config is read
+through :func:`~torchrl_spqr.training.config.resolve_config` (names, types and
+defaults of the script's schema; the range checks ran when the run started), so a
+builder reads ``cfg.optim.lr`` and never repeats a default. The checks themselves
+(``ConfigError``, ``validate_config``, ``cfg_*``) live in
+:mod:`torchrl_spqr.training.config`, ``.fields`` and ``.validation`` and are
+re-exported here from their old location.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torchrl.objectives import SoftUpdate
 from torchrl_spqr.modules.ensemble import QEnsemble, init_linear_stack_, make_q_member
 from torchrl_spqr.objectives import CQLNLoss, EDACLoss, ReferenceREDQLoss, SACNLoss
 from torchrl_spqr.objectives.spqr import SPQRLoss
-from torchrl_spqr.training.config import resolve_config, validate_config
+from torchrl_spqr.training.config import EnvConfig, resolve_config, validate_config
 from torchrl_spqr.training.fields import (  # noqa: F401  (cfg_*: re-exported, old location)
     ConfigError,
     _get,
@@ -33,10 +38,10 @@ from torchrl_spqr.training.fields import (  # noqa: F401  (cfg_*: re-exported, o
     cfg_sizes,
     get_device,
 )
+from torchrl_spqr.training.typecheck import convert_section, to_plain
 from torchrl_spqr.training.validation import (  # noqa: F401  (LOGGER_BACKENDS: re-exported)
     COLLECTOR_BACKENDS,
     LOGGER_BACKENDS,
-    _plain,
     validate_runtime,
     validate_spqr,
 )
@@ -73,15 +78,30 @@ ALGORITHMS = {
 }
 
 
+def _resolved(cfg: Any) -> Any:
+    """``cfg`` with every field of its algorithm's schema (types converted, defaults filled)."""
+    return resolve_config(cfg, "any", check=False)
+
+
 def make_environment(
-    cfg, seed: int, device: torch.device | str = "cpu", env_kwargs: dict | None = None
+    cfg: Any, seed: int, device: torch.device | str = "cpu", env_kwargs: dict | None = None
 ) -> TransformedEnv:
-    """A Gymnasium MuJoCo env with float32 observations, step counter and episode return."""
+    """A Gymnasium MuJoCo env with float32 observations, step counter and episode return.
+
+    Reads only ``cfg.env`` (``name``, ``max_episode_steps``), so ``{"env": {...}}`` is
+    enough; ``env_kwargs`` are passed to ``GymEnv``.
+    """
+    plain = to_plain(cfg)
+    env_cfg = convert_section(plain.get("env") or {}, EnvConfig, "env")
     kwargs = dict(env_kwargs or {})
-    max_steps = _get(cfg, "env.max_episode_steps")
-    if max_steps:
-        kwargs["max_episode_steps"] = int(max_steps)
-    name = _get(cfg, "env.name")
+    if env_cfg["max_episode_steps"]:
+        kwargs["max_episode_steps"] = env_cfg["max_episode_steps"]
+    name = env_cfg["name"]
+    if not name:
+        raise ConfigError(
+            "env.name is not set: give it a Gymnasium id (env.name=...) or an env config "
+            "(env=hopper, ...)."
+        )
     _register_robotics_if_needed(name)
     env = GymEnv(name, device=device, **kwargs)
     env = TransformedEnv(env, Compose(DoubleToFloat(), StepCounter(), RewardSum()))
@@ -124,24 +144,26 @@ class ClampedLogStd(nn.Module):
         return f"low={self.low:g}, high={self.high:g}"
 
 
-def make_actor(cfg, env) -> ProbabilisticActor:
+def make_actor(cfg: Any, env) -> ProbabilisticActor:
     """Tanh-Gaussian policy MLP (SAC / REDQ defaults).
 
-    ``network.actor_init`` (default ``network.init``) picks the weight init
+    ``network.actor_init`` (null: ``network.init``) picks the weight init
     (:func:`~torchrl_spqr.modules.ensemble.init_linear_stack_`; the policy's output layer
     uses EDAC's +-1e-3). ``network.actor_log_std_clamp: [low, high]`` makes the
-    scale ``exp(clamp(log_std))`` as in REDQ / EDAC; ``null`` (default) keeps
-    TorchRL's ``biased_softplus_1.0`` scale (lower bound 1e-4).
+    scale ``exp(clamp(log_std))`` as in REDQ / EDAC; ``null`` keeps TorchRL's
+    ``biased_softplus_1.0`` scale (lower bound 1e-4).
     """
+    net_cfg = _resolved(cfg).network
     n_obs = env.observation_spec["observation"].shape[-1]
     n_act = env.action_spec.shape[-1]
-    hidden = list(_get(cfg, "network.actor_hidden_sizes", _get(cfg, "network.hidden_sizes")))
+    hidden = list(net_cfg.actor_hidden_sizes or net_cfg.hidden_sizes)
     mlp = MLP(in_features=n_obs, out_features=2 * n_act, num_cells=hidden, activation_class=nn.ReLU)
-    init = str(_get(cfg, "network.actor_init", _get(cfg, "network.init", "default")))
     init_linear_stack_(
-        [m for m in mlp.modules() if isinstance(m, nn.Linear)], init, output_bound=1e-3
+        [m for m in mlp.modules() if isinstance(m, nn.Linear)],
+        net_cfg.actor_init or net_cfg.init,
+        output_bound=1e-3,
     )
-    clamp = _get(cfg, "network.actor_log_std_clamp")
+    clamp = net_cfg.actor_log_std_clamp
     if clamp is None:
         head = NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=1e-4)
     else:
@@ -158,90 +180,100 @@ def make_actor(cfg, env) -> ProbabilisticActor:
     )
 
 
-def make_critics(cfg, env) -> QEnsemble:
+def make_critics(cfg: Any, env) -> QEnsemble:
     """``network.ensemble_size`` independently initialised critics."""
+    net_cfg = _resolved(cfg).network
     n_in = env.observation_spec["observation"].shape[-1] + env.action_spec.shape[-1]
-    hidden = tuple(_get(cfg, "network.hidden_sizes"))
-    layer_norm = bool(_get(cfg, "network.layer_norm", False))
-    dropout = float(_get(cfg, "network.dropout", 0.0))
-    init = str(_get(cfg, "network.init", "default"))
+    hidden = tuple(net_cfg.hidden_sizes)
     return QEnsemble(
         lambda: make_q_member(
-            n_in, num_cells=hidden, layer_norm=layer_norm, dropout=dropout, init=init
+            n_in,
+            num_cells=hidden,
+            layer_norm=net_cfg.layer_norm,
+            dropout=net_cfg.dropout,
+            init=net_cfg.init,
         ),
-        int(_get(cfg, "network.ensemble_size")),
+        net_cfg.ensemble_size,
     )
 
 
-def make_loss_module(cfg, actor, critics, action_spec=None) -> tuple[SPQRLoss | Any, Any]:
+def make_loss_module(cfg: Any, actor, critics, action_spec=None) -> tuple[SPQRLoss | Any, Any]:
     """The algorithm's loss wrapped in :class:`SPQRLoss` (``spqr.beta=0``: baseline, same code).
 
     Returns ``(loss, base_loss)``; the target updater is built on ``base_loss``.
     """
-    algo = _get(cfg, "algorithm")
+    cfg = _resolved(cfg)
+    algo, optim = cfg.algorithm, cfg.optim
     cls = ALGORITHMS[algo]
+    te = cfg.env.target_entropy
     kwargs: dict[str, Any] = {
-        "gamma": float(_get(cfg, "optim.gamma")),
-        "alpha_init": float(_get(cfg, "optim.alpha_init", 1.0)),
+        "gamma": optim.gamma,
+        "alpha_init": optim.alpha_init,
         "action_spec": action_spec,
+        "target_entropy": te if te == "auto" else float(te),
     }
-    te = _get(cfg, "env.target_entropy", "auto")
-    kwargs["target_entropy"] = te if te == "auto" else float(te)
     if algo == "redq":
-        kwargs["sub_sample_len"] = int(_get(cfg, "network.sub_sample_len", 2))
-        kwargs["policy_update_delay"] = int(_get(cfg, "optim.policy_update_delay", 20))
+        kwargs["sub_sample_len"] = cfg.network.sub_sample_len
+        kwargs["policy_update_delay"] = optim.policy_update_delay
     if algo == "edac":
-        kwargs["eta"] = float(_get(cfg, "optim.eta", 1.0))
+        kwargs["eta"] = optim.eta
     if algo == "cql":
-        thresh = _get(cfg, "optim.lagrange_thresh")
+        thresh = optim.lagrange_thresh
         kwargs.update(
-            min_q_weight=float(_get(cfg, "optim.min_q_weight", 5.0)),
-            temperature=float(_get(cfg, "optim.temperature", 1.0)),
-            num_random=int(_get(cfg, "optim.num_random", 10)),
-            lagrange_thresh=None
-            if thresh in (None, "null") or float(thresh) < 0
-            else float(thresh),
-            max_q_backup=bool(_get(cfg, "optim.max_q_backup", False)),
-            backup_entropy=bool(_get(cfg, "optim.backup_entropy", False)),
-            bc_steps=int(_get(cfg, "optim.bc_steps", 0)),
+            min_q_weight=optim.min_q_weight,
+            temperature=optim.temperature,
+            num_random=optim.num_random,
+            lagrange_thresh=None if thresh is None or thresh < 0 else thresh,
+            max_q_backup=optim.max_q_backup,
+            backup_entropy=optim.backup_entropy,
+            bc_steps=optim.bc_steps,
         )
     base = cls(actor, critics, **kwargs)
-    if int(_get(cfg, "network.ensemble_size")) < 3:
+    if cfg.network.ensemble_size < 3:
         return base, base
     return make_spqr_loss(cfg, base), base
 
 
-def make_spqr_loss(cfg, base) -> SPQRLoss:
+def make_spqr_loss(cfg: Any, base) -> SPQRLoss:
     """``SPQRLoss`` around ``base`` with the config's ``spqr.*`` settings."""
+    spqr = _resolved(cfg).spqr
+    weights = spqr.member_weights
     return SPQRLoss(
         base,
-        beta=float(_get(cfg, "spqr.beta", 0.0)),
-        member_weights=_plain(_get(cfg, "spqr.member_weights")),
-        pairs=str(_get(cfg, "spqr.pairs", "next_policy")),
-        filling=str(_get(cfg, "spqr.filling", "ordered")),
-        density=str(_get(cfg, "spqr.density", "paper")),
-        diagnostics_interval=int(_get(cfg, "spqr.diagnostics_interval", 1)),
+        beta=spqr.beta,
+        member_weights=to_plain(weights),
+        pairs=spqr.pairs,
+        filling=spqr.filling,
+        density=spqr.density,
+        diagnostics_interval=spqr.diagnostics_interval,
     )
 
 
-def make_optimizers(cfg, base) -> dict[str, torch.optim.Optimizer]:
-    """Separate Adam optimisers for the actor, the critics and the temperatures."""
-    lr = float(_get(cfg, "optim.lr"))
-    actor_lr = float(_get(cfg, "optim.actor_lr", lr))
-    critic_lr = float(_get(cfg, "optim.critic_lr", lr))
-    alpha_lr = float(_get(cfg, "optim.alpha_lr", lr))
-    wd = float(_get(cfg, "optim.weight_decay", 0.0))
+def make_optimizers(cfg: Any, base) -> dict[str, torch.optim.Optimizer]:
+    """Separate Adam optimisers for the actor, the critics and the temperatures.
+
+    ``optim.actor_lr`` / ``critic_lr`` / ``alpha_lr`` (null: ``optim.lr``); CQL's
+    Lagrange multiplier gets ``optim.lagrange_lr`` (null: the critics' lr).
+    """
+    optim = _resolved(cfg).optim
+    lr = optim.lr
+    critic_lr = optim.critic_lr or lr
+    alpha_lr = optim.alpha_lr or lr
     opts = {
-        "actor": torch.optim.Adam(list(base.actor_network_params.values(True, True)), lr=actor_lr),
+        "actor": torch.optim.Adam(
+            list(base.actor_network_params.values(True, True)), lr=optim.actor_lr or lr
+        ),
         "critic": torch.optim.Adam(
-            list(base.qvalue_network_params.values(True, True)), lr=critic_lr, weight_decay=wd
+            list(base.qvalue_network_params.values(True, True)),
+            lr=critic_lr,
+            weight_decay=optim.weight_decay,
         ),
     }
     named = [(name, p) for name, p in base.named_parameters() if name.startswith("log_alpha")]
     temps = [p for name, p in named if not name.startswith("log_alpha_prime")]
     primes = [p for name, p in named if name.startswith("log_alpha_prime")]
     if primes:  # CQL's Lagrange multiplier: the critics' lr, as the CQL / SPQR authors and CORL
-        lagrange_lr = float(_get(cfg, "optim.lagrange_lr", critic_lr))
+        lagrange_lr = optim.get("lagrange_lr") or critic_lr
         groups = [{"params": temps, "lr": alpha_lr}] if temps else []
         opts["alpha"] = torch.optim.Adam([*groups, {"params": primes, "lr": lagrange_lr}])
     elif temps:
@@ -249,29 +281,31 @@ def make_optimizers(cfg, base) -> dict[str, torch.optim.Optimizer]:
     return opts
 
 
-def make_replay_buffer(cfg, run_dir=None) -> TensorDictReplayBuffer:
-    size = int(_get(cfg, "replay_buffer.size"))
-    kind = _get(cfg, "replay_buffer.storage", "lazy_tensor")
-    if kind == "lazy_memmap":
-        scratch = _get(cfg, "replay_buffer.scratch_dir") or (
-            None if run_dir is None else str(run_dir) + "/buffer_scratch"
-        )
-        storage = LazyMemmapStorage(size, scratch_dir=scratch)
-    elif kind == "lazy_tensor":
-        storage = LazyTensorStorage(size)
+def make_replay_buffer(cfg: Any, run_dir=None) -> TensorDictReplayBuffer:
+    """``replay_buffer.size`` transitions in TorchRL's lazy tensor or memmap storage.
+
+    ``lazy_memmap`` writes to ``replay_buffer.scratch_dir`` (null: ``<run_dir>/buffer_scratch``).
+    """
+    cfg = _resolved(cfg)
+    rb = cfg.replay_buffer
+    if rb.storage == "lazy_memmap":
+        scratch = rb.scratch_dir or (None if run_dir is None else str(run_dir) + "/buffer_scratch")
+        storage = LazyMemmapStorage(rb.size, scratch_dir=scratch)
+    elif rb.storage == "lazy_tensor":
+        storage = LazyTensorStorage(rb.size)
     else:
         raise ConfigError(
-            f"replay_buffer.storage={kind!r}: expected 'lazy_tensor' or 'lazy_memmap'."
+            f"replay_buffer.storage={rb.storage!r}: expected 'lazy_tensor' or 'lazy_memmap'."
         )
-    if bool(_get(cfg, "replay_buffer.prb", False)):
+    if rb.prb:
         raise ConfigError(
             "replay_buffer.prb=true: prioritized replay needs torchrl's C++ extension, which does "
             "not load against this torch build."
         )
-    return TensorDictReplayBuffer(storage=storage, batch_size=int(_get(cfg, "optim.batch_size")))
+    return TensorDictReplayBuffer(storage=storage, batch_size=cfg.optim.batch_size)
 
 
-def make_worker_environment(cfg, seed: int, threads: int = 1) -> TransformedEnv:
+def make_worker_environment(cfg: Any, seed: int, threads: int = 1) -> TransformedEnv:
     """Environment factory run inside a collector worker (process or Ray actor).
 
     Seeds the worker's torch / numpy generators (exploration noise and random
@@ -285,20 +319,8 @@ def make_worker_environment(cfg, seed: int, threads: int = 1) -> TransformedEnv:
     return make_environment(cfg, seed)
 
 
-def _plain_cfg(cfg) -> Any:
-    """A picklable plain-dict copy of an OmegaConf config (workers re-build their env from it)."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
-
-
 def make_collector(
-    cfg, env, actor, *, total_frames: int, init_random_frames: int, seed: int = 0
+    cfg: Any, env, actor, *, total_frames: int, init_random_frames: int, seed: int = 0
 ) -> BaseCollector:
     """The TorchRL collector named by ``collector.backend`` (see :data:`COLLECTOR_BACKENDS`).
 
@@ -310,20 +332,22 @@ def make_collector(
     steps ``env`` in this process; the other backends build their own
     environments in the workers from the config, worker ``i`` seeded with
     ``seed + i``, and need ``update_policy_weights_()`` after each policy update
-    (the online loop does it).
+    (the online loop does it). The multi-agent config has no backend: ``single``.
     """
-    backend = _get(cfg, "collector.backend", "single")
+    cfg = _resolved(cfg)
+    col = cfg.collector
+    backend = col.get("backend", "single")  # the multi-agent collector section has none
     common = {
-        "frames_per_batch": int(_get(cfg, "collector.frames_per_batch", 1)),
+        "frames_per_batch": col.frames_per_batch,
         "total_frames": total_frames,
         "init_random_frames": init_random_frames,
     }
     if backend == "single":
         return Collector(env, actor, **common, auto_register_policy_transforms=False)
-    workers = int(_get(cfg, "collector.num_workers", 1))
-    plain = _plain_cfg(cfg)
+    plain = to_plain(cfg)  # picklable: the workers re-build their env from it
     env_fns = [
-        functools.partial(make_worker_environment, plain, seed + i, 1) for i in range(workers)
+        functools.partial(make_worker_environment, plain, seed + i, 1)
+        for i in range(col.num_workers)
     ]
     if backend in ("multi_sync", "multi_async"):
         cls = MultiSyncCollector if backend == "multi_sync" else MultiAsyncCollector
@@ -331,29 +355,28 @@ def make_collector(
             env_fns,
             actor,
             **common,
-            num_threads=int(_get(cfg, "threads", 1)),  # the learner's share; workers get 1
+            num_threads=cfg.threads,  # the learner's share; workers get 1
             num_sub_threads=1,
             auto_register_policy_transforms=False,
         )
     if backend == "ray":
         from torchrl.collectors.distributed import RayCollector
 
-        address = _get(cfg, "collector.ray.address")
+        ray = col.ray
         init: dict[str, Any] = {
-            "address": None if address in (None, "", "local") else str(address),
+            "address": None if ray.address in (None, "", "local") else ray.address,
             "include_dashboard": False,
-            "log_to_driver": bool(_get(cfg, "collector.ray.log_to_driver", False)),
+            "log_to_driver": ray.log_to_driver,
         }
-        num_cpus = _get(cfg, "collector.ray.num_cpus")
-        if init["address"] is None and num_cpus is not None:
-            init["num_cpus"] = int(num_cpus)  # size of a local Ray instance
+        if init["address"] is None and ray.num_cpus is not None:
+            init["num_cpus"] = ray.num_cpus  # size of a local Ray instance
         collector = RayCollector(
             env_fns,
             actor,
             **common,
-            sync=bool(_get(cfg, "collector.ray.sync", True)),
+            sync=ray.sync,
             ray_init_config=init,
-            remote_configs={"num_cpus": float(_get(cfg, "collector.ray.cpus_per_worker", 1))},
+            remote_configs={"num_cpus": ray.cpus_per_worker},
             collector_kwargs={"auto_register_policy_transforms": False},
         )
         try:  # connect the weight channel (and send the initial weights) before collecting
@@ -379,16 +402,18 @@ def shutdown_collector(collector: BaseCollector | None) -> None:
         warnings.warn(f"collector shutdown failed: {err!r}", RuntimeWarning, stacklevel=2)
 
 
-def make_agent(cfg, env, device: torch.device | str = "cpu"):
+def make_agent(cfg: Any, env, device: torch.device | str = "cpu"):
     """Actor, critics, the (SPQR-wrapped) loss, its optimisers and target updater for ``env``.
 
     Returns ``(actor, loss, base_loss, optimizers, updater)``.
     """
+    cfg = _resolved(cfg)
     actor = make_actor(cfg, env)
     loss, base = make_loss_module(cfg, actor, make_critics(cfg, env), env.action_spec)
     loss.to(device)
     return actor, loss, base, make_optimizers(cfg, base), make_target_updater(cfg, base)
 
 
-def make_target_updater(cfg, base) -> SoftUpdate:
-    return SoftUpdate(base, tau=float(_get(cfg, "optim.tau")))
+def make_target_updater(cfg: Any, base) -> SoftUpdate:
+    """TorchRL's ``SoftUpdate`` of ``base``'s target parameters at rate ``optim.tau``."""
+    return SoftUpdate(base, tau=_resolved(cfg).optim.tau)

@@ -363,6 +363,7 @@ class SACNConfig(_RunConfig):
         default_factory=lambda: LoggerConfig(eval_interval=10_000, eval_episodes=10)
     )
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(50_000))
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
 
 @dataclass
@@ -416,6 +417,15 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "online": ("redq", "sac_ens"),
     "offline": ("cql", "edac", "sac_n"),
     "multiagent": ("masac",),
+    "any": tuple(SCHEMAS),
+}
+
+
+_FAMILY_TEXT = {
+    "online": "the online scripts",
+    "offline": "the offline scripts",
+    "multiagent": "the multi-agent script",
+    "any": "the scripts' algorithms",
 }
 
 
@@ -425,15 +435,17 @@ def schema_name(algorithm: str) -> str:
 
 
 # ---------------------------------------------------------------------------- resolution
-def resolve_config(cfg: Any, kind: str) -> Any:
+def resolve_config(cfg: Any, kind: str, *, check: bool = True) -> Any:
     """``cfg`` checked against the schema of ``kind`` and completed: a ``DictConfig``.
 
     Args:
         cfg: a plain dict, an OmegaConf ``DictConfig`` (a Hydra script's ``cfg``) or an
             already resolved config. A top-level ``hydra`` node is ignored.
         kind: an algorithm (a key of :data:`SCHEMAS`) or a kind of script (``online``,
-            ``offline``, ``multiagent``: the schema is then ``cfg.algorithm``'s, which must
-            be one of that kind's algorithms).
+            ``offline``, ``multiagent``, or ``any``: the schema is then ``cfg.algorithm``'s,
+            which must be one of that kind's algorithms).
+        check: run the range checks too (``False``: only names, types and defaults, for a
+            builder handed a config that was checked before the run started).
 
     Returns:
         An OmegaConf ``DictConfig`` in struct mode holding every field of the schema:
@@ -459,7 +471,7 @@ def resolve_config(cfg: Any, kind: str) -> Any:
         if algo not in choices:
             raise ConfigError(
                 f"algorithm={_show(algo) if algo is not None else 'null'}: expected one of "
-                f"{', '.join(choices)} (the {kind} scripts); set algorithm to one of them (each "
+                f"{', '.join(choices)} ({_FAMILY_TEXT[kind]}); set algorithm to one of them (each "
                 "algorithm has its own script in sota_scripts/)."
             )
         kind = algo
@@ -474,9 +486,9 @@ def resolve_config(cfg: Any, kind: str) -> Any:
             f"algorithm={_show(values.get('algorithm'))}: this config is checked as {kind!r}; "
             f"set algorithm={kind}."
         )
-    if kind == "masac":
+    if check and kind == "masac":
         validate_multiagent(values)
-    else:
+    elif check:
         validate_single_agent(values, online=kind in FAMILIES["online"])
     out = OmegaConf.create(values)
     OmegaConf.set_struct(out, True)
