@@ -13,26 +13,27 @@ dim, so SPQR's matrices are built per (sample, agent) and never mix agents.
 One iteration: collect ``collector.frames_per_batch`` environment steps (``env.num_envs`` VMAS
 copies in parallel; a frame is one step of one env, all agents together), add them to the
 buffer, then run ``optim.num_epochs * frames_per_batch // optim.batch_size`` gradient updates
-on samples from the buffer (``replay_buffer.size`` most recent frames). Every iteration logs a
-row (``fps`` and ``time_s`` count collection and updates, not evaluation or checkpoints);
-evaluation every ``logger.eval_interval`` frames, a checkpoint every ``checkpoint.interval``
-frames and at exit (Ctrl-C included); ``resume=true`` continues a run, writing first the row
-that was due when it stopped. The collector is shut down on every exit path.
+on samples from the buffer (``replay_buffer.size`` most recent frames). A row every
+``logger.log_interval`` frames (config.yaml: every iteration), evaluation of the deterministic
+policy every ``logger.eval_interval`` frames, a checkpoint every ``checkpoint.interval`` frames
+and at every exit (Ctrl-C included); ``resume=true`` continues a run, writing first the row that
+was due when it stopped. The collector is shut down on every exit path.
 Writes metrics.csv, learning_curve.png, TorchRL logs and checkpoint/ into the run folder.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 from tensordict import TensorDictBase
+from torchrl.objectives import LossModule, SoftUpdate
 from utils import (
     GROUP,
+    RunContext,
     evaluate,
     expand_done_to_agents,
     get_device,
@@ -44,154 +45,125 @@ from utils import (
     make_optimizers,
     make_replay_buffer,
     make_target_updater,
+    plot_run,
+    seed_everything,
+    shutdown_collector,
     validate_config,
 )
 
-from torchrl_spqr.training.builders import shutdown_collector
 from torchrl_spqr.training.cli import run_script
-from torchrl_spqr.training.common import (
-    RunContext,
-    _plot,
-    _progress,
-    _scalar_metrics,
-    seed_everything,
-)
 
 
-def update(loss, batch: TensorDictBase, optims, updater, max_grad_norm: float) -> TensorDictBase:
-    """One gradient step of every optimiser on ``batch`` (SAC + SPQR losses), then the target update."""
-    out = loss(batch)
-    total = sum(v for k, v in out.items() if k.startswith("loss_"))
-    for o in optims.values():
-        o.zero_grad(set_to_none=True)
-    total.backward()
-    if max_grad_norm > 0:
-        for o in optims.values():
-            params = [p for g in o.param_groups for p in g["params"]]
+def update(
+    batch: TensorDictBase,
+    loss_module: LossModule,
+    optimizers: dict[str, torch.optim.Optimizer],
+    target_updater: SoftUpdate,
+    max_grad_norm: float,
+) -> TensorDictBase:
+    """One gradient step on a sampled multi-agent batch; returns the loss's (detached) output.
+
+    Every ``loss_*`` term (critic, actor, temperature, SPQR per agent) is summed and
+    back-propagated, each optimiser's gradients are clipped to ``max_grad_norm`` (0: no
+    clipping) and it steps, and the target critics move towards the online ones (``optim.tau``).
+    """
+    loss_td = loss_module(batch)
+    loss = sum(value for key, value in loss_td.items() if key.startswith("loss_"))
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers.values():
+        if max_grad_norm > 0:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    for o in optims.values():
-        o.step()
-    updater.step()
-    return out.detach()
+        optimizer.step()
+    target_updater.step()
+    return loss_td.detach()
 
 
-def train(cfg, run_dir: str | Path) -> dict[str, float]:
-    """Train MASAC (+ SPQR) per ``cfg`` in ``run_dir``; returns final and best evaluation."""
-    validate_config(cfg)  # every field checked before anything is built
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Train MASAC (+ SPQR) per ``cfg`` in ``run_dir``; returns the counts and final and best evaluation."""
+    validate_config(cfg)  # a bad config stops here, before anything is written
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.threads))
-    seed_everything(int(cfg.seed))
+    seed = int(cfg.seed)
+    seed_everything(seed)
     device = get_device(str(cfg.device))
+    total_frames = int(cfg.collector.total_frames)
+    init_random_frames = int(cfg.collector.init_random_frames)  # updates start after these
+    num_updates = max(
+        1,
+        int(cfg.optim.num_epochs)
+        * int(cfg.collector.frames_per_batch)
+        // int(cfg.optim.batch_size),
+    )
+    max_grad_norm = float(cfg.optim.max_grad_norm or 0.0)
 
-    # Environments: env.num_envs VMAS copies for collection, one episode per copy for evaluation
-    env = make_environment(cfg, cfg.seed, device=device)
+    # Environments: env.num_envs VMAS copies to collect, logger.eval_episodes copies to evaluate
+    train_env = make_environment(cfg, seed, device=device)
     eval_env = make_environment(
-        cfg, cfg.seed + 10_000, num_envs=cfg.logger.eval_episodes, device=device
+        cfg, seed + 10_000, num_envs=int(cfg.logger.eval_episodes), device=device
     )
 
     # Agent: per-agent policy, N multi-agent critics, SACLoss on the agent group in SPQRLoss
-    actor = make_actor(cfg, env)
-    loss, base = make_loss_module(cfg, actor, make_critics(cfg, env), env)
-    loss.to(device)
-    optims = make_optimizers(cfg, base)
-    updater = make_target_updater(cfg, base)
-    buffer = make_replay_buffer(cfg)
+    actor = make_actor(cfg, train_env)
+    critics = make_critics(cfg, train_env)
+    loss_module, base_loss = make_loss_module(cfg, actor, critics, train_env)
+    loss_module.to(device)
+    optimizers = make_optimizers(cfg, base_loss)
+    target_updater = make_target_updater(cfg, base_loss)
+    replay_buffer = make_replay_buffer(cfg)
 
-    total = int(cfg.collector.total_frames)
-    fpb = int(cfg.collector.frames_per_batch)
-    init_random = int(cfg.collector.init_random_frames)
-    n_updates = max(1, int(cfg.optim.num_epochs) * fpb // int(cfg.optim.batch_size))
-    max_grad_norm = float(cfg.optim.max_grad_norm or 0.0)
-    eval_every = int(cfg.logger.eval_interval)
-    ckpt_every = int(cfg.checkpoint.interval)
-    max_steps = int(cfg.env.max_steps)
-
-    # The run: metrics.csv + TorchRL logger, checkpoints, resume, the row owed at a stop
-    run = RunContext(cfg, run_dir, loss, optims, step_field="frames", buffer=buffer)
-    st = run.state
-    if run.maybe_resume():
-        print(f"resumed from {run_dir / 'checkpoint'} at frame {st['frames']}")
-    pbar = _progress(total, st["frames"], bool(cfg.logger.progress))
+    # The run: metrics.csv and TorchRL logger, owed rows, checkpoints, resume
+    run = RunContext(
+        cfg,
+        run_dir,
+        loss_module,
+        optimizers,
+        step_field="frames",
+        total=total_frames,
+        buffer=replay_buffer,
+        evaluate=lambda: evaluate(eval_env, actor, int(cfg.env.max_steps)),
+    )
+    if run.start():
+        print(f"resumed from {run_dir / 'checkpoint'} at frame {run.counters['frames']}")
+    done_frames = run.counters["frames"]
 
     collector = None
-    n, last_out, returns = 0, None, []  # this iteration's frames, last update, episode returns
-    t_prev = t_collected = time.perf_counter()
-
-    def train_part() -> dict[str, Any]:
-        """The training metrics of this iteration's row."""
-        now = time.perf_counter()
-        row: dict[str, Any] = {"fps": n / max(now - t_prev, 1e-9)}
-        if returns:
-            row["train_return"] = sum(returns) / len(returns)
-        if last_out is not None:
-            row.update(_scalar_metrics(last_out))
-            row["updates_per_s"] = n_updates / max(now - t_collected, 1e-9)
-        return row
-
-    def eval_part(row: dict[str, Any]) -> None:
-        mean, std = evaluate(eval_env, actor, max_steps)
-        st["last_eval"] = mean
-        st["best_eval"] = max(st["best_eval"], mean)
-        row.update(eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"])
-
     try:
-        if run.owed is not None:  # the row due when the run stopped
-            run.write_owed(eval_part)
-        if total > st["frames"]:
-            collector = make_collector(cfg, env, actor, total_frames=total - st["frames"])
-            t_prev = time.perf_counter()
-            for data in collector:
-                # Collect: [envs, steps] -> frames, done flags copied to the agents
-                t_collected = time.perf_counter()
-                data = expand_done_to_agents(data.reshape(-1))
-                buffer.extend(data.to("cpu"))
-                n = data.numel()
-                st["frames"] += n
-                due_eval = st["frames"] % eval_every < n or st["frames"] >= total
-                run.owe(evaluate=due_eval, train=True)  # every iteration logs a row
-                done = data.get(("next", "done")).squeeze(-1)
-                episode_rewards = data.get(("next", GROUP, "episode_reward"))[done]
-                returns = episode_rewards.mean((-2, -1)).tolist()  # mean over agents
-                st["episodes"] += len(returns)
-
-                # Update: num_epochs passes' worth of minibatches from the buffer
-                last_out = None
-                if st["frames"] > init_random:
-                    for _ in range(n_updates):
-                        last_out = update(
-                            loss, buffer.sample().to(device), optims, updater, max_grad_norm
-                        )
-                        st["updates"] += 1
-                    collector.update_policy_weights_()
-                st["time_s"] += time.perf_counter() - t_prev
-
-                # Log (and evaluate when due), checkpoint
-                run.write_owed(eval_part, train_part)
-                if st["frames"] % ckpt_every < n:
-                    run.checkpoint()
-                if pbar is not None:
-                    pbar.update(n)
-                    pbar.set_postfix(ret=f"{st['last_eval']:.3g}")
-                # time_s and fps count collection and updates, not evaluation or checkpoints
-                t_prev = time.perf_counter()
-    finally:  # Ctrl-C or an error too: the owed row keeps its metrics, stop, checkpoint
-        run.keep_owed_train(train_part)
+        if done_frames < total_frames:
+            collector = make_collector(
+                cfg, train_env, actor, total_frames=total_frames - done_frames
+            )
+        with run:  # first the row an interrupted run owed; at every exit a checkpoint
+            if collector is not None:
+                for data in collector:
+                    # [envs, steps] -> frames; done flags copied to the agents (TD targets)
+                    data = expand_done_to_agents(data.reshape(-1))
+                    replay_buffer.extend(data.to("cpu"))
+                    # an episode's return: summed over time, averaged over the agents
+                    agents_return = data.get(("next", GROUP, "episode_reward"))
+                    data.set(("next", "episode_reward"), agents_return.mean(-2))
+                    run.collected(data)  # frames, episodes, training returns
+                    if run.counters["frames"] > init_random_frames:
+                        for _ in range(num_updates):
+                            batch = replay_buffer.sample().to(device)
+                            run.updated(
+                                update(
+                                    batch, loss_module, optimizers, target_updater, max_grad_norm
+                                )
+                            )
+                        collector.update_policy_weights_()
+                    run.end_step()  # log (evaluating when due) and checkpoint when due
+    finally:  # the end, an error or Ctrl-C: stop the collector
         shutdown_collector(collector)
-        if pbar is not None:
-            pbar.close()
-        run.close()
-    _plot(run_dir)
-    return {
-        "frames": st["frames"],
-        "updates": st["updates"],
-        "final_eval_return": st["last_eval"],
-        "best_eval_return": st["best_eval"],
-    }
+    plot_run(run_dir)
+    return run.summary()
 
 
 @hydra.main(version_base="1.3", config_path="", config_name="config")
-def main(cfg) -> None:
+def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     result = run_script(train, cfg, run_dir)  # a bad config: one line, exit 2
     print(

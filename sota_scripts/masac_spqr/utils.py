@@ -1,14 +1,17 @@
-"""Builders for SPQR-MASAC, in TorchRL's sota-implementations layout.
+"""Builders of SPQR-MASAC, in TorchRL's sota-implementations layout.
 
-The multi-agent ``make_*`` functions (VMAS environment, per-agent policy, the
-ensemble of multi-agent critics, SACLoss on the agent group wrapped in SPQR)
-live in ``torchrl_spqr.training.multiagent``; the optimisers, replay buffer and
-target updater are the single-agent scripts' builders. The loop and the update
-are in ``masac_spqr.py``.
+The multi-agent ``make_*`` builders (VMAS environment, per-agent policy, the ensemble of
+multi-agent critics, SACLoss on the agent group wrapped in SPQR) are
+``torchrl_spqr.training.multiagent``; the optimisers, replay buffer, target updater and
+collector are the single-agent scripts' builders. The run's protocol (logs, owed rows,
+checkpoints, resume) is ``torchrl_spqr.training.common.RunContext``. The update and the
+loop are in masac_spqr.py.
 """
 
-from torchrl_spqr.training.builders import get_device  # noqa: F401
-from torchrl_spqr.training.multiagent import (  # noqa: F401
+from torchrl_spqr.analysis import plot_run
+from torchrl_spqr.training.builders import get_device, shutdown_collector
+from torchrl_spqr.training.common import RunContext, seed_everything
+from torchrl_spqr.training.multiagent import (
     GROUP,
     evaluate,
     expand_done_to_agents,
@@ -22,3 +25,23 @@ from torchrl_spqr.training.multiagent import (  # noqa: F401
     make_target_updater,
     validate_config,
 )
+
+__all__ = [
+    "GROUP",
+    "RunContext",
+    "evaluate",
+    "expand_done_to_agents",
+    "get_device",
+    "make_actor",
+    "make_collector",
+    "make_critics",
+    "make_environment",
+    "make_loss_module",
+    "make_optimizers",
+    "make_replay_buffer",
+    "make_target_updater",
+    "plot_run",
+    "seed_everything",
+    "shutdown_collector",
+    "validate_config",
+]
