@@ -16,7 +16,7 @@
 #      is flushed row by row, so a run stopped early keeps its rows up to its last log step);
 #   4. the small files of each run (metrics.csv, learning_curve.png, .hydra/*.yaml, the tail of
 #      its output) copied into OUT_DIR/runs/, the checkpoints and replay buffers left in a
-#      scratch folder that is deleted; then `python -m torchrl_spqr.plot` (grouped curves,
+#      scratch folder that is deleted; then `python -m torchrl_spqr.analysis` (grouped curves,
 #      diagnostics, summary) and its paired effects table and figure, and OUT_DIR/summary.md
 #      (device, budget planned and reached, seeds, every command).
 #
@@ -286,7 +286,7 @@ for s in "${SEED_LIST[@]}"; do
     cp "$RUNS/$name.rc" "$dst/exit_code.txt" 2>/dev/null || true
   done
 done
-PLOT_CMD=("$PY" -m torchrl_spqr.plot "$OUT_DIR/runs" --out "$OUT_DIR/plots" --effects "$OUT_DIR/effects")
+PLOT_CMD=("$PY" -m torchrl_spqr.analysis "$OUT_DIR/runs" --out "$OUT_DIR/plots" --effects "$OUT_DIR/effects")
 "${PLOT_CMD[@]}" > "$OUT_DIR/plot_output.log" 2>&1 || echo "[paper_scale] plotting failed: see $OUT_DIR/plot_output.log"
 
 "$PY" - "$OUT_DIR" "$PLAN" "$TIMING_JSON" <<EOF
