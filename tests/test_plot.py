@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +236,23 @@ def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     assert cli._default_out([run, sweep / "beta0.0_N10_seed1"]) == sweep / "plots"
 
 
+@pytest.mark.parametrize("module", ["torchrl_spqr.analysis", "torchrl_spqr.plot"])
+def test_command_line_under_its_new_and_its_old_name(module, sweep, tmp_path):
+    """``python -m torchrl_spqr.plot`` (README) still runs, without a FutureWarning."""
+    eff = tmp_path / "eff"
+    argv = [str(sweep), "--effects", str(eff), "--effects-only"]
+    res = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-m", module, *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FutureWarning" not in res.stderr, res.stderr[-3000:]
+    assert eff.with_suffix(".md").read_text().startswith(f"Written by `python -m {module} ")
+
+
 # ------------------------------------------------------------ checkpoints
 
 
@@ -241,9 +260,8 @@ def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
 def sota_run(tmp_path_factory) -> Path:
     """A tiny real sac_ens_spqr run (N=6, so d=3) with its checkpoint and replay buffer."""
     pytest.importorskip("hydra")
-    from hydra import compose, initialize_config_dir
-
     from _helpers import load_script
+    from hydra import compose, initialize_config_dir
 
     overrides = [
         "env=pendulum",
