@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from tensordict import TensorDict
@@ -65,3 +69,38 @@ def wigner_members(d: int, batch: int, theta: float, seed: int) -> torch.Tensor:
     w = w + theta * math.sqrt(d) * (v @ v.transpose(-1, -2))
     rows, cols = torch.triu_indices(d, d)
     return w[:, rows, cols].T.contiguous()
+
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "sota_scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``sota_scripts/<name>/<name>.py`` (with its own ``utils.py``) as a module.
+
+    Every script folder has a ``utils.py``: the script's ``utils`` is imported under the
+    unique name ``<name>_utils`` and the bare name ``utils`` is taken out of
+    ``sys.modules`` again, so scripts loaded one after the other each get their own. A
+    module is imported once per name (the same object on later calls, as ``import``).
+    """
+    key = f"sota_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    folder = SCRIPTS_DIR / name
+    saved = sys.modules.pop("utils", None)
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(key, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+        if "utils" in sys.modules:
+            sys.modules[f"{name}_utils"] = sys.modules.pop("utils")
+    finally:
+        sys.path.remove(str(folder))
+        if saved is not None:
+            sys.modules["utils"] = saved
+    return module

@@ -12,15 +12,16 @@ import pytest
 
 pytest.importorskip("hydra")
 pytest.importorskip("minari")
+from _helpers import load_script  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+import torchrl_spqr.training  # noqa: E402, F401  (registers the scripts' config schemas with Hydra)
 from torchrl_spqr.data import (  # noqa: E402
     DatasetUnavailableError,
     build_dataset,
     load_offline_dataset,
     normalized_score,
 )
-from torchrl_spqr.training.offline import train_offline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("sac_n_spqr", "edac_spqr", "cql_spqr")
@@ -76,6 +77,11 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def train_offline(cfg, run_dir: Path) -> dict[str, float]:
+    """The training of the script ``cfg.algorithm`` stands for (its own loop)."""
+    return load_script(f"{cfg.algorithm}_spqr").train(cfg, run_dir)
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 def test_offline_script_runs_and_scores(algo, minari_root, tmp_path):
     res = train_offline(_cfg(algo), tmp_path / "run")
@@ -99,9 +105,32 @@ def test_offline_script_runs_and_scores(algo, minari_root, tmp_path):
     assert res["final_normalized_score"] == pytest.approx(float(evals[-1]["normalized_score"]))
     assert rows[-1]["spqr_kl"] != ""
     if algo == "cql_spqr":
-        assert rows[-1]["loss_cql"] != ""
+        assert rows[-1]["loss_cql"] != "" and rows[-1]["cql_gap"] != ""
     if algo == "edac_spqr":
         assert rows[-1]["loss_diversity"] != ""
+
+
+def test_every_scalar_of_the_loss_reaches_every_logger(minari_root, tmp_path):
+    """No whitelist: CQL's Lagrange terms (``loss_alpha_prime``, ``alpha_prime``) and its
+    ``cql_gap`` get their columns in metrics.csv (after the standard ones, which keep their
+    order) and their series in TorchRL's CSV logger."""
+    from torchrl_spqr.training.loggers import METRIC_FIELDS
+
+    run = tmp_path / "run"
+    cfg = _cfg(
+        "cql_spqr", "optim.lagrange_thresh=5", "optim.num_updates=20", "logger.eval_interval=20"
+    )
+    train_offline(cfg, run)
+    with (run / "metrics.csv").open(newline="") as f:
+        header = next(csv.reader(f))
+    assert header[: len(METRIC_FIELDS)] == METRIC_FIELDS
+    rows = _rows(run)
+    assert [int(r["updates"]) for r in rows] == [20]
+    for name in ("loss_alpha_prime", "alpha_prime", "cql_gap", "loss_cql", "spqr_kl"):
+        assert rows[-1][name] != "", name
+        logged = (run / "logs/csv/scalars" / f"{name}.csv").read_text().splitlines()
+        assert [line.split(",")[0] for line in logged] == ["20"], name
+        assert float(logged[0].split(",")[1]) == pytest.approx(float(rows[-1][name])), name
 
 
 def test_normalized_score_formula():

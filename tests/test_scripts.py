@@ -14,11 +14,11 @@ import pytest
 import torch
 
 pytest.importorskip("hydra")
+from _helpers import load_script  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from torchrl_spqr.training import online  # noqa: E402
 from torchrl_spqr.training.builders import ConfigError, validate_config  # noqa: E402
-from torchrl_spqr.training.checkpoint import load_checkpoint  # noqa: E402
+from torchrl_spqr.training.checkpoint import load_checkpoint, restore_rng  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
@@ -81,8 +81,9 @@ def test_script_end_to_end_subprocess(script, tmp_path):
 
 
 def test_same_seed_same_metrics(tmp_path):
-    a = online.train_online(_cfg("sac_ens_spqr", "collector.total_frames=60"), tmp_path / "a")
-    b = online.train_online(_cfg("sac_ens_spqr", "collector.total_frames=60"), tmp_path / "b")
+    sac = load_script("sac_ens_spqr")
+    a = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=60"), tmp_path / "a")
+    b = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=60"), tmp_path / "b")
     assert a["final_eval_return"] == b["final_eval_return"]
     skip = {"time_s", "fps", "updates_per_s"}
     ra, rb = _rows(tmp_path / "a"), _rows(tmp_path / "b")
@@ -91,17 +92,16 @@ def test_same_seed_same_metrics(tmp_path):
         assert {k: v for k, v in x.items() if k not in skip} == {
             k: v for k, v in y.items() if k not in skip
         }
-    c = online.train_online(
-        _cfg("sac_ens_spqr", "collector.total_frames=60", "seed=1"), tmp_path / "c"
-    )
+    c = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=60", "seed=1"), tmp_path / "c")
     assert c["final_eval_return"] != a["final_eval_return"]
 
 
 def test_interrupt_and_resume(tmp_path, monkeypatch):
+    sac = load_script("sac_ens_spqr")
     run = tmp_path / "run"
     cfg = _cfg("sac_ens_spqr", "collector.total_frames=100")
     calls = {"n": 0}
-    real_update = online._update
+    real_update = sac.update
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -109,17 +109,15 @@ def test_interrupt_and_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(online, "_update", interrupted)
+    monkeypatch.setattr(sac, "update", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        online.train_online(cfg, run)
-    monkeypatch.setattr(online, "_update", real_update)
+        sac.train(cfg, run)
+    monkeypatch.setattr(sac, "update", real_update)
     ck = load_checkpoint(run)
     assert ck["counters"]["frames"] == 74 and ck["counters"]["updates"] == 34
     rows = _rows(run)
     assert [int(r["frames"]) for r in rows] == [20, 40, 60]  # logged before the interruption
-    res = online.train_online(
-        _cfg("sac_ens_spqr", "collector.total_frames=100", "resume=true"), run
-    )
+    res = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=100", "resume=true"), run)
     assert res["frames"] == 100
     frames = [int(r["frames"]) for r in _rows(run)]
     assert frames == [20, 40, 60, 80, 100]  # nothing lost, nothing duplicated
@@ -129,7 +127,7 @@ def test_interrupt_and_resume(tmp_path, monkeypatch):
 def test_checkpoint_restores_exact_state(tmp_path):
     """A checkpoint holds everything needed: params, optimisers, buffer, RNG, counters."""
     run = tmp_path / "run"
-    online.train_online(_cfg("sac_ens_spqr", "collector.total_frames=60"), run)
+    load_script("sac_ens_spqr").train(_cfg("sac_ens_spqr", "collector.total_frames=60"), run)
     ck = load_checkpoint(run)
     # rebuild from the config and load: identical parameters and buffer
     from torchrl_spqr.training import builders as B
@@ -149,13 +147,13 @@ def test_checkpoint_restores_exact_state(tmp_path):
     outs = []
     for _ in range(2):
         loss.load_state_dict(ck["loss"])
-        online.restore_rng(ck["rng"])
+        restore_rng(ck["rng"])
         outs.append(loss(buf.sample())["loss_qvalue"].detach())
     assert torch.equal(outs[0], outs[1])
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    res = online.train_online(
+    res = load_script("sac_ens_spqr").train(
         _cfg("sac_ens_spqr", "collector.total_frames=40", "resume=true"), tmp_path / "r"
     )
     assert res["frames"] == 40
@@ -229,15 +227,15 @@ def _needs_no_gpu(override: str) -> None:
 def test_bad_config_stops_script_before_training(override, shown, tmp_path, monkeypatch):
     """Each bad value stops the run before any environment is built, naming field, value, fix."""
     _needs_no_gpu(override)
-    from torchrl_spqr.training import builders as B
+    redq = load_script("redq_spqr")
 
     def no_env(*args, **kwargs):
         raise AssertionError("an environment was built before the config was checked")
 
-    monkeypatch.setattr(B, "make_environment", no_env)
+    monkeypatch.setattr(redq, "make_environment", no_env)
     cfg = _cfg("redq_spqr", "collector.total_frames=80", override)
     with pytest.raises(ConfigError) as err:
-        online.train_online(cfg, tmp_path / "bad")
+        redq.train(cfg, tmp_path / "bad")
     msg = str(err.value)
     assert shown in msg, msg
     assert _ADVICE.search(msg), msg  # says what to do
@@ -317,16 +315,16 @@ BAD_OFFLINE = [
 )
 def test_bad_offline_config_stops_before_loading_data(algo, override, shown, tmp_path, monkeypatch):
     _needs_no_gpu(override)
-    from torchrl_spqr.training import offline
+    script = load_script(algo)
 
     def no_data(*args, **kwargs):
         raise AssertionError("the dataset was loaded before the config was checked")
 
-    monkeypatch.setattr(offline, "make_offline_data", no_data)
+    monkeypatch.setattr(script, "make_offline_data", no_data)
     with initialize_config_dir(config_dir=str(ROOT / "sota_scripts" / algo), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*OFFLINE_TINY, override])
     with pytest.raises(ConfigError) as err:
-        offline.train_offline(cfg, tmp_path / "bad")
+        script.train(cfg, tmp_path / "bad")
     msg = str(err.value)
     assert shown in msg, msg
     assert _ADVICE.search(msg), msg

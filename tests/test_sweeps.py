@@ -17,6 +17,8 @@ pytest.importorskip("hydra")
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+import torchrl_spqr.training  # noqa: E402, F401  (registers the scripts' config schemas with Hydra)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["sac_ens_spqr", "redq_spqr", "sac_n_spqr", "edac_spqr", "cql_spqr"]
 ONLINE_TINY = [

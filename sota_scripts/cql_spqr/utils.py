@@ -1,16 +1,34 @@
-"""Builders for cql_spqr, in TorchRL's sota-implementations layout.
+"""Builders of SPQR-CQL-N, in TorchRL's sota-implementations layout.
 
-The ``make_*`` functions are shared with the other scripts and live in
-``torchrl_spqr.training.builders``; the loop is ``torchrl_spqr.training.offline``.
+The ``make_*`` builders are shared with the other scripts (``torchrl_spqr.training.builders``,
+``torchrl_spqr.training.offline`` for the dataset); the run's protocol (logs, owed rows,
+checkpoints, resume) is ``torchrl_spqr.training.common.RunContext``. The update and the
+loop are in cql_spqr.py.
 """
 
-from torchrl_spqr.training.builders import (  # noqa: F401
+from torchrl_spqr.analysis import plot_run
+from torchrl_spqr.training.builders import (
     make_actor,
     make_critics,
+    make_environment,
     make_loss_module,
     make_optimizers,
     make_target_updater,
-    validate_config,
 )
-from torchrl_spqr.training.offline import make_offline_data  # noqa: F401
-from torchrl_spqr.training.offline import train_offline as train  # noqa: F401
+from torchrl_spqr.training.common import RunContext, evaluate_policy, prepare_run
+from torchrl_spqr.training.offline import make_offline_data, record_dataset_transform
+
+__all__ = [
+    "RunContext",
+    "evaluate_policy",
+    "make_actor",
+    "make_critics",
+    "make_environment",
+    "make_loss_module",
+    "make_offline_data",
+    "make_optimizers",
+    "make_target_updater",
+    "plot_run",
+    "prepare_run",
+    "record_dataset_transform",
+]

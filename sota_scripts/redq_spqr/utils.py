@@ -1,10 +1,12 @@
-"""Builders for SPQR-REDQ, in TorchRL's sota-implementations layout.
+"""Builders of SPQR-REDQ, in TorchRL's sota-implementations layout.
 
-The ``make_*`` functions are shared with the other scripts and live in
-``torchrl_spqr.training.builders``; the loop is ``torchrl_spqr.training.online``.
+The ``make_*`` builders are shared with the other scripts (``torchrl_spqr.training.builders``);
+the run's protocol (logs, owed rows, checkpoints, resume) is
+``torchrl_spqr.training.common.RunContext``. The update and the loop are in redq_spqr.py.
 """
 
-from torchrl_spqr.training.builders import (  # noqa: F401
+from torchrl_spqr.analysis import plot_run
+from torchrl_spqr.training.builders import (
     make_actor,
     make_collector,
     make_critics,
@@ -13,6 +15,22 @@ from torchrl_spqr.training.builders import (  # noqa: F401
     make_optimizers,
     make_replay_buffer,
     make_target_updater,
-    validate_config,
+    shutdown_collector,
 )
-from torchrl_spqr.training.online import train_online as train  # noqa: F401
+from torchrl_spqr.training.common import RunContext, evaluate_policy, prepare_run
+
+__all__ = [
+    "RunContext",
+    "evaluate_policy",
+    "make_actor",
+    "make_collector",
+    "make_critics",
+    "make_environment",
+    "make_loss_module",
+    "make_optimizers",
+    "make_replay_buffer",
+    "make_target_updater",
+    "plot_run",
+    "prepare_run",
+    "shutdown_collector",
+]

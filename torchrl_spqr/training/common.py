@@ -1,11 +1,41 @@
-"""Bookkeeping shared by the online and offline loops: metrics, logging, checkpoints, resume."""
+"""The run protocol every training script shares: counters, logs, checkpoints, resume.
+
+A script in ``sota_scripts/<algo>/`` builds its agent and writes its own loop; what keeps
+a run safe lives here, in :class:`RunContext`, so that each loop stays short:
+
+- **Logs.** One row per logging step (a multiple of ``logger.log_interval`` or
+  ``logger.eval_interval`` steps, and the last step) goes through TorchRL's ``Logger``
+  API (``log_metrics``) to :class:`MetricsCSVLogger` (the wide ``metrics.csv``, flushed
+  row by row) and to the logger named by ``logger.backend`` (TorchRL's CSV, TensorBoard or
+  W&B logger). Every scalar the loss returns is logged (its ``loss_*`` and ``spqr_*``
+  entries and its metadata, e.g. CQL's ``alpha_prime`` and ``cql_gap``): ``metrics.csv``
+  starts with :data:`METRIC_FIELDS` and appends a column for any other name.
+- **Owed rows.** From the moment the step counter reaches a logging step until its row
+  is written (after that step's updates and evaluation), the row is owed: a checkpoint
+  taken meanwhile (the one at exit on Ctrl-C) stores it with what is left to do, and
+  ``resume=true`` completes and writes it first. An interruption loses no row.
+- **Checkpoints** every ``checkpoint.interval`` steps and at every exit (the end, an
+  error, Ctrl-C): the loss's and optimisers' states, the replay buffer, the RNG states,
+  the counters and the config (:mod:`torchrl_spqr.training.checkpoint`).
+- **Resume.** ``resume=true`` restores the newest complete checkpoint, refusing one
+  saved with a config whose shape-determining fields differ (:data:`SHAPE_FIELDS`), and
+  cuts ``metrics.csv`` and TorchRL's CSV scalar logs back to its step; a fresh run
+  empties them. Invariant: ``metrics.csv`` holds one row per logging step, steps strictly
+  increasing, whatever the interruptions (Ctrl-C or a kill at any instant) and resumes.
+
+The counters (``run.counters``): ``frames``, ``updates``, ``episodes``, ``time_s``
+(seconds of the loop: collection, updates, evaluations and checkpoints, start-up not
+counted) and the last and best evaluation (``last_eval``, ``best_eval``; with reference
+scores also ``last_score``, ``best_score``). Throughput columns: ``fps`` (collected
+frames per second of the loop since the previous training row) and ``updates_per_s``
+(updates per second spent sampling and updating).
+"""
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import random
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +45,7 @@ import numpy as np
 import torch
 from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.record.loggers import Logger
 
 from torchrl_spqr.training import builders as B
 from torchrl_spqr.training.checkpoint import (
@@ -26,45 +57,25 @@ from torchrl_spqr.training.checkpoint import (
     save_checkpoint,
     truncate_csv,
 )
+from torchrl_spqr.training.loggers import MetricsCSVLogger, make_logger
 
-__all__ = ["METRIC_FIELDS", "RunContext", "evaluate_policy", "prepare_run", "seed_everything"]
-
-#: Columns of ``metrics.csv`` (one row per log or evaluation event).
-METRIC_FIELDS = [
-    "frames",
-    "updates",
-    "episodes",
-    "time_s",
-    "train_return",
-    "eval_return",
-    "eval_return_std",
-    "best_eval_return",
-    "normalized_score",
-    "best_normalized_score",
-    "loss_qvalue",
-    "loss_actor",
-    "loss_alpha",
-    "loss_spqr",
-    "loss_cql",
-    "loss_diversity",
-    "alpha",
-    "entropy",
-    "q_mean",
-    "target_value",
-    "spqr_beta",
-    "spqr_kl",
-    "spqr_spike",
-    "spqr_accept_rate",
-    "spqr_mp_ratio",
-    "spqr_mean_pairwise_corr",
-    "spqr_ensemble_std",
-    "fps",
-    "updates_per_s",
+__all__ = [
+    "SHAPE_FIELDS",
+    "RunContext",
+    "check_resume_config",
+    "config_differences",
+    "evaluate_policy",
+    "prepare_run",
+    "scalar_metrics",
+    "seed_everything",
 ]
 
 
 def prepare_run(cfg, run_dir: str | Path, *, online: bool) -> tuple[Path, int, torch.device]:
-    """Validate the config, create the run folder, set threads and seeds; returns (dir, seed, device)."""
+    """Validate the config, create the run folder, set threads and seeds; returns (dir, seed, device).
+
+    A bad config raises ``ConfigError`` before anything is written (not even the folder).
+    """
     B.validate_config(cfg, online=online)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +86,7 @@ def prepare_run(cfg, run_dir: str | Path, *, online: bool) -> tuple[Path, int, t
 
 
 def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random``."""
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     random.seed(seed)
@@ -91,66 +103,70 @@ def evaluate_policy(env, actor, episodes: int, max_steps: int = 1_000_000) -> tu
     return float(t.mean()), float(t.std(unbiased=False)) if len(returns) > 1 else 0.0
 
 
-class _MetricsWriter:
-    """Wide CSV, one row per event, flushed at each row (nothing logged is lost)."""
+def scalar_metrics(out: TensorDictBase) -> dict[str, float]:
+    """Every one-element tensor entry of a loss output, as floats (no whitelist).
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        new = not path.exists() or path.stat().st_size == 0
-        self.f = path.open("a", newline="")
-        self.w = csv.DictWriter(self.f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        if new:
-            self.w.writeheader()
-            self.f.flush()
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.w.writerow(row)
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _scalar_metrics(out: TensorDictBase) -> dict[str, float]:
+    The ``loss_*`` terms, SPQR's ``spqr_*`` diagnostics and whatever scalar metadata the
+    loss adds (``alpha``, ``entropy``, CQL's ``alpha_prime``, ``cql_gap``, ...).
+    """
     res = {}
-    for k in METRIC_FIELDS:
-        if k in out.keys():
-            v = out.get(k)
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                res[k] = float(v.detach())
+    for k, v in out.items():
+        if isinstance(k, str) and isinstance(v, torch.Tensor) and v.numel() == 1:
+            res[k] = float(v.detach())
     return res
 
 
-def _make_logger(cfg, run_dir: Path):
-    backend = str(B._get(cfg, "logger.backend", "csv") or "")
-    if backend in ("", "none"):
-        return None
-    from torchrl.record.loggers import get_logger
-
-    if backend == "wandb":
-        os.environ.setdefault("WANDB_MODE", str(B._get(cfg, "logger.wandb_mode", "offline")))
-        return get_logger(
-            "wandb",
-            logger_name=str(run_dir),
-            experiment_name=run_dir.name,
-            wandb_kwargs={"dir": str(run_dir), "project": "torchrl_spqr"},
-        )
-    if backend in ("csv", "tensorboard"):
-        return get_logger(backend, logger_name=str(run_dir / "logs"), experiment_name=backend)
-    raise B.ConfigError(f"logger.backend={backend!r}: expected csv, tensorboard, wandb or none.")
-
-
 class RunContext:
-    """Counters, the metrics CSV, the TorchRL logger, checkpoints and resume of one run.
+    """The safety protocol of one run: counters, logs, owed rows, checkpoints, resume.
 
-    ``step_field`` is the counter used as the logging step (``"frames"`` online,
-    ``"updates"`` offline); on resume, logs are truncated to its checkpointed value.
+    The loop reports what happened; the context decides what is due::
+
+        run = RunContext(cfg, run_dir, loss_module, optimizers, step_field="frames",
+                         total=total_frames, evaluate=evaluate, buffer=replay_buffer)
+        if run.start():  # resume=true and a checkpoint: restored
+            print("resumed at frame", run.counters["frames"])
+        with run:  # writes a row an interrupted run owed; at exit (Ctrl-C too): checkpoint
+            for data in collector:
+                run.collected(data)  # frames, episodes, returns; a row due here is owed
+                for _ in range(num_updates):
+                    run.updated(update(replay_buffer.sample()))
+                run.end_step()  # the owed row (evaluating if due), checkpoint if due
+
+    Args:
+        cfg: the run's config (``logger.*``, ``checkpoint.interval``, ``resume``).
+        run_dir: the run folder.
+        loss_module: the loss whose state (networks, temperatures, targets) is saved.
+        optimizers: name -> optimiser, saved with it.
+        step_field: the counter that schedules logs, evaluations and checkpoints:
+            ``"frames"`` (advanced by :meth:`collected`) or ``"updates"`` (by
+            :meth:`updated`).
+        total: the value of ``step_field`` at which the run ends (a row is due there).
+        evaluate: returns the mean and std of the deterministic policy's return.
+        buffer: the replay buffer to checkpoint with the run (``None``: a fixed dataset).
+        score: maps an evaluation return to the normalised score logged with it (offline:
+            the dataset's ``normalized_score``, ``100 (R - ref_min) / (ref_max - ref_min)``).
     """
 
-    def __init__(self, cfg, run_dir: Path, loss, optims, *, step_field: str, buffer=None) -> None:
-        self.cfg, self.run_dir, self.loss, self.optims = cfg, Path(run_dir), loss, optims
-        self.step_field, self.buffer = step_field, buffer
-        self.state: dict[str, Any] = {
+    def __init__(
+        self,
+        cfg,
+        run_dir: str | Path,
+        loss_module,
+        optimizers: dict[str, torch.optim.Optimizer],
+        *,
+        step_field: str,
+        total: int,
+        evaluate: Callable[[], tuple[float, float]],
+        buffer=None,
+        score: Callable[[float], float] | None = None,
+    ) -> None:
+        if step_field not in ("frames", "updates"):
+            raise ValueError(f"step_field={step_field!r}: expected 'frames' or 'updates'.")
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.loss_module, self.optimizers, self.buffer = loss_module, optimizers, buffer
+        self.step_field, self.total, self.evaluate = step_field, int(total), evaluate
+        self.score = score
+        self.counters: dict[str, Any] = {
             "frames": 0,
             "updates": 0,
             "episodes": 0,
@@ -158,18 +174,34 @@ class RunContext:
             "last_eval": math.nan,
             "time_s": 0.0,
         }
-        self.metrics_path = self.run_dir / "metrics.csv"
-        self.writer: _MetricsWriter | None = None
-        self.logger = None
+        if score is not None:
+            self.counters.update(best_score=-math.inf, last_score=math.nan)
+        self.log_every = int(B._get(cfg, "logger.log_interval"))
+        self.eval_every = int(B._get(cfg, "logger.eval_interval"))
+        self.checkpoint_every = int(B._get(cfg, "checkpoint.interval"))
+        self.metrics_csv = MetricsCSVLogger(self.run_dir, step_field=step_field)
+        self.logger: Logger | None = None
         self.owed: dict[str, Any] | None = None
+        self._started = False
+        self._pbar = None
+        # training metrics of the next row: last update's loss output, episode returns,
+        # frames and updates (and the time spent in updates) since the previous row
+        self._last_out: TensorDictBase | None = None
+        self._returns: list[float] = []
+        self._win_frames, self._win_start = 0, time.perf_counter()
+        self._upd_n, self._upd_s = 0, 0.0
+        self._t_prev = self._t_mark = time.perf_counter()
+        self._last_step = 0
+        self._last_ups = 0.0
 
-    def maybe_resume(self) -> bool:
-        """Restore from the run folder's newest complete checkpoint when ``resume=true``.
+    # ------------------------------------------------------------------ start, stop
+    def start(self) -> bool:
+        """Resume (``resume=true`` and a checkpoint in the run folder) or start fresh; open
+        the logs. Returns whether the run was resumed.
 
         Refuses (``ConfigError`` naming the field) a checkpoint saved with a config whose
         shape-determining fields differ from this run's, and any checkpoint that fails
         verification (``CheckpointError`` naming the file) rather than starting over.
-        Then opens the logs.
         """
         resumed = False
         if bool(B._get(self.cfg, "resume", False)) and has_checkpoint(self.run_dir):
@@ -177,52 +209,215 @@ class RunContext:
             saved_cfg, now_cfg = state.get("config") or {}, _plain(self.cfg)
             check_resume_config(saved_cfg, now_cfg, folder)
             try:
-                self.loss.load_state_dict(state["loss"])
-                for k, o in self.optims.items():
+                self.loss_module.load_state_dict(state["loss"])
+                for k, o in self.optimizers.items():
                     o.load_state_dict(state["optim"][k])
                 if self.buffer is not None and "buffer_meta" in state:
                     load_buffer(self.buffer, folder / "buffer", state["buffer_meta"], data=data)
             except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
                 raise _mismatch_error(saved_cfg, now_cfg, folder, err) from err
-            self.state.update(state["counters"])
+            self.counters.update(state["counters"])
             restore_rng(state["rng"])
-            step = self.state[self.step_field]
-            last = truncate_csv(self.metrics_path, step, step_field=self.step_field)
+            step = self.counters[self.step_field]
+            last = self.metrics_csv.truncate(step)
             for p in (self.run_dir / "logs").rglob("scalars/*.csv"):
                 truncate_csv(p, step, step_field=0, header=False)
             owed = state.get("owed_row")
             # a row due at the checkpoint's step and not written yet (e.g. Ctrl-C during its
-            # evaluation): the loop completes and writes it first (unless it got written)
+            # evaluation): written first by __enter__ (unless it got written)
             self.owed = owed if owed and (last is None or last < step) else None
             resumed = True
         else:
             # a fresh run (also one killed before its first checkpoint, then restarted)
             # does not append to an old one: neither to metrics.csv nor to TorchRL's CSV
             # scalar logs, which would otherwise repeat the steps logged before the kill
-            if self.metrics_path.exists():
-                self.metrics_path.unlink()
+            self.metrics_csv.clear()
             for p in (self.run_dir / "logs").rglob("scalars/*.csv"):
                 truncate_csv(p, -math.inf, step_field=0, header=False)
-        self.writer = _MetricsWriter(self.metrics_path)
-        self.logger = _make_logger(self.cfg, self.run_dir)
+        self.logger = make_logger(self.cfg, self.run_dir)
+        self._last_step = self.counters[self.step_field]
+        if bool(B._get(self.cfg, "logger.progress", True)):
+            self._pbar = _progress(self.total, self._last_step, unit=self.step_field[:-1])
+        self._started = True
         return resumed
 
-    def owe(self, *, evaluate: bool, train: bool) -> dict[str, Any]:
-        """Record that a row is due at the current step; returns the row to fill.
+    def __enter__(self) -> RunContext:
+        """Start (if :meth:`start` was not called), write the row an interrupted run owed
+        (running its evaluation), then start the clocks."""
+        if not self._started:
+            self.start()
+        if self.owed is not None:
+            self._write_owed(train=False)  # its training metrics were saved with it
+        self._t_prev = self._t_mark = self._win_start = time.perf_counter()
+        return self
 
-        Until :meth:`log` writes it, a checkpoint (the one at exit on Ctrl-C) stores it
-        with what is left to do (``evaluate``: the evaluation; ``train``: the training
-        metrics), so that ``resume=true`` completes and writes it: an interruption
-        loses no logged row.
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Keep the owed row's training metrics, close the logs, write a checkpoint.
+
+        Runs at every exit of ``with run:`` (the end, an error, Ctrl-C).
         """
-        self.owed = {"row": {}, "eval": bool(evaluate), "train": bool(train)}
-        return self.owed["row"]
+        if self.owed is not None and self.owed.get("train"):
+            self.owed["row"].update(self._train_metrics())
+            self.owed["train"] = False
+        if self._pbar is not None:
+            self._pbar.close()
+        self.metrics_csv.shutdown()
+        if self.logger is not None:
+            self.logger.flush()
+        self.checkpoint()
+
+    # ------------------------------------------------------------------ what the loop reports
+    def collected(self, data: TensorDictBase) -> int:
+        """Count a batch of collected frames (``[frames]``-shaped, with TorchRL's
+        ``("next", "done")`` and ``("next", "episode_reward")``); returns its size.
+
+        With ``step_field="frames"`` a row due at the new frame count is owed from here.
+        """
+        n = data.numel()
+        self.counters["frames"] += n
+        self._win_frames += n
+        done = data["next", "done"].squeeze(-1)
+        if done.any():
+            returns = data["next", "episode_reward"][done].squeeze(-1).tolist()
+            self._returns.extend(returns)
+            self.counters["episodes"] += len(returns)
+        if self.step_field == "frames":
+            self._owe_if_due()
+        self._t_mark = time.perf_counter()
+        return n
+
+    def updated(self, loss_out: TensorDictBase) -> None:
+        """Count one update; ``loss_out`` (the loss's output) feeds the next training row.
+
+        With ``step_field="updates"`` a row due at the new update count is owed from here.
+        """
+        now = time.perf_counter()
+        self._upd_s += now - self._t_mark
+        self._upd_n += 1
+        self._t_mark = now
+        self._last_out = loss_out
+        self.counters["updates"] += 1
+        if self.step_field == "updates":
+            self._owe_if_due()
+
+    def end_step(self) -> None:
+        """After a step's updates: write the owed row (evaluating if due), checkpoint if due."""
+        st = self.counters
+        now = time.perf_counter()
+        st["time_s"] += now - self._t_prev
+        self._t_prev = now
+        step = st[self.step_field]
+        n, self._last_step = step - self._last_step, step
+        wrote = self.owed is not None
+        if wrote:
+            self._write_owed(train=True)
+        if n > 0 and step % self.checkpoint_every < n:
+            self.checkpoint()
+        if self._pbar is not None:
+            self._pbar.update(n)
+            if wrote:
+                shown = {"ret": st["last_eval"], "ups": f"{self._last_ups:.1f}"}
+                if self.score is not None:
+                    shown["score"] = st["last_score"]
+                self._pbar.set_postfix(shown)
+        self._t_mark = time.perf_counter()
+
+    def summary(self) -> dict[str, float]:
+        """Counts and the final and best evaluation (and normalised score)."""
+        st = self.counters
+        out = {
+            "frames": st["frames"],
+            "updates": st["updates"],
+            "final_eval_return": st["last_eval"],
+            "best_eval_return": st["best_eval"],
+        }
+        if self.score is not None:
+            out.update(
+                final_normalized_score=st["last_score"], best_normalized_score=st["best_score"]
+            )
+        return out
+
+    # ------------------------------------------------------------------ rows and checkpoints
+    def _owe_if_due(self) -> None:
+        step = self.counters[self.step_field]
+        n = step - self._last_step
+        due_log = step % self.log_every < n
+        due_eval = step % self.eval_every < n or step >= self.total
+        if due_log or due_eval:
+            # owed from here on: a checkpoint before it is written stores what is left to do
+            self.owed = {"row": {}, "eval": due_eval, "train": due_log}
+
+    def _train_metrics(self) -> dict[str, float]:
+        """The training part of a row (and new fps / updates-per-second windows)."""
+        now = time.perf_counter()
+        row = scalar_metrics(self._last_out) if self._last_out is not None else {}
+        if self._returns:
+            row["train_return"] = sum(self._returns) / len(self._returns)
+            self._returns.clear()
+        if self.step_field == "frames":
+            row["fps"] = self._win_frames / max(now - self._win_start, 1e-9)
+        row["updates_per_s"] = self._upd_n / self._upd_s if self._upd_s > 0 else 0.0
+        self._last_ups = row["updates_per_s"]
+        self._win_frames, self._win_start, self._upd_n, self._upd_s = 0, now, 0, 0.0
+        return row
+
+    def _write_owed(self, *, train: bool) -> None:
+        owed = self.owed
+        if train and owed["train"]:
+            owed["row"].update(self._train_metrics())
+            owed["train"] = False
+        if owed["eval"]:
+            self._evaluate_into(owed["row"])
+            owed["eval"] = False
+        self.log(owed["row"])
+
+    def _evaluate_into(self, row: dict[str, Any]) -> None:
+        st = self.counters
+        mean, std = self.evaluate()
+        st["last_eval"] = mean
+        st["best_eval"] = max(st["best_eval"], mean)
+        row.update(eval_return=mean, eval_return_std=std, best_eval_return=st["best_eval"])
+        if self.score is not None:
+            score = self.score(mean)
+            st["last_score"] = score
+            st["best_score"] = max(st["best_score"], score)
+            row.update(normalized_score=score, best_normalized_score=st["best_score"])
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Write ``row`` with the counters to ``metrics.csv`` and the TorchRL logger.
+
+        The TorchRL logger gets the finite numbers, at the step ``counters[step_field]``.
+        """
+        st = self.counters
+        row = {
+            **row,
+            "frames": st["frames"],
+            "updates": st["updates"],
+            "episodes": st["episodes"],
+            "time_s": st["time_s"],
+        }
+        step = st[self.step_field]
+        self.metrics_csv.log_metrics(row, step=step)
+        self.owed = None
+        if self.logger is not None:
+            self.logger.log_metrics(
+                {
+                    k: v
+                    for k, v in row.items()
+                    if k != self.step_field and isinstance(v, (int, float)) and math.isfinite(v)
+                },
+                step=step,
+            )
 
     def checkpoint(self) -> None:
+        """Save the run's state (and the owed row, if any) atomically into ``checkpoint/``."""
         state = {
-            "loss": self.loss.state_dict(),
-            "optim": {k: o.state_dict() for k, o in self.optims.items()},
-            "counters": dict(self.state),
+            "loss": self.loss_module.state_dict(),
+            "optim": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "counters": dict(self.counters),
             "rng": capture_rng(),
             "config": _plain(self.cfg),
         }
@@ -233,53 +428,6 @@ class RunContext:
                 "train": bool(self.owed.get("train", False)),
             }
         save_checkpoint(self.run_dir, state, self.buffer)
-
-    def write_owed(
-        self,
-        eval_part: Callable[[dict[str, Any]], None],
-        train_part: Callable[[], dict[str, Any]] | None = None,
-    ) -> None:
-        """Complete the owed row (its training metrics, then its evaluation) and write it.
-
-        Without ``train_part`` (on resume, where the interrupted run stored them already)
-        only the evaluation still owed is run.
-        """
-        owed = self.owed
-        if train_part is not None and owed["train"]:
-            owed["row"].update(train_part())
-            owed["train"] = False
-        if owed["eval"]:
-            eval_part(owed["row"])
-            owed["eval"] = False
-        self.log(owed["row"])
-
-    def keep_owed_train(self, train_part: Callable[[], dict[str, Any]]) -> None:
-        """On interruption: the owed row keeps the training metrics of the last update."""
-        if self.owed is not None and self.owed.get("train"):
-            self.owed["row"].update(train_part())
-            self.owed["train"] = False
-
-    def log(self, row: dict[str, Any]) -> None:
-        st = self.state
-        row = {
-            **row,
-            "frames": st["frames"],
-            "updates": st["updates"],
-            "episodes": st["episodes"],
-            "time_s": st["time_s"],
-        }
-        self.writer.write(row)
-        self.owed = None
-        if self.logger is not None:
-            for k, v in row.items():
-                if k != self.step_field and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.logger.log_scalar(k, v, step=st[self.step_field])
-
-    def close(self) -> None:
-        """Close the CSV and write a final checkpoint (also on Ctrl-C)."""
-        if self.writer is not None:
-            self.writer.close()
-        self.checkpoint()
 
 
 #: Config fields (or sections) that fix the shapes of what a checkpoint holds.
@@ -369,27 +517,12 @@ def _mismatch_error(saved: Any, now: Any, folder: Path, err: Exception) -> Excep
     )
 
 
-def _update(loss, buffer, optims, updater, device) -> TensorDictBase:
-    batch = buffer.sample().to(device)
-    out = loss(batch)
-    total = sum(v for k, v in out.items() if k.startswith("loss_"))
-    for o in optims.values():
-        o.zero_grad(set_to_none=True)
-    total.backward()
-    for o in optims.values():
-        o.step()
-    updater.step()
-    return out.detach()
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
+def _progress(total: int, initial: int, unit: str):
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=total, initial=initial, unit="frame", dynamic_ncols=True, mininterval=2.0)
+    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, mininterval=2.0)
 
 
 def _plain(cfg) -> Any:
@@ -401,11 +534,3 @@ def _plain(cfg) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return cfg if isinstance(cfg, dict) else {}
-
-
-def _plot(run_dir: Path) -> None:
-    try:
-        from torchrl_spqr.plot import plot_run
-    except ImportError:  # matplotlib missing: the CSV is the result
-        return
-    plot_run(run_dir)
