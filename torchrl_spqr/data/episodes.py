@@ -34,6 +34,8 @@ _RANDOM_REF_SEED = 123_456  # fixed: every split of one env gets the same ref_mi
 
 
 class _UniformPolicy:
+    """Uniform random actions from ``space``, seeded once: the ``random`` recipe's policy."""
+
     def __init__(self, space, seed: int) -> None:
         self.space = space
         self.space.seed(seed)

@@ -23,7 +23,8 @@ __all__ = [
     "parse_d4rl_id",
 ]
 
-#: Dataset recipes understood by :func:`build_dataset` (D4RL's Gym-MuJoCo splits).
+#: Dataset recipes understood by :func:`~torchrl_spqr.data.builder.build_dataset` (D4RL's
+#: Gym-MuJoCo splits).
 KINDS = ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert")
 
 #: Reference returns for D4RL's normalised score, per environment family, identical for
@@ -98,6 +99,7 @@ def d4rl_env_id(dataset_id: str) -> str:
 
 
 def d4rl_env_kwargs(dataset_id: str) -> dict[str, Any]:
+    """``gymnasium.make`` kwargs of that env (``ant-*`` -> ``use_contact_forces=True``)."""
     return dict(D4RL_ENV_IDS[parse_d4rl_id(dataset_id)[0]][1])
 
 

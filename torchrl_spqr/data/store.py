@@ -57,7 +57,7 @@ def _exists_locally(dataset_id: str) -> bool:
 _MINARI_ID = re.compile(r"^(?P<namespace>[-\w]+(?:/[-\w]+)*)/(?P<name>[-\w]+?)-v(?P<version>\d+)$")
 _MINARI_ID_FORM = "namespace/name-vN (e.g. local/hopper/random-v0)"
 
-#: Hidden folder of the Minari store where :func:`build_dataset` writes a dataset before
+#: Hidden folder of the Minari store where the builder writes a dataset before
 #: swapping it in (Minari's listings skip hidden folders). A build killed midway leaves a
 #: folder here; the next build or load in this store settles it (see
 #: :func:`_recover_interrupted_builds`).
