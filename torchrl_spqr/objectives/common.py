@@ -55,6 +55,7 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictParams
 from tensordict.utils import NestedKey
 from torch import Tensor
+from torch._C._functorch import is_batchedtensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import LossModule
 from torchrl.objectives.sac import compute_rsample_log_prob
@@ -478,9 +479,11 @@ class EnsembleLossBase(MemberValuesMixin, LossModule):
         ``self._q(td, params).min(0).values``, up to float round-off.
         """
         bq = self._batched_q
-        if bq is None or not bq.deterministic:
-            return self._q(td, params).min(0).values
         inputs = [td.get(k) for k in self.qvalue_network.in_keys]
+        if bq is None or not bq.deterministic or is_batchedtensor(inputs[0]):
+            # under torch.vmap (a population of agents, torchrl_spqr.training.population)
+            # the arg-min grouping's data-dependent sizes cannot be batched: plain min
+            return self._q(td, params).min(0).values
         batch = inputs[0].shape[:-1]
         flat = [t.reshape(-1, t.shape[-1]) for t in inputs]
         rows = flat[0].shape[0]

@@ -1,0 +1,282 @@
+"""Population training (issue 19): K agents in one batched update equal K single runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.data import Bounded
+from torchrl.modules import ProbabilisticActor, TanhNormal
+from torchrl.objectives import SoftUpdate
+
+from torchrl_spqr import QEnsemble, SACNLoss, SPQRLoss, make_q_member
+from torchrl_spqr.training.population import (
+    PopulationReplayBuffer,
+    PopulationUpdate,
+    build_population,
+)
+
+OBS, ACT, HIDDEN, N, B = 5, 2, 16, 3, 8
+ATOL = 1e-5
+
+
+def make_actor() -> ProbabilisticActor:
+    net = nn.Sequential(
+        nn.Linear(OBS, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 2 * ACT), NormalParamExtractor()
+    )
+    return ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        spec=Bounded(-1.0, 1.0, (ACT,)),
+        distribution_class=TanhNormal,
+        return_log_prob=True,
+    )
+
+
+def make_loss(seed: int, beta: float | None = 1.0, n: int = N, **spqr_kwargs):
+    """One agent built as a single run builds it (``beta=None``: bare SACNLoss)."""
+    torch.manual_seed(seed)
+    critics = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(HIDDEN, HIDDEN)), n)
+    loss = SACNLoss(make_actor(), critics, action_spec=Bounded(-1.0, 1.0, (ACT,)))
+    if beta is None:
+        return loss
+    spqr_kwargs.setdefault("diagnostics_interval", 0)
+    return SPQRLoss(loss, beta=beta, **spqr_kwargs)
+
+
+def make_batch(seed: int, b: int = B) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict(
+        {
+            "observation": torch.randn(b, OBS, generator=g),
+            "action": torch.rand(b, ACT, generator=g) * 1.98 - 0.99,
+            "next": {
+                "observation": torch.randn(b, OBS, generator=g),
+                "reward": torch.randn(b, 1, generator=g),
+                "done": torch.zeros(b, 1, dtype=torch.bool),
+                "terminated": torch.rand(b, 1, generator=g) < 0.2,
+            },
+        },
+        [b],
+    )
+
+
+def single_run(loss, batches, seed, *, lr=3e-4, tau=0.005, max_grad_norm=None):
+    """The usual TorchRL loop: sum the loss_* entries, backward, (clip), Adam step, SoftUpdate."""
+    opt = torch.optim.Adam(loss.parameters(), lr=lr)
+    updater = SoftUpdate(loss, tau=tau)
+    groups = {}
+    for name, p in loss.named_parameters():
+        g = next((m for m in ("qvalue", "actor", "alpha") if m in name), "other")
+        groups.setdefault(g, []).append(p)
+    torch.manual_seed(seed)
+    for batch in batches:
+        out = loss(batch.clone())
+        total = sum(v for k, v in out.items() if k.startswith("loss_"))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if max_grad_norm is not None:
+            for params in groups.values():
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        updater.step()
+    return opt
+
+
+def assert_agent_equals(pop: PopulationUpdate, k: int, loss, opt) -> None:
+    single = TensorDict.from_module(loss)
+    state = pop.state[k]
+    checked = 0
+    for key, value in state.items(True, True):
+        torch.testing.assert_close(value.data, single.get(key).data, atol=ATOL, rtol=0)
+        checked += 1
+    assert checked > 10
+    params = dict(loss.named_parameters())
+    adam = pop.adam_state(k)
+    assert set(adam) == set(params)
+    for name, p in params.items():
+        for entry in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(adam[name][entry], opt.state[p][entry], atol=ATOL, rtol=1e-4)
+        assert float(adam[name]["step"]) == float(opt.state[p]["step"])
+
+
+@pytest.mark.parametrize("pairs", ["next_policy", "data"])
+def test_population_equals_two_single_runs(pairs):
+    """The issue's check: K=2 (different inits, betas, batches) == two single runs, 5 updates."""
+    seed, steps, betas = 7, 5, (0.0, 1.0)
+    batches = [[make_batch(100 * k + i) for i in range(steps)] for k in range(2)]
+    pop = PopulationUpdate(
+        [make_loss(k, beta, pairs=pairs) for k, beta in enumerate(betas)],
+        randomness="same",
+        optimizer_kwargs={"foreach": True},
+    )
+    assert pop.beta.tolist() == list(betas)
+    alpha0 = pop.state.get(("loss_module", "log_alpha")).detach().clone()
+    torch.manual_seed(seed)
+    for i in range(steps):
+        out = pop(torch.stack([batches[0][i], batches[1][i]]))
+    assert out["loss_spqr"][0] == 0 and out["loss_spqr"][1] > 0
+    for k, beta in enumerate(betas):
+        loss = make_loss(k, beta, pairs=pairs)
+        opt = single_run(loss, batches[k], seed)
+        assert_agent_equals(pop, k, loss, opt)
+    # the temperatures moved (and separately)
+    alpha = pop.state.get(("loss_module", "log_alpha"))
+    assert (alpha - alpha0).abs().min() > 0
+
+
+def test_population_equals_single_runs_with_per_agent_clipping():
+    """Grad-norm clipping is per agent and per group, as clip_grad_norm_ in each single run."""
+    seed, steps = 3, 5
+    batches = [[make_batch(10 * k + i) for i in range(steps)] for k in range(2)]
+    pop = PopulationUpdate(
+        [make_loss(k, None) for k in range(2)],
+        randomness="same",
+        max_grad_norm=0.05,
+        optimizer_kwargs={"foreach": True},
+    )
+    torch.manual_seed(seed)
+    for i in range(steps):
+        pop(torch.stack([batches[0][i], batches[1][i]]))
+    for k in range(2):
+        loss = make_loss(k, None)
+        opt = single_run(loss, batches[k], seed, max_grad_norm=0.05)
+        assert_agent_equals(pop, k, loss, opt)
+
+
+def test_beta_zero_agent_gets_exactly_zero_spqr_gradient():
+    pop = PopulationUpdate([make_loss(0, 0.0), make_loss(1, 2.0)])
+    batch = torch.stack([make_batch(0), make_batch(1)])
+    out = pop.loss(batch)
+    out["loss_spqr"].sum().backward()
+    critic = pop.state.get(("loss_module", "qvalue_network_params"))
+    grads = [p.grad for p in critic.values(True, True)]
+    assert all(g is not None for g in grads)
+    assert all(torch.count_nonzero(g[0]) == 0 for g in grads)
+    assert all(torch.count_nonzero(g[1]) > 0 for g in grads)
+
+
+def test_randomness_same_vs_different():
+    """Two identical agents on the same batch: 'same' draws agree, 'different' do not."""
+    batch = make_batch(0)
+    for randomness, equal in (("same", True), ("different", False)):
+        pop = PopulationUpdate([make_loss(0, None), make_loss(0, None)], randomness=randomness)
+        out = pop.loss(torch.stack([batch, batch]))
+        assert torch.equal(out["entropy"][0], out["entropy"][1]) is equal
+
+
+def test_build_population_seeds_each_agent():
+    pop = build_population(lambda seed: make_loss(seed, 1.0), [4, 9])
+    for k, seed in enumerate([4, 9]):
+        ref = TensorDict.from_module(make_loss(seed, 1.0))
+        key = ("loss_module", "qvalue_network_params", "module", "net", "0", "weight")
+        assert torch.equal(pop.state.get(key)[k], ref.get(key))
+    with pytest.raises(ValueError, match="at least one seed"):
+        build_population(lambda seed: make_loss(seed), [])
+
+
+def test_write_agent_and_act():
+    pop = PopulationUpdate([make_loss(0, 0.0), make_loss(1, 1.0)])
+    pop(torch.stack([make_batch(0), make_batch(1)]))
+    dest = pop.write_agent(1, make_loss(5, 0.0))
+    mine = TensorDict.from_module(dest)
+    for key, value in pop.state[1].items(True, True):
+        assert torch.equal(mine.get(key), value.data)
+    assert float(dest.beta) == 1.0
+    obs = TensorDict({"observation": torch.randn(2, 4, OBS)}, [2, 4])
+    act = pop.act(obs)
+    assert act["action"].shape == (2, 4, ACT)
+    with pytest.raises(ValueError, match=r"\[K=2, \.\.\.\]"):
+        pop.act(TensorDict({"observation": torch.randn(3, OBS)}, [3]))
+    with pytest.raises(IndexError, match="out of range"):
+        pop.write_agent(2, dest)
+    with pytest.raises(ValueError, match="build it like the agents"):
+        pop.write_agent(0, make_loss(0, None))
+
+
+def test_bad_input_is_refused_with_clear_errors():
+    with pytest.raises(ValueError, match="at least one agent"):
+        PopulationUpdate([])
+    with pytest.raises(TypeError, match="LossModules"):
+        PopulationUpdate([nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="shares one loss class"):
+        PopulationUpdate([make_loss(0, 1.0), make_loss(1, None)])
+    with pytest.raises(ValueError, match="num_qvalue_nets=4 for agent 1"):
+        PopulationUpdate([make_loss(0, 1.0), make_loss(1, 1.0, n=4)])
+    with pytest.raises(ValueError, match="pairs='data' for agent 1"):
+        PopulationUpdate([make_loss(0, 1.0), make_loss(1, 1.0, pairs="data")])
+    with pytest.raises(ValueError, match="diagnostics_interval=0"):
+        PopulationUpdate([make_loss(0, 1.0, diagnostics_interval=1)])
+    with pytest.raises(ValueError, match="add_to=None"):
+        PopulationUpdate([make_loss(0, 1.0, add_to="loss_qvalue")])
+    with pytest.raises(ValueError, match="beta schedule"):
+        PopulationUpdate([make_loss(0, lambda step: 1.0)])
+    other_gamma = make_loss(1, None)
+    other_gamma.gamma.fill_(0.9)
+    with pytest.raises(ValueError, match="gamma differs between agent 1"):
+        PopulationUpdate([make_loss(0, None), other_gamma])
+    with pytest.raises(ValueError, match="randomness"):
+        PopulationUpdate([make_loss(0, None)], randomness="error")
+    with pytest.raises(ValueError, match="lr keys"):
+        PopulationUpdate([make_loss(0, None)], lr={"critc": 1e-3})
+    with pytest.raises(ValueError, match="tau"):
+        PopulationUpdate([make_loss(0, None)], tau=0.0)
+    pop = PopulationUpdate([make_loss(0, None), make_loss(1, None)])
+    with pytest.raises(ValueError, match=r"\[K=2, B, \.\.\.\]"):
+        pop(torch.stack([make_batch(0), make_batch(1), make_batch(2)]))
+    with pytest.raises(ValueError, match=r"\[K=2, B, \.\.\.\]"):
+        pop(make_batch(0))
+    with pytest.raises(TypeError, match="TensorDict"):
+        pop({"observation": torch.randn(2, B, OBS)})
+
+
+def test_cudagraphs_refused_on_cpu():
+    with pytest.raises(ValueError, match="needs a CUDA device.*cpu"):
+        PopulationUpdate([make_loss(0, None)], cudagraphs=True)
+    with pytest.warns(UserWarning, match="without CUDA graphs"):
+        pop = PopulationUpdate([make_loss(0, None)], cudagraphs="auto")
+    pop(make_batch(0).unsqueeze(0))
+
+
+def test_replay_buffer_keeps_agents_apart():
+    rb = PopulationReplayBuffer(3, capacity=5)
+    with pytest.raises(RuntimeError, match="empty"):
+        rb.sample(4)
+    for t in range(3):  # 12 transitions per agent into 5 slots: circular
+        agent = torch.arange(3).unsqueeze(-1).expand(3, 4)
+        step = torch.full((3, 4), t) * 4 + torch.arange(4)
+        rb.extend(TensorDict({"agent": agent, "step": step}, [3, 4]))
+    assert len(rb) == 5
+    sample = rb.sample(64)
+    assert sample.batch_size == (3, 64)
+    assert torch.equal(sample["agent"], torch.arange(3).unsqueeze(-1).expand(3, 64))
+    assert sample["step"].min() >= 7  # only the last 5 of 12 remain
+    # the agents' indices are drawn independently
+    assert not torch.equal(sample["step"][0], sample["step"][1])
+    with pytest.raises(ValueError, match="K=3 rows"):
+        rb.extend(TensorDict({"agent": torch.zeros(2, 4)}, [2, 4]))
+    with pytest.raises(ValueError, match=r"\[K, T\]"):
+        rb.extend(TensorDict({"agent": torch.zeros(3)}, [3]))
+    fresh = PopulationReplayBuffer(3, capacity=5)
+    fresh.load_state_dict(rb.state_dict())
+    assert len(fresh) == 5
+    with pytest.raises(ValueError, match="expected"):
+        PopulationReplayBuffer(2, capacity=5).load_state_dict(rb.state_dict())
+
+
+def test_compiled_update_equals_eager():
+    """torch.compile of the population update gives the eager parameters after 2 updates."""
+    batches = [torch.stack([make_batch(i), make_batch(10 + i)]) for i in range(2)]
+    results = []
+    for compile_ in (False, True):
+        pop = PopulationUpdate(
+            [make_loss(0, 0.0), make_loss(1, 1.0)], randomness="same", compile=compile_
+        )
+        torch.manual_seed(0)
+        for batch in batches:
+            pop(batch.clone())
+        results.append(pop.state.data.clone())
+    for key, value in results[0].items(True, True):
+        torch.testing.assert_close(results[1].get(key), value, atol=ATOL, rtol=0)
