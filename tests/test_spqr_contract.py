@@ -372,6 +372,36 @@ def test_call_without_tensordict(name):
         torch.testing.assert_close(td_out.get(key), value, msg=key)
 
 
+@pytest.mark.parametrize("name", ("sac", "ens_sac"))
+def test_call_without_tensordict_between_diagnostics(name):
+    """With ``diagnostics_interval > 1`` the keyword call still returns every ``out_keys``
+    entry: the diagnostics skipped at that call are NaN (the tensordict output omits them)."""
+    loss = SPQRLoss(make_loss(name), beta=1.0, diagnostics_interval=2)
+    twin = SPQRLoss(make_loss(name), beta=1.0, diagnostics_interval=2)
+    twin.load_state_dict(loss.state_dict())
+    batch = make_batch()
+    kwargs = {
+        "_".join(k) if isinstance(k, tuple) else k: batch.get(k)
+        for k in loss.in_keys
+        if k in batch.keys(True, True)
+    }
+    for step in range(3):
+        torch.manual_seed(step)
+        outs = loss(**kwargs)
+        torch.manual_seed(step)
+        td_out = twin(batch.clone())
+        assert len(outs) == len(loss.out_keys)
+        values = dict(zip(loss.out_keys, outs))
+        due = step % 2 == 0
+        assert ("spqr_spike" in td_out.keys()) == due
+        for key, value in values.items():
+            if key in td_out.keys():
+                torch.testing.assert_close(td_out.get(key), value, msg=key)
+            else:
+                assert key.startswith("spqr_") and not due, key
+                assert value.shape == () and torch.isnan(value), (key, value)
+
+
 # ====================================================================== transparency
 @pytest.mark.parametrize("name", ("sac", "ens_sac", "redq", "ens_redq", "td3", "sacn", "edac"))
 def test_public_attributes_are_the_wrapped_losses(name):

@@ -45,7 +45,7 @@ Attributes it does not define itself (``qvalue_network_params``,
 ``reset_parameters_recursive`` are the wrapped loss's;
 ``SoftUpdate(spqr_loss)`` finds and updates the wrapped loss's target
 parameters; the call without a tensordict (``loss(observation=..., ...)``,
-TorchRL's ``@dispatch``) works; a bare loss's ``state_dict`` loads into the
+TorchRL's ``@dispatch``) works (a diagnostic not computed at that call is NaN); a bare loss's ``state_dict`` loads into the
 wrapper.
 
 Long module: one class. ``SPQRLoss``'s documented arguments and runnable example,
@@ -654,8 +654,30 @@ class SPQRLoss(LossModule):
         )
 
     # ---------------------------------------------------------------- forward
+    def forward(self, *args: Any, **kwargs: Any) -> TensorDictBase | tuple[Tensor, ...]:
+        """The loss entries for a batch: ``loss(tensordict)``, or TorchRL's keyword call.
+
+        ``loss(tensordict)`` returns a tensordict with the wrapped loss's entries,
+        ``loss_spqr`` and the ``spqr_*`` diagnostics computed at this call.
+        ``loss(observation=..., action=..., next_reward=..., ...)`` (the ``in_keys``
+        joined with ``_``, as TorchRL's ``@dispatch``) returns the ``out_keys`` as a
+        tuple; an ``spqr_*`` entry that this call did not compute (diagnostics not
+        due with ``diagnostics_interval > 1``, or needing more than one sample) is NaN.
+        """
+        if len(args) == 1 and not kwargs and is_tensor_collection(args[0]):
+            return self._forward(args[0])
+        return self._forward_keywords(*args, **kwargs)
+
     @dispatch
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+    def _forward_keywords(self, tensordict: TensorDictBase) -> TensorDictBase:
+        td_out = self._forward(tensordict)
+        present = set(td_out.keys())
+        for key in ("spqr_kl", "spqr_beta", *_DIAG_KEYS):
+            if key in self.out_keys and key not in present:
+                self._write(td_out, key, torch.full((), float("nan"), device=self.beta.device))
+        return td_out
+
+    def _forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         beta = self.current_beta()
         if not math.isfinite(beta) or beta < 0:
             what = (
