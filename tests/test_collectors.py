@@ -1,6 +1,6 @@
 """Collector backends of the online loop: TorchRL's multi-process collectors and its Ray collector.
 
-Each test runs ``train_online`` end to end on a tiny budget with 2 workers and checks
+Each test runs ``sota_scripts/sac_ens_spqr``'s ``train`` end to end on a tiny budget with 2 workers and checks
 what the loop does with their batches: frames and updates counted per collected frame,
 the random warm-up, episode returns, metrics rows, that updated policy weights reach the
 workers, and that the workers are gone afterwards (also after Ctrl-C).
@@ -16,10 +16,9 @@ import pytest
 import torch
 
 pytest.importorskip("hydra")
+from _helpers import load_script  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from torchrl_spqr.training import builders as B  # noqa: E402
-from torchrl_spqr.training import online  # noqa: E402
 from torchrl_spqr.training.builders import ConfigError, validate_config  # noqa: E402
 from torchrl_spqr.training.checkpoint import load_checkpoint  # noqa: E402
 
@@ -73,14 +72,18 @@ def _saturate(actor) -> None:
 def spy(monkeypatch):
     """Capture the actor, replay buffer and collector of a run; every update also
     saturates the policy, so frames collected with the updated weights are recognisable."""
-    got: dict = {"updates": 0}
-    make_agent, make_buffer, make_collector = B.make_agent, B.make_replay_buffer, B.make_collector
-    real_update = online._update
+    sac = load_script("sac_ens_spqr")
+    got: dict = {"updates": 0, "train": sac.train}
+    make_actor, make_buffer, make_collector = (
+        sac.make_actor,
+        sac.make_replay_buffer,
+        sac.make_collector,
+    )
+    real_update = sac.update
 
-    def agent(*a, **k):
-        out = make_agent(*a, **k)
-        got["actor"] = out[0]
-        return out
+    def actor(*a, **k):
+        got["actor"] = make_actor(*a, **k)
+        return got["actor"]
 
     def buffer(*a, **k):
         got["buffer"] = make_buffer(*a, **k)
@@ -98,10 +101,10 @@ def spy(monkeypatch):
         _saturate(got["actor"])
         return out
 
-    monkeypatch.setattr(B, "make_agent", agent)
-    monkeypatch.setattr(B, "make_replay_buffer", buffer)
-    monkeypatch.setattr(B, "make_collector", collector)
-    monkeypatch.setattr(online, "_update", update)
+    monkeypatch.setattr(sac, "make_actor", actor)
+    monkeypatch.setattr(sac, "make_replay_buffer", buffer)
+    monkeypatch.setattr(sac, "make_collector", collector)
+    monkeypatch.setattr(sac, "update", update)
     return got
 
 
@@ -137,7 +140,7 @@ def _check_run(run: Path, got: dict, res: dict, *, stale_frames: int, sync: bool
 @pytest.mark.parametrize("backend", ["multi_sync", "multi_async"])
 def test_multiprocess_collector_end_to_end(backend, spy, tmp_path):
     run = tmp_path / backend
-    res = online.train_online(_cfg(f"collector.backend={backend}"), run)
+    res = spy["train"](_cfg(f"collector.backend={backend}"), run)
     # async: a worker keeps collecting while the learner updates, so its batch in progress
     # and, when the weight transfer lands after it has started the next one, that one too,
     # may use weights older than the update (2 batches per worker; one clean-clone CI run
@@ -152,7 +155,7 @@ def test_workers_shut_down_on_ctrl_c(spy, tmp_path):
     run = tmp_path / "run"
     spy["interrupt_at"] = 9  # 9th update: the third training batch (frames 45-48)
     with pytest.raises(KeyboardInterrupt):
-        online.train_online(_cfg("collector.backend=multi_sync"), run)
+        spy["train"](_cfg("collector.backend=multi_sync"), run)
     assert all(not p.is_alive() for p in spy["collector"].procs)
     ck = load_checkpoint(run)
     assert ck["counters"]["frames"] == len(spy["buffer"]) == RANDOM + 2 * FPB
@@ -164,7 +167,7 @@ def test_ray_collector_end_to_end(spy, tmp_path):
     import ray
 
     run = tmp_path / "ray"
-    res = online.train_online(
+    res = spy["train"](
         _cfg("collector.backend=ray", "collector.ray.num_cpus=2", "collector.ray.sync=true"), run
     )
     # Ray actors hold their own policy copy: the saturated actions prove the loop pushed weights
