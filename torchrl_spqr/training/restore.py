@@ -168,48 +168,48 @@ def _load_sota(run_dir: Path, *, buffer: bool, dataset: bool) -> RestoredAgent:
     """The agent of a ``sota_scripts`` run, rebuilt from the config in its checkpoint."""
     from torchrl_spqr.training import builders as B
     from torchrl_spqr.training.checkpoint import load_checkpoint_data
+    from torchrl_spqr.training.config import resolve_config
 
     # verified against its manifest; the buffer read without unpickling anything
     state, buffer_td, ck_dir = load_checkpoint_data(run_dir, buffer=buffer)
     cfg = state.get("config")
     if not cfg:
         raise ValueError(f"{ck_dir}/state.pt holds no 'config': cannot rebuild the agent.")
-    algorithm = str(B._get(cfg, "algorithm"))
-    if algorithm == "masac":
+    if cfg.get("algorithm") == "masac":
         raise ValueError(
             f"{run_dir} is a multi-agent (masac) run: load_agent rebuilds single-agent runs "
             "(sota_scripts sac_ens, redq, sac_n, edac, cql) and the examples' runs."
         )
-    env_name = B._get(cfg, "env.name")
-    data, env_kwargs = None, None
-    if not env_name and not B._get(cfg, "dataset.id"):
+    rcfg = resolve_config(cfg, "any", check=False)  # types converted, defaults filled
+    env_name = rcfg.env.name
+    dataset_id = rcfg.dataset.id if "dataset" in rcfg else None
+    if not env_name and not dataset_id:
         raise ValueError(f"{run_dir}: the config names neither env.name nor dataset.id.")
-    if not env_name or (dataset and B._get(cfg, "dataset.id")):
+    data, env_kwargs = None, None
+    if not env_name or (dataset and dataset_id):
         from torchrl_spqr.training.offline import make_offline_data
 
         try:  # offline run: the dataset holds the states (and names the environment)
-            data = make_offline_data(cfg)
+            data = make_offline_data(rcfg)
         except Exception as err:
             if not env_name:
                 raise ValueError(
                     f"{run_dir}: the config names no env.name and the dataset "
-                    f"{B._get(cfg, 'dataset.id')!r} could not be loaded ({err})."
+                    f"{dataset_id!r} could not be loaded ({err})."
                 ) from err
         else:
-            env_name = env_name or data.env_id
             env_kwargs = getattr(data, "env_kwargs", None)
-    seed = int(B._get(cfg, "seed", 0)) + ENV_SEED_OFFSET
-    if B._get(cfg, "env.name") and env_kwargs is None:
-        env = B.make_environment(cfg, seed)
+    seed = int(rcfg.seed) + ENV_SEED_OFFSET
+    if env_name and env_kwargs is None:
+        env = B.make_environment(rcfg, seed)
     else:
-        env_cfg = {
-            "env": {"name": env_name, "max_episode_steps": B._get(cfg, "env.max_episode_steps")}
-        }
+        env_name = env_name or data.env_id
+        env_cfg = {"env": {"name": env_name, "max_episode_steps": rcfg.env.max_episode_steps}}
         env = B.make_environment(env_cfg, seed, env_kwargs=env_kwargs)
     try:
         # no optimisers: a restored agent is not trained further, and its config may lack them
-        actor = B.make_actor(cfg, env)
-        loss, base = B.make_loss_module(cfg, actor, B.make_critics(cfg, env), env.action_spec)
+        actor = B.make_actor(rcfg, env)
+        loss, base = B.make_loss_module(rcfg, actor, B.make_critics(rcfg, env), env.action_spec)
         loss.load_state_dict(state["loss"])
     except Exception:
         env.close()
@@ -223,12 +223,8 @@ def _load_sota(run_dir: Path, *, buffer: bool, dataset: bool) -> RestoredAgent:
         env_id=str(env_name),
         env=env,
         script="sota_scripts",
-        algorithm=algorithm,
-        spqr={
-            "pairs": str(B._get(cfg, "spqr.pairs", "next_policy")),
-            "filling": str(B._get(cfg, "spqr.filling", "ordered")),
-            "density": str(B._get(cfg, "spqr.density", "paper")),
-        },
+        algorithm=str(rcfg.algorithm),
+        spqr={name: str(rcfg.spqr[name]) for name in ("pairs", "filling", "density")},
         counters={k: counters[k] for k in ("frames", "updates") if k in counters},
         buffer=buffer_td,
         data=data,
@@ -276,7 +272,8 @@ def _load_example(run_dir: Path, path: Path) -> RestoredAgent:
         raise ValueError(f"{path} is not a checkpoint of the examples (no 'actor' / 'loss').")
     script, args = _example_settings(run_dir, path, state)
     hidden, n = int(args["hidden"]), int(args["ensemble"])
-    cfg = {
+    cfg = {  # sac_ens's network defaults are the examples' actor (TorchRL init, softplus scale)
+        "algorithm": "sac_ens",
         "env": {"name": str(args["env"])},
         "network": {"hidden_sizes": [hidden, hidden], "ensemble_size": n},
     }
