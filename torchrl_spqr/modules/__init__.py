@@ -1,6 +1,6 @@
-"""Networks: the critic ensemble and the batched MLP that evaluates it (layer 1).
+"""Networks: the critic ensemble, the batched MLP that evaluates it, the multi-agent critic.
 
-Like TorchRL's ``torchrl.modules``, this package holds modules only: no losses, data or
+Like TorchRL's ``torchrl.modules``, this package (layer 1) holds modules only: no losses, data or
 training loops. Objectives (:mod:`torchrl_spqr.objectives`) build on it.
 """
 
