@@ -502,3 +502,10 @@ def test_old_train_masac_names_the_script():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match=r"train\(cfg, run_dir\).*masac_spqr\.py"):
             old.train_masac  # noqa: B018
+
+
+def test_activation_choices_match_the_config_check():
+    """Every activation the config check accepts is one the builders can build, and back."""
+    from torchrl_spqr.training import validation
+
+    assert sorted(MA.ACTIVATIONS) == sorted(validation.ACTIVATIONS)

@@ -46,9 +46,9 @@ from utils import (
     make_replay_buffer,
     make_target_updater,
     plot_run,
+    resolve_config,
     seed_everything,
     shutdown_collector,
-    validate_config,
 )
 
 from torchrl_spqr.training.cli import run_script
@@ -83,27 +83,25 @@ def update(
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     """Train MASAC (+ SPQR) per ``cfg`` in ``run_dir``; returns the counts and final and best evaluation."""
-    validate_config(cfg)  # a bad config stops here, before anything is written
+    # typed, defaults filled; a bad config stops here, before anything is written
+    cfg = resolve_config(cfg, "multiagent")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(int(cfg.threads))
-    seed = int(cfg.seed)
-    seed_everything(seed)
-    device = get_device(str(cfg.device))
-    total_frames = int(cfg.collector.total_frames)
-    init_random_frames = int(cfg.collector.init_random_frames)  # updates start after these
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    total_frames = cfg.collector.total_frames
+    init_random_frames = cfg.collector.init_random_frames  # updates start after these
+    # per iteration: num_epochs passes' worth of minibatches of the frames collected
     num_updates = max(
-        1,
-        int(cfg.optim.num_epochs)
-        * int(cfg.collector.frames_per_batch)
-        // int(cfg.optim.batch_size),
+        1, cfg.optim.num_epochs * cfg.collector.frames_per_batch // cfg.optim.batch_size
     )
-    max_grad_norm = float(cfg.optim.max_grad_norm or 0.0)
+    max_grad_norm = cfg.optim.max_grad_norm or 0.0  # null or 0: no clipping
 
     # Environments: env.num_envs VMAS copies to collect, logger.eval_episodes copies to evaluate
-    train_env = make_environment(cfg, seed, device=device)
+    train_env = make_environment(cfg, cfg.seed, device=device)
     eval_env = make_environment(
-        cfg, seed + 10_000, num_envs=int(cfg.logger.eval_episodes), device=device
+        cfg, cfg.seed + 10_000, num_envs=cfg.logger.eval_episodes, device=device
     )
 
     # Agent: per-agent policy, N multi-agent critics, SACLoss on the agent group in SPQRLoss
@@ -113,7 +111,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     loss_module.to(device)
     optimizers = make_optimizers(cfg, base_loss)
     target_updater = make_target_updater(cfg, base_loss)
-    replay_buffer = make_replay_buffer(cfg)
+    replay_buffer = make_replay_buffer(cfg, run_dir)
 
     # The run: metrics.csv and TorchRL logger, owed rows, checkpoints, resume
     run = RunContext(
@@ -124,7 +122,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         step_field="frames",
         total=total_frames,
         buffer=replay_buffer,
-        evaluate=lambda: evaluate(eval_env, actor, int(cfg.env.max_steps)),
+        evaluate=lambda: evaluate(eval_env, actor, cfg.env.max_steps),
     )
     if run.start():
         print(f"resumed from {run_dir / 'checkpoint'} at frame {run.counters['frames']}")

@@ -11,6 +11,7 @@ loop are in masac_spqr.py.
 from torchrl_spqr.analysis import plot_run
 from torchrl_spqr.training.builders import get_device, shutdown_collector
 from torchrl_spqr.training.common import RunContext, seed_everything
+from torchrl_spqr.training.config import resolve_config
 from torchrl_spqr.training.multiagent import (
     GROUP,
     evaluate,
@@ -23,7 +24,6 @@ from torchrl_spqr.training.multiagent import (
     make_optimizers,
     make_replay_buffer,
     make_target_updater,
-    validate_config,
 )
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "make_replay_buffer",
     "make_target_updater",
     "plot_run",
+    "resolve_config",
     "seed_everything",
     "shutdown_collector",
-    "validate_config",
 ]

@@ -219,7 +219,7 @@ class CheckpointConfig:
 
 @dataclass
 class CompileConfig:
-    """``compile``: ``torch.compile`` of the loss and CUDA graphs (online)."""
+    """``compile``: ``torch.compile`` of the update and its capture as a CUDA graph."""
 
     compile: bool = False
     cudagraphs: bool = False
@@ -258,8 +258,8 @@ class MultiAgentCollectorConfig:
 
 
 @dataclass
-class MultiAgentReplayBufferConfig:
-    """``replay_buffer`` of MASAC."""
+class MultiAgentReplayBufferConfig(ReplayBufferConfig):
+    """``replay_buffer`` of MASAC: the single-agent fields (same builder), a smaller size."""
 
     size: int = 100_000
 
@@ -277,15 +277,11 @@ class MultiAgentNetworkConfig:
 
 
 @dataclass
-class MultiAgentOptimConfig:
-    """``optim`` of MASAC."""
+class MultiAgentOptimConfig(OptimConfig):
+    """``optim`` of MASAC: the single-agent fields (same optimisers), epochs and clipping."""
 
-    batch_size: int = 256
     num_epochs: int = 4
-    lr: float = 3.0e-4
     gamma: float = 0.9
-    tau: float = 0.005
-    alpha_init: float = 1.0
     max_grad_norm: float | None = 2.0  # null or 0: no clipping
 
 

@@ -32,6 +32,8 @@ keys, same objects).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import NormalParamExtractor, TensorDictModule
@@ -49,20 +51,12 @@ from torchrl_spqr.objectives import EnsembleSACLoss
 from torchrl_spqr.objectives.spqr import SPQRLoss
 from torchrl_spqr.training import builders as B
 from torchrl_spqr.training.builders import (
-    ConfigError,
-    _get,
-    cfg_bool,
-    cfg_choice,
-    cfg_float,
-    cfg_int,
-    cfg_sizes,
     make_optimizers,
     make_replay_buffer,
     make_spqr_loss,
     make_target_updater,
-    validate_runtime,
-    validate_spqr,
 )
+from torchrl_spqr.training.config import resolve_config
 
 __all__ = [
     "GROUP",
@@ -103,106 +97,27 @@ def expand_done_to_agents(td: TensorDictBase, reward_key=(GROUP, "reward")) -> T
 
 
 # ============================================================================ config
-def validate_config(cfg) -> None:
+def validate_config(cfg: Any) -> None:
     """Stop before training on a config value that cannot work, naming the field.
 
-    Checks the type and range of every field the MASAC script reads and their
-    relations (frames per batch vs vectorised copies, total frames, random
-    frames, batch vs buffer size, the device); each error names the field, the
-    value and the fix.
+    :func:`~torchrl_spqr.training.config.resolve_config` with the MASAC schema: an
+    unknown field or a wrong type is refused by name, then the range checks of
+    :func:`~torchrl_spqr.training.validation.validate_multiagent` (VMAS scenario,
+    frames per batch vs vectorised copies, total and random frames, batch vs buffer
+    size, the device) name the field, the value and the fix.
     """
-    algo = _get(cfg, "algorithm")
-    if algo != "masac":
-        raise ConfigError(
-            f"algorithm={algo!r}: this script runs 'masac'; set algorithm=masac (the single-agent "
-            "algorithms have their own scripts in sota_scripts/)."
-        )
-    scenario = _get(cfg, "env.scenario_name")
-    try:
-        import vmas
-    except ImportError as err:
-        raise ConfigError(
-            "VMAS is not installed: pip install 'torchrl-spqr[multiagent]' (or pip install vmas)."
-        ) from err
-    known = sorted(vmas.scenarios)
-    if scenario not in known:
-        raise ConfigError(
-            f"env.scenario_name={scenario!r} is not a VMAS scenario; choose one of: "
-            f"{', '.join(known)}."
-        )
-    if not cfg_bool(cfg, "env.continuous_actions", True):
-        raise ConfigError(
-            "env.continuous_actions=false: this script implements continuous-action MASAC "
-            "(SACLoss with a Tanh-Gaussian policy); set env.continuous_actions=true."
-        )
-    if _get(cfg, "env.scenario.n_agents") is not None:
-        cfg_int(cfg, "env.scenario.n_agents", lo=1)
-    validate_runtime(cfg, {"logger.eval_interval": "frames", "checkpoint.interval": "frames"})
-    cfg_int(cfg, "env.max_steps", lo=1)
-    num_envs = cfg_int(cfg, "env.num_envs", lo=1)
-    fpb = cfg_int(cfg, "collector.frames_per_batch", lo=1)
-    total = cfg_int(cfg, "collector.total_frames", lo=1)
-    if fpb % num_envs:
-        raise ConfigError(
-            f"collector.frames_per_batch={fpb} must be a multiple of env.num_envs={num_envs} "
-            "(each iteration steps every vectorised copy the same number of times); set "
-            "frames_per_batch to num_envs * steps per iteration."
-        )
-    if total < fpb:
-        raise ConfigError(
-            f"collector.total_frames={total} must be >= collector.frames_per_batch={fpb}: "
-            "raise total_frames or lower frames_per_batch."
-        )
-    backend = _get(cfg, "collector.backend", "single")
-    if backend != "single":
-        raise ConfigError(
-            f"collector.backend={backend!r}: the MASAC script steps its VMAS copies in one "
-            "process (VMAS vectorises them); set collector.backend=single or remove it."
-        )
-    init_random = cfg_int(cfg, "collector.init_random_frames", 0, lo=0)
-    if init_random >= total:
-        raise ConfigError(
-            f"collector.init_random_frames={init_random} is not below "
-            f"collector.total_frames={total}: no gradient update would run; set "
-            "collector.init_random_frames below collector.total_frames (or raise total_frames)."
-        )
-    n = cfg_int(
-        cfg,
-        "network.ensemble_size",
-        lo=3,
-        hint="SPQR (and its diagnostics) needs an ensemble of at least 3 critics: set "
-        "network.ensemble_size to a whole number >= 3",
-    )
-    validate_spqr(cfg, n)
-    cfg_choice(cfg, "network.activation", tuple(sorted(ACTIVATIONS)), "tanh")
-    cfg_sizes(cfg, "network.hidden_sizes")
-    if _get(cfg, "network.actor_hidden_sizes") is not None:
-        cfg_sizes(cfg, "network.actor_hidden_sizes")
-    cfg_bool(cfg, "network.centralised_critic", True)
-    cfg_bool(cfg, "network.shared_parameters", True)
-    size = cfg_int(cfg, "replay_buffer.size", lo=1)
-    bs = cfg_int(cfg, "optim.batch_size", lo=1)
-    if bs > size:
-        raise ConfigError(
-            f"optim.batch_size={bs} must be in [1, replay_buffer.size={size}]: lower "
-            "optim.batch_size or raise replay_buffer.size."
-        )
-    cfg_int(cfg, "optim.num_epochs", 1, lo=1)
-    cfg_float(cfg, "optim.lr", lo=0.0, lo_open=True)
-    cfg_float(cfg, "optim.gamma", lo=0.0, lo_open=True, hi=1.0)
-    cfg_float(cfg, "optim.tau", lo=0.0, lo_open=True, hi=1.0)
-    cfg_float(cfg, "optim.alpha_init", 1.0, lo=0.0, lo_open=True)
-    if _get(cfg, "optim.max_grad_norm") is not None:
-        cfg_float(
-            cfg,
-            "optim.max_grad_norm",
-            lo=0.0,
-            hint="set optim.max_grad_norm to a number > 0 (clip), or 0 / null (no clipping)",
-        )
+    resolve_config(cfg, "multiagent")
+
+
+def _resolved(cfg: Any) -> Any:
+    """``cfg`` with every field of the MASAC schema (types converted, defaults filled)."""
+    return resolve_config(cfg, "multiagent", check=False)
 
 
 # ============================================================================ builders
-def make_environment(cfg, seed: int, num_envs: int | None = None, device="cpu") -> TransformedEnv:
+def make_environment(
+    cfg: Any, seed: int, num_envs: int | None = None, device: torch.device | str = "cpu"
+) -> TransformedEnv:
     """A vectorised VMAS env (``num_envs`` copies) with per-agent episode returns.
 
     The time limit ``env.max_steps`` is a :class:`~torchrl.envs.StepCounter`
@@ -211,22 +126,23 @@ def make_environment(cfg, seed: int, num_envs: int | None = None, device="cpu") 
     at the scenario's terminal states. TorchRL's multi-agent example passes
     ``max_steps`` to VMAS, i.e. treats time limits as terminal.
     """
+    from omegaconf import OmegaConf
     from torchrl.envs.libs.vmas import VmasEnv
 
-    scenario_kwargs = dict(_get(cfg, "env.scenario", {}) or {})
+    env_cfg = _resolved(cfg).env
     env = VmasEnv(
-        scenario=str(_get(cfg, "env.scenario_name")),
-        num_envs=int(num_envs if num_envs is not None else _get(cfg, "env.num_envs")),
+        scenario=env_cfg.scenario_name,
+        num_envs=int(num_envs if num_envs is not None else env_cfg.num_envs),
         continuous_actions=True,
         max_steps=None,
         device=device,
         seed=int(seed),
-        **scenario_kwargs,
+        **OmegaConf.to_container(env_cfg.scenario),  # the scenario's kwargs
     )
     return TransformedEnv(
         env,
         Compose(
-            StepCounter(int(_get(cfg, "env.max_steps"))),
+            StepCounter(env_cfg.max_steps),
             RewardSum(in_keys=[env.reward_key], out_keys=[(GROUP, "episode_reward")]),
         ),
     )
@@ -238,20 +154,21 @@ def _sizes(env) -> tuple[int, int, int]:
     return env.n_agents, obs, act
 
 
-def make_actor(cfg, env) -> ProbabilisticActor:
+def make_actor(cfg: Any, env) -> ProbabilisticActor:
     """Tanh-Gaussian policy on each agent's own observation (shared or per-agent MLP)."""
     n_agents, obs, act = _sizes(env)
-    hidden = list(_get(cfg, "network.actor_hidden_sizes", _get(cfg, "network.hidden_sizes")))
+    net_cfg = _resolved(cfg).network
+    hidden = list(net_cfg.actor_hidden_sizes or net_cfg.hidden_sizes)
     net = nn.Sequential(
         MultiAgentMLP(
             n_agent_inputs=obs,
             n_agent_outputs=2 * act,
             n_agents=n_agents,
             centralised=False,
-            share_params=bool(_get(cfg, "network.shared_parameters", True)),
+            share_params=net_cfg.shared_parameters,
             depth=len(hidden),
             num_cells=hidden,
-            activation_class=ACTIVATIONS[str(_get(cfg, "network.activation", "tanh"))],
+            activation_class=ACTIVATIONS[net_cfg.activation],
         ),
         NormalParamExtractor(),
     )
@@ -272,13 +189,12 @@ def make_actor(cfg, env) -> ProbabilisticActor:
     )
 
 
-def make_critics(cfg, env) -> QEnsemble:
+def make_critics(cfg: Any, env) -> QEnsemble:
     """``network.ensemble_size`` independently initialised multi-agent critics."""
     n_agents, obs, act = _sizes(env)
-    hidden = tuple(_get(cfg, "network.hidden_sizes"))
-    centralised = bool(_get(cfg, "network.centralised_critic", True))
-    share = bool(_get(cfg, "network.shared_parameters", True))
-    activation = ACTIVATIONS[str(_get(cfg, "network.activation", "tanh"))]
+    net_cfg = _resolved(cfg).network
+    hidden = tuple(net_cfg.hidden_sizes)
+    activation = ACTIVATIONS[net_cfg.activation]
 
     def member() -> TensorDictModule:
         return TensorDictModule(
@@ -287,28 +203,29 @@ def make_critics(cfg, env) -> QEnsemble:
                 obs + act,
                 num_cells=hidden,
                 activation_class=activation,
-                centralised=centralised,
-                share_params=share,
+                centralised=net_cfg.centralised_critic,
+                share_params=net_cfg.shared_parameters,
             ),
             in_keys=[(GROUP, "observation"), env.action_key],
             out_keys=[(GROUP, "state_action_value")],
         )
 
-    return QEnsemble(member, int(_get(cfg, "network.ensemble_size")))
+    return QEnsemble(member, net_cfg.ensemble_size)
 
 
-def make_loss_module(cfg, actor, critics: QEnsemble, env) -> tuple[SPQRLoss, SACLoss]:
+def make_loss_module(cfg: Any, actor, critics: QEnsemble, env) -> tuple[SPQRLoss, SACLoss]:
     """TorchRL's SACLoss on the agent group (min over all N critics), wrapped in SPQRLoss.
 
     ``EnsembleSACLoss`` is that loss handing its per-member Q-values to SPQR.
     Returns ``(spqr_loss, sac_loss)``.
     """
+    optim = _resolved(cfg).optim
     base = EnsembleSACLoss(
         actor,
         critics.members(),
         num_qvalue_nets=critics.num_members,
         delay_qvalue=True,
-        alpha_init=float(_get(cfg, "optim.alpha_init", 1.0)),
+        alpha_init=optim.alpha_init,
         action_spec=env.full_action_spec_unbatched,
     )
     base.set_keys(
@@ -318,14 +235,14 @@ def make_loss_module(cfg, actor, critics: QEnsemble, env) -> tuple[SPQRLoss, SAC
         done=(GROUP, "done"),
         terminated=(GROUP, "terminated"),
     )
-    base.make_value_estimator(ValueEstimators.TD0, gamma=float(_get(cfg, "optim.gamma")))
+    base.make_value_estimator(ValueEstimators.TD0, gamma=optim.gamma)
     # SACLoss registers its target-entropy buffer lazily (at the first forward): create it
     # now, so that a fresh loss loads a trained loss's state dict (resume).
     _ = base.target_entropy
     return make_spqr_loss(cfg, base), base
 
 
-def make_collector(cfg, env, actor, *, total_frames: int) -> Collector:
+def make_collector(cfg: Any, env, actor, *, total_frames: int) -> Collector:
     """A single-process collector of ``collector.frames_per_batch`` frames over ``env``'s copies.
 
     The single-agent builder with the ``single`` backend; the policy acts from

@@ -458,11 +458,14 @@ def validate_multiagent(cfg: Any) -> None:
             f"optim.batch_size={bs} must be in [1, replay_buffer.size={size}]: lower "
             "optim.batch_size or raise replay_buffer.size."
         )
+    cfg_choice(cfg, "replay_buffer.storage", ("lazy_tensor", "lazy_memmap"), "lazy_tensor")
+    if cfg_bool(cfg, "replay_buffer.prb", False):
+        raise ConfigError(
+            "replay_buffer.prb=true: prioritized replay needs torchrl's C++ extension, which "
+            "does not load against this torch build; set replay_buffer.prb=false."
+        )
     cfg_int(cfg, "optim.num_epochs", 1, lo=1)
-    cfg_float(cfg, "optim.lr", lo=0.0, lo_open=True)
-    cfg_float(cfg, "optim.gamma", lo=0.0, lo_open=True, hi=1.0)
-    cfg_float(cfg, "optim.tau", lo=0.0, lo_open=True, hi=1.0)
-    cfg_float(cfg, "optim.alpha_init", 1.0, lo=0.0, lo_open=True)
+    _validate_optim_common(cfg)
     if _get(cfg, "optim.max_grad_norm") is not None:
         cfg_float(
             cfg,
