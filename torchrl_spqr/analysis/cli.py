@@ -1,10 +1,10 @@
 """The command line of :mod:`torchrl_spqr.analysis`: figures and tables from run folders.
 
-    python -m torchrl_spqr.analysis RUN_DIR [RUN_DIR ...]           # runs grouped by arm
-    python -m torchrl_spqr.analysis multirun/sac_ens/Hopper-v5/     # a whole sweep folder
-    python -m torchrl_spqr.analysis RUN_DIR --checkpoint            # + spectrum and member correlations
+    python -m torchrl_spqr.analysis RUN_DIR [RUN_DIR ...]        # runs grouped by arm
+    python -m torchrl_spqr.analysis multirun/sac_ens/Hopper-v5/  # a whole sweep folder
+    python -m torchrl_spqr.analysis RUN_DIR --checkpoint         # + spectrum, correlations
     python -m torchrl_spqr.analysis SWEEP --format png svg --out figs --ci bootstrap
-    python -m torchrl_spqr.analysis A/ B/ C/ --effects figs/effects  # SPQR vs beta=0, paired by seed
+    python -m torchrl_spqr.analysis A/ B/ --effects figs/effects  # SPQR vs beta=0, by seed
 
 Every path is either a run folder (it holds ``metrics.csv``) or a folder searched
 recursively for run folders (a Hydra multirun folder, ``benchmarks/learning/...``).
@@ -36,8 +36,9 @@ parent>/plots``):
 Checkpoints: the ``checkpoint/`` folder of ``sota_scripts`` runs (config, loss
 state, replay buffer) and ``checkpoint.pt`` of ``examples/spqr_demo.py`` and
 ``examples/redq_spqr.py`` (the script's saved arguments), rebuilt by
-``torchrl_spqr.training.restore.load_agent``. The batch comes from the saved replay buffer, else from the offline dataset named in
-the config, else from rolling out the saved policy in the run's environment.
+``torchrl_spqr.training.restore.load_agent``. The batch comes from the saved replay
+buffer, else from the offline dataset named in the config, else from rolling out the
+saved policy in the run's environment.
 """
 
 from __future__ import annotations
