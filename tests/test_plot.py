@@ -493,3 +493,22 @@ def test_mean_ci_rejects_a_level_outside_0_1():
             analysis.mean_ci([1.0, 2.0, 3.0], level)
     with pytest.raises(ValueError, match="method"):
         analysis.mean_ci([1.0], method="jackknife")  # also with one seed
+
+
+def test_plot_run_without_matplotlib(sweep, monkeypatch):
+    """A training script's ``plot_run(run, missing_ok=True)`` skips the figure, not the run."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    run = sweep / "beta1.0_N10_seed0"
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert analysis.plot_run(run, missing_ok=True) == []
+    with pytest.raises(ImportError, match="matplotlib"):
+        analysis.plot_run(run)
+    assert not (run / "learning_curve.png").exists()

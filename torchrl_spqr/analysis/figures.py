@@ -96,9 +96,20 @@ def _save(fig, out: Path, formats) -> list[Path]:
     return paths
 
 
-def plot_run(run_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
-    """Write ``learning_curve.<fmt>`` (evaluation and training return, diagnostics) in ``run_dir``."""
-    plt = _mpl()
+def plot_run(
+    run_dir: str | Path, formats: tuple[str, ...] = ("png",), *, missing_ok: bool = False
+) -> list[Path]:
+    """Write ``learning_curve.<fmt>`` (evaluation and training return, diagnostics) in ``run_dir``.
+
+    ``missing_ok=True`` (for training scripts, whose result is ``metrics.csv``): without
+    matplotlib no figure is drawn and ``[]`` is returned instead of raising ImportError.
+    """
+    try:
+        plt = _mpl()
+    except ImportError:
+        if missing_ok:
+            return []
+        raise
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
