@@ -8,16 +8,15 @@ ensemble, the agent dim is a batch dim. SPQR must build one matrix per (sample, 
 from __future__ import annotations
 
 import csv
-import functools
 import importlib.util
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import load_script
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
@@ -320,23 +319,6 @@ TINY = [
 ]
 
 
-@functools.cache
-def masac_script() -> types.ModuleType:
-    """``sota_scripts/masac_spqr/masac_spqr.py`` imported by path (its ``utils`` is its own)."""
-    saved = sys.modules.pop("utils", None)  # another script's utils.py may hold the name
-    sys.path.insert(0, str(SCRIPT))
-    try:
-        spec = importlib.util.spec_from_file_location("masac_spqr_script", SCRIPT / "masac_spqr.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT))
-        sys.modules.pop("utils", None)
-        if saved is not None:
-            sys.modules["utils"] = saved
-    return module
-
-
 def _cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
 
@@ -382,7 +364,7 @@ def test_script_end_to_end_subprocess(tmp_path):
 @needs_vmas
 def test_interrupt_and_resume(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    S = masac_script()
+    S = load_script("masac_spqr")
     calls = {"n": 0}
     real = S.update
 
@@ -418,7 +400,7 @@ def test_interrupt_and_resume(tmp_path, monkeypatch):
 @needs_vmas
 def test_checkpoint_restores_weights(tmp_path):
     run = tmp_path / "run"
-    masac_script().train(_cfg("collector.total_frames=80"), run)
+    load_script("masac_spqr").train(_cfg("collector.total_frames=80"), run)
     ck = load_checkpoint(run)
     cfg = _cfg("collector.total_frames=80")
     env = MA.make_environment(cfg, 0)
@@ -451,7 +433,7 @@ def test_checkpoint_restores_weights(tmp_path):
 )
 def test_bad_config_names_field(override, field, tmp_path):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        masac_script().train(_cfg(override), tmp_path / "bad")
+        load_script("masac_spqr").train(_cfg(override), tmp_path / "bad")
     assert not (tmp_path / "bad" / "metrics.csv").exists()
 
 
@@ -459,7 +441,7 @@ def test_bad_config_names_field(override, field, tmp_path):
 @pytest.mark.parametrize("stop", [None, RuntimeError])
 def test_collector_shut_down_on_every_exit_path(stop, tmp_path, monkeypatch):
     """The script shuts its collector down once, on a normal end and on an exception."""
-    S = masac_script()
+    S = load_script("masac_spqr")
     made = []
 
     def spied_collector(*args, **kwargs):

@@ -366,9 +366,7 @@ BAD_MASAC = [
 @pytest.mark.parametrize("override,shown", BAD_MASAC, ids=[o for o, _ in BAD_MASAC])
 def test_bad_masac_config_stops_before_training(override, shown, tmp_path, monkeypatch):
     _needs_no_gpu(override)
-    from test_multiagent import masac_script
-
-    M = masac_script()
+    M = load_script("masac_spqr")
 
     def no_env(*args, **kwargs):
         raise AssertionError("an environment was built before the config was checked")
