@@ -1,0 +1,292 @@
+"""Population training (issue 19, item 2): roofline fractions and aggregate throughput.
+
+Everything is measured side by side in one run (round-robin, medians):
+
+(a) the fp32 ``torch.bmm`` peak of this machine: the best median GFLOP/s over
+    a few ``[b, 256, 256] @ [b, 256, 256]`` products (``b`` = 10 and 60, the
+    critic layers' batch of one agent and of six);
+(b) the useful work of one SAC update, counted as 6 passes of the N-critic
+    ensemble plus 3 of the actor (forward, backward to the inputs and to the
+    weights of the critic at the data pairs: 3 passes; the target's forward:
+    1; the actor loss's critic forward and backward: 2; the actor's forward at
+    s and s' and its backward: 3), matmul FLOPs only::
+
+        mlp(sizes)  = 2 * sum(a * b for consecutive layer sizes a, b)
+        critic      = mlp([obs + act, H, H, 1]),  actor = mlp([obs, H, H, 2 * act])
+        work/update = B * (6 * N * critic + 3 * actor)
+
+    (Hopper: obs 11, act 3; H = 256, B = 256, N = 10: 2.24 GFLOP);
+(c) the roofline fraction ``work / time / peak`` of one update of the
+    package's ``SACNLoss(N)`` (single agent), TorchRL's
+    ``SACLoss(num_qvalue_nets=N)`` and a ``K``-agent
+    :class:`~torchrl_spqr.training.population.PopulationUpdate` (work ``K``
+    times one update), each with fused Adam and a soft target update, on
+    every ``--threads`` count;
+(d) aggregate agent-updates per second of ``K`` agents on all the cores,
+    three ways (``multiprocessing``, spawn): the population in one process
+    with one torch thread per core; the population split into one process per
+    core (``K / cores`` agents each, 1 thread each: 2 processes x 3 agents on
+    2 cores); ``K`` single-agent processes with 1 thread each, as the seeds of
+    a sweep run today. All processes start first and stay alive; in each round
+    the three configurations run one after another, each alone, their
+    processes started together by a barrier; a configuration's rate is
+    ``K * updates / (time until its last process finishes)``.
+
+    python benchmarks/bench_population.py --rounds 5          # about 5 minutes on an idle 2-core machine
+
+Absolute times depend on the machine's load; the fractions and ratios are
+computed from timings taken in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from _common import ACT, OBS, make_actor, make_batch
+from tensordict import TensorDict
+from torchrl.objectives import SACLoss, SoftUpdate
+
+from torchrl_spqr import QEnsemble, SACNLoss, SPQRLoss, make_q_member
+from torchrl_spqr.training.population import PopulationUpdate
+
+
+def mlp_flops(sizes: list[int]) -> int:
+    """Matmul FLOPs of one sample through an MLP with these layer sizes (2 per multiply-add)."""
+    return 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def update_flops(n: int, hidden: int, batch: int) -> int:
+    """Useful work of one SAC update: 6 passes of the N-critic ensemble + 3 of the actor."""
+    critic = mlp_flops([OBS + ACT, hidden, hidden, 1])
+    actor = mlp_flops([OBS, hidden, hidden, 2 * ACT])
+    return batch * (6 * n * critic + 3 * actor)
+
+
+def make_sacn(n: int, hidden: int, seed: int, beta: float | None = None):
+    torch.manual_seed(seed)
+    ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(hidden, hidden)), n)
+    loss = SACNLoss(make_actor(hidden), ens)
+    if beta is not None:
+        loss = SPQRLoss(loss, beta=beta, diagnostics_interval=0)
+    return loss
+
+
+def single_step(loss):
+    """The usual TorchRL update: sum the loss_* entries, backward, fused Adam, SoftUpdate."""
+    opt = torch.optim.Adam(loss.parameters(), lr=3e-4, fused=True)
+    updater = SoftUpdate(loss, tau=0.005)
+
+    def step(batch: TensorDict) -> None:
+        out = loss(batch)
+        total = sum(v for k, v in out.items() if k.startswith("loss_"))
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        updater.step()
+
+    return step
+
+
+def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]:
+    """name -> (update function, agents per call)."""
+    n, h, k = args.n, args.hidden, args.agents
+    torch.manual_seed(0)
+    ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
+    sac = SACLoss(make_actor(h), ens.members(), num_qvalue_nets=n, loss_function="l2")
+    sac.make_value_estimator(gamma=0.99)
+    variants = {
+        f"TorchRL SACLoss({n})": (single_step(sac), 1),
+        f"SACNLoss({n}), single agent": (single_step(make_sacn(n, h, 0)), 1),
+    }
+    pop = PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different")
+    variants[f"population K={k} SACNLoss({n})"] = (pop, k)
+    if args.spqr:
+        betas = [float(i % 2) for i in range(k)]
+        pop_spqr = PopulationUpdate(
+            [make_sacn(n, h, s, beta=b) for s, b in enumerate(betas)], randomness="different"
+        )
+        variants[f"population K={k} + SPQR (beta 0/1)"] = (pop_spqr, k)
+    return variants
+
+
+def bmm_peak(rounds: int) -> float:
+    """Best median GFLOP/s of fp32 bmm over the critic layers' shapes."""
+    shapes = [(10, 256, 256, 256), (60, 256, 256, 256)]
+    best = 0.0
+    for b, m, kk, nn_ in shapes:
+        x, w = torch.randn(b, m, kk), torch.randn(b, kk, nn_)
+        out = torch.empty(b, m, nn_)
+        for _ in range(3):
+            torch.bmm(x, w, out=out)
+        reps = max(1, int(2e9 / (2 * b * m * kk * nn_)))
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.bmm(x, w, out=out)
+            times.append((time.perf_counter() - t0) / reps)
+        best = max(best, 2 * b * m * kk * nn_ / statistics.median(times) / 1e9)
+    return best
+
+
+def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int]]:
+    """bmm peak, median seconds per update and agents per call of each variant."""
+    torch.set_num_threads(threads)
+    variants = make_variants(args)
+    single = [make_batch(args.batch) for _ in range(4)]
+    stacked = [torch.stack([make_batch(args.batch) for _ in range(args.agents)]) for _ in range(4)]
+    for fn, k in variants.values():
+        for i in range(2):
+            fn((stacked if k > 1 else single)[i])
+    times = {name: [] for name in variants}
+    peaks = []
+    for r in range(args.rounds):
+        peaks.append(bmm_peak(1))
+        for name, (fn, k) in variants.items():
+            data = stacked if k > 1 else single
+            t0 = time.perf_counter()
+            for i in range(args.inner):
+                fn(data[(r + i) % 4])
+            times[name].append((time.perf_counter() - t0) / args.inner)
+    return (
+        statistics.median(peaks),
+        {name: statistics.median(t) for name, t in times.items()},
+        {name: k for name, (_, k) in variants.items()},
+    )
+
+
+def _worker(args, agents: int, threads: int, barrier, stop, results) -> None:
+    """One process: a single-agent update (``agents == 1``) or a population, run on demand."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    seed = os.getpid() % 1000
+    if agents == 1:
+        step = single_step(make_sacn(args.n, args.hidden, seed))
+        batches = [make_batch(args.batch) for _ in range(4)]
+    else:
+        step = PopulationUpdate(
+            [make_sacn(args.n, args.hidden, seed + s) for s in range(agents)],
+            randomness="different",
+        )
+        batches = [torch.stack([make_batch(args.batch) for _ in range(agents)]) for _ in range(4)]
+    for i in range(2):
+        step(batches[i])
+    while True:
+        barrier.wait()  # the processes of one configuration start together
+        if stop.value:
+            return
+        t0 = time.perf_counter()
+        for i in range(args.updates):
+            step(batches[i % 4])
+        results.put(time.perf_counter() - t0)
+
+
+def aggregate(args, cores: int) -> dict[str, float]:
+    """Median aggregate agent-updates/s of each way to run K agents on ``cores`` cores.
+
+    Configurations (processes x agents each x threads each): the population in
+    one process on all cores; the population split into one process per core
+    (``K / cores`` agents each, 1 thread); ``K`` single-agent processes with 1
+    thread each. All processes are started first and stay alive; in each round
+    the configurations run one after another, each alone on the machine.
+    """
+    k = args.agents
+    configs = {
+        f"population, 1 process x {k} agents x {cores} threads": [(k, cores)],
+        f"population, {cores} processes x {k // cores} agents x 1 thread": [(k // cores, 1)]
+        * cores,
+        f"{k} single-agent processes x 1 thread": [(1, 1)] * k,
+    }
+    if k % cores:
+        del configs[next(name for name in configs if name.startswith(f"population, {cores} "))]
+    ctx = mp.get_context("spawn")
+    stop = ctx.Value("i", 0)
+    groups = {}
+    for name, specs in configs.items():
+        barrier, results = ctx.Barrier(len(specs) + 1), ctx.Queue()
+        procs = [
+            ctx.Process(target=_worker, args=(args, a, t, barrier, stop, results)) for a, t in specs
+        ]
+        for p in procs:
+            p.start()
+        groups[name] = (specs, barrier, results, procs)
+    rates = {name: [] for name in configs}
+    try:
+        for _ in range(args.rounds):
+            for name, (specs, barrier, results, _) in groups.items():
+                barrier.wait()
+                elapsed = [results.get() for _ in specs]
+                rates[name].append(sum(a for a, _ in specs) * args.updates / max(elapsed))
+        stop.value = 1
+        for _, barrier, _, _ in groups.values():
+            barrier.wait()
+    finally:
+        for _, _, _, procs in groups.values():
+            for p in procs:
+                p.join(timeout=60)
+                if p.is_alive():
+                    p.terminate()
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--agents", type=int, default=6, help="K (default 6)")
+    p.add_argument("--n", type=int, default=10, help="ensemble size N (default 10)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--inner", type=int, default=2, help="updates per variant and round")
+    p.add_argument(
+        "--updates", type=int, default=6, help="updates per round in the aggregate comparison"
+    )
+    p.add_argument("--spqr", action="store_true", help="also a population with SPQR (beta 0/1)")
+    p.add_argument("--skip-aggregate", action="store_true", help="only (a)-(c)")
+    p.add_argument("--only-aggregate", action="store_true", help="only (d)")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    cores = len(os.sched_getaffinity(0))
+    work = update_flops(args.n, args.hidden, args.batch)
+    print(
+        f"torch {torch.__version__}, {cores} cores, Hopper sizes (obs {OBS}, act {ACT}), "
+        f"N={args.n}, {args.hidden}x{args.hidden}, batch {args.batch}, K={args.agents}; "
+        f"{args.rounds} rounds x {args.inner} updates, interleaved"
+    )
+    print(
+        f"(b) work of one SAC update = B * (6 N critic + 3 actor) = {work / 1e9:.3f} GFLOP "
+        f"(critic {mlp_flops([OBS + ACT, args.hidden, args.hidden, 1])} FLOP/sample, "
+        f"actor {mlp_flops([OBS, args.hidden, args.hidden, 2 * ACT])} FLOP/sample)"
+    )
+    for threads in [] if args.only_aggregate else args.threads:
+        peak, meds, agents = roofline(args, threads)
+        print(f"\n[{threads} thread(s)] (a) fp32 bmm peak: {peak:.1f} GFLOP/s")
+        print(f"  {'update':42s} {'ms/update':>10s} {'agent-upd/s':>12s} {'(c) roofline':>13s}")
+        for name, t in meds.items():
+            k = agents[name]
+            frac = k * work / t / (peak * 1e9)
+            print(f"  {name:42s} {1e3 * t:10.1f} {k / t:12.2f} {100 * frac:12.1f}%")
+    if not args.skip_aggregate:
+        rates = aggregate(args, cores)
+        print(
+            f"\n(d) aggregate agent-updates/s, K={args.agents} agents on {cores} cores, "
+            f"{args.rounds} rounds x {args.updates} updates (time until the last process ends):"
+        )
+        for name, rate in rates.items():
+            print(f"  {name:52s} {rate:8.2f}")
+        base = rates[list(rates)[-1]]
+        for name, rate in list(rates.items())[:-1]:
+            print(f"  {name.split(',')[1].strip():40s} / single processes: {rate / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
