@@ -38,20 +38,21 @@ one extra ensemble pass, and says so once with a warning. ``spqr_source`` in
 the output says which path was taken at the last call (see
 :attr:`SPQRLoss.last_source`).
 
-Transparency: a wrapping ``SPQRLoss`` is used where the wrapped loss was.
-Attributes it does not define itself (``qvalue_network_params``,
-``target_entropy``, ``num_qvalue_nets``, ...), ``tensor_keys`` / ``set_keys``,
-``value_estimator`` / ``make_value_estimator``, ``set_vmap_randomness`` and
-``reset_parameters_recursive`` are the wrapped loss's;
-``SoftUpdate(spqr_loss)`` finds and updates the wrapped loss's target
-parameters; the call without a tensordict (``loss(observation=..., ...)``,
-TorchRL's ``@dispatch``) works (a diagnostic not computed at that call is NaN); a bare loss's ``state_dict`` loads into the
-wrapper.
+Transparency: a wrapping ``SPQRLoss`` is used where the wrapped loss was
+(:class:`~torchrl_spqr.objectives.wrapper.LossWrapper`). Attributes it does not
+define itself (``qvalue_network_params``, ``target_entropy``, ``num_qvalue_nets``,
+...), ``tensor_keys`` / ``set_keys``, ``value_estimator`` /
+``make_value_estimator``, ``set_vmap_randomness`` and
+``reset_parameters_recursive`` are the wrapped loss's; ``SoftUpdate(spqr_loss)``
+finds and updates the wrapped loss's target parameters; the call without a
+tensordict (``loss(observation=..., ...)``, TorchRL's ``@dispatch``) works (a
+diagnostic not computed at that call is NaN); a bare loss's ``state_dict`` loads
+into the wrapper.
 
-Long module: one class. ``SPQRLoss``'s documented arguments and runnable example,
-the transparency that makes a wrapper stand where the wrapped loss stood (attributes,
-keys, value estimator, target updaters, state dicts) and the ``forward`` that uses
-both are read together; the member weighting
+Long module: one class. ``SPQRLoss``'s documented arguments (the authors' choices
+and where the package departs from them) and runnable example, its two modes
+(wrapping, standalone) and the ``forward`` that serves both are read together; the
+wrapper transparency (:mod:`torchrl_spqr.objectives.wrapper`), the member weighting
 (:mod:`torchrl_spqr.objectives.member_weights`) and the key helpers
 (:mod:`torchrl_spqr.objectives.utils`) live in their own modules.
 """
@@ -72,7 +73,6 @@ from tensordict.nn import (
     ProbabilisticTensorDictModule,
     ProbabilisticTensorDictSequential,
     TensorDictModuleBase,
-    TensorDictParams,
     dispatch,
 )
 from tensordict.utils import NestedKey
@@ -86,6 +86,7 @@ from torchrl_spqr.modules.ensemble import QEnsemble
 from torchrl_spqr.objectives import member_weights as W
 from torchrl_spqr.objectives.member_values import serves_member_values
 from torchrl_spqr.objectives.utils import key_str, key_tuple, next_key, plain_key
+from torchrl_spqr.objectives.wrapper import LossWrapper
 
 __all__ = ["PAIRS", "SPQRLoss"]
 
@@ -100,7 +101,7 @@ _DIAG_KEYS = (
 )
 
 
-class SPQRLoss(LossModule):
+class SPQRLoss(LossWrapper):
     """SPQR regulariser for ensemble critics, as a TorchRL loss module.
 
     Args:
@@ -386,77 +387,6 @@ class SPQRLoss(LossModule):
         # not in the state dict: set by the constructor, like pairs and filling
         self.register_buffer("_member_w", weights, persistent=False)
 
-    # ------------------------------------------------------------ transparency
-    def __getattr__(self, name: str) -> Any:
-        d = self.__dict__
-        for store in ("_parameters", "_buffers", "_modules"):
-            values = d.get(store)
-            if values is not None and name in values:
-                return values[name]
-        base = d.get("_modules", {}).get("loss_module")
-        if base is not None and not (name.startswith("__") and name.endswith("__")):
-            return getattr(base, name)
-        return super().__getattr__(name)
-
-    @property
-    def wrapped(self) -> bool:
-        """Whether this ``SPQRLoss`` wraps a loss (``False``: standalone)."""
-        return self._modules.get("loss_module") is not None
-
-    @property
-    def tensor_keys(self):
-        if self.wrapped:
-            return self.loss_module.tensor_keys
-        return self._tensor_keys
-
-    def set_keys(self, **kwargs) -> None:
-        """Set tensordict key names: the wrapped loss's keys when wrapping, else SPQR's own."""
-        if self.wrapped:
-            self.loss_module.set_keys(**kwargs)
-        else:
-            super().set_keys(**kwargs)
-
-    def _forward_value_estimator_keys(self, **kwargs) -> None:
-        pass
-
-    @property
-    def value_estimator(self):
-        """The wrapped loss's value estimator (standalone SPQR has none)."""
-        if self.wrapped:
-            return self.loss_module.value_estimator
-        return None
-
-    @value_estimator.setter
-    def value_estimator(self, value) -> None:
-        if self.wrapped:
-            self.loss_module.value_estimator = value
-        elif value is not None:
-            raise AttributeError("A standalone SPQRLoss has no value estimator.")
-
-    def make_value_estimator(self, value_type=None, **hyperparams):
-        """Delegates to the wrapped loss (standalone SPQR needs no value estimator)."""
-        if self.wrapped:
-            self.loss_module.make_value_estimator(value_type, **hyperparams)
-        return self
-
-    @property
-    def vmap_randomness(self):
-        if self.wrapped:
-            return self.loss_module.vmap_randomness
-        return super().vmap_randomness
-
-    def set_vmap_randomness(self, value) -> None:
-        """Sets the wrapped loss's vmap randomness (and rebuilds its vmapped calls)."""
-        if self.wrapped:
-            self.loss_module.set_vmap_randomness(value)
-            self._fallback_vmap = None
-        else:
-            if value not in ("error", "same", "different"):
-                raise ValueError(
-                    "Wrong vmap randomness, should be one of 'error', 'same' or 'different'."
-                )
-            self._vmap_randomness = value
-
     def _make_vmap(self) -> None:
         self._fallback_vmap = None
 
@@ -466,20 +396,6 @@ class SPQRLoss(LossModule):
             self.loss_module.reset_parameters_recursive()
         else:
             self.qvalue_network.reset_parameters()
-
-    def named_children(self):
-        """The wrapped loss, and (for :class:`~torchrl.objectives.SoftUpdate`) its targets.
-
-        TorchRL's target updaters look for ``target_*_params`` children of the
-        module they are given; yielding the wrapped loss's lets
-        ``SoftUpdate(spqr_loss)`` update them. ``state_dict``, ``parameters``
-        and ``modules`` walk the registered submodules and are unaffected.
-        """
-        yield from super().named_children()
-        if self.wrapped:
-            for name, child in self.loss_module.named_children():
-                if name.startswith("target_") and name.endswith("_params"):
-                    yield name, child
 
     # ------------------------------------------------------------------ keys
     def _key(self, name: str) -> NestedKey:
@@ -799,72 +715,6 @@ class SPQRLoss(LossModule):
         if key is None or use not in (True, "auto"):
             return None
         return tensordict.get(key, None)
-
-    # TorchRL losses register some buffers lazily (``SACLoss``/``REDQLoss``/``CrossQLoss``'s
-    # ``target_entropy`` and the default value estimator's ``gamma`` at the first forward);
-    # ``SACLoss.load_state_dict`` materialises ``target_entropy`` first,
-    # but a wrapper's ``load_state_dict`` reaches the base through ``_load_from_state_dict``,
-    # so a fresh ``SPQRLoss`` could not load a trained one's state. Do the same here.
-    _LAZY_BASE_ATTRS = ("target_entropy",)
-
-    def _materialise_lazy_buffers(self) -> None:
-        for attr in self._LAZY_BASE_ATTRS:
-            if isinstance(getattr(type(self.loss_module), attr, None), property):
-                # target_entropy="auto" without an action spec raises: the base raises the
-                # same clear error at its first forward, and the state dict reports the key.
-                with contextlib.suppress(RuntimeError, ValueError, AttributeError):
-                    getattr(self.loss_module, attr)
-
-    def state_dict(self, *args, **kwargs):
-        if self.wrapped:
-            self._materialise_lazy_buffers()
-        return super().state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads an ``SPQRLoss`` state, or a bare state of the wrapped loss's class.
-
-        A state without the ``loss_module.`` prefix (``SACLoss(...).state_dict()``)
-        is loaded into the wrapped loss; SPQR's own buffers (``beta``,
-        ``step_count``) keep their values.
-        """
-        if not self.wrapped:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._materialise_lazy_buffers()
-        base = self.loss_module
-        prefix = "loss_module."
-        if any(
-            k.startswith("_value_estimator.") or k.startswith(prefix + "_value_estimator.")
-            for k in state_dict
-        ):
-            # the trained loss built its default value estimator at its first forward (its
-            # gamma is a buffer); reading the property builds the same default here (it
-            # never replaces an existing estimator) so that the state can land
-            base.value_estimator  # noqa: B018
-        if state_dict and not any(k.startswith(prefix) for k in state_dict):
-            own = {"beta", "step_count"}
-            inner = {k: v for k, v in state_dict.items() if k not in own}
-            own_sd = {k: v for k, v in state_dict.items() if k in own}
-            if own_sd:
-                super().load_state_dict(
-                    {**{prefix + k: v for k, v in base.state_dict().items()}, **own_sd},
-                    strict=False,
-                    assign=assign,
-                )
-            return base.load_state_dict(inner, strict=strict, assign=assign)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def _apply(self, fn):
-        out = super()._apply(fn)
-        # tensordict caches ``detach()`` of (locked) TensorDictParams and does not erase
-        # that cache on dtype/device moves, so after a first forward ``.double()`` /
-        # ``.to(device)`` left TorchRL's detached critic params (e.g. SACLoss's actor-loss
-        # call) on the old dtype/device. Drop the stale copies.
-        for module in self.modules():
-            if isinstance(module, TensorDictParams):
-                module._erase_cache()
-            if isinstance(module, LossModule):
-                module._erase_cache()
-        return out
 
     def _rng_scope(self, beta: float, tensordict: TensorDictBase):
         """With ``beta == 0`` the SPQR-only work (policy samples, dropout masks and random
