@@ -253,7 +253,7 @@ def _example_settings(run_dir: Path, path: Path, state: dict) -> tuple[str, dict
             "where they kept their settings."
         )
     script, m = found[0]
-    args = {k: v for k, v in m.groupdict().items()}
+    args: dict[str, Any] = dict(m.groupdict())
     actor_w = [v for k, v in state["actor"].items() if k.endswith("weight")]
     args["hidden"] = int(actor_w[0].shape[0])  # not in the name: read from the weights
     return script, args
