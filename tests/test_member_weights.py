@@ -258,7 +258,7 @@ def test_config_builder_and_validation():
         (None, None),
         ([1, 2, 3, 4, 5, 6], (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)),
     ):
-        cfg = OmegaConf.create({"spqr": {"beta": 2.0, "member_weights": mw}})
+        cfg = OmegaConf.create({"algorithm": "cql", "spqr": {"beta": 2.0, "member_weights": mw}})
         validate_spqr(cfg, N)
         assert make_spqr_loss(cfg, base).member_weights == want
     for bad, match in (("nope", "not a known weighting"), ([1, 2], "2 entries"), ([1, -1] * 3, "")):
