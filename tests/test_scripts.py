@@ -382,3 +382,66 @@ def test_bad_masac_config_stops_before_training(override, shown, tmp_path, monke
     assert shown in msg, msg
     assert _ADVICE.search(msg), msg
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------- compile and CUDA graphs
+
+
+@pytest.mark.parametrize("script", ["sac_ens_spqr", "cql_spqr"])
+def test_cudagraphs_refused_without_cuda(script, tmp_path):
+    """compile.cudagraphs=true on a CPU run: a ConfigError saying why, before anything runs."""
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for a machine without CUDA")
+    mod = load_script(script)
+    overrides = ["compile.cudagraphs=true", "device=cpu"]
+    if script == "cql_spqr":
+        with initialize_config_dir(
+            config_dir=str(ROOT / "sota_scripts/cql_spqr"), version_base="1.3"
+        ):
+            cfg = compose(config_name="config", overrides=[*OFFLINE_TINY, *overrides])
+    else:
+        cfg = _cfg(script, "collector.total_frames=60", *overrides)
+    with pytest.raises(ConfigError) as err:
+        mod.train(cfg, tmp_path / "run")
+    msg = str(err.value)
+    assert "compile.cudagraphs" in msg and "CUDA device" in msg and "cpu" in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_compile_switch_compiles_the_update(tmp_path, monkeypatch):
+    """compile.compile=true hands the script's update (bound to its loss, optimisers and
+    target updater) to torch.compile, and the loop runs what torch.compile returns."""
+    sac = load_script("sac_ens_spqr")
+    compiled, calls = [], {"n": 0}
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(fn)
+
+        def run(batch):
+            calls["n"] += 1
+            return fn(batch)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    res = sac.train(
+        _cfg("sac_ens_spqr", "collector.total_frames=42", "compile.compile=true"), tmp_path / "r"
+    )
+    (fn,) = compiled
+    assert fn.func is sac.update and set(fn.keywords) == {
+        "loss_module",
+        "optimizers",
+        "target_updater",
+    }
+    assert calls["n"] == res["updates"] == 3
+
+
+@pytest.mark.slow
+def test_compile_runs_updates_on_cpu(tmp_path):
+    """The real torch.compile of the update on CPU: a few updates, finite losses logged."""
+    sac = load_script("sac_ens_spqr")
+    run = tmp_path / "r"
+    res = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=42", "compile.compile=true"), run)
+    assert res["updates"] == 3
+    last = _rows(run)[-1]
+    assert int(last["frames"]) == 42 and torch.isfinite(torch.tensor(float(last["loss_qvalue"])))
