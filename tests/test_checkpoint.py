@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import load_script
 from tensordict import TensorDict
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
 
 from torchrl_spqr.training import checkpoint as C
-from torchrl_spqr.training import online
-from torchrl_spqr.training.builders import ConfigError
 from torchrl_spqr.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
     truncate_csv,
 )
+from torchrl_spqr.training.config import ConfigError
 
 
 @pytest.mark.parametrize("storage", ["tensor", "memmap"])
@@ -51,6 +51,66 @@ def test_buffer_round_trip(tmp_path, storage):
     torch.testing.assert_close(fresh.storage[:30]["next", "r"], data["next", "r"])
     fresh.extend(data[:5])  # the write cursor continues where it was
     torch.testing.assert_close(fresh.storage[30:35]["obs"], data["obs"][:5])
+
+
+def test_buffer_wraps_around_after_resume_with_writer_state(tmp_path):
+    """The writer's TorchRL state (cursor and write count) survives, also past a wrap-around."""
+    buf = ReplayBuffer(storage=LazyTensorStorage(20), batch_size=4)
+    data = TensorDict({"obs": torch.arange(25.0).unsqueeze(-1)}, [25])
+    buf.extend(data)  # 25 writes into 20 slots: cursor 5, write count 25
+    save_checkpoint(tmp_path / "run", {}, buf)
+    fresh = ReplayBuffer(storage=LazyTensorStorage(20), batch_size=4)
+    ck = load_checkpoint(tmp_path / "run", fresh)
+    assert ck["buffer_meta"]["writer"] == buf.writer.state_dict()
+    assert fresh.writer.state_dict() == buf.writer.state_dict()
+    assert fresh.write_count == 25
+    fresh.extend(TensorDict({"obs": torch.full((2, 1), -1.0)}, [2]))
+    assert fresh.storage[5:7]["obs"].eq(-1).all() and fresh.storage[4]["obs"].item() == 24
+
+
+def test_buffer_meta_without_writer_state_loads(tmp_path):
+    """A checkpoint from before the writer's state was saved (cursor only) still restores it."""
+    buf = _buf(30)
+    save_checkpoint(tmp_path / "run", {}, buf)
+    state = torch.load(tmp_path / "run/checkpoint/state.pt", weights_only=True)
+    meta = {k: v for k, v in state["buffer_meta"].items() if k != "writer"}
+    fresh = ReplayBuffer(storage=LazyTensorStorage(50), batch_size=4)
+    C.load_buffer(fresh, tmp_path / "run/checkpoint/buffer", meta)
+    assert len(fresh) == 30 and fresh.writer.state_dict()["_cursor"] == 30
+
+
+def test_rng_round_trip_and_older_layout():
+    """GlobalRNGState's dict loads weights-only; the package's older RNG layout still restores."""
+    import io
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    buf = io.BytesIO()
+    torch.save({"rng": C.capture_rng()}, buf)
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    buf.seek(0)
+    C.restore_rng(torch.load(buf, weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(got[0], want[0])
+    assert (got[1] == want[1]).all() and got[2] == want[2]
+    np_state = np.random.get_state()
+    older = {  # what capture_rng saved before it used torchrl.checkpoint.GlobalRNGState
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [3, list(random.getstate()[1]), None],
+    }
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    C.restore_rng(older)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(got[0], want[0])
+    assert (got[1] == want[1]).all() and got[2] == want[2]
 
 
 # ------------------------------------------------------- completeness and recovery
@@ -286,7 +346,8 @@ def _check_rows(run, total, eval_every=40, updates_from=20):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_ctrl_c_during_evaluation_loses_no_row(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real = online.evaluate_policy
+    sac = load_script("sac_ens_spqr")
+    real = sac.evaluate_policy
     calls = {"n": 0}
 
     def interrupted(*a, **k):
@@ -295,14 +356,14 @@ def test_ctrl_c_during_evaluation_loses_no_row(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(online, "evaluate_policy", interrupted)
+    monkeypatch.setattr(sac, "evaluate_policy", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        online.train_online(_cfg("collector.total_frames=60"), run)
+        load_script("sac_ens_spqr").train(_cfg("collector.total_frames=60"), run)
     assert [int(r["frames"]) for r in _rows(run)] == [10, 20, 30]
     ck = load_checkpoint(run)
     assert ck["counters"]["frames"] == 40 and ck["owed_row"]["eval"]
     assert "loss_qvalue" in ck["owed_row"]["row"]  # its training metrics are kept
-    online.train_online(_cfg("collector.total_frames=60", "resume=true"), run)
+    load_script("sac_ens_spqr").train(_cfg("collector.total_frames=60", "resume=true"), run)
     rows = _check_rows(run, 60)
     assert rows[3]["loss_qvalue"] != "" and rows[3]["eval_return"] != ""
 
@@ -310,7 +371,8 @@ def test_ctrl_c_during_evaluation_loses_no_row(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_ctrl_c_during_updates_of_a_logged_step_loses_no_row(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real = online._update
+    sac = load_script("sac_ens_spqr")
+    real = sac.update
     calls = {"n": 0}
 
     def interrupted(*a, **k):
@@ -319,11 +381,11 @@ def test_ctrl_c_during_updates_of_a_logged_step_loses_no_row(tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(online, "_update", interrupted)
+    monkeypatch.setattr(sac, "update", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        online.train_online(_cfg("collector.total_frames=50"), run)
+        load_script("sac_ens_spqr").train(_cfg("collector.total_frames=50"), run)
     assert load_checkpoint(run)["counters"]["frames"] == 30
-    online.train_online(_cfg("collector.total_frames=50", "resume=true"), run)
+    load_script("sac_ens_spqr").train(_cfg("collector.total_frames=50", "resume=true"), run)
     rows = _check_rows(run, 50)
     assert rows[2]["loss_qvalue"] != ""  # from the last update before the interruption
 
@@ -331,9 +393,9 @@ def test_ctrl_c_during_updates_of_a_logged_step_loses_no_row(tmp_path, monkeypat
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_resume_after_crash_between_renames(tmp_path):
     run = tmp_path / "run"
-    online.train_online(_cfg("collector.total_frames=40"), run)
+    load_script("sac_ens_spqr").train(_cfg("collector.total_frames=40"), run)
     os.replace(run / "checkpoint", run / "checkpoint.old")  # the state a kill can leave
-    res = online.train_online(_cfg("collector.total_frames=60", "resume=true"), run)
+    res = load_script("sac_ens_spqr").train(_cfg("collector.total_frames=60", "resume=true"), run)
     assert res["frames"] == 60
     _check_rows(run, 60)
     assert not (run / "checkpoint.old").exists() and (run / "checkpoint" / C.MANIFEST).exists()
@@ -342,11 +404,11 @@ def test_resume_after_crash_between_renames(tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_resume_with_damaged_checkpoint_refuses_and_keeps_it(tmp_path):
     run = tmp_path / "run"
-    online.train_online(_cfg("collector.total_frames=40"), run)
+    load_script("sac_ens_spqr").train(_cfg("collector.total_frames=40"), run)
     _truncate(run / "checkpoint" / "buffer" / "observation.memmap")
     before = (run / "metrics.csv").read_text()
     with pytest.raises(CheckpointError, match=r"observation\.memmap"):
-        online.train_online(_cfg("collector.total_frames=60", "resume=true"), run)
+        load_script("sac_ens_spqr").train(_cfg("collector.total_frames=60", "resume=true"), run)
     assert (run / "checkpoint").exists() and (run / "metrics.csv").read_text() == before
 
 
@@ -361,9 +423,11 @@ def test_resume_with_damaged_checkpoint_refuses_and_keeps_it(tmp_path):
 )
 def test_resume_with_changed_config_names_the_field(tmp_path, override, field):
     run = tmp_path / "run"
-    online.train_online(_cfg("collector.total_frames=20"), run)
+    load_script("sac_ens_spqr").train(_cfg("collector.total_frames=20"), run)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        online.train_online(_cfg("collector.total_frames=40", "resume=true", override), run)
+        load_script("sac_ens_spqr").train(
+            _cfg("collector.total_frames=40", "resume=true", override), run
+        )
     assert _frames(run) == 20  # the checkpoint is untouched
 
 
@@ -533,10 +597,9 @@ def _offline_cfg(*overrides):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_offline_ctrl_c_during_evaluation_loses_no_row(offline_root, tmp_path, monkeypatch):
-    from torchrl_spqr.training import offline
-
+    sac_n = load_script("sac_n_spqr")
     run = tmp_path / "run"
-    real = offline.evaluate_policy
+    real = sac_n.evaluate_policy
     calls = {"n": 0}
 
     def interrupted(*a, **k):
@@ -545,12 +608,12 @@ def test_offline_ctrl_c_during_evaluation_loses_no_row(offline_root, tmp_path, m
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(offline, "evaluate_policy", interrupted)
+    monkeypatch.setattr(sac_n, "evaluate_policy", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        offline.train_offline(_offline_cfg(), run)
-    monkeypatch.setattr(offline, "evaluate_policy", real)
+        sac_n.train(_offline_cfg(), run)
+    monkeypatch.setattr(sac_n, "evaluate_policy", real)
     assert [int(r["updates"]) for r in _rows(run)] == [10]
-    offline.train_offline(_offline_cfg("resume=true"), run)
+    sac_n.train(_offline_cfg("resume=true"), run)
     rows = _rows(run)
     assert [int(r["updates"]) for r in rows] == [10, 20, 30, 40]
     assert [r["normalized_score"] != "" for r in rows] == [False, True, False, True]

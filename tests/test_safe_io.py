@@ -179,16 +179,15 @@ def test_load_state_errors(tmp_path):
 def real_run(tmp_path_factory):
     """A tiny sac_ens_spqr run (checkpoint with config and replay buffer)."""
     pytest.importorskip("hydra")
+    from _helpers import load_script
     from hydra import compose, initialize_config_dir
-
-    from torchrl_spqr.training import online
 
     run = tmp_path_factory.mktemp("safe") / "run"
     with initialize_config_dir(
         config_dir=str(ROOT / "sota_scripts/sac_ens_spqr"), version_base="1.3"
     ):
         cfg = compose(config_name="config", overrides=TINY)
-    online.train_online(cfg, run)
+    load_script("sac_ens_spqr").train(cfg, run)
     return run, cfg
 
 
@@ -220,14 +219,13 @@ def poisoned(real_run, tmp_path):
 
 
 def test_resume_refuses_poisoned_buffer(poisoned):
+    from _helpers import load_script
     from omegaconf import OmegaConf
-
-    from torchrl_spqr.training import online
 
     run, cfg, marker = poisoned
     cfg = OmegaConf.merge(cfg, {"resume": True, "collector": {"total_frames": 60}})
     with pytest.raises(UnsafeFileError, match="NonTensorData"):
-        online.train_online(cfg, run)
+        load_script("sac_ens_spqr").train(cfg, run)
     assert not marker.exists()
     assert (run / "checkpoint" / "buffer" / "note" / "other.pickle").exists()  # left as is
 

@@ -26,6 +26,33 @@ deletes the newest complete checkpoint before its successor is complete.
 Checkpoints written before the manifest existed still load, with a warning that
 they cannot be verified (their memmap sizes are still checked against
 ``meta.json`` and their state file still read with ``weights_only=True``).
+
+What comes from TorchRL, and what does not (TorchRL 0.14.1, tensordict 0.14.3):
+
+- The RNG states are ``torchrl.checkpoint.GlobalRNGState``'s (Python, NumPy, torch
+  CPU and, once initialised, CUDA / XPU / MPS), a dict that loads with
+  ``weights_only=True``. Checkpoints with this package's older layout still restore.
+- The replay buffer's write position is its writer's ``state_dict()`` /
+  ``load_state_dict()`` (cursor and write count), not a private attribute.
+- The buffer's content is not saved with ``ReplayBuffer.dumps`` / ``loads``:
+  ``ReplayBuffer.loads`` (``torchrl/data/replay_buffers/replay_buffers/base.py``)
+  calls ``_load_prefetch_state``, which ``pickle.load``-s ``prefetch.pkl``, a file
+  ``ReplayBuffer.dumps`` always writes (``_dump_prefetch_state``), and it
+  ``torch.load``-s ``transform.t`` without ``weights_only=True``; the storage's
+  ``TensorStorageCheckpointer.loads`` (``torchrl/data/replay_buffers/checkpointers.py``)
+  calls ``TensorDict.load_memmap(path)`` without ``allow_pickle=False``, which in
+  tensordict 0.14 still unpickles a pickled non-tensor entry (with a FutureWarning).
+  A planted file in a run folder would run code on resume.
+- The folder protocol is not ``torchrl.checkpoint.Checkpoint``: its ``save``
+  (``torchrl/checkpoint/_checkpoint.py``) publishes the new folder with
+  ``Checkpoint._publish_path``, which renames the previous checkpoint to a
+  randomly named ``.checkpoint.backup-<uuid>`` and deletes it right after, so a
+  kill between its two renames leaves no checkpoint where ``Checkpoint.load``
+  looks (nothing finds the backup); its manifest lists file names without sizes
+  or hashes (a truncated file is not detected) and nothing is synced to disk
+  before the rename; and it saves a replay buffer through
+  ``DumpLoadCheckpointAdapter``, i.e. ``ReplayBuffer.dump`` / ``load`` (the
+  pickle above).
 """
 
 from __future__ import annotations
@@ -42,6 +69,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchrl.checkpoint import GlobalRNGState
 
 from torchrl_spqr import safe_io
 
@@ -61,22 +89,41 @@ __all__ = [
 
 
 def capture_rng() -> dict[str, Any]:
-    """RNG states of torch, numpy and Python's ``random``, as weights-only-loadable values."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": np_state[0],
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": _to_lists(random.getstate()),
-    }
+    """RNG states of Python, NumPy, torch (CPU and initialised accelerators), weights-only loadable.
+
+    TorchRL's :class:`torchrl.checkpoint.GlobalRNGState` ``state_dict()``.
+    """
+    return GlobalRNGState().state_dict()
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore :func:`capture_rng`'s states (or this package's older layout of them).
+
+    A CUDA / XPU / MPS state saved on a machine with that device is skipped, with a
+    warning, where the device is not available (a GPU run resumed on a CPU).
+    """
+    if "torch_cpu" not in state:  # before GlobalRNGState: {"torch", "numpy": {...}, "python"}
+        _restore_rng_v0(state)
+        return
+    state = dict(state)
+    for key, ok in (
+        ("torch_cuda", torch.cuda.is_available),
+        ("torch_xpu", lambda: hasattr(torch, "xpu") and torch.xpu.is_available()),
+        ("torch_mps", torch.backends.mps.is_available),
+    ):
+        if key in state and not ok():
+            del state[key]
+            warnings.warn(
+                f"The checkpoint holds a {key[6:].upper()} RNG state but this machine has no "
+                f"{key[6:].upper()} device: it is not restored (the run continues on another "
+                "device, so its random draws differ from an uninterrupted run's).",
+                UserWarning,
+                stacklevel=2,
+            )
+    GlobalRNGState().load_state_dict(state)
+
+
+def _restore_rng_v0(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(
@@ -91,18 +138,19 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(_to_tuples(state["python"]))
 
 
-def _to_lists(x):
-    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
 def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def save_buffer(buffer, path: Path) -> dict[str, int]:
-    """Write the buffer's content as a memmap under ``path``; returns its cursor metadata."""
+def save_buffer(buffer, path: Path) -> dict[str, Any]:
+    """Write the buffer's content as a memmap under ``path``; returns its metadata.
+
+    The metadata (kept in ``state.pt``): ``len``, the writer's ``cursor`` and the
+    writer's ``state_dict()`` (TorchRL's: cursor and write count).
+    """
     n = len(buffer)
-    meta = {"len": n, "cursor": int(getattr(buffer._writer, "_cursor", n))}  # noqa: SLF001
+    writer = dict(buffer.writer.state_dict())
+    meta = {"len": n, "cursor": int(writer.get("_cursor", n)), "writer": writer}
     if n:
         data = buffer.storage[:n]
         # copy_existing: a memmap storage hands out tensors that already live in its files
@@ -110,7 +158,7 @@ def save_buffer(buffer, path: Path) -> dict[str, int]:
     return meta
 
 
-def load_buffer(buffer, path: Path, meta: dict[str, int], data=None) -> None:
+def load_buffer(buffer, path: Path, meta: dict[str, Any], data=None) -> None:
     """Refill an empty buffer from :func:`save_buffer`'s output (loaded safely)."""
     if len(buffer):
         raise RuntimeError("load_buffer expects an empty replay buffer.")
@@ -125,7 +173,8 @@ def load_buffer(buffer, path: Path, meta: dict[str, int], data=None) -> None:
                 "saved with."
             )
         buffer.extend(data.clone())
-        buffer._writer._cursor = meta["cursor"]  # noqa: SLF001
+        # a checkpoint from before the writer's state_dict was saved has the cursor only
+        buffer.writer.load_state_dict(meta.get("writer") or {"_cursor": int(meta["cursor"])})
 
 
 def _capacity(buffer) -> int | None:
