@@ -72,8 +72,9 @@ def update(
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     """Train per ``cfg`` in ``run_dir``; returns the update count and the final and best
     evaluation return and normalised score."""
-    run_dir, seed, device = prepare_run(cfg, run_dir, online=False)  # a bad config stops here
-    num_updates = int(cfg.optim.num_updates)
+    # typed, defaults filled (a bad config stops here, before anything is written)
+    cfg, run_dir, device = prepare_run(cfg, run_dir, kind="offline")
+    num_updates = cfg.optim.num_updates
 
     # The dataset (a TorchRL replay buffer of its transitions) and the environment of its
     # evaluation (env.name or the dataset's own), in the environment's own reward
@@ -82,7 +83,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     eval_cfg = {
         "env": {"name": cfg.env.name or data.env_id, "max_episode_steps": cfg.env.max_episode_steps}
     }
-    eval_env = make_environment(eval_cfg, seed + 10_000, env_kwargs=data.env_kwargs)
+    eval_env = make_environment(eval_cfg, cfg.seed + 10_000, env_kwargs=data.env_kwargs)
 
     # Agent (actor, N critics, SPQR-wrapped loss), optimisers, target updater
     actor = make_actor(cfg, eval_env)
@@ -112,7 +113,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         optimizers,
         step_field="updates",
         total=num_updates,
-        evaluate=lambda: evaluate_policy(eval_env, actor, int(cfg.logger.eval_episodes)),
+        evaluate=lambda: evaluate_policy(eval_env, actor, cfg.logger.eval_episodes),
         score=data.normalized_score if has_scores else None,
     )
     if run.start():

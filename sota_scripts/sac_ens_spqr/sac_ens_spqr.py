@@ -69,10 +69,11 @@ def update(
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     """Train per ``cfg`` in ``run_dir``; returns the counts and the final and best evaluation."""
-    run_dir, seed, device = prepare_run(cfg, run_dir, online=True)  # a bad config stops here
-    total_frames = int(cfg.collector.total_frames)
-    init_random_frames = int(cfg.collector.init_random_frames)
-    utd_ratio = int(cfg.optim.utd_ratio)
+    # typed, defaults filled (a bad config stops here, before anything is written)
+    cfg, run_dir, device = prepare_run(cfg, run_dir, kind="online")
+    seed = cfg.seed
+    total_frames = cfg.collector.total_frames
+    init_random_frames = cfg.collector.init_random_frames
 
     # Environments, agent (actor, N critics, SPQR-wrapped loss), optimisers, replay buffer
     train_env = make_environment(cfg, seed)
@@ -104,7 +105,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         step_field="frames",
         total=total_frames,
         buffer=replay_buffer,
-        evaluate=lambda: evaluate_policy(eval_env, actor, int(cfg.logger.eval_episodes)),
+        evaluate=lambda: evaluate_policy(eval_env, actor, cfg.logger.eval_episodes),
     )
     if run.start():
         print(f"resumed from {run_dir / 'checkpoint'} at frame {run.counters['frames']}")
@@ -129,7 +130,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                     replay_buffer.extend(data)
                     frames = run.collected(data)  # frames, episodes, training returns
                     if run.counters["frames"] >= init_random_frames:
-                        for _ in range(utd_ratio * frames):
+                        for _ in range(cfg.optim.utd_ratio * frames):
                             run.updated(step(replay_buffer.sample().to(device)))
                         if remote_policy:
                             collector.update_policy_weights_()

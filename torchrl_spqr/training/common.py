@@ -39,7 +39,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.record.loggers import Logger
 
-from torchrl_spqr.training import builders as B
+from torchrl_spqr.training.builders import get_device
 from torchrl_spqr.training.checkpoint import (
     capture_rng,
     has_checkpoint,
@@ -57,7 +57,11 @@ from torchrl_spqr.training.checkpoint import (
     save_checkpoint,
     truncate_csv,
 )
+from torchrl_spqr.training.config import ConfigError, resolve_config
 from torchrl_spqr.training.loggers import MetricsCSVLogger, make_logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
 
 __all__ = [
     "SHAPE_FIELDS",
@@ -71,18 +75,20 @@ __all__ = [
 ]
 
 
-def prepare_run(cfg, run_dir: str | Path, *, online: bool) -> tuple[Path, int, torch.device]:
-    """Validate the config, create the run folder, set threads and seeds; returns (dir, seed, device).
+def prepare_run(cfg, run_dir: str | Path, *, kind: str) -> tuple[DictConfig, Path, torch.device]:
+    """Check and complete the config, create the run folder, set threads and seeds.
 
-    A bad config raises ``ConfigError`` before anything is written (not even the folder).
+    Returns the resolved config (:func:`~torchrl_spqr.training.config.resolve_config` for
+    ``kind``: ``"online"`` or ``"offline"``; typed, defaults filled, read by attribute), the
+    run folder and the device. A bad config raises ``ConfigError`` naming the field before
+    anything is written (not even the folder).
     """
-    B.validate_config(cfg, online=online)
+    cfg = resolve_config(cfg, kind)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(int(B._get(cfg, "threads", 1)))
-    seed = int(B._get(cfg, "seed", 0))
-    seed_everything(seed)
-    return run_dir, seed, B.get_device(str(B._get(cfg, "device", "auto")))
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    return cfg, run_dir, get_device(cfg.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -162,7 +168,7 @@ class RunContext:
     ) -> None:
         if step_field not in ("frames", "updates"):
             raise ValueError(f"step_field={step_field!r}: expected 'frames' or 'updates'.")
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir = resolve_config(cfg, "any", check=False), Path(run_dir)
         self.loss_module, self.optimizers, self.buffer = loss_module, optimizers, buffer
         self.step_field, self.total, self.evaluate = step_field, int(total), evaluate
         self.score = score
@@ -176,9 +182,9 @@ class RunContext:
         }
         if score is not None:
             self.counters.update(best_score=-math.inf, last_score=math.nan)
-        self.log_every = int(B._get(cfg, "logger.log_interval"))
-        self.eval_every = int(B._get(cfg, "logger.eval_interval"))
-        self.checkpoint_every = int(B._get(cfg, "checkpoint.interval"))
+        self.log_every = self.cfg.logger.log_interval
+        self.eval_every = self.cfg.logger.eval_interval
+        self.checkpoint_every = self.cfg.checkpoint.interval
         self.metrics_csv = MetricsCSVLogger(self.run_dir, step_field=step_field)
         self.logger: Logger | None = None
         self.owed: dict[str, Any] | None = None
@@ -204,7 +210,7 @@ class RunContext:
         verification (``CheckpointError`` naming the file) rather than starting over.
         """
         resumed = False
-        if bool(B._get(self.cfg, "resume", False)) and has_checkpoint(self.run_dir):
+        if self.cfg.resume and has_checkpoint(self.run_dir):
             state, data, folder = load_checkpoint_data(self.run_dir, buffer=self.buffer is not None)
             saved_cfg, now_cfg = state.get("config") or {}, _plain(self.cfg)
             check_resume_config(saved_cfg, now_cfg, folder)
@@ -236,7 +242,7 @@ class RunContext:
                 truncate_csv(p, -math.inf, step_field=0, header=False)
         self.logger = make_logger(self.cfg, self.run_dir)
         self._last_step = self.counters[self.step_field]
-        if bool(B._get(self.cfg, "logger.progress", True)):
+        if self.cfg.logger.progress:
             self._pbar = _progress(self.total, self._last_step, unit=self.step_field[:-1])
         self._started = True
         return resumed
@@ -487,7 +493,7 @@ def check_resume_config(saved: Any, now: Any, folder: Path) -> None:
     diffs = {k: v for k, v in config_differences(saved, now).items() if not _under(k, _RESUME_FREE)}
     shape = {k: v for k, v in diffs.items() if _under(k, SHAPE_FIELDS)}
     if shape:
-        raise B.ConfigError(
+        raise ConfigError(
             f"resume=true: the checkpoint {folder} was saved with a different "
             f"{', '.join(shape)} ({_describe(shape)}). Resume with the saved value(s), or "
             "start a new run in another folder (resume=false)."
@@ -505,12 +511,12 @@ def _mismatch_error(saved: Any, now: Any, folder: Path, err: Exception) -> Excep
     diffs = {k: v for k, v in config_differences(saved, now).items() if not _under(k, _RESUME_FREE)}
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if diffs:
-        return B.ConfigError(
+        return ConfigError(
             f"resume=true: the checkpoint {folder} does not fit this run's networks or buffer "
             f"({first}); the config differs in {', '.join(diffs)} ({_describe(diffs)}). "
             "Resume with the saved value(s), or start a new run in another folder."
         )
-    return B.ConfigError(
+    return ConfigError(
         f"resume=true: the checkpoint {folder} does not fit this run's networks or buffer "
         f"({first}), although the saved config matches: it was written by another version "
         "of the code. Start a new run in another folder (resume=false)."

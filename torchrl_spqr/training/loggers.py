@@ -12,14 +12,17 @@ import csv
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tensordict import TensorDictBase
 from torchrl.record.loggers import Logger
 
-from torchrl_spqr.training import builders as B
 from torchrl_spqr.training.checkpoint import truncate_csv
+from torchrl_spqr.training.config import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
 
 __all__ = ["METRIC_FIELDS", "MetricsCSVLogger", "make_logger"]
 
@@ -188,16 +191,16 @@ class MetricsCSVLogger(Logger):
         return f"MetricsCSVLogger(path={str(self.path)!r}, step_field={self.step_field!r})"
 
 
-def make_logger(cfg, run_dir: Path) -> Logger | None:
+def make_logger(cfg: DictConfig, run_dir: Path) -> Logger | None:
     """The TorchRL logger named by ``logger.backend`` (``csv``, ``tensorboard``, ``wandb``
     (offline by default), or ``none``), writing into the run folder."""
-    backend = str(B._get(cfg, "logger.backend", "csv") or "")
+    backend = cfg.logger.backend or ""
     if backend in ("", "none"):
         return None
     from torchrl.record.loggers import get_logger
 
     if backend == "wandb":
-        os.environ.setdefault("WANDB_MODE", str(B._get(cfg, "logger.wandb_mode", "offline")))
+        os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
         return get_logger(
             "wandb",
             logger_name=str(run_dir),
@@ -206,4 +209,4 @@ def make_logger(cfg, run_dir: Path) -> Logger | None:
         )
     if backend in ("csv", "tensorboard"):
         return get_logger(backend, logger_name=str(run_dir / "logs"), experiment_name=backend)
-    raise B.ConfigError(f"logger.backend={backend!r}: expected csv, tensorboard, wandb or none.")
+    raise ConfigError(f"logger.backend={backend!r}: expected csv, tensorboard, wandb or none.")

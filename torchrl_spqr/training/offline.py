@@ -15,28 +15,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torchrl_spqr.training import builders as B
+from torchrl_spqr.data import OfflineData, load_offline_dataset
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
 
 __all__ = ["make_offline_data", "record_dataset_transform"]
 
 
-def make_offline_data(cfg):
-    """Load ``dataset.id`` through TorchRL's Minari / D4RL replay classes."""
-    from torchrl_spqr.data import load_offline_dataset
-
+def make_offline_data(cfg: DictConfig) -> OfflineData:
+    """Load ``dataset.id`` through TorchRL's Minari / D4RL replay classes (``cfg`` resolved:
+    :func:`~torchrl_spqr.training.config.resolve_config`), with the reward transform applied."""
+    ds = cfg.dataset
     return load_offline_dataset(
-        str(B._get(cfg, "dataset.id")),
-        batch_size=int(B._get(cfg, "optim.batch_size")),
-        source=str(B._get(cfg, "dataset.source", "minari")),
-        root=B._get(cfg, "dataset.root"),
-        download=bool(B._get(cfg, "dataset.download", True)),
-        reward_scale=float(B._get(cfg, "dataset.reward_scale", 1.0)),
-        reward_shift=float(B._get(cfg, "dataset.reward_shift", 0.0)),
+        ds.id,
+        batch_size=cfg.optim.batch_size,
+        source=ds.source,
+        root=ds.root,
+        download=ds.download,
+        reward_scale=ds.reward_scale,
+        reward_shift=ds.reward_shift,
     )
 
 
-def record_dataset_transform(run_dir: Path, data) -> None:
+def record_dataset_transform(run_dir: Path, data: OfflineData) -> None:
     """``dataset_transform.json``: the reward transform this run trained with."""
     info = {
         "dataset_id": data.dataset_id,
