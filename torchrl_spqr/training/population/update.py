@@ -6,6 +6,7 @@ shared, and why the result equals ``K`` separate runs.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -63,7 +64,8 @@ class PopulationUpdate(nn.Module):
             architecture and Python-level settings; different parameters,
             temperatures, target entropies and SPQR betas are fine). They are
             not modified: their state is copied into the stacked
-            :attr:`state`; :meth:`write_agent` copies an agent back.
+            :attr:`state` (a copy of agent 0's loss serves as the template the
+            state is swapped into); :meth:`write_agent` copies an agent back.
 
     Keyword Args:
         lr: Adam learning rate, a float for every group or a mapping with the
@@ -153,7 +155,7 @@ class PopulationUpdate(nn.Module):
         self.tau = float(tau)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
 
-        template = losses[0]
+        template = copy.deepcopy(losses[0])
         self._spqr = is_spqr(template)
         betas = [agent_beta(loss, k) for k, loss in enumerate(losses)] if self._spqr else []
         # the template computes beta=1 * KL for everyone; each agent's beta scales it outside
@@ -165,11 +167,14 @@ class PopulationUpdate(nn.Module):
         self._shared_keys = shared
         self.state = stack_state([s.exclude(*shared) for s in states], states[0])
         self.register_buffer("beta", torch.tensor(betas if betas else [0.0] * self.num_agents))
-        for loss in losses:  # built outside vmap (its lazy construction reads Python floats)
-            _ = loss.value_estimator
+        # built outside vmap (its lazy construction reads Python floats)
+        _ = template.value_estimator
         if self._spqr:
             template.beta.fill_(1.0 if any(b > 0 for b in betas) else 0.0)
-        self._pairs = target_pairs(self.state)
+        targets, sources = target_pairs(self.state)
+        # the stacked tensors are updated in place: the lists are built once
+        self._targets = [self.state.get(k) for k in targets]
+        self._sources = [self.state.get(k) for k in sources]
         self._actor_prefix = prefix_of(self.state, "actor_network_params")
         self.optimizer = self._make_optimizer(lr, dict(optimizer_kwargs or {}), cudagraphs)
         self._update = self._build_update(compile, cudagraphs)
@@ -238,7 +243,7 @@ class PopulationUpdate(nn.Module):
     # ------------------------------------------------------------ the update
     @property
     def template(self) -> LossModule:
-        """The module the stacked state is swapped into (agent 0's loss; do not train it)."""
+        """The module the stacked state is swapped into (a copy of agent 0's loss)."""
         return self.__dict__["_template"]
 
     def _agent_loss(self, state: TensorDictBase, batch: TensorDictBase) -> TensorDictBase:
@@ -272,12 +277,7 @@ class PopulationUpdate(nn.Module):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            targets, sources = self._pairs
-            torch._foreach_lerp_(
-                [self.state.get(k) for k in targets],
-                [self.state.get(k) for k in sources],
-                self.tau,
-            )
+            torch._foreach_lerp_(self._targets, self._sources, self.tau)
         return out.detach()
 
     def forward(self, batch: TensorDictBase) -> TensorDictBase:
