@@ -12,6 +12,7 @@ The schema itself is :mod:`torchrl_spqr.training.config`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -44,14 +45,18 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def convert_section(value: Any, cls: type, path: str = "") -> dict[str, Any]:
+def convert_section(
+    value: Any, cls: type, path: str = "", defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """``value`` (a mapping) checked field by field against the dataclass ``cls``.
 
     ``path`` is the dotted name of the group (``""`` for the root), used in errors.
-    Returns a plain dict with every field of ``cls``; raises ``ConfigError`` naming
-    the field for an unknown name, a value of the wrong type or a required field
-    (no default) that is not set. A null value gives the field's default unless the
-    field allows null (``X | None``, ``Any``).
+    ``defaults`` are the group's default values (``None``: the dataclass's own; a
+    root passes its ``default_factory`` instances down, so a group's defaults can
+    differ per root). Returns a plain dict with every field of ``cls``; raises
+    ``ConfigError`` naming the field for an unknown name, a value of the wrong type
+    or a required field (no default) that is not set. A null value gives the field's
+    default unless the field allows null (``X | None``, ``Any``).
     """
     where = path or "the config"
     if not isinstance(value, Mapping):
@@ -69,35 +74,37 @@ def convert_section(value: Any, cls: type, path: str = "") -> dict[str, Any]:
                 f"{_dot(path, key)}: unknown field ({where} has {', '.join(names)}); {hint}"
                 "remove it or correct its name."
             )
+    base = _field_defaults(cls) if defaults is None else defaults
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        key = _dot(path, f.name)
-        tp = hints[f.name]
-        given = value.get(f.name)
-        if given is None:
-            out[f.name] = _default(f, tp, key, explicit_null=f.name in value)
+    for name in names:
+        key = _dot(path, name)
+        inner, nullable = _unwrap_optional(hints[name])
+        given = value.get(name)
+        default = base.get(name, _REQUIRED)
+        if given is None and name in value and (nullable or inner is Any):
+            out[name] = None  # an explicit null where null is allowed
+        elif dataclasses.is_dataclass(inner):
+            sub = default if isinstance(default, Mapping) else None
+            out[name] = convert_section({} if given is None else given, inner, key, sub)
+        elif given is not None:
+            out[name] = _convert(given, hints[name], key)
+        elif default is _REQUIRED:
+            raise ConfigError(f"{key} is not set: give it a value ({key}=...).")
         else:
-            out[f.name] = _convert(given, tp, key)
+            out[name] = copy.deepcopy(default)
     return out
 
 
-def _default(f: dataclasses.Field, tp: Any, key: str, *, explicit_null: bool) -> Any:
-    inner, nullable = _unwrap_optional(tp)
-    if explicit_null and (nullable or inner is Any):
-        return None
-    if dataclasses.is_dataclass(inner):
-        return convert_section({}, inner, key)
-    if f.default is not _REQUIRED:
-        return f.default
-    if f.default_factory is not _REQUIRED:
-        return _as_plain_value(f.default_factory())
-    raise ConfigError(f"{key} is not set: give it a value ({key}=...).")
-
-
-def _as_plain_value(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    return value
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """``cls``'s default values as plain data (a group: a dict); a required field is absent."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not _REQUIRED:
+            out[f.name] = f.default
+        elif f.default_factory is not _REQUIRED:
+            value = f.default_factory()
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
