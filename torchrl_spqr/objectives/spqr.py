@@ -328,10 +328,8 @@ class SPQRLoss(LossWrapper):
                     "Q-functions."
                 )
             n = params.batch_size[0] if params.batch_dims else 1
-            self.loss_module = loss_module
+            self._wrap(loss_module)
             self.num_members = int(n)
-            # one registry of target updaters: SoftUpdate(spqr_loss) marks the wrapped loss's
-            self._has_update_associated = loss_module._has_update_associated
             if reduction is None:
                 reduction = getattr(loss_module, "reduction", "mean")
             if add_to is not None and add_to not in loss_module.out_keys:

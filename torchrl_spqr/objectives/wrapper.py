@@ -32,10 +32,19 @@ __all__ = ["LossWrapper"]
 class LossWrapper(LossModule):
     """Base of loss modules that wrap another one (``self.loss_module``) and stand in its place.
 
-    Subclasses register the wrapped loss as ``self.loss_module`` (or ``None`` for a
-    standalone loss) in their constructor, and rebuild their own vmapped calls in
-    :meth:`_make_vmap` (called when the vmap randomness changes).
+    Subclasses call :meth:`_wrap` in their constructor (or set ``self.loss_module = None``
+    for a standalone loss), and rebuild their own vmapped calls in :meth:`_make_vmap`
+    (called when the vmap randomness changes).
     """
+
+    def _wrap(self, loss_module: LossModule) -> None:
+        """Registers ``loss_module`` as the wrapped loss (``self.loss_module``).
+
+        The wrapper shares the wrapped loss's registry of target updaters, so that
+        ``SoftUpdate(wrapper)`` marks the wrapped loss as having one.
+        """
+        self.loss_module = loss_module
+        self._has_update_associated = loss_module._has_update_associated
 
     def __getattr__(self, name: str) -> Any:
         d = self.__dict__
