@@ -29,7 +29,6 @@ from torchrl_spqr.objectives.spqr import SPQRLoss
 from torchrl_spqr.training.config import EnvConfig, resolve_config, validate_config
 from torchrl_spqr.training.fields import (  # noqa: F401  (cfg_*: re-exported, old location)
     ConfigError,
-    _get,
     cfg_bool,
     cfg_choice,
     cfg_device,
