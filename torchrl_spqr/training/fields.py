@@ -29,7 +29,8 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field, the value and the fix."""
 
 
-def _get(cfg, dotted: str, default: Any = None) -> Any:
+def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    """The value at ``dotted`` (``"optim.lr"``) of a mapping or attribute object; null: ``default``."""
     cur = cfg
     for part in dotted.split("."):
         if cur is None:
@@ -40,8 +41,8 @@ def _get(cfg, dotted: str, default: Any = None) -> Any:
 
 # ------------------------------------------------------------------ value checks
 # Each check reads one field, converts it, and raises a ConfigError naming the field, the
-# value and what to set instead. The scripts' config files hold every field, so ``default``
-# only matters for fields a user deleted (``~field``) or set to null.
+# value and what to set instead. A resolved config (resolve_config) holds every field, so
+# ``default`` only matters for a raw config without the field or with null.
 
 _REQUIRED = object()
 

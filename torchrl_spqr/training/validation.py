@@ -1,10 +1,13 @@
-"""Value checks of the training scripts' configs: each names the field, the value and the fix.
+"""Range checks of the training scripts' configs: each names the field, the value and the fix.
 
-:func:`validate_config` (single-agent scripts) and :func:`validate_multiagent_config`
-(the MASAC script) check ranges and the relations between fields; the schema of
-:mod:`torchrl_spqr.training.config` (types, defaults, unknown names) runs first in
-:func:`~torchrl_spqr.training.config.resolve_config`. The ``cfg_*`` readers accept
-any config with ``get`` or attribute access (a plain dict, an OmegaConf ``DictConfig``).
+:func:`validate_single_agent` (the online and offline scripts) and
+:func:`validate_multiagent` (the MASAC script) check ranges, choices and the
+relations between fields (batch vs buffer size, random vs total frames, ensemble
+size vs SPQR and REDQ's subset, the device vs ``compile.cudagraphs``).
+:func:`~torchrl_spqr.training.config.resolve_config` runs them after the schema of
+:mod:`torchrl_spqr.training.config` (names, types, defaults); they read through the
+``cfg_*`` readers of :mod:`torchrl_spqr.training.fields`, so they also accept a raw
+config (a plain dict, an OmegaConf ``DictConfig``).
 """
 
 from __future__ import annotations
