@@ -1,8 +1,7 @@
 """Experiment 3 (Hopper part): offline SAC-N with N in {3, 6, 10, 21}, with and without SPQR.
 
 Runs ``sota_scripts/sac_n_spqr`` (its Hydra config, composed with overrides, and the
-package's offline loop ``torchrl_spqr.training.offline.train_offline``, exactly what
-the script's ``main`` calls) on a locally built Minari dataset, then collects every
+script's own ``train``, exactly what its ``main`` calls) on a locally built Minari dataset, then collects every
 run's ``metrics.csv`` into one table and one figure.
 
 Budget (2 busy CPU cores): 2x256 critics and actor, batch 256, ``--updates`` gradient
@@ -100,18 +99,30 @@ def _finished(run_dir: Path, updates: int) -> bool:
     return any(r.get("updates") == updates and r.get("eval_return") not in ("", None) for r in rows)
 
 
+def _script_train():
+    """``train`` of ``sota_scripts/sac_n_spqr/sac_n_spqr.py`` (the script's loop; its ``utils``)."""
+    import importlib.util
+    import sys
+
+    if str(SCRIPT_DIR) not in sys.path:
+        sys.path.insert(0, str(SCRIPT_DIR))
+    spec = importlib.util.spec_from_file_location("sac_n_spqr", SCRIPT_DIR / "sac_n_spqr.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.train
+
+
 def run_one(t: dict) -> dict:
     """Train one configuration (unless its folder already holds the finished run)."""
     run_dir = Path(t["runs"]) / run_name(t)
     if not _finished(run_dir, t["updates"]):
         from hydra import compose, initialize_config_dir
 
-        from torchrl_spqr.training.offline import train_offline
-
+        train = _script_train()
         with initialize_config_dir(config_dir=str(SCRIPT_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides(t))
         try:
-            train_offline(cfg, run_dir)
+            train(cfg, run_dir)
         except Exception:
             # the run's own plot at the end is not needed here; the metrics are
             if not _finished(run_dir, t["updates"]):
