@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -443,5 +444,29 @@ def test_compile_runs_updates_on_cpu(tmp_path):
     run = tmp_path / "r"
     res = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=42", "compile.compile=true"), run)
     assert res["updates"] == 3
-    last = _rows(run)[-1]
-    assert int(last["frames"]) == 42 and torch.isfinite(torch.tensor(float(last["loss_qvalue"])))
+    rows = _rows(run)
+    assert [int(r["frames"]) for r in rows] == [20, 40, 42]
+    assert math.isfinite(float(rows[1]["loss_qvalue"]))  # the update at frame 40
+    assert math.isfinite(float(rows[2]["eval_return"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("resume_without_graphs", [False, True])
+def test_cudagraphs_run_updates_on_cuda(tmp_path, resume_without_graphs):
+    """compile.cudagraphs=true on a GPU: the update is captured and replayed (past its
+    warm-up), losses stay finite; also when resuming a run saved without CUDA graphs (its
+    optimiser states are made capturable after loading)."""
+    sac = load_script("sac_ens_spqr")
+    run = tmp_path / "r"
+    graphs = ["compile.cudagraphs=true", "device=cuda"]
+    if resume_without_graphs:
+        sac.train(_cfg("sac_ens_spqr", "collector.total_frames=50", "device=cuda"), run)
+        graphs.append("resume=true")
+    with pytest.warns(UserWarning, match="compile.cudagraphs"):
+        res = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=60", *graphs), run)
+    assert res["updates"] == 21  # frames 40..60; past 5 warm-up calls the graph is replayed
+    rows = _rows(run)
+    assert [int(r["frames"]) for r in rows] == (
+        [20, 40, 50, 60] if resume_without_graphs else [20, 40, 60]
+    )
+    assert all(math.isfinite(float(rows[-1][k])) for k in ("loss_qvalue", "loss_actor"))

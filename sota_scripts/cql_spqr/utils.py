@@ -15,11 +15,17 @@ from torchrl_spqr.training.builders import (
     make_optimizers,
     make_target_updater,
 )
-from torchrl_spqr.training.common import RunContext, evaluate_policy, prepare_run
+from torchrl_spqr.training.common import (
+    RunContext,
+    cuda_graph_update,
+    evaluate_policy,
+    prepare_run,
+)
 from torchrl_spqr.training.offline import make_offline_data, record_dataset_transform
 
 __all__ = [
     "RunContext",
+    "cuda_graph_update",
     "evaluate_policy",
     "make_actor",
     "make_critics",

@@ -25,10 +25,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tensordict import TensorDictBase
-from tensordict.nn import CudaGraphModule
 from torchrl.objectives import LossModule, SoftUpdate
 from utils import (
     RunContext,
+    cuda_graph_update,
     evaluate_policy,
     make_actor,
     make_critics,
@@ -91,16 +91,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     optimizers = make_optimizers(cfg, base_loss)
     target_updater = make_target_updater(cfg, base_loss)
 
-    # The update, compiled (compile.compile) and captured as a CUDA graph (compile.cudagraphs)
-    # on request; the config check refused CUDA graphs on a device without CUDA
-    step = functools.partial(
-        update, loss_module=loss_module, optimizers=optimizers, target_updater=target_updater
-    )
-    if cfg.compile.compile:
-        step = torch.compile(step)
-    if cfg.compile.cudagraphs:
-        step = CudaGraphModule(step, in_keys=[], out_keys=[], warmup=5)
-
     # The run: metrics.csv and TorchRL logger, owed rows, checkpoints, resume; each
     # evaluation also logs the normalised score (the dataset's reference scores)
     has_scores = data.ref_min_score is not None and data.ref_max_score is not None
@@ -116,6 +106,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     )
     if run.start():
         print(f"resumed from {run_dir / 'checkpoint'} at update {run.counters['updates']}")
+
+    # The update, compiled (compile.compile) and captured as a CUDA graph (compile.cudagraphs)
+    # on request (after a resume: the optimisers' loaded states become capturable); the
+    # config check refused CUDA graphs on a device without CUDA
+    step = functools.partial(
+        update, loss_module=loss_module, optimizers=optimizers, target_updater=target_updater
+    )
+    if cfg.compile.compile:
+        step = torch.compile(step)
+    if cfg.compile.cudagraphs:
+        step = cuda_graph_update(step, optimizers)
 
     with run:  # first the row an interrupted run owed; at every exit (Ctrl-C too) a checkpoint
         while run.counters["updates"] < num_updates:

@@ -24,11 +24,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tensordict import TensorDictBase
-from tensordict.nn import CudaGraphModule
 from torchrl.collectors import Collector
 from torchrl.objectives import LossModule, SoftUpdate
 from utils import (
     RunContext,
+    cuda_graph_update,
     evaluate_policy,
     make_actor,
     make_collector,
@@ -87,16 +87,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     target_updater = make_target_updater(cfg, base_loss)
     replay_buffer = make_replay_buffer(cfg, run_dir)
 
-    # The update, compiled (compile.compile) and captured as a CUDA graph (compile.cudagraphs)
-    # on request; the config check refused CUDA graphs on a device without CUDA
-    step = functools.partial(
-        update, loss_module=loss_module, optimizers=optimizers, target_updater=target_updater
-    )
-    if cfg.compile.compile:
-        step = torch.compile(step)
-    if cfg.compile.cudagraphs:
-        step = CudaGraphModule(step, in_keys=[], out_keys=[], warmup=5)
-
     # The run: metrics.csv and TorchRL logger, owed rows, checkpoints, resume
     run = RunContext(
         cfg,
@@ -110,6 +100,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     )
     if run.start():
         print(f"resumed from {run_dir / 'checkpoint'} at frame {run.counters['frames']}")
+
+    # The update, compiled (compile.compile) and captured as a CUDA graph (compile.cudagraphs)
+    # on request (after a resume: the optimisers' loaded states become capturable); the
+    # config check refused CUDA graphs on a device without CUDA
+    step = functools.partial(
+        update, loss_module=loss_module, optimizers=optimizers, target_updater=target_updater
+    )
+    if cfg.compile.compile:
+        step = torch.compile(step)
+    if cfg.compile.cudagraphs:
+        step = cuda_graph_update(step, optimizers)
     done_frames = run.counters["frames"]
 
     collector = None

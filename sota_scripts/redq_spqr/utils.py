@@ -17,10 +17,16 @@ from torchrl_spqr.training.builders import (
     make_target_updater,
     shutdown_collector,
 )
-from torchrl_spqr.training.common import RunContext, evaluate_policy, prepare_run
+from torchrl_spqr.training.common import (
+    RunContext,
+    cuda_graph_update,
+    evaluate_policy,
+    prepare_run,
+)
 
 __all__ = [
     "RunContext",
+    "cuda_graph_update",
     "evaluate_policy",
     "make_actor",
     "make_collector",

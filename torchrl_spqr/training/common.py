@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from tensordict import TensorDictBase
+from tensordict.nn import CudaGraphModule
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.record.loggers import Logger
 
@@ -68,6 +69,7 @@ __all__ = [
     "RunContext",
     "check_resume_config",
     "config_differences",
+    "cuda_graph_update",
     "evaluate_policy",
     "prepare_run",
     "scalar_metrics",
@@ -107,6 +109,39 @@ def evaluate_policy(env, actor, episodes: int, max_steps: int = 1_000_000) -> tu
             returns.append(float(td["next", "reward"].sum()))
     t = torch.tensor(returns)
     return float(t.mean()), float(t.std(unbiased=False)) if len(returns) > 1 else 0.0
+
+
+def cuda_graph_update(
+    update: Callable[[TensorDictBase], TensorDictBase],
+    optimizers: dict[str, torch.optim.Optimizer],
+    *,
+    warmup: int = 5,
+) -> CudaGraphModule:
+    """``update`` captured as a CUDA graph and replayed (tensordict's ``CudaGraphModule``,
+    as TorchRL's sota-implementations do for ``compile.cudagraphs``).
+
+    An optimiser step inside a CUDA graph needs a capturable optimiser: each group is made
+    capturable and its step counters moved to its parameters' device. Call it after a
+    resume has loaded the optimisers' states (a state saved without CUDA graphs is not
+    capturable). Python-side schedules inside the loss (REDQ's policy delay, CQL's
+    behaviour-cloning steps, SPQR's ``diagnostics_interval``) are captured once and replay
+    as captured: a warning says so (TorchRL calls CUDA graphs experimental too).
+    """
+    warnings.warn(
+        "compile.cudagraphs: the update is captured once and replayed; Python-side schedules "
+        "inside the loss (REDQ's policy delay, CQL's behaviour-cloning steps, SPQR's "
+        "diagnostics_interval) replay as captured. Experimental, as in TorchRL.",
+        UserWarning,
+        stacklevel=2,
+    )
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group["capturable"] = True
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+    return CudaGraphModule(update, in_keys=[], out_keys=[], warmup=warmup)
 
 
 def scalar_metrics(out: TensorDictBase) -> dict[str, float]:
