@@ -2,9 +2,10 @@
 
 Everything is measured side by side in one run (round-robin, medians):
 
-(a) the fp32 ``torch.bmm`` peak of this machine: the best median GFLOP/s over
-    a few ``[b, 256, 256] @ [b, 256, 256]`` products (``b`` = 10 and 60, the
-    critic layers' batch of one agent and of six);
+(a) the fp32 ``torch.bmm`` peak of this machine: the best GFLOP/s over
+    ``[b, 256, 256] @ [b, 256, 256]`` products (``b`` = 10 and 60, the critic
+    layers' batch of one agent and of six; every operand layout), measured in
+    every round between the updates, median over the rounds;
 (b) the useful work of one SAC update, counted as 6 passes of the N-critic
     ensemble plus 3 of the actor (forward, backward to the inputs and to the
     weights of the critic at the data pairs: 3 passes; the target's forward:
@@ -117,22 +118,28 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
 
 
 def bmm_peak(rounds: int) -> float:
-    """Best median GFLOP/s of fp32 bmm over the critic layers' shapes."""
-    shapes = [(10, 256, 256, 256), (60, 256, 256, 256)]
+    """Best median GFLOP/s of fp32 ``torch.bmm`` over the critic layers' shapes and layouts.
+
+    ``[b, 256, 256] @ [b, 256, 256]`` with ``b`` = 10 (one agent's ensemble)
+    and 60 (six agents'), each operand plain or transposed (the forward and
+    the two backward products use all of these).
+    """
     best = 0.0
-    for b, m, kk, nn_ in shapes:
-        x, w = torch.randn(b, m, kk), torch.randn(b, kk, nn_)
-        out = torch.empty(b, m, nn_)
-        for _ in range(3):
-            torch.bmm(x, w, out=out)
-        reps = max(1, int(2e9 / (2 * b * m * kk * nn_)))
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.bmm(x, w, out=out)
-            times.append((time.perf_counter() - t0) / reps)
-        best = max(best, 2 * b * m * kk * nn_ / statistics.median(times) / 1e9)
+    for b in (10, 60):
+        x, w = torch.randn(b, 256, 256), torch.randn(b, 256, 256)
+        flops = 2 * b * 256**3
+        reps = max(1, int(2e9 / flops))
+        for xt, wt in ((False, False), (False, True), (True, False), (True, True)):
+            a = x.transpose(1, 2) if xt else x
+            c = w.transpose(1, 2) if wt else w
+            torch.bmm(a, c)
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    torch.bmm(a, c)
+                times.append((time.perf_counter() - t0) / reps)
+            best = max(best, flops / statistics.median(times) / 1e9)
     return best
 
 
@@ -148,7 +155,7 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
     times = {name: [] for name in variants}
     peaks = []
     for r in range(args.rounds):
-        peaks.append(bmm_peak(1))
+        peaks.append(bmm_peak(3))
         for name, (fn, k) in variants.items():
             data = stacked if k > 1 else single
             t0 = time.perf_counter()
