@@ -125,6 +125,40 @@ def test_interrupt_and_resume(tmp_path, monkeypatch):
     assert int(_rows(run)[-1]["updates"]) == 34 + (100 - 74)
 
 
+def test_ctrl_c_again_while_resuming_an_owed_row(tmp_path, monkeypatch):
+    """Ctrl-C during the evaluation of a logged step, then again during that evaluation on
+    resume (before the loop): that exit checkpoints too, still owing the row; the next
+    resume writes it."""
+    sac = load_script("sac_ens_spqr")
+    run = tmp_path / "run"
+    real = sac.evaluate_policy
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sac, "evaluate_policy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sac.train(_cfg("sac_ens_spqr", "collector.total_frames=80"), run)
+    assert load_checkpoint(run)["owed_row"]["eval"]
+    from torchrl_spqr.training import common
+
+    saves = []
+    real_save = common.save_checkpoint
+    monkeypatch.setattr(common, "save_checkpoint", lambda *a, **k: saves.append(real_save(*a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        sac.train(_cfg("sac_ens_spqr", "collector.total_frames=80", "resume=true"), run)
+    assert len(saves) == 1  # every exit checkpoints, this one (before the loop) too
+    ck = load_checkpoint(run)
+    assert ck["counters"]["frames"] == 60 and ck["owed_row"]["eval"]
+    assert "loss_qvalue" in ck["owed_row"]["row"]
+    assert [int(r["frames"]) for r in _rows(run)] == [20, 40]
+    monkeypatch.setattr(sac, "evaluate_policy", real)
+    sac.train(_cfg("sac_ens_spqr", "collector.total_frames=80", "resume=true"), run)
+    rows = _rows(run)
+    assert [int(r["frames"]) for r in rows] == [20, 40, 60, 80]
+    assert rows[2]["eval_return"] != "" and rows[2]["loss_qvalue"] != ""
+
+
 def test_checkpoint_restores_exact_state(tmp_path):
     """A checkpoint holds everything needed: params, optimisers, buffer, RNG, counters."""
     run = tmp_path / "run"

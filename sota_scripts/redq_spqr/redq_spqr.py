@@ -54,8 +54,9 @@ def update(
 ) -> TensorDictBase:
     """One gradient step on a sampled batch; returns the loss's (detached) output.
 
-    Every ``loss_*`` term (critic, actor, temperature, SPQR) is summed and back-propagated, each optimiser
-    steps, and the target critics move towards the online ones (Polyak, ``optim.tau``).
+    Every ``loss_*`` term (critic, actor, temperature, SPQR) is summed and back-propagated,
+    each optimiser steps, and the target critics move towards the online ones (Polyak,
+    ``optim.tau``).
     """
     loss_td = loss_module(batch)
     loss = sum(value for key, value in loss_td.items() if key.startswith("loss_"))

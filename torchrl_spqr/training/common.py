@@ -288,7 +288,11 @@ class RunContext:
         if not self._started:
             self.start()
         if self.owed is not None:
-            self._write_owed(train=False)  # its training metrics were saved with it
+            try:
+                self._write_owed(train=False)  # its training metrics were saved with it
+            except BaseException:  # e.g. Ctrl-C during its evaluation: __exit__ will not run
+                self.close()
+                raise
         self._t_prev = self._t_mark = self._win_start = time.perf_counter()
         return self
 
