@@ -504,3 +504,42 @@ def test_cudagraphs_run_updates_on_cuda(tmp_path, resume_without_graphs):
         [20, 40, 50, 60] if resume_without_graphs else [20, 40, 60]
     )
     assert all(math.isfinite(float(rows[-1][k])) for k in ("loss_qvalue", "loss_actor"))
+
+
+def test_metrics_csv_logger_widens_resumes_and_truncates(tmp_path):
+    """metrics.csv as a TorchRL Logger: standard columns first, a new metric widens the
+    file (earlier rows padded), a reopened file keeps its header, truncate() cuts back."""
+    from torchrl.record.loggers import Logger
+
+    from torchrl_spqr.training.loggers import METRIC_FIELDS, MetricsCSVLogger
+
+    log = MetricsCSVLogger(tmp_path, step_field="updates")
+    assert isinstance(log, Logger)
+    log.log_metrics({"loss_qvalue": torch.tensor(1.5)}, step=10)
+    log.log_metrics({"loss_qvalue": 1.0, "cql_gap": 0.25}, step=20)
+    log.log_scalar("alpha_prime", 2.0, step=30)
+    log.shutdown()
+    with (tmp_path / "metrics.csv").open(newline="") as f:
+        header = next(csv.reader(f))
+    assert header == [*METRIC_FIELDS, "cql_gap", "alpha_prime"]
+    rows = _rows(tmp_path)
+    assert [(r["updates"], r["loss_qvalue"], r["cql_gap"]) for r in rows] == [
+        ("10", "1.5", ""),
+        ("20", "1.0", "0.25"),
+        ("30", "", ""),
+    ]
+    with (tmp_path / "metrics.csv").open("a") as f:
+        f.write("40,cut off mid-")  # a kill while writing a row
+    again = MetricsCSVLogger(tmp_path, step_field="updates")
+    assert again.truncate(20) == 20
+    again.log_metrics({"cql_gap": 0.5}, step=30)
+    again.shutdown()
+    assert [(r["updates"], r["cql_gap"]) for r in _rows(tmp_path)] == [
+        ("10", ""),
+        ("20", "0.25"),
+        ("30", "0.5"),
+    ]
+    again.clear()
+    assert not (tmp_path / "metrics.csv").exists()
+    with pytest.raises(NotImplementedError, match="scalars only"):
+        again.log_video("rollout", torch.zeros(1, 3, 8, 8))
