@@ -105,6 +105,7 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
     variants = {
         f"TorchRL SACLoss({n})": (single_step(sac), 1),
         f"SACNLoss({n}), single agent": (single_step(make_sacn(n, h, 0)), 1),
+        f"SACNLoss({n}), PopulationUpdate K=1": (PopulationUpdate([make_sacn(n, h, 0)]), 1),
     }
     pop = PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different")
     variants[f"population K={k} SACNLoss({n})"] = (pop, k)
@@ -149,15 +150,21 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
     variants = make_variants(args)
     single = [make_batch(args.batch) for _ in range(4)]
     stacked = [torch.stack([make_batch(args.batch) for _ in range(args.agents)]) for _ in range(4)]
+
+    def data_of(fn: Callable, k: int) -> list[TensorDict]:
+        if not isinstance(fn, PopulationUpdate):
+            return single
+        return stacked if k > 1 else [b.unsqueeze(0) for b in single]
+
     for fn, k in variants.values():
         for i in range(2):
-            fn((stacked if k > 1 else single)[i])
+            fn(data_of(fn, k)[i])
     times = {name: [] for name in variants}
     peaks = []
     for r in range(args.rounds):
         peaks.append(bmm_peak(3))
         for name, (fn, k) in variants.items():
-            data = stacked if k > 1 else single
+            data = data_of(fn, k)
             t0 = time.perf_counter()
             for i in range(args.inner):
                 fn(data[(r + i) % 4])
