@@ -1,4 +1,6 @@
-"""Training utilities behind the SOTA-style scripts: builders, checkpoints, the online loop."""
+"""Training utilities behind the SOTA-style scripts: config, builders, checkpoints and the run
+protocol (``common.RunContext``); each script in ``sota_scripts/`` holds its own loop.
+"""
 
 from torchrl_spqr.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from torchrl_spqr.training.config import ConfigError, resolve_config, validate_config
