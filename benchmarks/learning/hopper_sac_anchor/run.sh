@@ -15,7 +15,7 @@
 # EVAL_EVERY (2000), OUT (runs/hopper_sac_anchor under this checkout), NICE (19).
 # Each seed runs both arms at once (two 1-thread processes), then the next seed; a run
 # whose folder already holds a finished run is skipped. At the end summarize.py writes
-# curves/, summary.csv, stats.csv and hopper_sac_anchor.png next to this script.
+# curves/, summary.csv, stats.csv, difference.csv and hopper_sac_anchor.png next to this script.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

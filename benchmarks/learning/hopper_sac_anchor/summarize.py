@@ -7,8 +7,8 @@
 header: TorchRL's CSV logger format, which run.sh also writes for our arm). Writes
 into ``--out``: ``curves/<arm>_seed<S>.csv`` (``frames,eval_return``), ``summary.csv``
 (arm, seed, final and best evaluation return), ``stats.csv`` (per arm and metric: n,
-mean, std with ddof 1, 95% Student-t interval of the mean; and the difference of the
-arms' means with Welch's 95% interval and p-value) and ``hopper_sac_anchor.png``.
+mean, std with ddof 1, 95% Student-t interval of the mean), ``difference.csv`` (ours
+minus TorchRL's mean, Welch's 95% interval and p-value) and ``hopper_sac_anchor.png``.
 Only finished runs (a row at ``--frames``) are counted; the table is also printed.
 """
 
@@ -115,7 +115,8 @@ def main() -> None:
         w.writerow(["arm", "metric", "n", "mean", "std", "ci95_low", "ci95_high"])
         for r in stat_rows:
             w.writerow([*r[:3], *(f"{v:.1f}" for v in r[3:])])
-        w.writerow([])
+    with (args.out / "difference.csv").open("w", newline="") as f:
+        w = csv.writer(f)
         w.writerow(["metric", "ours_minus_torchrl", "welch_ci95_low", "welch_ci95_high", "p"])
         for d in diffs:
             w.writerow([d[0], *(f"{v:.1f}" for v in d[1:4]), f"{d[4]:.3f}"])
