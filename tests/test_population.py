@@ -280,3 +280,44 @@ def test_compiled_update_equals_eager():
         results.append(pop.state.data.clone())
     for key, value in results[0].items(True, True):
         torch.testing.assert_close(results[1].get(key), value, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("loss_class", ["ReferenceREDQLoss", "CQLNLoss"])
+def test_other_ensemble_losses_equal_single_runs(loss_class):
+    """REDQ (random target subsets, delayed policy) and CQL-N also batch exactly."""
+    import torchrl_spqr
+
+    cls = getattr(torchrl_spqr, loss_class)
+    kwargs = {"policy_update_delay": 2} if loss_class == "ReferenceREDQLoss" else {}
+
+    def make(seed):
+        torch.manual_seed(seed)
+        critics = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(HIDDEN, HIDDEN)), N)
+        return cls(make_actor(), critics, action_spec=Bounded(-1.0, 1.0, (ACT,)), **kwargs)
+
+    seed, steps = 5, 4
+    batches = [[make_batch(20 * k + i) for i in range(steps)] for k in range(2)]
+    pop = PopulationUpdate(
+        [make(0), make(1)], randomness="same", optimizer_kwargs={"foreach": True}
+    )
+    torch.manual_seed(seed)
+    for i in range(steps):
+        pop(torch.stack([batches[0][i], batches[1][i]]))
+    for k in range(2):
+        loss = make(k)
+        opt = single_run(loss, batches[k], seed)
+        assert_agent_equals(pop, k, loss, opt)
+
+
+def test_loss_that_cannot_be_vmapped_is_named():
+    """EDAC's diversity term takes gradients inside the loss, which torch.vmap refuses."""
+    from torchrl_spqr import EDACLoss
+
+    def make(seed):
+        torch.manual_seed(seed)
+        critics = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(HIDDEN, HIDDEN)), N)
+        return EDACLoss(make_actor(), critics, action_spec=Bounded(-1.0, 1.0, (ACT,)))
+
+    pop = PopulationUpdate([make(0), make(1)])
+    with pytest.raises(RuntimeError, match="EDACLoss cannot run under torch.vmap"):
+        pop(torch.stack([make_batch(0), make_batch(1)]))

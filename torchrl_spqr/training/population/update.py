@@ -258,10 +258,19 @@ class PopulationUpdate(nn.Module):
         ``beta = 0`` agent's entry is a zero with exactly zero gradient).
         """
         self._check_batch(batch)
-        with per_agent_normal_draws(self.randomness):
-            out = torch.vmap(self._agent_loss, (0, 0), randomness=self.randomness)(
-                self.state, batch
-            )
+        try:
+            with per_agent_normal_draws(self.randomness):
+                out = torch.vmap(self._agent_loss, (0, 0), randomness=self.randomness)(
+                    self.state, batch
+                )
+        except RuntimeError as err:
+            if "functorch" not in str(err) and "vmap" not in str(err):
+                raise
+            name = type(getattr(self.template, "loss_module", None) or self.template).__name__
+            raise RuntimeError(
+                f"{name} cannot run under torch.vmap, so PopulationUpdate cannot batch it "
+                f"(supported: SACNLoss, ReferenceREDQLoss, CQLNLoss, alone or in SPQRLoss): {err}"
+            ) from err
         if self._spqr and "loss_spqr" in out.keys():
             out.set("loss_spqr", out.get("loss_spqr") * self.beta)
             if "spqr_beta" in out.keys():
