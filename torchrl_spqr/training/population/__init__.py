@@ -11,9 +11,8 @@ state swapped into one template module (``state.to_module(template)``). The
 members, so the ``K x N`` critics run as one batched matrix product per layer,
 and the ``K`` actors likewise.
 
-Losses: ``SACNLoss``, ``ReferenceREDQLoss`` and ``CQLNLoss``, alone or
-wrapped in ``SPQRLoss``, each checked against single runs in
-``tests/test_population.py``. A loss whose forward cannot run under
+Losses checked against single runs in ``tests/test_population.py``:
+``SACNLoss`` alone and in ``SPQRLoss``, ``ReferenceREDQLoss``, ``CQLNLoss``. A loss whose forward cannot run under
 :func:`torch.vmap` (``EDACLoss``: its diversity term takes gradients inside
 the loss) is refused at the first update with an error naming it.
 
