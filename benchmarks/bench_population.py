@@ -33,7 +33,8 @@ Everything is measured side by side in one run (round-robin, medians):
     processes started together by a barrier; a configuration's rate is
     ``K * updates / (time until its last process finishes)``.
 
-    python benchmarks/bench_population.py --rounds 5          # about 5 minutes on an idle 2-core machine
+    python benchmarks/bench_population.py --rounds 5 --inner 2 --updates 4 --spqr
+    python benchmarks/bench_population.py --device cuda --threads 1 --agents 8 --compile --cudagraphs
 
 Absolute times depend on the machine's load; the fractions and ratios are
 computed from timings taken in the same run.
@@ -57,6 +58,18 @@ from torchrl.objectives import SACLoss, SoftUpdate
 from torchrl_spqr import QEnsemble, SACNLoss, SPQRLoss, make_q_member
 from torchrl_spqr.training.population import PopulationUpdate
 
+DEVICE = torch.device("cpu")  # --device
+
+
+def sync() -> None:
+    """Wait for the device's queued work (CUDA timings)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def batch_on_device(b: int) -> TensorDict:
+    return make_batch(b).to(DEVICE)
+
 
 def mlp_flops(sizes: list[int]) -> int:
     """Matmul FLOPs of one sample through an MLP with these layer sizes (2 per multiply-add)."""
@@ -76,7 +89,7 @@ def make_sacn(n: int, hidden: int, seed: int, beta: float | None = None):
     loss = SACNLoss(make_actor(hidden), ens)
     if beta is not None:
         loss = SPQRLoss(loss, beta=beta, diagnostics_interval=0)
-    return loss
+    return loss.to(DEVICE)
 
 
 def single_step(loss):
@@ -102,17 +115,24 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
     ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(h, h)), n)
     sac = SACLoss(make_actor(h), ens.members(), num_qvalue_nets=n, loss_function="l2")
     sac.make_value_estimator(gamma=0.99)
+    sac = sac.to(DEVICE)
+    fast = {"compile": args.compile, "cudagraphs": args.cudagraphs}
     variants = {
         f"TorchRL SACLoss({n})": (single_step(sac), 1),
         f"SACNLoss({n}), single agent": (single_step(make_sacn(n, h, 0)), 1),
-        f"SACNLoss({n}), PopulationUpdate K=1": (PopulationUpdate([make_sacn(n, h, 0)]), 1),
+        f"SACNLoss({n}), PopulationUpdate K=1": (
+            PopulationUpdate([make_sacn(n, h, 0)], **fast),
+            1,
+        ),
     }
-    pop = PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different")
+    pop = PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different", **fast)
     variants[f"population K={k} SACNLoss({n})"] = (pop, k)
     if args.spqr:
         betas = [float(i % 2) for i in range(k)]
         pop_spqr = PopulationUpdate(
-            [make_sacn(n, h, s, beta=b) for s, b in enumerate(betas)], randomness="different"
+            [make_sacn(n, h, s, beta=b) for s, b in enumerate(betas)],
+            randomness="different",
+            **fast,
         )
         variants[f"population K={k} + SPQR (beta 0/1)"] = (pop_spqr, k)
     return variants
@@ -127,18 +147,20 @@ def bmm_peak(rounds: int) -> float:
     """
     best = 0.0
     for b in (10, 60):
-        x, w = torch.randn(b, 256, 256), torch.randn(b, 256, 256)
+        x, w = torch.randn(b, 256, 256, device=DEVICE), torch.randn(b, 256, 256, device=DEVICE)
         flops = 2 * b * 256**3
-        reps = max(1, int(2e9 / flops))
+        reps = max(1, int((2e11 if DEVICE.type == "cuda" else 2e9) / flops))
         for xt, wt in ((False, False), (False, True), (True, False), (True, True)):
             a = x.transpose(1, 2) if xt else x
             c = w.transpose(1, 2) if wt else w
             torch.bmm(a, c)
             times = []
             for _ in range(rounds):
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     torch.bmm(a, c)
+                sync()
                 times.append((time.perf_counter() - t0) / reps)
             best = max(best, flops / statistics.median(times) / 1e9)
     return best
@@ -148,26 +170,30 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
     """bmm peak, median seconds per update and agents per call of each variant."""
     torch.set_num_threads(threads)
     variants = make_variants(args)
-    single = [make_batch(args.batch) for _ in range(4)]
-    stacked = [torch.stack([make_batch(args.batch) for _ in range(args.agents)]) for _ in range(4)]
+    single = [batch_on_device(args.batch) for _ in range(4)]
+    stacked = [
+        torch.stack([batch_on_device(args.batch) for _ in range(args.agents)]) for _ in range(4)
+    ]
 
     def data_of(fn: Callable, k: int) -> list[TensorDict]:
         if not isinstance(fn, PopulationUpdate):
             return single
         return stacked if k > 1 else [b.unsqueeze(0) for b in single]
 
-    for fn, k in variants.values():
-        for i in range(2):
-            fn(data_of(fn, k)[i])
+    for fn, k in variants.values():  # warm-up (and compilation / CUDA-graph capture)
+        for i in range(8 if args.compile or args.cudagraphs else 2):
+            fn(data_of(fn, k)[i % 4])
     times = {name: [] for name in variants}
     peaks = []
     for r in range(args.rounds):
         peaks.append(bmm_peak(3))
         for name, (fn, k) in variants.items():
             data = data_of(fn, k)
+            sync()
             t0 = time.perf_counter()
             for i in range(args.inner):
                 fn(data[(r + i) % 4])
+            sync()
             times[name].append((time.perf_counter() - t0) / args.inner)
     return (
         statistics.median(peaks),
@@ -267,8 +293,15 @@ def main() -> None:
     p.add_argument("--spqr", action="store_true", help="also a population with SPQR (beta 0/1)")
     p.add_argument("--skip-aggregate", action="store_true", help="only (a)-(c)")
     p.add_argument("--only-aggregate", action="store_true", help="only (d)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: (a)-(c) on it")
+    p.add_argument("--compile", action="store_true", help="torch.compile the population updates")
+    p.add_argument(
+        "--cudagraphs", action="store_true", help="capture the population updates (CUDA only)"
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
+    global DEVICE
+    DEVICE = torch.device(args.device)
     cores = len(os.sched_getaffinity(0))
     work = update_flops(args.n, args.hidden, args.batch)
     print(
@@ -289,7 +322,9 @@ def main() -> None:
             k = agents[name]
             frac = k * work / t / (peak * 1e9)
             print(f"  {name:42s} {1e3 * t:10.1f} {k / t:12.2f} {100 * frac:12.1f}%")
-    if not args.skip_aggregate:
+    if DEVICE.type != "cpu" and not args.skip_aggregate:
+        print("\n(d) skipped: the process comparison is a CPU measurement (use --device cpu)")
+    elif not args.skip_aggregate:
         rates = aggregate(args, cores)
         print(
             f"\n(d) aggregate agent-updates/s, K={args.agents} agents on {cores} cores, "
