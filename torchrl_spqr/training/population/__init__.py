@@ -45,8 +45,10 @@ each started with ``torch.manual_seed(s)`` (``tests/test_population.py``).
 Per-agent settings: initial parameters (build agent ``k`` under its own seed,
 see :func:`build_population`), the SPQR ``beta`` (each agent's
 ``SPQRLoss(beta=...)``, read at construction into the ``(K,)`` buffer
-:attr:`PopulationUpdate.beta`; ``beta = 0`` agents get exactly zero SPQR
-gradient), ``alpha_init`` and ``target_entropy``, the batches and the replay
+:attr:`PopulationUpdate.beta`, which may be changed between updates; the SPQR
+term is computed for every agent of an ``SPQRLoss`` population and multiplied
+by its beta, so ``beta = 0`` agents get exactly zero SPQR gradient: for a
+population without SPQR, pass the bare losses), ``alpha_init`` and ``target_entropy``, the batches and the replay
 data. Shared (the loss's Python-level settings, which decide the control flow
 of the one vmapped call, and are checked equal): the loss class and network
 architecture, the ensemble size, the SPQR ``pairs`` / ``member_weights`` /
@@ -54,8 +56,8 @@ architecture, the ensemble size, the SPQR ``pairs`` / ``member_weights`` /
 optimiser's hyperparameters (learning rates, betas, eps) and ``tau``. A
 population that mixes, e.g., ``pairs="data"`` and ``pairs="next_policy"`` is
 two populations. SPQR needs ``diagnostics_interval=0`` (the diagnostics take
-data-dependent branches that ``torch.vmap`` cannot batch) and a constant beta
-(no schedule).
+data-dependent branches that ``torch.vmap`` cannot batch) and no beta schedule
+(set :attr:`PopulationUpdate.beta` between updates instead).
 
 GPU path: ``compile=True`` wraps the update in :func:`torch.compile` and
 ``cudagraphs=True`` additionally captures it with TensorDict's

@@ -170,7 +170,9 @@ class PopulationUpdate(nn.Module):
         # built outside vmap (its lazy construction reads Python floats)
         _ = template.value_estimator
         if self._spqr:
-            template.beta.fill_(1.0 if any(b > 0 for b in betas) else 0.0)
+            # always computed (beta = 0 agents multiply it by 0), so that beta can be
+            # changed between updates or loaded from a checkpoint
+            template.beta.fill_(1.0)
         targets, sources = target_pairs(self.state)
         # the stacked tensors are updated in place: the lists are built once
         self._targets = [self.state.get(k) for k in targets]
