@@ -6,7 +6,8 @@
 ``spqr_sac_ens_N2_beta0/seedS/eval_reward.csv`` (``frames,eval_return`` rows, no
 header: TorchRL's CSV logger format, which run.sh also writes for our arm). Writes
 into ``--out``: ``curves/<arm>_seed<S>.csv`` (``frames,eval_return``), ``summary.csv``
-(arm, seed, final and best evaluation return), ``stats.csv`` (per arm and metric: n,
+(arm, seed, final and best evaluation return, and the mean of the last three
+evaluations, less noisy than the final one), ``stats.csv`` (per arm and metric: n,
 mean, std with ddof 1, 95% Student-t interval of the mean), ``difference.csv`` (ours
 minus TorchRL's mean, Welch's 95% interval and p-value) and ``hopper_sac_anchor.png``.
 Only finished runs (a row at ``--frames``) are counted; the table is also printed.
@@ -88,11 +89,13 @@ def main() -> None:
     for arm, by_seed in curves.items():
         finals = {s: rows[-1][1] for s, rows in by_seed.items()}
         bests = {s: max(r for _, r in rows) for s, rows in by_seed.items()}
+        last3 = {s: float(np.mean([r for _, r in rows[-3:]])) for s, rows in by_seed.items()}
         for s in sorted(by_seed):
-            summary.append([arm, s, f"{finals[s]:.1f}", f"{bests[s]:.1f}"])
+            summary.append([arm, s, f"{finals[s]:.1f}", f"{bests[s]:.1f}", f"{last3[s]:.1f}"])
         per_arm[arm] = {
             "final": np.array([finals[s] for s in sorted(by_seed)]),
             "best": np.array([bests[s] for s in sorted(by_seed)]),
+            "last3": np.array([last3[s] for s in sorted(by_seed)]),
         }
         for metric, x in per_arm[arm].items():
             if len(x) == 0:
@@ -102,12 +105,12 @@ def main() -> None:
             stat_rows.append([arm, metric, len(x), x.mean(), sd, lo, hi])
     with (args.out / "summary.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arm", "seed", "final_eval_return", "best_eval_return"])
+        w.writerow(["arm", "seed", "final_eval_return", "best_eval_return", "last3_eval_return"])
         w.writerows(summary)
 
     a, b = per_arm["spqr_sac_ens_N2_beta0"], per_arm["torchrl_sac"]
     diffs = []
-    for metric in ("final", "best"):
+    for metric in ("final", "best", "last3"):
         if len(a[metric]) > 1 and len(b[metric]) > 1:
             diffs.append([metric, *welch(a[metric], b[metric])])
     with (args.out / "stats.csv").open("w", newline="") as f:
