@@ -114,7 +114,7 @@ def test_rng_round_trip_and_older_layout():
 
 
 # ------------------------------------------------------- completeness and recovery
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _buf(n=30, fill=True):

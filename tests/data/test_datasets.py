@@ -589,7 +589,7 @@ def test_the_old_command_line_still_works_without_a_warning(tmp_path):
         return subprocess.run(
             [sys.executable, "-W", "always::FutureWarning", "-m", "torchrl_spqr.datasets", *args],
             env=env,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],
             capture_output=True,
             text=True,
             timeout=300,
@@ -799,7 +799,7 @@ def test_a_killed_overwrite_leaves_a_complete_dataset(when):
     proc = subprocess.run(
         [sys.executable, "-c", _KILLED_BUILD, when, dataset_id],
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         timeout=300,

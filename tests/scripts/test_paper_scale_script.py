@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from torchrl_spqr import analysis  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "learning" / "paper_scale.sh"
 
 

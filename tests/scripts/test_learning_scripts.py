@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from torchrl_spqr import analysis  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LEARNING = ROOT / "benchmarks" / "learning"
 
 OUT = "<out>"  # stands for a temporary output folder in the script's arguments

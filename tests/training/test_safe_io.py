@@ -25,7 +25,7 @@ from torchrl_spqr.training import checkpoint as C
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Boom:

@@ -23,7 +23,7 @@ from torchrl_spqr.data import (  # noqa: E402
     normalized_score,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALGOS = ("sac_n_spqr", "edac_spqr", "cql_spqr")
 DATASET = "local/test/hopper-random-v0"
 

@@ -17,7 +17,7 @@ from torchrl_spqr.training import builders as B
 from torchrl_spqr.training.checkpoint import save_checkpoint
 from torchrl_spqr.training.restore import load_agent, load_policy_from_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CFG = {
     "algorithm": "sac_ens",

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import torchrl_spqr.training  # noqa: E402, F401  (registers the scripts' config schemas with Hydra)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["sac_ens_spqr", "redq_spqr", "sac_n_spqr", "edac_spqr", "cql_spqr"]
 ONLINE_TINY = [
     "env=pendulum",

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("matplotlib")
 from torchrl_spqr import analysis  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LEARNING = ROOT / "benchmarks" / "learning"
 
 # README setting -> (run folder under benchmarks/learning, arm-name prefix, evaluation key)

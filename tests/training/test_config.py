@@ -24,7 +24,7 @@ from torchrl_spqr.training.config import (  # noqa: E402
     validate_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OFFLINE = {"sac_n", "edac", "cql"}
 
 

@@ -272,7 +272,7 @@ def test_dataset_configs_use_authors():
 
     from omegaconf import OmegaConf
 
-    root = Path(__file__).resolve().parents[1] / "sota_scripts"
+    root = Path(__file__).resolve().parents[2] / "sota_scripts"
     files = sorted((root / "cql_spqr" / "dataset").glob("kitchen_*.yaml"))
     files += sorted((root / "cql_spqr" / "dataset").glob("antmaze_*.yaml"))
     assert files

@@ -18,7 +18,7 @@ from torchrl_spqr import analysis  # noqa: E402
 from torchrl_spqr.analysis import cli  # noqa: E402
 from torchrl_spqr.functional import matrix_side  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 FIELDS = ["frames", "updates", "train_return", "eval_return", "spqr_kl", "spqr_accept_rate"]

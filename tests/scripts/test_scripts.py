@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from torchrl_spqr.training.builders import ConfigError, validate_config  # noqa: E402
 from torchrl_spqr.training.checkpoint import load_checkpoint, restore_rng  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
     "sac_ens_spqr": ROOT / "sota_scripts/sac_ens_spqr",
     "redq_spqr": ROOT / "sota_scripts/redq_spqr",

@@ -38,7 +38,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "sota_scripts/masac_spqr"
 A, OBS, ACT, N, B, H = 3, 5, 2, 6, 16, 16
 G = "agents"

@@ -16,6 +16,7 @@ from torch import nn
 from torchrl_spqr import data as D
 from torchrl_spqr.modules import QEnsemble, init_linear_stack_, make_q_member
 from torchrl_spqr.training import builders as B
+from torchrl_spqr.training.config import resolve_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -143,9 +144,11 @@ def _env_stub(n_obs=11, n_act=3):
 
 
 def _cfg(**network):
-    base = {"hidden_sizes": [32, 32]}
+    # the generic defaults (no reference init, no clamp), not sac_ens's own
+    base = {"hidden_sizes": [32, 32], "init": "default", "actor_init": None}
+    base["actor_log_std_clamp"] = None
     base.update(network)
-    return OmegaConf.create({"network": base})
+    return OmegaConf.create({"algorithm": "sac_ens", "network": base})
 
 
 def test_actor_log_std_clamp():
@@ -177,10 +180,9 @@ def test_actor_init_follows_the_reference():
 
 
 def test_validate_network_init_fields():
-    def check(**network):
-        cfg = OmegaConf.create({"network": network})
-        B.cfg_choice(cfg, "network.init", ("default", "edac", "redq"), "default")
-        B._validate_log_std_clamp(cfg)
+    def check(**network):  # through the public config path (schema, then range checks)
+        cfg = {"algorithm": "sac_ens", "env": {"name": "Hopper-v5"}, "network": network}
+        resolve_config(cfg, "sac_ens")
 
     check(init="edac", actor_log_std_clamp=[-5, 2])
     with pytest.raises(B.ConfigError, match="network.init"):
@@ -201,6 +203,6 @@ def test_validate_network_init_fields():
     ],
 )
 def test_script_defaults(algo, init, clamp):
-    cfg = OmegaConf.load(Path(__file__).parents[1] / f"sota_scripts/{algo}_spqr/config.yaml")
+    cfg = OmegaConf.load(Path(__file__).parents[2] / f"sota_scripts/{algo}_spqr/config.yaml")
     assert cfg.network.init == init and cfg.network.actor_init == init
     assert list(cfg.network.actor_log_std_clamp) == clamp
