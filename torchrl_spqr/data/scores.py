@@ -48,7 +48,7 @@ D4RL_REF_SCORES: dict[str, tuple[float, float]] = {
 #: v4 and v5 are identical (v4 kept for uniformity). D4RL's ant data has 111 dims
 #: (contact forces of all 14 bodies, world included): only ``Ant-v4`` with
 #: ``use_contact_forces=True`` matches (``Ant-v5`` gives 105 dims).
-#: Checked by ``tests/test_fidelity_envs_init.py`` (friction read from the simulator).
+#: Checked by ``tests/training/test_fidelity_envs_init.py`` (friction read from the simulator).
 D4RL_ENV_IDS: dict[str, tuple[str, dict[str, Any]]] = {
     "halfcheetah": ("HalfCheetah-v4", {}),
     "hopper": ("Hopper-v4", {}),

@@ -17,7 +17,7 @@ method runs (``SACLoss.qvalue_v2_loss``, ``TD3Loss.value_loss``,
 checked (count, grad mode, batch); anything unexpected leaves the request
 unserved and the caller falls back to an explicit pass, which it reports
 (``spqr_source="extra_pass"``), never a silent substitution. The installed
-TorchRL's call pattern is pinned by ``tests/test_torchrl_losses.py``.
+TorchRL's call pattern is pinned by ``tests/objectives/test_torchrl_losses.py``.
 
 Pairs served:
 

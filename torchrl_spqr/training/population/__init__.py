@@ -11,7 +11,7 @@ state swapped into one template module (``state.to_module(template)``). The
 members, so the ``K x N`` critics run as one batched matrix product per layer,
 and the ``K`` actors likewise.
 
-Losses checked against single runs in ``tests/test_population.py``:
+Losses checked against single runs in ``tests/training/test_population.py``:
 ``SACNLoss`` alone and in ``SPQRLoss``, ``ReferenceREDQLoss``, ``CQLNLoss``. A loss whose forward cannot run under
 :func:`torch.vmap` (``EDACLoss``: its diversity term takes gradients inside
 the loss) is refused at the first update with an error naming it.
@@ -40,7 +40,7 @@ Random draws: ``randomness="different"`` (default, for training) gives every
 agent its own policy samples; ``randomness="same"`` gives every agent the draw
 a single run would see from the same generator state, so
 ``torch.manual_seed(s)`` + a ``"same"`` population reproduces ``K`` single runs
-each started with ``torch.manual_seed(s)`` (``tests/test_population.py``).
+each started with ``torch.manual_seed(s)`` (``tests/training/test_population.py``).
 
 Per-agent settings: initial parameters (build agent ``k`` under its own seed,
 see :func:`build_population`), the SPQR ``beta`` (each agent's
