@@ -29,6 +29,7 @@ LAYERS = {
     "torchrl_spqr.functional": 0,
     "torchrl_spqr.diagnostics": 0,
     "torchrl_spqr.safe_io": 0,
+    "torchrl_spqr._deprecation": 0,  # the deprecated shims' one helper (imports lazily)
     "torchrl_spqr.modules": 1,
     "torchrl_spqr.objectives": 2,
     "torchrl_spqr.data": 3,

@@ -13,12 +13,10 @@ runs the new command line, ``python -m torchrl_spqr.data``.
 
 from __future__ import annotations
 
-import sys
-import warnings
-from typing import Any
+from torchrl_spqr._deprecation import moved_names
 
 #: old public name -> the module it moved to (the name is the same there)
-_MOVED: dict[str, str] = {
+_MOVED = {
     "D4RL_ENV_IDS": "torchrl_spqr.data",
     "D4RL_REF_SCORES": "torchrl_spqr.data",
     "DOWNLOAD_TIMEOUT_S": "torchrl_spqr.data",
@@ -38,41 +36,12 @@ _MOVED: dict[str, str] = {
     "parse_d4rl_id": "torchrl_spqr.data",
 }
 
-__all__ = sorted(_MOVED)
-
-
-def _moved(name: str) -> Any:
-    """The object ``name`` at its new location (imported only when asked for)."""
-    if name == "load_policy_from_run":
-        from torchrl_spqr.training.restore import load_policy_from_run
-
-        return load_policy_from_run
-    if name == "main":
-        from torchrl_spqr.data.cli import main
-
-        return main
-    from torchrl_spqr import data
-
-    return getattr(data, name)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(
-            f"torchrl_spqr.datasets.{name} moved to {_MOVED[name]}.{name}; the old location "
-            "will be removed in the next release",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return _moved(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return list(__all__)
+__all__, __getattr__, __dir__ = moved_names(__name__, _MOVED)
 
 
 if __name__ == "__main__":
+    import sys
+
     from torchrl_spqr.data.cli import main as _main
 
     sys.exit(_main(prog="python -m torchrl_spqr.datasets"))

@@ -6,28 +6,12 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
+from torchrl_spqr._deprecation import moved_names
 
-from torchrl_spqr.modules import ensemble as _new
+#: the public names that moved, and where
+_MOVED = dict.fromkeys(
+    ("INIT_SCHEMES", "BatchedMLP", "QEnsemble", "init_linear_stack_", "make_q_member"),
+    "torchrl_spqr.modules.ensemble",
+)
 
-#: the public names that moved (all to the same module)
-_MOVED = ("INIT_SCHEMES", "BatchedMLP", "QEnsemble", "init_linear_stack_", "make_q_member")
-
-__all__ = list(_MOVED)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(
-            f"torchrl_spqr.ensemble.{name} moved to torchrl_spqr.modules.ensemble.{name}; the "
-            "old location will be removed in the next release",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return getattr(_new, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return list(__all__)
+__all__, __getattr__, __dir__ = moved_names(__name__, _MOVED)

@@ -12,9 +12,7 @@ Each moved name still resolves here, with a ``FutureWarning`` naming its new loc
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
+from torchrl_spqr._deprecation import moved_names
 
 _MODULES = "torchrl_spqr.modules.multiagent"
 _TRAINING = "torchrl_spqr.training.multiagent"
@@ -34,28 +32,11 @@ _MOVED = {
     "make_collector": _TRAINING,
     "evaluate": _TRAINING,
 }
+#: names removed for good
+_REMOVED = {
+    "train_masac": "torchrl_spqr.multiagent.train_masac was removed: the MASAC training loop is "
+    "train(cfg, run_dir) in the script sota_scripts/masac_spqr/masac_spqr.py "
+    "(run: python sota_scripts/masac_spqr/masac_spqr.py).",
+}
 
-__all__ = sorted(_MOVED)
-
-
-def __getattr__(name: str) -> Any:
-    new = _MOVED.get(name)
-    if new is None:
-        if name == "train_masac":
-            raise AttributeError(
-                "torchrl_spqr.multiagent.train_masac was removed: the MASAC training loop is "
-                "train(cfg, run_dir) in the script sota_scripts/masac_spqr/masac_spqr.py "
-                "(run: python sota_scripts/masac_spqr/masac_spqr.py)."
-            )
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"torchrl_spqr.multiagent.{name} moved to {new}; the old location will be removed "
-        "in the next release",
-        FutureWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(new), name)
-
-
-def __dir__() -> list[str]:
-    return list(__all__)
+__all__, __getattr__, __dir__ = moved_names(__name__, _MOVED, _REMOVED)

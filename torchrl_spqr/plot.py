@@ -8,9 +8,7 @@ Every public name of the old ``torchrl_spqr.plot`` is served from its new home w
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
+from torchrl_spqr._deprecation import moved_names
 
 #: old name -> module of :mod:`torchrl_spqr.analysis` that holds it now
 _MOVED = {
@@ -56,24 +54,7 @@ _MOVED = {
     "main": "torchrl_spqr.analysis.cli",
 }
 
-__all__ = sorted(_MOVED)
-
-
-def __getattr__(name: str) -> Any:
-    new = _MOVED.get(name)
-    if new is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"torchrl_spqr.plot.{name} moved to {new}; the old location will be removed in the "
-        "next release",
-        FutureWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(new), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = moved_names(__name__, _MOVED)
 
 
 if __name__ == "__main__":

@@ -9,37 +9,16 @@ location; import from :mod:`torchrl_spqr.objectives`.
 
 from __future__ import annotations
 
-import warnings
-from types import ModuleType
-from typing import Any
-
-from torchrl_spqr.objectives import cql_n, edac, redq, sac_n
+from torchrl_spqr._deprecation import moved_names
 
 #: each moved public name and the module that holds it now
-_MOVED: dict[str, ModuleType] = {
-    "MBPO_TARGET_ENTROPY": redq,
-    "mbpo_target_entropy": redq,
-    "SACNLoss": sac_n,
-    "ReferenceREDQLoss": redq,
-    "CQLNLoss": cql_n,
-    "EDACLoss": edac,
+_MOVED = {
+    "MBPO_TARGET_ENTROPY": "torchrl_spqr.objectives.redq",
+    "mbpo_target_entropy": "torchrl_spqr.objectives.redq",
+    "SACNLoss": "torchrl_spqr.objectives.sac_n",
+    "ReferenceREDQLoss": "torchrl_spqr.objectives.redq",
+    "CQLNLoss": "torchrl_spqr.objectives.cql_n",
+    "EDACLoss": "torchrl_spqr.objectives.edac",
 }
 
-__all__ = list(_MOVED)
-
-
-def __getattr__(name: str) -> Any:
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"torchrl_spqr.objectives.ensemble.{name} moved to {module.__name__}.{name}; the old "
-        "location will be removed in the next release",
-        FutureWarning,
-        stacklevel=2,
-    )
-    return getattr(module, name)
-
-
-def __dir__() -> list[str]:
-    return list(__all__)
+__all__, __getattr__, __dir__ = moved_names(__name__, _MOVED)
