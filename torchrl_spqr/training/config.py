@@ -3,7 +3,8 @@
 One dataclass per section (``env``, ``collector``, ``replay_buffer``, ``network``,
 ``optim``, ``spqr``, ``logger``, ``checkpoint``, ``compile``, ``dataset``) and one root
 per script (:data:`SCHEMAS`: ``sac_ens`` and ``redq`` online, ``sac_n``, ``edac`` and
-``cql`` offline, ``masac`` multi-agent). A field's annotation is its type and its
+``cql`` offline, ``masac`` multi-agent; :data:`POPULATION_SCHEMAS`: the population
+script, ``sac_ens_population``). A field's annotation is its type and its
 default is the value a run gets when the field is left out (or set to null, unless
 null is allowed: ``Optional``).
 
@@ -48,8 +49,11 @@ __all__ = [
     "MultiAgentReplayBufferConfig",
     "NetworkConfig",
     "OptimConfig",
+    "POPULATION_SCHEMAS",
+    "PopulationConfig",
     "RayConfig",
     "ReplayBufferConfig",
+    "SACEnsPopulationConfig",
     "SPQRConfig",
     "register_configs",
     "resolve_config",
@@ -398,6 +402,35 @@ class MASACConfig(_RunConfig):
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(100_000))
 
 
+@dataclass
+class PopulationConfig:
+    """``population``: the agents of a population run, one per (beta, seed) pair.
+
+    The agents are the product ``beta x seeds`` (``seeds=[0,1,2] beta=[0,1]``: 6 agents);
+    each is initialised and its environments seeded as the single run with that
+    ``seed`` and ``spqr.beta``. ``pairs`` is shared by every agent (one batched call has
+    one control flow).
+    """
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    beta: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    pairs: str | None = None  # null: spqr.pairs
+
+
+@dataclass
+class SACEnsPopulationConfig(SACEnsConfig):
+    """``sota_scripts/sac_ens_spqr/sac_ens_spqr_population.py``: K SAC-Ens agents, one update.
+
+    Every other section is the single run's; ``seed`` seeds the population's shared
+    random draws (replay sampling, exploration, random warm-up actions).
+    """
+
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+
+
+#: population script -> its root schema (registered as ``<name>_schema``, like :data:`SCHEMAS`).
+POPULATION_SCHEMAS: dict[str, type] = {"sac_ens_population": SACEnsPopulationConfig}
+
 #: ``algorithm`` -> the root schema of its script.
 SCHEMAS: dict[str, type] = {
     "sac_ens": SACEnsConfig,
@@ -510,7 +543,7 @@ def register_configs() -> bool:
     except ImportError:
         return False
     store = ConfigStore.instance()
-    for algo, cls in SCHEMAS.items():
+    for algo, cls in {**SCHEMAS, **POPULATION_SCHEMAS}.items():
         store.store(name=schema_name(algo), node=hydra_node(cls))
     return True
 
