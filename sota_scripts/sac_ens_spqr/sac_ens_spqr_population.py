@@ -19,7 +19,9 @@ soft target update. Each agent is evaluated on its own evaluation environment ev
 ``logger.eval_interval`` frames. Shared by the agents: every setting other than the
 seed and beta (network sizes, optimiser, ``spqr.pairs``, budgets) and the population's
 random stream (``seed``). One checkpoint (``RUN_DIR/checkpoint/``) holds the whole
-population; Ctrl-C saves it, ``resume=true`` continues every agent.
+population; Ctrl-C saves it, ``resume=true`` continues every agent (first the updates
+an interrupted step still owed, so the counts of an uninterrupted run are kept; the
+environments start new episodes, as a resumed single run's do).
 """
 
 from __future__ import annotations
@@ -133,10 +135,24 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
     if run.start():
         print(f"resumed from {run_dir / 'checkpoint'} at frame {run.frames}")
 
+    def updates_due(frames: int) -> int:
+        """Population updates owed after ``frames`` frames (``optim.utd_ratio`` per frame
+        from frame ``collector.init_random_frames`` on, as the single run counts them)."""
+        return cfg.optim.utd_ratio * max(0, frames - max(init_random_frames, 1) + 1)
+
     last_batch = None
     tds = [env.reset() for env in envs]  # each agent's current step
     with run:  # first the rows an interrupted run owed; at every exit a checkpoint
-        while run.frames < total_frames:
+        while True:
+            # the updates of the frames collected (after a resume: the interrupted step's rest)
+            while run.updates < updates_due(run.frames):
+                last_batch = buffer.sample(cfg.optim.batch_size)
+                t0 = time.perf_counter()
+                out = update(last_batch, population)
+                run.updated(out, time.perf_counter() - t0)
+            run.end_step(diagnostics)  # each agent's row (evaluating) and the checkpoint when due
+            if run.frames >= total_frames:
+                break
             if run.frames < init_random_frames:  # uniform random actions, per agent
                 for env, td in zip(envs, tds):
                     td.set("action", env.action_spec.rand())
@@ -149,14 +165,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
             data = torch.stack([transition for transition, _ in steps])  # [K]
             tds = [next_td for _, next_td in steps]
             buffer.extend(data.unsqueeze(1).to(device))
-            run.collected(data)  # frames, episodes, training returns of every agent
-            if run.frames >= init_random_frames:
-                for _ in range(cfg.optim.utd_ratio):
-                    last_batch = buffer.sample(cfg.optim.batch_size)
-                    t0 = time.perf_counter()
-                    out = update(last_batch, population)
-                    run.updated(out, time.perf_counter() - t0)
-            run.end_step(diagnostics)  # each agent's row (evaluating) and the checkpoint when due
+            run.collected(data)  # one frame, and finished episodes' returns, per agent
     for agent in agents:
         plot_run(run_dir / agent.name)
     return run.summary()

@@ -273,12 +273,15 @@ class PopulationRun:
         if run.start():
             print("resumed at frame", run.frames)
         with run:  # rows owed by an interrupted run first; at every exit: a checkpoint
-            while run.frames < total_frames:
+            while True:
+                while run.updates < updates_due(run.frames):
+                    run.updated(population(buffer.sample(batch_size)), seconds)
+                run.end_step()  # each agent's row when due, the checkpoint when due
+                if run.frames >= total_frames:
+                    break
                 ...  # one frame per agent: data is [K]
                 buffer.extend(data.unsqueeze(1))
                 run.collected(data)
-                run.updated(population(buffer.sample(batch_size)))
-                run.end_step()  # each agent's row when due, the checkpoint when due
 
     Args:
         cfg: the resolved population config (:func:`resolve_population_config`).
@@ -318,6 +321,11 @@ class PopulationRun:
     def frames(self) -> int:
         """Frames collected per agent (every agent collects one per step)."""
         return int(self.runs[0].counters["frames"])
+
+    @property
+    def updates(self) -> int:
+        """Population updates done (each one update of every agent)."""
+        return int(self.runs[0].counters["updates"])
 
     def start(self) -> bool:
         """Resume from ``<run_dir>/checkpoint`` (``resume=true`` and one there) or start fresh.

@@ -1,0 +1,229 @@
+"""``sota_scripts/sac_ens_spqr/sac_ens_spqr_population.py``: a population as a user runs it.
+
+One folder per agent, the same as a single run's (the analysis tools read it unchanged),
+each agent starting exactly as its single run, and resume of the whole population after
+Ctrl-C with the rows an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("hydra")
+from _helpers import load_script  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from torchrl_spqr.analysis.cli import main as analysis_main  # noqa: E402
+from torchrl_spqr.training.checkpoint import load_checkpoint, load_checkpoint_data  # noqa: E402
+from torchrl_spqr.training.config import ConfigError  # noqa: E402
+from torchrl_spqr.training.loggers import METRIC_FIELDS  # noqa: E402
+from torchrl_spqr.training.population.run import resolve_population_config  # noqa: E402
+from torchrl_spqr.training.restore import load_agent  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDER = ROOT / "sota_scripts" / "sac_ens_spqr"
+SCRIPT = FOLDER / "sac_ens_spqr_population.py"
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TINY = [
+    "env=pendulum",
+    "collector.init_random_frames=40",
+    "optim.batch_size=16",
+    "replay_buffer.size=500",
+    "network.hidden_sizes=[16,16]",
+    "network.ensemble_size=3",
+    "logger.log_interval=20",
+    "logger.eval_interval=60",
+    "logger.eval_episodes=1",
+    "logger.progress=false",
+    "checkpoint.interval=40",
+    "population.seeds=[0,1]",
+    "population.beta=[0,1]",
+]
+AGENTS = ["beta0.0_N3_seed0", "beta0.0_N3_seed1", "beta1.0_N3_seed0", "beta1.0_N3_seed1"]
+CLOCK = {"time_s", "fps", "updates_per_s"}  # wall-clock columns
+
+
+def _population_script():
+    """The population script as a module (its folder's ``utils`` imported as the script does)."""
+    key = "sota_sac_ens_spqr_population"
+    if key in sys.modules:
+        return sys.modules[key]
+    load_script("sac_ens_spqr")  # the folder's utils, under its own name
+    saved = sys.modules.pop("utils", None)
+    sys.modules["utils"] = sys.modules["sac_ens_spqr_utils"]
+    try:
+        spec = importlib.util.spec_from_file_location(key, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop("utils", None)
+        if saved is not None:
+            sys.modules["utils"] = saved
+    return module
+
+
+def _cfg(*overrides: str, name: str = "population", tiny: list[str] = TINY):
+    with initialize_config_dir(config_dir=str(FOLDER), version_base="1.3"):
+        return compose(config_name=name, overrides=[*tiny, *overrides])
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _without_clock(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k not in CLOCK} for r in rows]
+
+
+def test_population_script_subprocess_and_analysis(tmp_path):
+    """As a user runs it: 4 agents' folders like single runs'; the analysis reads them."""
+    run_dir = tmp_path / "pop"
+    cmd = [sys.executable, str(SCRIPT), *TINY, "collector.total_frames=60"]
+    env = {**os.environ, "RL_WARNINGS": "False"}
+    res = subprocess.run(
+        [*cmd, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in AGENTS:
+        assert f"{name}: frames 60, updates 21" in res.stdout
+        folder = run_dir / name
+        for f in ("metrics.csv", "learning_curve.png", "checkpoint/manifest.json"):
+            assert (folder / f).exists(), f"{name}/{f}"
+        rows = _rows(folder)
+        assert list(rows[0])[: len(METRIC_FIELDS)] == METRIC_FIELDS  # a single run's columns
+        assert [int(r["frames"]) for r in rows] == [20, 40, 60]
+        assert [int(r["updates"]) for r in rows] == [0, 1, 21]
+        last = rows[-1]
+        assert last["eval_return"] != "" and last["spqr_kl"] != "" and last["loss_qvalue"] != ""
+        assert float(last["spqr_beta"]) == (1.0 if name.startswith("beta1") else 0.0)
+        if name.startswith("beta0"):
+            assert float(last["loss_spqr"]) == 0.0
+        assert (folder / "logs/csv/scalars/spqr_kl.csv").exists()
+    assert (run_dir / "checkpoint" / "manifest.json").exists()  # the population's
+    # the analysis tools, unchanged, on the population folder
+    analysis_main(
+        [str(run_dir), "--out", str(tmp_path / "plots"), "--effects", str(tmp_path / "e")]
+    )
+    assert (tmp_path / "plots" / "learning_curves.png").exists()
+    summary = (tmp_path / "plots" / "summary.md").read_text()
+    assert "beta0.0_N3" in summary and "beta1.0_N3" in summary
+    effects = (tmp_path / "e.md").read_text()
+    assert "N3" in effects and "| 1 |" in effects  # beta 1 against its beta 0 twin, by seed
+    # each agent's checkpoint rebuilds its agent, as a single run's does
+    agent = load_agent(run_dir / AGENTS[2])
+    assert agent.beta == 1.0 and agent.algorithm == "sac_ens"
+
+
+def test_each_agent_starts_as_its_single_run(tmp_path, monkeypatch):
+    """Agent (beta, seed) has the initial networks of ``sac_ens_spqr.py seed=s spqr.beta=b``."""
+    pop, single = _population_script(), load_script("sac_ens_spqr")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # at the first update: the checkpoints hold the initial state
+
+    monkeypatch.setattr(pop, "update", stop)
+    monkeypatch.setattr(single, "update", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pop.train(_cfg("collector.total_frames=60"), tmp_path / "pop")
+    with pytest.raises(KeyboardInterrupt):
+        single.train(
+            _cfg(
+                "collector.total_frames=60", "seed=1", "spqr.beta=1", name="config", tiny=TINY[:-2]
+            ),
+            tmp_path / "single",
+        )
+    mine = load_checkpoint(tmp_path / "pop" / "beta1.0_N3_seed1")["loss"]
+    theirs = load_checkpoint(tmp_path / "single")["loss"]
+    assert set(mine) == set(theirs) and len(mine) > 10
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
+    other = load_checkpoint(tmp_path / "pop" / "beta1.0_N3_seed0")["loss"]
+    assert any(not torch.equal(other[k], v) for k, v in theirs.items())  # seed 0 differs
+
+
+def test_interrupt_and_resume_the_population(tmp_path, monkeypatch):
+    """Ctrl-C mid-run, resume: every agent's rows are those of an uninterrupted run."""
+    pop = _population_script()
+    full = tmp_path / "full"
+    pop.train(_cfg("collector.total_frames=100"), full)
+
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_update = pop.update
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 35:  # Ctrl-C in the middle of training (frame 74)
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(pop, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pop.train(_cfg("collector.total_frames=100"), run)
+    monkeypatch.setattr(pop, "update", real_update)
+    state, data, _ = load_checkpoint_data(run)
+    assert data.batch_size[:2] == torch.Size([74, 4])  # every agent's 74 transitions
+    for name in AGENTS:
+        assert state["agents"][name]["counters"]["frames"] == 74
+        assert state["agents"][name]["counters"]["updates"] == 34
+        rows = _rows(run / name)
+        assert [int(r["frames"]) for r in rows] == [20, 40, 60]
+        # before the interruption: the very rows of the uninterrupted run
+        assert _without_clock(rows) == _without_clock(_rows(full / name))[:3]
+
+    res = pop.train(_cfg("collector.total_frames=100", "resume=true"), run)
+    for name in AGENTS:
+        assert res[name]["frames"] == 100 and res[name]["updates"] == 61
+        rows, ref = _rows(run / name), _rows(full / name)
+        assert list(rows[0]) == list(ref[0])
+        for key in ("frames", "updates"):  # nothing lost, nothing duplicated
+            assert [r[key] for r in rows] == [r[key] for r in ref]
+        assert _without_clock(rows[:3]) == _without_clock(ref[:3])
+        assert rows[-1]["eval_return"] != ""
+
+
+def test_population_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"population.beta=\[\]"):
+        resolve_population_config(_cfg("population.beta=[]"))
+    with pytest.raises(ConfigError, match="population.seeds=.*repeated"):
+        resolve_population_config(_cfg("population.seeds=[1,1]"))
+    with pytest.raises(ConfigError, match="population.beta=.*>= 0"):
+        resolve_population_config(_cfg("population.beta=[-1]"))
+    with pytest.raises(ConfigError, match="optim.weight_decay"):
+        resolve_population_config(_cfg("optim.weight_decay=0.1"))
+    with pytest.raises(ConfigError, match="collector.backend"):
+        resolve_population_config(_cfg("collector.backend=multi_sync"))
+    with pytest.raises(ConfigError, match="optim.lr"):  # an agent's single-run check
+        resolve_population_config(_cfg("optim.lr=-1"))
+    with pytest.raises(Exception, match="population.seed"):  # Hydra refuses a misspelt field
+        _cfg("population.seed=[0]")
+    cfg = resolve_population_config(_cfg("population.pairs=data"))
+    assert list(cfg.population.seeds) == [0, 1] and cfg.population.pairs == "data"
+
+
+def test_resume_with_another_population_is_refused(tmp_path, monkeypatch):
+    pop = _population_script()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pop, "update", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pop.train(_cfg("collector.total_frames=60"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"population.seeds=\[0, 1\].*\[0, 2\]"):
+        pop.train(
+            _cfg("collector.total_frames=60", "resume=true", "population.seeds=[0,2]"),
+            tmp_path / "run",
+        )
