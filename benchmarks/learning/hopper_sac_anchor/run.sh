@@ -11,7 +11,7 @@
 # that exists), or any folder holding sota-implementations/sac/ (then REF is ignored).
 # The three files must be byte-identical to the ones of the committed results
 # (sha256 below); ALLOW_OTHER_SAC=1 runs other versions anyway.
-# Environment: SEEDS (default "0 1 2"), FRAMES (20000), INIT_RANDOM (5000),
+# Environment: SEEDS (default "0 1 2 3 4"), FRAMES (20000), INIT_RANDOM (5000),
 # EVAL_EVERY (2000), OUT (runs/hopper_sac_anchor under this checkout), NICE (19).
 # Each seed runs both arms at once (two 1-thread processes), then the next seed; a run
 # whose folder already holds a finished run is skipped. At the end summarize.py writes
@@ -22,7 +22,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../../.." && pwd)
 repo=${1:-${TORCHRL_REPO:-}}
 ref=${2:-${TORCHRL_REF:-}}
-seeds=${SEEDS:-"0 1 2"}
+seeds=${SEEDS:-"0 1 2 3 4"}
 frames=${FRAMES:-20000}
 init_random=${INIT_RANDOM:-5000}
 eval_every=${EVAL_EVERY:-2000}
