@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Paper-scale online comparison on one GPU machine (issue 19, item 4), with what exists today:
-# Hopper-v5 SAC-Ens (N = 10 critics, UTD 1), beta in {0, 1}, 4 seeds each, as 8 single-agent
-# processes sharing the GPU (2 torch threads each on 16 cores), at the largest budget (capped
-# at the paper's 300k environment steps) that lets the whole script end within BUDGET_S seconds.
+# Paper-scale online comparison on one GPU machine (issue 19, item 4): Hopper-v5 SAC-Ens
+# (N = 10 critics, UTD 1), beta in {0, 1}, 4 seeds each, at the largest budget (capped at the
+# paper's 300k environment steps) that lets the whole script end within BUDGET_S seconds, run
+#   POPULATION=1 (default): as ONE population process (sota_scripts/sac_ens_spqr/
+#     sac_ens_spqr_population.py: the 8 agents' updates in one batched call on the GPU, each
+#     agent in its own environment, one run folder per agent); if its timing pass logs nothing
+#     (the population cannot run on this machine), the script falls back to
+#   POPULATION=0: 8 single-agent processes sharing the GPU (THREADS torch threads each).
 #
-#   1. a timing pass: the same 8 processes for TIMING_S seconds (uniform-random warm-up of
-#      TIMING_WARMUP frames, then updates), stopped by `timeout`; the per-process rate of
-#      environment steps with updates (the slowest process's, from the frames / time_s columns
-#      of metrics.csv), the rate of the random warm-up and the start-up time come from them;
+#   1. a timing pass: the same process(es) for TIMING_S seconds (uniform-random warm-up of
+#      TIMING_WARMUP frames, then updates), stopped by `timeout`; the rate of environment steps
+#      with updates per agent (the slowest run's, from the frames / time_s columns of
+#      metrics.csv), the rate of the random warm-up and the start-up time come from them;
 #   2. the plan: the largest collector.total_frames F (<= MAX_FRAMES, a multiple of the
 #      evaluation interval) whose estimated time (start-up + warm-up + F updates + EVAL_POINTS
-#      evaluations of 5 episodes) times 1/SAFETY fits before the training deadline
-#      (start + BUDGET_S - PLOT_RESERVE_S);
-#   3. the 8 runs in parallel, each under a hard `timeout` at the training deadline (metrics.csv
-#      is flushed row by row, so a run stopped early keeps its rows up to its last log step);
-#   4. the small files of each run (metrics.csv, learning_curve.png, .hydra/*.yaml, the tail of
-#      its output) copied into OUT_DIR/runs/, the checkpoints and replay buffers left in a
+#      evaluations of 5 episodes, one agent after the other in a population) times 1/SAFETY
+#      fits before the training deadline (start + BUDGET_S - PLOT_RESERVE_S);
+#   3. the runs, under a hard `timeout` at the training deadline (metrics.csv is flushed row
+#      by row, so a run stopped early keeps its rows up to its last log step);
+#   4. the small files of each agent's run (metrics.csv, learning_curve.png, .hydra/*.yaml, the
+#      tail of its output) copied into OUT_DIR/runs/, the checkpoints and replay buffers left in a
 #      scratch folder that is deleted; then `python -m torchrl_spqr.analysis` (grouped curves,
 #      diagnostics, summary) and its paired effects table and figure, and OUT_DIR/summary.md
 #      (device, budget planned and reached, seeds, every command).
@@ -26,13 +30,16 @@
 #       # PACK_TO: also a tarball of OUT_DIR plus summary.md, effects.md/.png and the grouped
 #       # curves in that folder (<= 6 files, for a tool that brings back a few files only)
 #   CPU=1 BUDGET_S=150 bash benchmarks/learning/paper_scale.sh   # rehearsal on a CPU machine
+#   POPULATION=0 bash benchmarks/learning/paper_scale.sh         # one process per agent
 #   DRY_RUN=1 bash benchmarks/learning/paper_scale.sh            # print the plan, train nothing
 # Settings (environment variables, defaults in brackets):
 #   BUDGET_S [540] whole-script wall budget, s      PLOT_RESERVE_S [60] kept for copy/plots, s
 #   TIMING_S [60] timing pass, s (0: skip it)      TIMING_WARMUP [1000] its random frames
 #   TIMING_LOG [250] its log interval (frames)
 #   MAX_FRAMES [300000]  MIN_FRAMES [10000]         TOTAL_FRAMES: fixed budget, no timing pass
-#   SEEDS ["0 1 2 3"]    THREADS [2]               DEVICE [cuda if available, else cpu]
+#   SEEDS ["0 1 2 3"]    DEVICE [cuda if available, else cpu]
+#   POPULATION [1]: one population process (0: one process per agent)
+#   THREADS [2 per process; POPULATION=1: min(nproc, 8) for the one process]
 #   INIT_RANDOM [5000, at most F/10]   EVAL_POINTS [15]   EVAL_EPISODES [5]   SAFETY [0.85]
 #   ENV [hopper] (a config of torchrl_spqr/configs/env)   ENSEMBLE [10]   NICE [0]
 #   OUT_DIR [benchmarks/learning/paper_scale/<date>_<time>]   SCRATCH_DIR [mktemp -d]
@@ -46,6 +53,7 @@ T0=$(date +%s)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 
+POPULATION=${POPULATION:-1}
 if [[ "${CPU:-0}" == 1 ]]; then
   DEVICE=${DEVICE:-cpu} SEEDS=${SEEDS:-"0 1"} THREADS=${THREADS:-1} NICE=${NICE:-10}
   MAX_FRAMES=${MAX_FRAMES:-2000} MIN_FRAMES=${MIN_FRAMES:-500}
@@ -60,7 +68,12 @@ MAX_FRAMES=${MAX_FRAMES:-300000}
 MIN_FRAMES=${MIN_FRAMES:-10000}
 TOTAL_FRAMES=${TOTAL_FRAMES:-}
 SEEDS=${SEEDS:-"0 1 2 3"}
-THREADS=${THREADS:-2}
+if [[ "$POPULATION" == 1 ]]; then
+  NCPU=$(nproc)
+  THREADS=${THREADS:-$(( NCPU < 8 ? NCPU : 8 ))}
+else
+  THREADS=${THREADS:-2}
+fi
 NICE=${NICE:-0}
 ENV=${ENV:-hopper}
 ENSEMBLE=${ENSEMBLE:-10}
@@ -74,6 +87,7 @@ DRY_RUN=${DRY_RUN:-0}
 OUT_DIR=${OUT_DIR:-benchmarks/learning/paper_scale/$(date +%Y%m%d_%H%M%S)}
 PACK_TO=${PACK_TO:-}
 SCRIPT=sota_scripts/sac_ens_spqr/sac_ens_spqr.py
+POP_SCRIPT=sota_scripts/sac_ens_spqr/sac_ens_spqr_population.py
 
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
@@ -98,7 +112,9 @@ else
   DEVICE_NAME="cpu ($(nproc) cores)"
 fi
 read -r -a SEED_LIST <<< "$SEEDS"
-NPROC=$(( 2 * ${#SEED_LIST[@]} ))
+NAGENTS=$(( 2 * ${#SEED_LIST[@]} ))
+nproc_of() { if [[ "$POPULATION" == 1 ]]; then echo 1; else echo "$NAGENTS"; fi; }
+NPROC=$(nproc_of)
 DEADLINE=$(( T0 + BUDGET_S - PLOT_RESERVE_S ))   # every training process ends by then
 NICE_CMD=()
 if [[ "$NICE" != 0 ]]; then NICE_CMD=(nice -n "$NICE"); fi
@@ -117,12 +133,36 @@ run_cmd() {
   printf '%s\n' "${cmd[@]}" "${extra[@]}"
 }
 
-# launch every (beta, seed) run of one phase in the background, each stopped at $2 seconds
-# (SIGTERM, then SIGKILL 10 s later); waits for all; phase folder $1; the rest: run_cmd's 4..8
+# the Hydra command of the population (every (beta, seed) agent in one process):
+# pop_cmd RUN_DIR TOTAL INIT_RANDOM LOG EVAL CKPT; agent folders RUN_DIR/beta<b>.0_N<n>_seed<s>
+pop_cmd() {
+  local seeds
+  seeds=$(IFS=,; echo "${SEED_LIST[*]}")
+  local cmd=("$POP_SCRIPT" "env=$ENV" "population.seeds=[$seeds]" "population.beta=[0,1]"
+    "device=$DEVICE" "threads=$THREADS" "network.ensemble_size=$ENSEMBLE" "optim.utd_ratio=1"
+    "collector.total_frames=$2" "collector.init_random_frames=$3"
+    "logger.log_interval=$4" "logger.eval_interval=$5" "logger.eval_episodes=$EVAL_EPISODES"
+    "logger.progress=false" "checkpoint.interval=$6" "hydra.run.dir=$1")
+  local extra
+  read -r -a extra <<< "$EXTRA_OVERRIDES"
+  printf '%s\n' "${cmd[@]}" "${extra[@]}"
+}
+
+# launch every (beta, seed) run of one phase in the background (POPULATION=1: the one
+# population process, folder $1/population), each stopped at $2 seconds (SIGTERM, then
+# SIGKILL 10 s later); waits for all; phase folder $1; the rest: run_cmd's 4..8
 launch_phase() {
   local dir=$1 limit=$2; shift 2
   local pids=() s b args
   mkdir -p "$dir"
+  if [[ "$POPULATION" == 1 ]]; then
+    mapfile -t args < <(pop_cmd "$dir/population" "$@")
+    rc=0
+    timeout -s TERM -k 10 "$limit" "${NICE_CMD[@]}" "$PY" "${args[@]}" \
+      > "$dir/population.log" 2>&1 || rc=$?
+    echo "$rc" > "$dir/population.rc"
+    return 0
+  fi
   for s in "${SEED_LIST[@]}"; do
     for b in 0 1; do
       mapfile -t args < <(run_cmd "$b" "$s" "$dir/$(run_name "$b" "$s")" "$@")
@@ -139,24 +179,15 @@ launch_phase() {
 }
 
 # ------------------------------------------------------------------ timing pass and plan
-SCRATCH=${SCRATCH_DIR:-}
-if [[ "$DRY_RUN" != 1 ]]; then
-  SCRATCH=${SCRATCH:-$(mktemp -d "${TMPDIR:-/tmp}/paper_scale.XXXXXX")}
-  mkdir -p "$SCRATCH"
-fi
-SCRATCH=${SCRATCH:-/tmp/paper_scale.scratch}
-TIMING_JSON="{}"
-if [[ -z "$TOTAL_FRAMES" && "$TIMING_S" != 0 && "$DRY_RUN" != 1 ]]; then
-  echo "[paper_scale] timing pass: $NPROC processes on $DEVICE for ${TIMING_S}s"
-  t_timing=$(date +%s)
-  launch_phase "$SCRATCH/timing" "$TIMING_S" "$MAX_FRAMES" "$TIMING_WARMUP" "$TIMING_LOG" "$MAX_FRAMES" "$MAX_FRAMES"
-  TIMING_WALL=$(( $(date +%s) - t_timing ))
-  TIMING_JSON=$("$PY" - "$SCRATCH/timing" "$TIMING_WARMUP" "$TIMING_S" <<'EOF'
+# the rates of a timing pass's folder $1 (JSON): per-agent env steps/s with updates (the
+# slowest run's), of the random warm-up, the start-up time, the frames each run reached
+timing_json() {
+  "$PY" - "$1" "$TIMING_WARMUP" "$TIMING_S" <<'EOF'
 import csv, json, statistics, sys
 from pathlib import Path
 folder, warmup, limit = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 rates, random_rates, startups, reached = [], [], [], []
-for m in sorted(folder.glob("*/metrics.csv")):
+for m in sorted(folder.rglob("metrics.csv")):  # per run, or per agent of a population
     rows = []
     with open(m, newline="") as f:
         for r in csv.DictReader(f):
@@ -184,8 +215,33 @@ if random_rates:
     out["random_rate"] = statistics.median(random_rates)
 print(json.dumps(out))
 EOF
-)
+}
+
+SCRATCH=${SCRATCH_DIR:-}
+if [[ "$DRY_RUN" != 1 ]]; then
+  SCRATCH=${SCRATCH:-$(mktemp -d "${TMPDIR:-/tmp}/paper_scale.XXXXXX")}
+  mkdir -p "$SCRATCH"
+fi
+SCRATCH=${SCRATCH:-/tmp/paper_scale.scratch}
+TIMING_JSON="{}"
+if [[ -z "$TOTAL_FRAMES" && "$TIMING_S" != 0 && "$DRY_RUN" != 1 ]]; then
+  echo "[paper_scale] timing pass: $NPROC processes on $DEVICE for ${TIMING_S}s"
+  t_timing=$(date +%s)
+  launch_phase "$SCRATCH/timing" "$TIMING_S" "$MAX_FRAMES" "$TIMING_WARMUP" "$TIMING_LOG" "$MAX_FRAMES" "$MAX_FRAMES"
+  TIMING_WALL=$(( $(date +%s) - t_timing ))
+  TIMING_JSON=$(timing_json "$SCRATCH/timing")
   echo "[paper_scale] timing (${TIMING_WALL}s): $TIMING_JSON"
+  if [[ "$POPULATION" == 1 && "$TIMING_JSON" == *'"processes_logged": 0'* ]]; then
+    echo "[paper_scale] the population logged nothing in its timing pass (see below); falling back to POPULATION=0"
+    tail -n 20 "$SCRATCH/timing/population.log" || true
+    POPULATION=0 THREADS=${FALLBACK_THREADS:-2} NPROC=$(nproc_of)
+    t_timing=$(date +%s)
+    rm -rf "$SCRATCH/timing"
+    launch_phase "$SCRATCH/timing" "$TIMING_S" "$MAX_FRAMES" "$TIMING_WARMUP" "$TIMING_LOG" "$MAX_FRAMES" "$MAX_FRAMES"
+    TIMING_WALL=$(( $(date +%s) - t_timing ))
+    TIMING_JSON=$(timing_json "$SCRATCH/timing")
+    echo "[paper_scale] timing, POPULATION=0 (${TIMING_WALL}s): $TIMING_JSON"
+  fi
 fi
 NOW=$(date +%s)
 PLAN=$("$PY" - "$TIMING_JSON" <<EOF
@@ -210,10 +266,12 @@ def interval_of(f):
     unit = 1000 if f >= 20 * 1000 else 100
     return max(unit, f // points // unit * unit)
 
+in_series = $NAGENTS if "$POPULATION" == "1" else 1  # a population evaluates its agents in turn
+
 def seconds(f):  # start-up + random warm-up + F updates + the evaluations (each step of an
     # evaluation: an env step and an actor forward pass; episodes assumed 60% of 1000 steps)
     i = init_of(f)
-    ev = (f // interval_of(f) + 1) * eps * 600 * (1.0 / rnd + 0.15 / rate)
+    ev = in_series * (f // interval_of(f) + 1) * eps * 600 * (1.0 / rnd + 0.15 / rate)
     return startup + i / rnd + (f - i) / rate + ev
 
 if fixed:
@@ -230,6 +288,8 @@ else:
         f, how = min_f, how + ", raised to MIN_FRAMES (the timeout may cut it)"
 ev = interval_of(f)
 f = max(ev, f // ev * ev)
+if f < min_f and not fixed:  # rounded below MIN_FRAMES: round up instead
+    f = -(-min_f // ev) * ev
 plan = dict(total_frames=f, init_random=init_of(f), eval_interval=ev,
             log_interval=min(1000, ev), how=how, seconds_left=avail,
             estimated_s=round(seconds(f), 1) if rate else None, rate=rate,
@@ -243,17 +303,27 @@ LIMIT=$(( DEADLINE - $(date +%s) ))
 if (( LIMIT < 10 )); then LIMIT=10; fi
 RUNS="$SCRATCH/runs"
 
-echo "[paper_scale] device: $DEVICE ($DEVICE_NAME); processes: $NPROC (seeds: $SEEDS; beta 0, 1); threads: $THREADS"
+if [[ "$POPULATION" == 1 ]]; then
+  MODE="POPULATION=1: one population process of $NAGENTS agents"
+else
+  MODE="POPULATION=0: one process per agent"
+fi
+echo "[paper_scale] device: $DEVICE ($DEVICE_NAME); $MODE; processes: $NPROC (seeds: $SEEDS; beta 0, 1); threads: $THREADS"
 echo "[paper_scale] plan: $PLAN"
 echo "[paper_scale] total_frames=$F init_random_frames=$IR eval_interval=$EI log_interval=$LI; hard limit ${LIMIT}s per process"
 echo "[paper_scale] out: $OUT_DIR"
 CMDS=""
-for s in "${SEED_LIST[@]}"; do
-  for b in 0 1; do
-    mapfile -t args < <(run_cmd "$b" "$s" "$RUNS/$(run_name "$b" "$s")" "$F" "$IR" "$LI" "$EI" "$F")
-    CMDS+="CMD: $PY ${args[*]}"$'\n'
+if [[ "$POPULATION" == 1 ]]; then
+  mapfile -t args < <(pop_cmd "$RUNS/population" "$F" "$IR" "$LI" "$EI" "$F")
+  CMDS+="CMD: $PY ${args[*]}"$'\n'
+else
+  for s in "${SEED_LIST[@]}"; do
+    for b in 0 1; do
+      mapfile -t args < <(run_cmd "$b" "$s" "$RUNS/$(run_name "$b" "$s")" "$F" "$IR" "$LI" "$EI" "$F")
+      CMDS+="CMD: $PY ${args[*]}"$'\n'
+    done
   done
-done
+fi
 printf '%s' "$CMDS"
 if [[ "$DRY_RUN" == 1 ]]; then
   echo "[paper_scale] DRY_RUN=1: nothing trained"
@@ -273,6 +343,11 @@ mkdir -p "$OUT_DIR/runs"
 for s in "${SEED_LIST[@]}"; do
   for b in 0 1; do
     name=$(run_name "$b" "$s"); src="$RUNS/$name"; dst="$OUT_DIR/runs/$name"
+    hydra_dir="$src/.hydra"; log="$RUNS/$name.log"; rc_file="$RUNS/$name.rc"
+    if [[ "$POPULATION" == 1 ]]; then  # the agent's folder in the population's
+      src="$RUNS/population/beta$b.0_N${ENSEMBLE}_seed$s"; hydra_dir="$RUNS/population/.hydra"
+      log="$RUNS/population.log"; rc_file="$RUNS/population.rc"
+    fi
     mkdir -p "$dst"
     if [[ -f "$src/metrics.csv" ]]; then  # complete lines only (a row cut by the timeout dropped)
       "$PY" -c 'import sys; t=open(sys.argv[1]).read(); open(sys.argv[2],"w").write(t[:t.rfind("\n")+1])' \
@@ -280,10 +355,10 @@ for s in "${SEED_LIST[@]}"; do
     fi
     if [[ -f "$src/learning_curve.png" ]]; then cp "$src/learning_curve.png" "$dst/"; fi
     for y in config overrides; do
-      if [[ -f "$src/.hydra/$y.yaml" ]]; then cp "$src/.hydra/$y.yaml" "$dst/hydra_$y.yaml"; fi
+      if [[ -f "$hydra_dir/$y.yaml" ]]; then cp "$hydra_dir/$y.yaml" "$dst/hydra_$y.yaml"; fi
     done
-    tail -n 40 "$RUNS/$name.log" > "$dst/output_tail.log" 2>/dev/null || true
-    cp "$RUNS/$name.rc" "$dst/exit_code.txt" 2>/dev/null || true
+    tail -n 40 "$log" > "$dst/output_tail.log" 2>/dev/null || true
+    cp "$rc_file" "$dst/exit_code.txt" 2>/dev/null || true
   done
 done
 PLOT_CMD=("$PY" -m torchrl_spqr.analysis "$OUT_DIR/runs" --out "$OUT_DIR/plots" --effects "$OUT_DIR/effects")
@@ -294,8 +369,8 @@ import csv, json, sys
 from pathlib import Path
 out, plan, timing = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 lines = ["# Paper-scale online comparison: SAC-Ens (N = $ENSEMBLE, UTD 1), beta 0 vs 1, $ENV", "",
-         "- device: $DEVICE ($DEVICE_NAME), $(nproc) CPU cores; $NPROC processes at once, "
-         "$THREADS torch threads each",
+         "- device: $DEVICE ($DEVICE_NAME), $(nproc) CPU cores; $MODE; $NPROC process(es) "
+         "at once, $THREADS torch threads each",
          "- seeds: $SEEDS (each with beta 0 and beta 1)",
          f"- budget: collector.total_frames = {plan['total_frames']:,} of the paper's 300,000 "
          f"({plan['how']}); init_random_frames {plan['init_random']:,}, evaluation every "
@@ -306,6 +381,7 @@ lines = ["# Paper-scale online comparison: SAC-Ens (N = $ENSEMBLE, UTD 1), beta 
          f"- plan: {json.dumps(plan)}",
          "- script: \`" + " ".join(f"{k}={v}" for k, v in [
              ("BUDGET_S", "$BUDGET_S"), ("SEEDS", '"$SEEDS"'), ("DEVICE", "$DEVICE"),
+             ("POPULATION", "$POPULATION"),
              ("THREADS", "$THREADS"), ("TOTAL_FRAMES", "$TOTAL_FRAMES")] if v not in ("", '""'))
          + " bash benchmarks/learning/paper_scale.sh\`", "",
          "| run | frames reached | last eval return | best eval return | exit code |",
@@ -319,7 +395,8 @@ for run in sorted((out / "runs").iterdir()):
     best = f"{max(float(r['eval_return']) for r in evals):.1f}" if evals else "-"
     frames = rows[-1]["frames"] if rows else "0"
     lines.append(f"| {run.name} | {frames} | {last} | {best} | {rc} |")
-lines += ["", "Commands (one per run, all started together):", "", "\`\`\`"]
+lines += ["", "Commands (all started together; a population is one command for every agent):",
+          "", "\`\`\`"]
 lines += [l[5:] for l in Path("$OUT_DIR/plan.txt").read_text().splitlines() if l.startswith("CMD: ")]
 lines += [" ".join("${PLOT_CMD[*]}".split()), "\`\`\`", ""]
 eff = out / "effects.md"

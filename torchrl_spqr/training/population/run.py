@@ -85,7 +85,7 @@ def resolve_population_config(cfg: Any, script: str = "sac_ens_population") -> A
     """
     from omegaconf import OmegaConf
 
-    plain = {k: v for k, v in (to_plain(cfg) or {}).items() if k != "hydra"}
+    plain = _plain(cfg)
     values = convert_section(plain, POPULATION_SCHEMAS[script], "")
     pop = values["population"]
     for key in ("seeds", "beta"):
@@ -120,8 +120,8 @@ def agent_configs(cfg: Any) -> list[AgentSpec]:
     unless null) and no progress bar (the population shows one). Its folder name is the
     single script's ``beta<b>_N<n>_seed<s>``.
     """
-    plain = {k: v for k, v in (to_plain(cfg) or {}).items() if k not in ("hydra", "population")}
-    pop = to_plain(cfg)["population"]
+    plain = _plain(cfg)
+    pop = plain.pop("population")
     agents = []
     for beta in pop["beta"]:
         for seed in pop["seeds"]:
@@ -133,6 +133,18 @@ def agent_configs(cfg: Any) -> list[AgentSpec]:
             name = f"beta{float(beta)}_N{plain['network']['ensemble_size']}_seed{int(seed)}"
             agents.append(AgentSpec(int(seed), float(beta), name, resolve_config(one, "online")))
     return agents
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """``cfg`` as plain dicts, without a ``hydra`` node (unresolvable outside a Hydra run)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg) and "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    plain = to_plain(cfg)
+    if not isinstance(plain, dict):
+        raise ConfigError(f"a config must be a mapping of fields, got {type(cfg).__name__}.")
+    return {k: v for k, v in plain.items() if k != "hydra"}
 
 
 def prepare_population_run(cfg: Any, run_dir: str | Path) -> tuple[Any, Path, torch.device]:
