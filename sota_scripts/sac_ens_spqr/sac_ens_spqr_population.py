@@ -41,6 +41,7 @@ from utils import (
     make_critics,
     make_environment,
     make_loss_module,
+    make_target_updater,
     plot_run,
 )
 
@@ -72,7 +73,10 @@ def build_agent(agent, device: torch.device):
     eval_env = make_environment(agent.cfg, agent.seed + 10_000)
     actor = make_actor(agent.cfg, train_env)
     critics = make_critics(agent.cfg, train_env)
-    loss, _ = make_loss_module(agent.cfg, actor, critics, train_env.action_spec)
+    loss, base = make_loss_module(agent.cfg, actor, critics, train_env.action_spec)
+    # TorchRL's SoftUpdate registers the target critics' updater with the loss; the
+    # population performs the same Polyak step on every agent's stacked targets
+    make_target_updater(agent.cfg, base)
     if hasattr(loss, "diagnostics_interval"):
         loss.diagnostics_interval = 0  # the batched update computes no diagnostics
     return train_env, eval_env, actor, loss.to(device)
