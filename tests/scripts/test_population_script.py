@@ -227,3 +227,46 @@ def test_resume_with_another_population_is_refused(tmp_path, monkeypatch):
             _cfg("collector.total_frames=60", "resume=true", "population.seeds=[0,2]"),
             tmp_path / "run",
         )
+
+
+def test_ctrl_c_during_owed_evaluations_loses_no_row(tmp_path, monkeypatch):
+    """Ctrl-C during the second agent's evaluation of a logged step, then again while the
+    resume writes the owed rows (before the loop): each exit checkpoints the population,
+    the rows already written stay, the rows still owed are written by the next resume."""
+    pop = _population_script()
+    run = tmp_path / "run"
+    real = pop.evaluate_policy
+    calls = {"n": 0}
+
+    def second_interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pop, "evaluate_policy", second_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pop.train(_cfg("collector.total_frames=80"), run)
+    agents = load_checkpoint_data(run, buffer=False)[0]["agents"]
+    assert "owed_row" not in agents[AGENTS[0]]  # its row at frame 60 is written
+    assert all(agents[name]["owed_row"]["eval"] for name in AGENTS[1:])
+    assert [r["frames"] for r in _rows(run / AGENTS[0])] == ["20", "40", "60"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pop, "evaluate_policy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pop.train(_cfg("collector.total_frames=80", "resume=true"), run)
+    agents = load_checkpoint_data(run, buffer=False)[0]["agents"]
+    for name in AGENTS[1:]:
+        assert agents[name]["counters"]["frames"] == 60 and agents[name]["owed_row"]["eval"]
+        assert "loss_qvalue" in agents[name]["owed_row"]["row"]
+        assert [r["frames"] for r in _rows(run / name)] == ["20", "40"]
+
+    monkeypatch.setattr(pop, "evaluate_policy", real)
+    pop.train(_cfg("collector.total_frames=80", "resume=true"), run)
+    for name in AGENTS:
+        rows = _rows(run / name)
+        assert [r["frames"] for r in rows] == ["20", "40", "60", "80"]
+        assert rows[2]["eval_return"] != "" and rows[2]["loss_qvalue"] != ""
