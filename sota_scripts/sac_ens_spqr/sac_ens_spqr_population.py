@@ -115,7 +115,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
         return evaluate_policy(eval_envs[k], actors[k], cfg.logger.eval_episodes)
 
     def diagnostics(k: int) -> dict[str, torch.Tensor]:
-        """SPQR's diagnostics of agent k on its last batch (for its logged row)."""
+        """SPQR's diagnostics of agent k on its last batch, for its logged row (after that
+        update's step; a single run reports those computed inside it, before its step)."""
         if last_batch is None or getattr(losses[k], "diagnostics_interval", 0) == 0:
             return {}
         with torch.no_grad():
