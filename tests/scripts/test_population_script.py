@@ -270,3 +270,64 @@ def test_ctrl_c_during_owed_evaluations_loses_no_row(tmp_path, monkeypatch):
         rows = _rows(run / name)
         assert [r["frames"] for r in rows] == ["20", "40", "60", "80"]
         assert rows[2]["eval_return"] != "" and rows[2]["loss_qvalue"] != ""
+
+
+def _redq_population_script():
+    """``sota_scripts/redq_spqr/redq_spqr_population.py`` as a module (with its folder's utils)."""
+    key = "sota_redq_spqr_population"
+    if key in sys.modules:
+        return sys.modules[key]
+    load_script("redq_spqr")
+    saved = sys.modules.pop("utils", None)
+    sys.modules["utils"] = sys.modules["redq_spqr_utils"]
+    try:
+        spec = importlib.util.spec_from_file_location(
+            key, ROOT / "sota_scripts" / "redq_spqr" / "redq_spqr_population.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop("utils", None)
+        if saved is not None:
+            sys.modules["utils"] = saved
+    return module
+
+
+def test_redq_population_resumes_its_policy_update_schedule(tmp_path, monkeypatch):
+    """REDQ (G = 2, policy every 2 updates): Ctrl-C after an odd number of updates, resume:
+    the shared update counter (the policy-update schedule) continues where it stopped."""
+    pop = _redq_population_script()
+    redq = ["optim.utd_ratio=2", "optim.policy_update_delay=2", "population.seeds=[0]"]
+
+    def cfg(*more):
+        with initialize_config_dir(
+            config_dir=str(ROOT / "sota_scripts/redq_spqr"), version_base="1.3"
+        ):
+            return compose(config_name="population", overrides=[*TINY, *redq, *more])
+
+    calls = {"n": 0}
+    real_update = pop.update
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 36:
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(pop, "update", interrupted)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pop.train(cfg("collector.total_frames=80"), run)
+    monkeypatch.setattr(pop, "update", real_update)
+    state = load_checkpoint_data(run, buffer=False)[0]
+    assert int(state["shared"]["loss_module.update_count"]) == 35
+    res = pop.train(cfg("collector.total_frames=80", "resume=true"), run)
+    assert {r["updates"] for r in res.values()} == {2 * (80 - 40 + 1)}
+    state = load_checkpoint_data(run, buffer=False)[0]
+    assert int(state["shared"]["loss_module.update_count"]) == 2 * (80 - 40 + 1)
+    rows = _rows(run / "beta1.0_N3_seed0")
+    assert [r["frames"] for r in rows] == ["20", "40", "60", "80"]
+    assert "actor_updated" in rows[0] and rows[-1]["spqr_kl"] != ""
+    with pytest.raises(ConfigError, match="trains 'redq' agents"):
+        resolve_population_config(cfg("algorithm=sac_ens"), "redq_population")

@@ -4,7 +4,7 @@ One dataclass per section (``env``, ``collector``, ``replay_buffer``, ``network`
 ``optim``, ``spqr``, ``logger``, ``checkpoint``, ``compile``, ``dataset``) and one root
 per script (:data:`SCHEMAS`: ``sac_ens`` and ``redq`` online, ``sac_n``, ``edac`` and
 ``cql`` offline, ``masac`` multi-agent; :data:`POPULATION_SCHEMAS`: the population
-script, ``sac_ens_population``). A field's annotation is its type and its
+scripts, ``sac_ens_population`` and ``redq_population``). A field's annotation is its type and its
 default is the value a run gets when the field is left out (or set to null, unless
 null is allowed: ``Optional``).
 
@@ -52,6 +52,7 @@ __all__ = [
     "POPULATION_SCHEMAS",
     "PopulationConfig",
     "RayConfig",
+    "REDQPopulationConfig",
     "ReplayBufferConfig",
     "SACEnsPopulationConfig",
     "SPQRConfig",
@@ -428,8 +429,18 @@ class SACEnsPopulationConfig(SACEnsConfig):
     population: PopulationConfig = field(default_factory=PopulationConfig)
 
 
+@dataclass
+class REDQPopulationConfig(REDQConfig):
+    """``sota_scripts/redq_spqr/redq_spqr_population.py``: K REDQ agents, one update."""
+
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+
+
 #: population script -> its root schema (registered as ``<name>_schema``, like :data:`SCHEMAS`).
-POPULATION_SCHEMAS: dict[str, type] = {"sac_ens_population": SACEnsPopulationConfig}
+POPULATION_SCHEMAS: dict[str, type] = {
+    "sac_ens_population": SACEnsPopulationConfig,
+    "redq_population": REDQPopulationConfig,
+}
 
 #: ``algorithm`` -> the root schema of its script.
 SCHEMAS: dict[str, type] = {

@@ -1,6 +1,7 @@
 """The run protocol of a population script: K agents' run folders, one checkpoint, resume.
 
-A population run (``sota_scripts/sac_ens_spqr/sac_ens_spqr_population.py``) trains the
+A population run (``sota_scripts/sac_ens_spqr/sac_ens_spqr_population.py``,
+``sota_scripts/redq_spqr/redq_spqr_population.py``) trains the
 agents of ``population.seeds x population.beta`` together and writes, for each agent,
 the run folder a single run writes (``<run_dir>/beta<b>_N<n>_seed<s>/``: ``metrics.csv``
 with the same columns, TorchRL's logs, ``learning_curve.png`` and a ``checkpoint/``
@@ -16,8 +17,9 @@ holding the agent's networks and its single-run config, so that
 - :class:`PopulationRun` holds the agents' runs, the
   :class:`~torchrl_spqr.training.population.PopulationUpdate` and the
   :class:`~torchrl_spqr.training.population.PopulationReplayBuffer`, and writes one
-  checkpoint for all of them (``<run_dir>/checkpoint/``: stacked state, optimiser, every
-  agent's counters and owed row, RNG states, config; the buffer as a memmap) with
+  checkpoint for all of them (``<run_dir>/checkpoint/``: stacked state, optimiser, the
+  loss state the agents share (REDQ's update counter), every agent's counters and owed
+  row, RNG states, config; the buffer as a memmap) with
   :func:`~torchrl_spqr.training.checkpoint.save_checkpoint` (atomic, verified, loaded
   without unpickling), every ``checkpoint.interval`` frames and at every exit (the end,
   an error, Ctrl-C). ``resume=true`` restores it and cuts every agent's ``metrics.csv``
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 from torchrl_spqr.training.checkpoint import (
     capture_rng,
@@ -106,6 +108,11 @@ def resolve_population_config(cfg: Any, script: str = "sac_ens_population") -> A
             f"optim.weight_decay={values['optim']['weight_decay']}: the population's one Adam "
             "over every group has no critic-only weight decay; use optim.weight_decay=0."
         )
+    if values["algorithm"] != script.removesuffix("_population"):
+        raise ConfigError(
+            f"algorithm={values['algorithm']!r}: this population script trains "
+            f"{script.removesuffix('_population')!r} agents."
+        )
     out = OmegaConf.create(values)
     OmegaConf.set_struct(out, True)
     agent_configs(out)  # each agent's config passes the single script's checks
@@ -147,9 +154,12 @@ def _plain(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in plain.items() if k != "hydra"}
 
 
-def prepare_population_run(cfg: Any, run_dir: str | Path) -> tuple[Any, Path, torch.device]:
-    """Check the config, create the run folder, set threads and the shared seed (``seed``)."""
-    cfg = resolve_population_config(cfg)
+def prepare_population_run(
+    cfg: Any, run_dir: str | Path, script: str = "sac_ens_population"
+) -> tuple[Any, Path, torch.device]:
+    """Check the config (``POPULATION_SCHEMAS[script]``), create the run folder, set
+    threads and the shared seed (``seed``)."""
+    cfg = resolve_population_config(cfg, script)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -249,6 +259,32 @@ class _BufferView:
         data = self.buffer.state_dict()["data"][:, index]
         k, n = data.batch_size[:2]
         return data.apply(lambda t: t.transpose(0, 1).contiguous(), batch_size=[n, k])
+
+
+def _shared_state(population: PopulationUpdate) -> dict[tuple[str, ...], torch.Tensor]:
+    """The loss state every agent shares (not stacked): counters such as REDQ's
+    ``update_count`` (its policy-update schedule), held by the population's template."""
+    stacked = {k if isinstance(k, tuple) else (k,) for k in population.state.keys(True, True)}
+    out = {}
+    for key, value in TensorDict.from_module(population.template).items(True, True):
+        key = key if isinstance(key, tuple) else (key,)
+        if key not in stacked:
+            out[key] = value
+    return out
+
+
+def _restore_shared(population: PopulationUpdate, saved: dict[str, Any], folder: Path) -> None:
+    """Copy :func:`_shared_state`'s saved values back into the template."""
+    mine = {".".join(k): v for k, v in _shared_state(population).items()}
+    for key, value in saved.items():
+        if key not in mine or mine[key].shape != value.shape:
+            raise ConfigError(
+                f"resume=true: the checkpoint {folder} holds a shared loss entry {key!r} "
+                "this population's loss lacks (or with another shape): it was saved by "
+                "another loss or version of the code; start a new run in another folder."
+            )
+        with torch.no_grad():
+            mine[key].copy_(value)
 
 
 def _restore_buffer(buffer: PopulationReplayBuffer, data: TensorDictBase | None, meta) -> None:
@@ -367,6 +403,7 @@ class PopulationRun:
                     f"resume=true: the checkpoint {folder} does not fit this population's "
                     f"networks ({str(err).strip().splitlines()[0]})."
                 ) from err
+            _restore_shared(self.population, state.get("shared") or {}, folder)
             _restore_buffer(self.buffer, data, state.get("buffer_meta"))
             saved_agents = [state["agents"][a.name] for a in self.agents]
             restore_rng(state["rng"])
@@ -457,6 +494,7 @@ class PopulationRun:
             "population": self.population.state_dict(),
             "optim": self.population.optimizer.state_dict(),
             "agents": {a.name: run.state() for a, run in zip(self.agents, self.runs)},
+            "shared": {".".join(k): v.clone() for k, v in _shared_state(self.population).items()},
             "rng": rng,
             "config": to_plain(self.cfg),
         }
