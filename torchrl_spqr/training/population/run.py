@@ -258,7 +258,10 @@ class _BufferView:
     def __getitem__(self, index: slice) -> TensorDictBase:
         data = self.buffer.state_dict()["data"][:, index]
         k, n = data.batch_size[:2]
-        return data.apply(lambda t: t.transpose(0, 1).contiguous(), batch_size=[n, k])
+        # on the CPU (a GPU population's buffers live on the GPU; a memmap is a CPU file)
+        return data.apply(
+            lambda t: t.transpose(0, 1).contiguous().cpu(), batch_size=[n, k], device="cpu"
+        )
 
 
 def _shared_state(population: PopulationUpdate) -> dict[tuple[str, ...], torch.Tensor]:
