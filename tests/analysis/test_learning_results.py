@@ -45,6 +45,11 @@ SETTINGS = {
         "normalized_score",
     ),
     "VMAS balance, MASAC (3 agents)": ("masac_balance", "", "eval_return"),
+    "Hopper-v5, SAC-Ens population (UTD 1)": (
+        "hopper_population_15k/next_policy",
+        "",
+        "eval_return",
+    ),
 }
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
