@@ -60,6 +60,7 @@ from torchrl_spqr.training.checkpoint import (
 )
 from torchrl_spqr.training.config import ConfigError, resolve_config
 from torchrl_spqr.training.loggers import MetricsCSVLogger, make_logger
+from torchrl_spqr.training.typecheck import to_plain
 
 if TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
@@ -85,7 +86,14 @@ def prepare_run(cfg, run_dir: str | Path, *, kind: str) -> tuple[DictConfig, Pat
     run folder and the device. A bad config raises ``ConfigError`` naming the field before
     anything is written (not even the folder).
     """
-    cfg = resolve_config(cfg, kind)
+    return open_run_folder(resolve_config(cfg, kind), run_dir)
+
+
+def open_run_folder(cfg, run_dir: str | Path) -> tuple[DictConfig, Path, torch.device]:
+    """For a config already checked: create the run folder, set threads and seeds.
+
+    Shared by :func:`prepare_run` and the population scripts' ``prepare_population_run``.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -247,7 +255,7 @@ class RunContext:
         resumed = False
         if self.cfg.resume and has_checkpoint(self.run_dir):
             state, data, folder = load_checkpoint_data(self.run_dir, buffer=self.buffer is not None)
-            saved_cfg, now_cfg = state.get("config") or {}, _plain(self.cfg)
+            saved_cfg, now_cfg = state.get("config") or {}, to_plain(self.cfg)
             check_resume_config(saved_cfg, now_cfg, folder)
             try:
                 self.loss_module.load_state_dict(state["loss"])
@@ -464,7 +472,7 @@ class RunContext:
             "optim": {k: o.state_dict() for k, o in self.optimizers.items()},
             "counters": dict(self.counters),
             "rng": capture_rng(),
-            "config": _plain(self.cfg),
+            "config": to_plain(self.cfg),
         }
         if self.owed is not None:
             state["owed_row"] = {
@@ -568,14 +576,3 @@ def _progress(total: int, initial: int, unit: str):
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, mininterval=2.0)
-
-
-def _plain(cfg) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg if isinstance(cfg, dict) else {}

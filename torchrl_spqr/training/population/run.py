@@ -45,13 +45,12 @@ from torchrl_spqr.training.checkpoint import (
     save_checkpoint,
     truncate_csv,
 )
-from torchrl_spqr.training.common import RunContext, check_resume_config, seed_everything
+from torchrl_spqr.training.common import RunContext, check_resume_config, open_run_folder
 from torchrl_spqr.training.config import (
     POPULATION_SCHEMAS,
     ConfigError,
     resolve_config,
 )
-from torchrl_spqr.training.fields import get_device
 from torchrl_spqr.training.loggers import make_logger
 from torchrl_spqr.training.population.replay import PopulationReplayBuffer
 from torchrl_spqr.training.population.update import PopulationUpdate
@@ -159,12 +158,7 @@ def prepare_population_run(
 ) -> tuple[Any, Path, torch.device]:
     """Check the config (``POPULATION_SCHEMAS[script]``), create the run folder, set
     threads and the shared seed (``seed``)."""
-    cfg = resolve_population_config(cfg, script)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    return cfg, run_dir, get_device(cfg.device)
+    return open_run_folder(resolve_population_config(cfg, script), run_dir)
 
 
 class AgentRun(RunContext):
