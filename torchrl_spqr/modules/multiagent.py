@@ -23,7 +23,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["GROUP", "MultiAgentQNet"]
+__all__ = ["ACTIVATIONS", "GROUP", "MultiAgentQNet"]
+
+#: ``network.activation`` choices of the multi-agent networks (the config check reads the names).
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+}
 
 #: The agent group of VMAS environments in TorchRL.
 GROUP = "agents"

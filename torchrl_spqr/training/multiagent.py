@@ -46,7 +46,7 @@ from torchrl.modules.models.multiagent import MultiAgentMLP
 from torchrl.objectives import SACLoss, ValueEstimators
 
 from torchrl_spqr.modules import QEnsemble
-from torchrl_spqr.modules.multiagent import GROUP, MultiAgentQNet
+from torchrl_spqr.modules.multiagent import ACTIVATIONS, GROUP, MultiAgentQNet
 from torchrl_spqr.objectives import EnsembleSACLoss
 from torchrl_spqr.objectives.spqr import SPQRLoss
 from torchrl_spqr.training import builders as B
@@ -73,14 +73,6 @@ __all__ = [
     "make_collector",
     "evaluate",
 ]
-
-#: ``network.activation`` choices.
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "silu": nn.SiLU,
-}
 
 
 def expand_done_to_agents(td: TensorDictBase, reward_key=(GROUP, "reward")) -> TensorDictBase:

@@ -20,6 +20,7 @@ import torch
 
 from torchrl_spqr.functional import DENSITIES, FILLINGS
 from torchrl_spqr.modules import INIT_SCHEMES
+from torchrl_spqr.modules.multiagent import ACTIVATIONS as _NETWORK_ACTIVATIONS
 from torchrl_spqr.objectives.member_weights import member_weights
 from torchrl_spqr.objectives.spqr import PAIRS
 from torchrl_spqr.training.fields import (
@@ -51,7 +52,7 @@ __all__ = [
 SINGLE_AGENT_ALGORITHMS = ("cql", "edac", "redq", "sac_ens", "sac_n")
 
 #: ``network.activation`` values of the multi-agent networks.
-ACTIVATIONS = ("elu", "relu", "silu", "tanh")
+ACTIVATIONS = tuple(sorted(_NETWORK_ACTIVATIONS))  # elu, relu, silu, tanh
 
 #: ``collector.backend`` values and the TorchRL engine behind each.
 COLLECTOR_BACKENDS = {
