@@ -12,6 +12,7 @@ from torchrl_spqr.modules.ensemble import (
     make_q_member,
 )
 from torchrl_spqr.modules.multiagent import MultiAgentQNet
+from torchrl_spqr.modules.relu_mlp import ensemble_relu_mlp
 
 __all__ = [
     "INIT_SCHEMES",
@@ -20,4 +21,5 @@ __all__ = [
     "init_linear_stack_",
     "make_q_member",
     "MultiAgentQNet",
+    "ensemble_relu_mlp",
 ]

@@ -1,0 +1,221 @@
+"""An ensemble of ReLU MLPs as one autograd node with a hand-written backward.
+
+:func:`ensemble_relu_mlp` evaluates ``N`` members of ``Linear -> ReLU -> ... ->
+Linear`` (stacked parameters ``[N, out, in]`` / ``[N, out]``) with batched
+matrix products, like :class:`~torchrl_spqr.modules.ensemble.BatchedMLP`, but
+as one :class:`torch.autograd.Function`, so that its backward can be written
+for the CPU's memory traffic rather than left to the op-by-op autograd graph:
+
+* the ReLU's backward masks the incoming gradient in place
+  (``threshold_backward`` into its own input) instead of allocating a new
+  ``[N, B, H]`` tensor per layer;
+* the weight gradient is computed directly in the weight's ``[N, out, in]``
+  layout (``g^T @ h``), with no transposing copy of a ``[N, H, H]`` tensor;
+* the first layer's bias rides in its matrix product (an input column of
+  ones), and the last layer's input gradient (``[N, B, 1] x [N, 1, H]``) is a
+  broadcast product rather than a batched matmul with an inner size of one;
+* gradients that are not needed are not computed: the target pass records
+  nothing, the actor-loss pass (detached critic parameters) computes the
+  input gradient only.
+
+Same values and gradients as the op-by-op path, up to float round-off (the
+tests compare them). Under :func:`torch.vmap` (a population of agents,
+:mod:`torchrl_spqr.training.population`) the function's own vmap rule folds
+the vmapped dimension into the ensemble one, so ``K`` agents' ``N`` members run
+as one ensemble of ``K * N`` members; the autograd node then lives on the
+plain tensors, and its backward runs outside vmap. The backward is not itself
+differentiable (no double backward; nothing in the package's losses needs it).
+
+Pure tensor code (no modules), kept apart so it can be tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ensemble_relu_mlp", "relu_mlp_layers"]
+
+
+def ensemble_relu_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
+    """``N`` ReLU MLPs with stacked parameters, as one autograd node.
+
+    Args:
+        x: the input, ``[B, d]`` (shared by the members) or ``[N, B, d]``
+            (member ``n``'s input in row ``n``).
+        weights: ``L >= 1`` stacked ``Linear`` weights, ``[N, out_l, in_l]``.
+        biases: the ``L`` stacked biases, ``[N, out_l]``.
+
+    Returns:
+        ``[N, B, out_L]``: ``Linear_L(relu(... relu(Linear_1(x))))`` per member.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(8, 5)
+        >>> w = [torch.randn(3, 16, 5), torch.randn(3, 1, 16)]
+        >>> b = [torch.randn(3, 16), torch.randn(3, 1)]
+        >>> q = ensemble_relu_mlp(x, w, b)
+        >>> ref = torch.relu(x @ w[0].mT + b[0][:, None]) @ w[1].mT + b[1][:, None]
+        >>> q.shape, torch.allclose(q, ref, atol=1e-5)
+        (torch.Size([3, 8, 1]), True)
+    """
+    weights, biases = list(weights), list(biases)
+    if not weights or len(weights) != len(biases):
+        raise ValueError(
+            f"ensemble_relu_mlp needs one bias per weight and at least one layer, got "
+            f"{len(weights)} weights and {len(biases)} biases."
+        )
+    n = weights[0].shape[0]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 3 or b.shape != (n, w.shape[1]):
+            raise ValueError(
+                f"layer {i}: expected a weight [N={n}, out, in] and a bias [N, out], got "
+                f"{tuple(w.shape)} and {tuple(b.shape)}."
+            )
+        if w.shape[0] != n:
+            raise ValueError(f"layer {i}: {w.shape[0]} members where layer 0 has {n}.")
+        if i and w.shape[2] != weights[i - 1].shape[1]:
+            raise ValueError(
+                f"layer {i} takes {w.shape[2]} inputs but layer {i - 1} gives "
+                f"{weights[i - 1].shape[1]}."
+            )
+    if x.dim() not in (2, 3) or x.shape[-1] != weights[0].shape[2]:
+        raise ValueError(
+            f"x must be [B, {weights[0].shape[2]}] or [N, B, {weights[0].shape[2]}], got "
+            f"{tuple(x.shape)}."
+        )
+    if x.dim() == 3 and x.shape[0] != n:
+        raise ValueError(f"x has {x.shape[0]} member rows for {n} members.")
+    out = _EnsembleReluMLP.apply(x, len(weights), *weights, *biases)
+    return out[0]
+
+
+def relu_mlp_layers(layers: Sequence[tuple[str, nn.Module]]) -> list[str] | None:
+    """The ``Linear`` layers' names if ``layers`` is ``Linear (-> ReLU -> Linear)*``, else ``None``.
+
+    ``layers`` are ``(name, module)`` pairs in order; every ``Linear`` must have
+    a bias. Other structures (other activations, LayerNorm, dropout) return
+    ``None`` and keep the op-by-op path.
+    """
+    names = []
+    for i, (name, sub) in enumerate(layers):
+        if i % 2 == 0:
+            if type(sub) is not nn.Linear or sub.bias is None:
+                return None
+            names.append(name)
+        elif type(sub) is not nn.ReLU:
+            return None
+    return names if len(layers) % 2 == 1 else None
+
+
+def _with_ones(x: Tensor) -> Tensor:
+    """``x`` with a trailing column of ones (the first layer's bias input)."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
+
+def _forward(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> tuple[Tensor, ...]:
+    """The output and the hidden activations (after their ReLU), ``[N, B, h]`` each."""
+    n = weights[0].shape[0]
+    w1 = torch.cat([weights[0], biases[0].unsqueeze(-1)], -1)  # [N, out, in + 1]
+    x1 = _with_ones(x)
+    if x1.dim() == 2:
+        x1 = x1.expand(n, *x1.shape)
+    h = torch.bmm(x1, w1.transpose(-1, -2))
+    hidden = []
+    for w, b in zip(weights[1:], biases[1:]):
+        h = torch.relu_(h)
+        hidden.append(h)
+        # the bias added in place: baddbmm would first copy the expanded bias into the output
+        h = torch.bmm(h, w.transpose(-1, -2)).add_(b.unsqueeze(-2))
+    return (h, *hidden)
+
+
+class _EnsembleReluMLP(torch.autograd.Function):
+    """Outputs ``(y, *hidden)``; ``hidden`` are returned (marked non-differentiable) to be saved."""
+
+    @staticmethod
+    def forward(x: Tensor, num_layers: int, *params: Tensor) -> tuple[Tensor, ...]:
+        weights, biases = list(params[:num_layers]), list(params[num_layers:])
+        return _forward(x, weights, biases)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, num_layers, *params = inputs
+        ctx.num_layers = num_layers
+        ctx.save_for_backward(x, *params, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no [N, B, H] zeros for the hidden outputs' grads
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor, *_hidden_grads) -> tuple[Tensor | None, ...]:
+        num_layers = ctx.num_layers
+        x, *rest = ctx.saved_tensors
+        weights = rest[:num_layers]
+        hidden = rest[2 * num_layers :]
+        needs = ctx.needs_input_grad
+        need_x = needs[0]
+        need_w = needs[2 : 2 + num_layers]
+        need_b = needs[2 + num_layers : 2 + 2 * num_layers]
+        grads_w: list[Tensor | None] = [None] * num_layers
+        grads_b: list[Tensor | None] = [None] * num_layers
+        grad_x = None
+        if grad_out is None:  # only the hidden outputs were used: nothing flows back
+            return (None,) * (2 + 2 * num_layers)
+        g = grad_out.contiguous()
+        first_needed = next(
+            (i for i in range(num_layers) if need_w[i] or need_b[i]), 0 if need_x else None
+        )
+        for i in range(num_layers - 1, -1, -1):
+            if first_needed is None or i < first_needed:
+                break
+            if i == 0:
+                if need_w[0] or need_b[0]:
+                    x1 = _with_ones(x)
+                    if x1.dim() == 2:  # shared input: g^T @ x for every member at once
+                        gw1 = torch.matmul(g.transpose(-1, -2), x1)
+                    else:
+                        gw1 = torch.bmm(g.transpose(-1, -2), x1)
+                    grads_w[0] = gw1[..., :-1] if need_w[0] else None
+                    grads_b[0] = gw1[..., -1] if need_b[0] else None
+                if need_x:
+                    gx = torch.bmm(g, weights[0])
+                    grad_x = gx.sum(0) if x.dim() == 2 else gx
+                break
+            h = hidden[i - 1]  # this layer's input, after the ReLU
+            if need_w[i]:
+                grads_w[i] = torch.bmm(g.transpose(-1, -2), h)
+            if need_b[i]:
+                grads_b[i] = g.sum(-2)
+            w = weights[i]
+            # [N, B, 1] x [N, 1, H] (the last layer) is a broadcast product, not a GEMM
+            g = g * w if w.shape[1] == 1 else torch.bmm(g, w)
+            # the ReLU's backward, in place: g is this call's own buffer
+            g = torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g)
+        return (grad_x, None, *grads_w, *grads_b)
+
+    @staticmethod
+    def vmap(info, in_dims, x: Tensor, num_layers: int, *params: Tensor):
+        """Fold the vmapped dim into the ensemble: ``K`` x ``N`` members as one ensemble."""
+        k = info.batch_size
+        dims = in_dims[2:]
+
+        def fold(t: Tensor, dim: int | None) -> Tensor:
+            t = t.movedim(dim, 0) if dim is not None else t.expand(k, *t.shape)
+            return t.reshape(k * t.shape[1], *t.shape[2:])
+
+        flat = [fold(p, d) for p, d in zip(params, dims)]
+        n = flat[0].shape[0] // k
+        x_dim = in_dims[0]
+        if x_dim is None:
+            x_flat = x  # shared by every agent and member
+        else:
+            x_b = x.movedim(x_dim, 0)
+            if x_b.dim() == 3:  # [K, B, d]: agent k's input, shared by its members
+                x_b = x_b.unsqueeze(1).expand(k, n, *x_b.shape[1:])
+            x_flat = x_b.reshape(k * n, *x_b.shape[2:])
+        outs = _EnsembleReluMLP.apply(x_flat, num_layers, *flat)
+        outs = tuple(o.reshape(k, n, *o.shape[1:]) for o in outs)
+        return outs, (0,) * len(outs)
