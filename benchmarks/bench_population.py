@@ -22,7 +22,9 @@ Everything is measured side by side in one run (round-robin, medians):
     ``SACLoss(num_qvalue_nets=N)`` and a ``K``-agent
     :class:`~torchrl_spqr.training.population.PopulationUpdate` (work ``K``
     times one update), each with fused Adam and a soft target update, on
-    every ``--threads`` count;
+    every ``--threads`` count; the package's single agent and population also
+    with their critics run op by op (``BatchedMLP.use_fused_kernel = False``),
+    for what the fused ReLU-MLP kernel (``modules/relu_mlp.py``) gains;
 (d) aggregate agent-updates per second of ``K`` agents on all the cores,
     three ways (``multiprocessing``, spawn): the population in one process
     with one torch thread per core; the population split into one process per
@@ -56,6 +58,7 @@ from tensordict import TensorDict
 from torchrl.objectives import SACLoss, SoftUpdate
 
 from torchrl_spqr import QEnsemble, SACNLoss, SPQRLoss, make_q_member
+from torchrl_spqr.modules import BatchedMLP
 from torchrl_spqr.training.population import PopulationUpdate
 
 DEVICE = torch.device("cpu")  # --device
@@ -108,6 +111,24 @@ def single_step(loss):
     return step
 
 
+def op_by_op(fn: Callable[[TensorDict], object]) -> Callable[[TensorDict], object]:
+    """``fn`` with the critics run op by op (``BatchedMLP.use_fused_kernel = False``)."""
+
+    def step(batch: TensorDict) -> object:
+        BatchedMLP.use_fused_kernel = False
+        try:
+            return fn(batch)
+        finally:
+            BatchedMLP.use_fused_kernel = True
+
+    step.population = isinstance(fn, PopulationUpdate)
+    return step
+
+
+def is_population(fn: Callable) -> bool:
+    return isinstance(fn, PopulationUpdate) or getattr(fn, "population", False)
+
+
 def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]:
     """name -> (update function, agents per call)."""
     n, h, k = args.n, args.hidden, args.agents
@@ -120,6 +141,7 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
     variants = {
         f"TorchRL SACLoss({n})": (single_step(sac), 1),
         f"SACNLoss({n}), single agent": (single_step(make_sacn(n, h, 0)), 1),
+        f"SACNLoss({n}), single agent, op-by-op": (op_by_op(single_step(make_sacn(n, h, 0))), 1),
         f"SACNLoss({n}), PopulationUpdate K=1": (
             PopulationUpdate([make_sacn(n, h, 0)], **fast),
             1,
@@ -127,6 +149,10 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
     }
     pop = PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different", **fast)
     variants[f"population K={k} SACNLoss({n})"] = (pop, k)
+    pop_plain = PopulationUpdate(
+        [make_sacn(n, h, s) for s in range(k)], randomness="different", **fast
+    )
+    variants[f"population K={k}, op-by-op"] = (op_by_op(pop_plain), k)
     if args.spqr:
         betas = [float(i % 2) for i in range(k)]
         pop_spqr = PopulationUpdate(
@@ -176,7 +202,7 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
     ]
 
     def data_of(fn: Callable, k: int) -> list[TensorDict]:
-        if not isinstance(fn, PopulationUpdate):
+        if not is_population(fn):
             return single
         return stacked if k > 1 else [b.unsqueeze(0) for b in single]
 
