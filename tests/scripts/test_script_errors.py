@@ -48,3 +48,16 @@ def test_user_errors_are_the_packages_named_errors():
 
     with pytest.raises(ZeroDivisionError):
         run_script(bug, None)
+
+
+def test_ctrl_c_exits_130_with_the_resume_line(capsys, tmp_path):
+    from torchrl_spqr.training.cli import run_script
+
+    def interrupted(_cfg, _run_dir):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        run_script(interrupted, None, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert exc.value.code == 130
+    assert f"resume=true hydra.run.dir={tmp_path / 'run'}" in err and "Traceback" not in err

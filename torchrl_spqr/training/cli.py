@@ -4,8 +4,10 @@ Hydra prints a (shortened) traceback for any exception that leaves a task
 function. The errors the package raises for bad configs, unsafe or damaged
 files and unusable datasets already name the field or file, the value and the
 fix; a traceback above them only hides that line. ``run_script`` prints it
-alone and exits with 2 (as ``argparse`` does for a bad argument). Any other
-exception is a bug and keeps its traceback.
+alone and exits with 2 (as ``argparse`` does for a bad argument). Ctrl-C ends
+with one line saying how to resume and exit code 130 (the shell's code for
+SIGINT): the scripts' run protocol has written the owed rows and the
+checkpoint by then. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -35,9 +37,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_script(train: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``train(*args, **kwargs)``; a user-facing error exits with its message and code 2."""
+    """``train(*args, **kwargs)``; a user-facing error exits with its message and code 2.
+
+    ``KeyboardInterrupt`` (Ctrl-C) exits with code 130 and a line naming the run
+    folder (``args[1]``, the scripts' ``train(cfg, run_dir)``) to resume, not a
+    traceback.
+    """
     try:
         return train(*args, **kwargs)
     except user_errors() as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        where = f" hydra.run.dir={args[1]}" if len(args) > 1 and args[1] is not None else ""
+        print(
+            f"interrupted (Ctrl-C): the rows and the checkpoint are saved; "
+            f"continue with resume=true{where}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
