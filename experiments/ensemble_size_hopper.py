@@ -11,7 +11,7 @@ on ``Q_k(s', a'~pi)``, paper density for N <= 10 and the corrected density for
 N = 21 (the package's recommendation for N >= 15).
 
     export MINARI_DATASETS_PATH=$PWD/runs/minari
-    python -m torchrl_spqr.datasets build --env Hopper-v5 --kind random --steps 50000 --id local/hopper/random-v0
+    python -m torchrl_spqr.data build --env Hopper-v5 --kind random --steps 50000 --id local/hopper/random-v0
     python experiments/ensemble_size_hopper.py --seeds 0 --jobs 1      # ~1-1.5 h on 2 busy cores
     python experiments/ensemble_size_hopper.py --collect-only          # table + figure from the run folders
 

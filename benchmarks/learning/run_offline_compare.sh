@@ -7,8 +7,8 @@
 # Usage: bash benchmarks/learning/run_offline_compare.sh DATASET SEED [UPDATES] [OUT]
 #   DATASET: local_hopper_random | local_hopper_medium_replay (a dataset/*.yaml config name)
 # Build the datasets first (MINARI_DATASETS_PATH says where they live):
-#   python -m torchrl_spqr.datasets build --env Hopper-v5 --kind random --steps 50000 --id local/hopper/random-v0
-#   python -m torchrl_spqr.datasets build --env Hopper-v5 --kind medium-replay \
+#   python -m torchrl_spqr.data build --env Hopper-v5 --kind random --steps 50000 --id local/hopper/random-v0
+#   python -m torchrl_spqr.data build --env Hopper-v5 --kind medium-replay \
 #       --source-run RUN_DIR --id local/hopper/medium-replay-v0 --ref-max-score 3234.3
 set -euo pipefail
 dataset=${1:?dataset config name, e.g. local_hopper_random}

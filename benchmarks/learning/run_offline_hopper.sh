@@ -7,8 +7,8 @@ seed=${1:-0}
 updates=${2:-10000}
 out=${3:-runs/learning_offline}
 export MINARI_DATASETS_PATH=${MINARI_DATASETS_PATH:-$HOME/.minari/datasets}
-python -m torchrl_spqr.datasets info local/hopper/random-v0 >/dev/null 2>&1 || \
-  python -m torchrl_spqr.datasets build --env Hopper-v5 --kind random --steps 50000 --id local/hopper/random-v0
+python -m torchrl_spqr.data info local/hopper/random-v0 >/dev/null 2>&1 || \
+  python -m torchrl_spqr.data build --env Hopper-v5 --kind random --steps 50000 --id local/hopper/random-v0
 for beta in 0 1; do
   python sota_scripts/sac_n_spqr/sac_n_spqr.py dataset=local_hopper_random network.ensemble_size=10 \
     spqr.beta="$beta" seed="$seed" optim.num_updates="$updates" logger.log_interval=500 \

@@ -238,7 +238,7 @@ def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
 
 @pytest.mark.parametrize("module", ["torchrl_spqr.analysis", "torchrl_spqr.plot"])
 def test_command_line_under_its_new_and_its_old_name(module, sweep, tmp_path):
-    """``python -m torchrl_spqr.plot`` (README) still runs, without a FutureWarning."""
+    """``python -m torchrl_spqr.plot`` (the old command) still runs, without a FutureWarning."""
     eff = tmp_path / "eff"
     argv = [str(sweep), "--effects", str(eff), "--effects-only"]
     res = subprocess.run(

@@ -579,7 +579,7 @@ def test_cli_build_list_info(store, capsys):
 
 
 def test_the_old_command_line_still_works_without_a_warning(tmp_path):
-    """``python -m torchrl_spqr.datasets ...`` (the README's command) runs the new CLI, silently."""
+    """``python -m torchrl_spqr.datasets ...`` (the old command, kept working) runs the new CLI, silently."""
     import subprocess
     import sys
 
