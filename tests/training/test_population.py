@@ -343,3 +343,32 @@ def test_state_dict_round_trip_resumes_exactly():
         p(batch)
     for key, value in pop.state.items(True, True):
         assert torch.equal(value, fresh.state.get(key)), key
+
+
+def test_population_runs_the_fused_kernel_and_equals_the_op_by_op_path(monkeypatch):
+    """The K agents' critics go through the fused kernel's vmap rule (one K*N ensemble),
+    and the update equals the op-by-op critics' (BatchedMLP.use_fused_kernel=False)."""
+    from torchrl_spqr.modules import BatchedMLP
+    from torchrl_spqr.modules.relu_mlp import _EnsembleReluMLP
+
+    calls = []
+    rule = _EnsembleReluMLP.vmap
+
+    def spy(info, in_dims, *args):
+        calls.append(info.batch_size)
+        return rule(info, in_dims, *args)
+
+    batches = [torch.stack([make_batch(10 * i + k) for k in range(2)]) for i in range(3)]
+    states = []
+    for fused in (True, False):
+        monkeypatch.setattr(BatchedMLP, "use_fused_kernel", fused)
+        monkeypatch.setattr(_EnsembleReluMLP, "vmap", staticmethod(spy))
+        pop = PopulationUpdate([make_loss(k, 1.0) for k in range(2)], randomness="same")
+        calls.clear()
+        torch.manual_seed(0)
+        for batch in batches:
+            pop(batch)
+        assert (len(calls) > 0) == fused and set(calls) <= {2}
+        states.append(pop.state.detach().clone())
+    for key, value in states[0].items(True, True):
+        torch.testing.assert_close(value, states[1].get(key), atol=ATOL, rtol=1e-4, msg=str(key))
