@@ -29,6 +29,7 @@ environments start new episodes, as a resumed single run's do).
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -49,7 +50,11 @@ from utils import (
 
 from torchrl_spqr.training.cli import run_script
 from torchrl_spqr.training.common import seed_everything
-from torchrl_spqr.training.population import PopulationReplayBuffer, PopulationUpdate
+from torchrl_spqr.training.population import (
+    PopulationEnvs,
+    PopulationReplayBuffer,
+    PopulationUpdate,
+)
 from torchrl_spqr.training.population.run import (
     AgentRun,
     PopulationRun,
@@ -94,6 +99,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
 
     # Each agent's environments, actor and loss; then the population: one batched update
     envs, eval_envs, actors, losses = map(list, zip(*(build_agent(a, device) for a in agents)))
+    # stepped in process, or in one worker process per agent (population.parallel_envs)
+    train_envs = PopulationEnvs(
+        envs,
+        [partial(make_environment, a.cfg, a.seed) for a in agents],
+        parallel=cfg.population.parallel_envs,
+    )
     optim = cfg.optim
     population = PopulationUpdate(
         losses,
@@ -149,31 +160,29 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
         return cfg.optim.utd_ratio * max(0, frames - max(init_random_frames, 1) + 1)
 
     last_batch = None
-    tds = [env.reset() for env in envs]  # each agent's current step
-    with run:  # first the rows an interrupted run owed; at every exit a checkpoint
-        while True:
-            # the updates of the frames collected (after a resume: the interrupted step's rest)
-            while run.updates < updates_due(run.frames):
-                last_batch = buffer.sample(cfg.optim.batch_size)
-                t0 = time.perf_counter()
-                out = update(last_batch, population)
-                run.updated(out, time.perf_counter() - t0)
-            run.end_step(diagnostics)  # each agent's row (evaluating) and the checkpoint when due
-            if run.frames >= total_frames:
-                break
-            if run.frames < init_random_frames:  # uniform random actions, per agent
-                for env, td in zip(envs, tds):
-                    td.set("action", env.action_spec.rand())
-            else:  # the K policies in one vmapped call
-                with set_exploration_type(ExplorationType.RANDOM):
-                    actions = population.act(torch.stack(tds).to(device))["action"].cpu()
-                for td, action in zip(tds, actions):
-                    td.set("action", action)
-            steps = [env.step_and_maybe_reset(td) for env, td in zip(envs, tds)]
-            data = torch.stack([transition for transition, _ in steps])  # [K]
-            tds = [next_td for _, next_td in steps]
-            buffer.extend(data.unsqueeze(1).to(device))
-            run.collected(data)  # one frame, and finished episodes' returns, per agent
+    tds = train_envs.reset()  # each agent's current step, [K]
+    try:
+        with run:  # first the rows an interrupted run owed; at every exit a checkpoint
+            while True:
+                # the updates of the frames collected (after a resume: the interrupted step's rest)
+                while run.updates < updates_due(run.frames):
+                    last_batch = buffer.sample(cfg.optim.batch_size)
+                    t0 = time.perf_counter()
+                    out = update(last_batch, population)
+                    run.updated(out, time.perf_counter() - t0)
+                run.end_step(diagnostics)  # each agent's row (evaluating), the checkpoint when due
+                if run.frames >= total_frames:
+                    break
+                if run.frames < init_random_frames:  # uniform random actions, per agent
+                    tds.set("action", train_envs.random_actions())
+                else:  # the K policies in one vmapped call
+                    with set_exploration_type(ExplorationType.RANDOM):
+                        tds.set("action", population.act(tds.to(device))["action"].cpu())
+                data, tds = train_envs.step(tds)  # [K] transitions, [K] next steps
+                buffer.extend(data.unsqueeze(1).to(device))
+                run.collected(data)  # one frame, and finished episodes' returns, per agent
+    finally:
+        train_envs.close()
     for agent in agents:
         plot_run(run_dir / agent.name)
     return run.summary()

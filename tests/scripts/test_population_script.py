@@ -194,6 +194,21 @@ def test_interrupt_and_resume_the_population(tmp_path, monkeypatch):
         assert rows[-1]["eval_return"] != ""
 
 
+def test_parallel_envs_write_the_rows_of_in_process_stepping(tmp_path):
+    """population.parallel_envs=true (a TorchRL ParallelEnv, one worker per agent): the
+    same transitions, hence every agent's rows equal the in-process population's."""
+    pop = _population_script()
+    pop.train(_cfg("collector.total_frames=80"), tmp_path / "serial")
+    res = pop.train(
+        _cfg("collector.total_frames=80", "population.parallel_envs=true"), tmp_path / "par"
+    )
+    for name in AGENTS:
+        assert res[name]["frames"] == 80
+        rows = _rows(tmp_path / "par" / name)
+        assert [int(r["frames"]) for r in rows] == [20, 40, 60, 80]
+        assert _without_clock(rows) == _without_clock(_rows(tmp_path / "serial" / name))
+
+
 def test_population_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"population.beta=\[\]"):
         resolve_population_config(_cfg("population.beta=[]"))

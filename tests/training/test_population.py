@@ -372,3 +372,31 @@ def test_population_runs_the_fused_kernel_and_equals_the_op_by_op_path(monkeypat
         states.append(pop.state.detach().clone())
     for key, value in states[0].items(True, True):
         torch.testing.assert_close(value, states[1].get(key), atol=ATOL, rtol=1e-4, msg=str(key))
+
+
+def test_population_envs_in_process_and_errors():
+    """PopulationEnvs: [K] resets, per-agent random actions and steps; bad use is named."""
+    from torchrl.envs import GymEnv
+
+    from torchrl_spqr.training.population import PopulationEnvs
+
+    def make(seed):
+        env = GymEnv("Pendulum-v1")
+        env.set_seed(seed)
+        return env
+
+    envs = PopulationEnvs([make(0), make(1)])
+    td = envs.reset()
+    assert td.batch_size == torch.Size([2])
+    assert not torch.equal(td["observation"][0], td["observation"][1])  # own seeds
+    td.set("action", envs.random_actions())
+    data, nxt = envs.step(td)
+    assert data.batch_size == nxt.batch_size == torch.Size([2])
+    torch.testing.assert_close(data["next", "observation"], nxt["observation"])
+    with pytest.raises(ValueError, match=r"\[K=2\]"):
+        envs.step(td[:1])
+    envs.close()
+    with pytest.raises(ValueError, match="one environment builder per agent"):
+        PopulationEnvs([make(0), make(1)], [lambda: make(0)], parallel=True)
+    with pytest.raises(ValueError, match="at least one environment"):
+        PopulationEnvs([])

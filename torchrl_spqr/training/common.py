@@ -500,6 +500,7 @@ _RESUME_FREE = (
     "logger",
     "checkpoint",
     "collector.total_frames",
+    "population.parallel_envs",
     "optim.num_updates",
     "device",
     "threads",

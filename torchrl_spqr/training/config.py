@@ -416,6 +416,9 @@ class PopulationConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     beta: list[float] = field(default_factory=lambda: [0.0, 1.0])
     pairs: str | None = None  # null: spqr.pairs
+    # step the agents' training environments in one worker process each (TorchRL's
+    # ParallelEnv; the same transitions as stepping them in process, one after another)
+    parallel_envs: bool = False
 
 
 @dataclass
