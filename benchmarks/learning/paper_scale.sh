@@ -39,6 +39,8 @@
 #   MAX_FRAMES [300000]  MIN_FRAMES [10000]         TOTAL_FRAMES: fixed budget, no timing pass
 #   SEEDS ["0 1 2 3"]    DEVICE [cuda if available, else cpu]
 #   POPULATION [1]: one population process (0: one process per agent)
+#   PARALLEL_ENVS [1 if nproc >= 2 x agents, else 0]: the population's training envs in one
+#          worker process each (population.parallel_envs; same transitions, env steps in parallel)
 #   THREADS [2 per process; POPULATION=1: min(nproc, 8) for the one process]
 #   INIT_RANDOM [5000, at most F/10]   EVAL_POINTS [15]   EVAL_EPISODES [5]   SAFETY [0.85]
 #   ENV [hopper] (a config of torchrl_spqr/configs/env)   ENSEMBLE [10]   NICE [0]
@@ -83,6 +85,8 @@ EVAL_EPISODES=${EVAL_EPISODES:-5}
 SAFETY=${SAFETY:-0.85}
 ASSUMED_RATE=${ASSUMED_RATE:-250}
 EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
+read -r -a _seeds_for_count <<< "$SEEDS"
+PARALLEL_ENVS=${PARALLEL_ENVS:-$(( $(nproc) >= 4 * ${#_seeds_for_count[@]} ? 1 : 0 ))}
 DRY_RUN=${DRY_RUN:-0}
 OUT_DIR=${OUT_DIR:-benchmarks/learning/paper_scale/$(date +%Y%m%d_%H%M%S)}
 PACK_TO=${PACK_TO:-}
@@ -143,6 +147,7 @@ pop_cmd() {
     "collector.total_frames=$2" "collector.init_random_frames=$3"
     "logger.log_interval=$4" "logger.eval_interval=$5" "logger.eval_episodes=$EVAL_EPISODES"
     "logger.progress=false" "checkpoint.interval=$6" "hydra.run.dir=$1")
+  if [[ "$PARALLEL_ENVS" == 1 ]]; then cmd+=("population.parallel_envs=true"); fi
   local extra
   read -r -a extra <<< "$EXTRA_OVERRIDES"
   printf '%s\n' "${cmd[@]}" "${extra[@]}"
