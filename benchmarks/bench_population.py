@@ -35,7 +35,7 @@ Everything is measured side by side in one run (round-robin, medians):
     processes started together by a barrier; a configuration's rate is
     ``K * updates / (time until its last process finishes)``.
 
-    python benchmarks/bench_population.py --rounds 5 --inner 2 --updates 4 --spqr
+    python benchmarks/bench_population.py --rounds 5 --inner 2 --updates 4 --spqr --breakdown
     python benchmarks/bench_population.py --device cuda --threads 1 --agents 8 --compile --cudagraphs
 
 Absolute times depend on the machine's load; the fractions and ratios are
@@ -228,6 +228,51 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
     )
 
 
+def breakdown(args, threads: int) -> None:
+    """(e) Where one ``K``-agent population update spends its time (torch profiler).
+
+    Prints the update's time, the share and achieved GFLOP/s of the hidden-layer
+    products (``[K N, B, H] x [K N, H, H]``, the bulk of the counted work) and the
+    largest other operators: what bounds the roofline fraction on this machine.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    k, n, h, b = args.agents, args.n, args.hidden, args.batch
+    pop = PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different")
+    data = [torch.stack([batch_on_device(b) for _ in range(k)]) for _ in range(2)]
+    for i in range(3):
+        pop(data[i % 2])
+    reps = 3
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for i in range(reps):
+            pop(data[i % 2])
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) / reps / 1e3  # ms per update
+    big = [k * n, h, h]
+    hidden = [  # both matrix operands [K N, H, H]-shaped (forward, and both backward products)
+        e
+        for e in events
+        if e.key in ("aten::bmm", "aten::baddbmm")
+        and sum(1 for s in e.input_shapes if s and list(s) == big) >= 2
+    ]
+    mm_ms = sum(e.self_cpu_time_total for e in hidden) / reps / 1e3
+    mm_calls = sum(e.count for e in hidden) / reps
+    flops = mm_calls * 2 * k * n * b * h * h
+    print(
+        f"\n[{threads} thread(s)] (e) one population update, K={k} (torch profiler, {reps} "
+        f"updates): {total:.1f} ms; hidden-layer products {mm_calls:.0f} per update, "
+        f"{mm_ms:.1f} ms ({100 * mm_ms / total:.0f}%) at {flops / mm_ms / 1e6:.1f} GFLOP/s"
+    )
+    others = sorted(
+        (e for e in events if e not in hidden), key=lambda e: e.self_cpu_time_total, reverse=True
+    )[:6]
+    for e in others:
+        ms = e.self_cpu_time_total / reps / 1e3
+        shapes = ", ".join(str(list(s)) for s in e.input_shapes if s)[:60]
+        print(f"    {e.key:28s} {ms:6.1f} ms ({100 * ms / total:4.1f}%)  {shapes}")
+
+
 def _worker(args, agents: int, threads: int, barrier, stop, results) -> None:
     """One process: a single-agent update (``agents == 1``) or a population, run on demand."""
     torch.set_num_threads(threads)
@@ -318,6 +363,9 @@ def main() -> None:
     )
     p.add_argument("--spqr", action="store_true", help="also a population with SPQR (beta 0/1)")
     p.add_argument("--skip-aggregate", action="store_true", help="only (a)-(c)")
+    p.add_argument(
+        "--breakdown", action="store_true", help="(e): where a population update's time goes"
+    )
     p.add_argument("--only-aggregate", action="store_true", help="only (d)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: (a)-(c) on it")
     p.add_argument("--compile", action="store_true", help="torch.compile the population updates")
@@ -348,6 +396,9 @@ def main() -> None:
             k = agents[name]
             frac = k * work / t / (peak * 1e9)
             print(f"  {name:42s} {1e3 * t:10.1f} {k / t:12.2f} {100 * frac:12.1f}%")
+    if args.breakdown and DEVICE.type == "cpu":
+        for threads in args.threads:
+            breakdown(args, threads)
     if DEVICE.type != "cpu" and not args.skip_aggregate:
         print("\n(d) skipped: the process comparison is a CPU measurement (use --device cpu)")
     elif not args.skip_aggregate:
