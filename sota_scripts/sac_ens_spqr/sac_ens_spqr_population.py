@@ -37,7 +37,6 @@ from omegaconf import DictConfig
 from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from utils import (
-    evaluate_policy,
     make_actor,
     make_critics,
     make_environment,
@@ -50,6 +49,7 @@ from torchrl_spqr.training.cli import run_script
 from torchrl_spqr.training.common import seed_everything
 from torchrl_spqr.training.population import (
     PopulationEnvs,
+    PopulationEvaluator,
     PopulationReplayBuffer,
     PopulationUpdate,
 )
@@ -121,9 +121,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
     buffer = PopulationReplayBuffer(len(agents), cfg.replay_buffer.size, device=device)
     seed_everything(cfg.seed)  # the population's shared draws
 
+    # each agent on its own (as its single run), or all at once (population.batched_eval)
+    evaluator = PopulationEvaluator(
+        population,
+        eval_envs,
+        actors,
+        losses,
+        cfg.logger.eval_episodes,
+        batched=cfg.population.batched_eval,
+        make_envs=[partial(make_environment, a.cfg, a.seed + 10_000) for a in agents],
+        parallel=cfg.population.parallel_envs,
+    )
+
     def evaluate(k: int) -> tuple[float, float]:
-        population.write_agent(k, losses[k])  # agent k's networks into its own actor
-        return evaluate_policy(eval_envs[k], actors[k], cfg.logger.eval_episodes)
+        return evaluator(k, at=(run.frames, run.updates))
 
     def diagnostics(k: int) -> dict[str, torch.Tensor]:
         """SPQR's diagnostics of agent k on its last batch, for its logged row (after that
@@ -180,6 +191,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
                 run.collected(data)  # one frame, and finished episodes' returns, per agent
     finally:
         train_envs.close()
+        evaluator.close()
     for agent in agents:
         plot_run(run_dir / agent.name)
     return run.summary()

@@ -194,19 +194,32 @@ def test_interrupt_and_resume_the_population(tmp_path, monkeypatch):
         assert rows[-1]["eval_return"] != ""
 
 
-def test_parallel_envs_write_the_rows_of_in_process_stepping(tmp_path):
+@pytest.mark.parametrize(
+    "flags",
+    [["population.parallel_envs=true"], ["population.batched_eval=true"]],
+    ids=["parallel-envs", "batched-eval"],
+)
+def test_parallel_envs_and_batched_eval_write_the_rows_of_the_default(tmp_path, flags):
     """population.parallel_envs=true (a TorchRL ParallelEnv, one worker per agent): the
-    same transitions, hence every agent's rows equal the in-process population's."""
+    same transitions, hence every agent's rows equal the in-process population's;
+    population.batched_eval=true: the same rows, the evaluation returns up to the float
+    round-off of the vmapped policy."""
     pop = _population_script()
     pop.train(_cfg("collector.total_frames=80"), tmp_path / "serial")
-    res = pop.train(
-        _cfg("collector.total_frames=80", "population.parallel_envs=true"), tmp_path / "par"
-    )
+    res = pop.train(_cfg("collector.total_frames=80", *flags), tmp_path / "other")
+    evals = {"eval_return", "eval_return_std", "best_eval_return"}
     for name in AGENTS:
         assert res[name]["frames"] == 80
-        rows = _rows(tmp_path / "par" / name)
+        rows = _without_clock(_rows(tmp_path / "other" / name))
+        ref = _without_clock(_rows(tmp_path / "serial" / name))
         assert [int(r["frames"]) for r in rows] == [20, 40, 60, 80]
-        assert _without_clock(rows) == _without_clock(_rows(tmp_path / "serial" / name))
+        strip = [{k: v for k, v in r.items() if k not in evals} for r in (*rows, *ref)]
+        assert strip[: len(rows)] == strip[len(rows) :]
+        for r, e in zip(rows, ref):
+            for key in evals & set(r):
+                assert (r[key] == "") == (e[key] == "")
+                if r[key]:
+                    assert float(r[key]) == pytest.approx(float(e[key]), rel=1e-4, abs=1e-3)
 
 
 def test_population_config_errors_name_the_field(tmp_path):

@@ -400,3 +400,54 @@ def test_population_envs_in_process_and_errors():
         PopulationEnvs([make(0), make(1)], [lambda: make(0)], parallel=True)
     with pytest.raises(ValueError, match="at least one environment"):
         PopulationEnvs([])
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["in-process", "parallel"])
+def test_population_envs_evaluate_equals_each_agents_evaluation(parallel):
+    """PopulationEnvs.evaluate (all agents at once, one policy call per step) gives each
+    agent the returns evaluate_policy gives it alone, over two evaluations in a row (each
+    evaluation environment reset exactly as often)."""
+    from functools import partial
+
+    from tensordict.nn import TensorDictModule
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    from torchrl_spqr.training.builders import make_environment
+    from torchrl_spqr.training.common import evaluate_policy
+    from torchrl_spqr.training.population import PopulationEnvs
+
+    cfg = {"env": {"name": "Pendulum-v1", "max_episode_steps": 30}}
+    seeds = (3, 4, 5)
+
+    def policy(k):
+        torch.manual_seed(k)
+        return TensorDictModule(
+            nn.Sequential(nn.Linear(3, 1), nn.Tanh()), ["observation"], ["action"]
+        )
+
+    policies = [policy(k) for k in range(3)]
+
+    def batched(td):
+        return td.set(
+            "action", torch.stack([p(td[k].clone())["action"] for k, p in enumerate(policies)])
+        )
+
+    alone = [make_environment(cfg, s) for s in seeds]
+    want = [[evaluate_policy(alone[k], policies[k], 2) for k in range(3)] for _ in range(2)]
+    envs = PopulationEnvs(
+        [make_environment(cfg, s) for s in seeds],
+        [partial(make_environment, cfg, s) for s in seeds],
+        parallel=parallel,
+    )
+    try:
+        for round_ in range(2):
+            with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+                returns = envs.evaluate(batched, 2)
+            assert [len(r) for r in returns] == [2, 2, 2]
+            for k, r in enumerate(returns):
+                mean, _ = want[round_][k]
+                assert sum(r) / 2 == pytest.approx(mean, rel=1e-5)
+    finally:
+        envs.close()
+    with pytest.raises(ValueError, match="episodes must be"):
+        PopulationEnvs(alone).evaluate(batched, 0)

@@ -501,6 +501,7 @@ _RESUME_FREE = (
     "checkpoint",
     "collector.total_frames",
     "population.parallel_envs",
+    "population.batched_eval",
     "optim.num_updates",
     "device",
     "threads",

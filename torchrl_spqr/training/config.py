@@ -419,6 +419,9 @@ class PopulationConfig:
     # step the agents' training environments in one worker process each (TorchRL's
     # ParallelEnv; the same transitions as stepping them in process, one after another)
     parallel_envs: bool = False
+    # evaluate every agent at once (one batched policy call per step; each evaluation env
+    # reset and stepped as its single run's evaluation; returns equal up to float round-off)
+    batched_eval: bool = False
 
 
 @dataclass

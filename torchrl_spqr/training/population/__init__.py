@@ -36,7 +36,10 @@ What stays separate per agent, and why the result equals ``K`` separate runs:
 - replay: :class:`PopulationReplayBuffer` keeps ``K`` buffers in one
   ``[K, capacity]`` storage and draws each agent's indices independently;
 - environments: :class:`PopulationEnvs` steps each agent's own environment
-  (in process, or in a TorchRL ``ParallelEnv`` with one worker per agent).
+  (in process, or in a TorchRL ``ParallelEnv`` with one worker per agent), and
+  :class:`PopulationEvaluator` evaluates each agent on its own evaluation
+  environment (one after another, or all at once with one batched policy call
+  per step).
 
 Random draws: ``randomness="different"`` (default, for training) gives every
 agent its own policy samples; ``randomness="same"`` gives every agent the draw
@@ -68,8 +71,14 @@ graphs need a CUDA device and are refused on CPU with a message saying so,
 ``cudagraphs="auto"`` captures on CUDA and stays eager (with a warning) elsewhere.
 """
 
-from torchrl_spqr.training.population.envs import PopulationEnvs
+from torchrl_spqr.training.population.envs import PopulationEnvs, PopulationEvaluator
 from torchrl_spqr.training.population.replay import PopulationReplayBuffer
 from torchrl_spqr.training.population.update import PopulationUpdate, build_population
 
-__all__ = ["PopulationEnvs", "PopulationReplayBuffer", "PopulationUpdate", "build_population"]
+__all__ = [
+    "PopulationEnvs",
+    "PopulationEvaluator",
+    "PopulationReplayBuffer",
+    "PopulationUpdate",
+    "build_population",
+]
