@@ -14,7 +14,8 @@
 #      metrics.csv), the rate of the random warm-up and the start-up time come from them;
 #   2. the plan: the largest collector.total_frames F (<= MAX_FRAMES, a multiple of the
 #      evaluation interval) whose estimated time (start-up + warm-up + F updates + EVAL_POINTS
-#      evaluations of 5 episodes, one agent after the other in a population) times 1/SAFETY
+#      evaluations of 5 episodes, all agents at once in a population with BATCHED_EVAL=1, else
+#      one agent after the other) times 1/SAFETY
 #      fits before the training deadline (start + BUDGET_S - PLOT_RESERVE_S);
 #   3. the runs, under a hard `timeout` at the training deadline (metrics.csv is flushed row
 #      by row, so a run stopped early keeps its rows up to its last log step);
@@ -41,6 +42,8 @@
 #   POPULATION [1]: one population process (0: one process per agent)
 #   PARALLEL_ENVS [1 if nproc >= 2 x agents, else 0]: the population's training envs in one
 #          worker process each (population.parallel_envs; same transitions, env steps in parallel)
+#   BATCHED_EVAL [1]: the population evaluates all its agents at once, one batched policy call
+#          per step (population.batched_eval; same returns up to float round-off)
 #   THREADS [2 per process; POPULATION=1: min(nproc, 8) for the one process]
 #   INIT_RANDOM [5000, at most F/10]   EVAL_POINTS [15]   EVAL_EPISODES [5]   SAFETY [0.85]
 #   ENV [hopper] (a config of torchrl_spqr/configs/env)   ENSEMBLE [10]   NICE [0]
@@ -87,6 +90,7 @@ ASSUMED_RATE=${ASSUMED_RATE:-250}
 EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
 read -r -a _seeds_for_count <<< "$SEEDS"
 PARALLEL_ENVS=${PARALLEL_ENVS:-$(( $(nproc) >= 4 * ${#_seeds_for_count[@]} ? 1 : 0 ))}
+BATCHED_EVAL=${BATCHED_EVAL:-1}
 DRY_RUN=${DRY_RUN:-0}
 OUT_DIR=${OUT_DIR:-benchmarks/learning/paper_scale/$(date +%Y%m%d_%H%M%S)}
 PACK_TO=${PACK_TO:-}
@@ -148,6 +152,7 @@ pop_cmd() {
     "logger.log_interval=$4" "logger.eval_interval=$5" "logger.eval_episodes=$EVAL_EPISODES"
     "logger.progress=false" "checkpoint.interval=$6" "hydra.run.dir=$1")
   if [[ "$PARALLEL_ENVS" == 1 ]]; then cmd+=("population.parallel_envs=true"); fi
+  if [[ "$BATCHED_EVAL" == 1 ]]; then cmd+=("population.batched_eval=true"); fi
   local extra
   read -r -a extra <<< "$EXTRA_OVERRIDES"
   printf '%s\n' "${cmd[@]}" "${extra[@]}"
@@ -271,7 +276,8 @@ def interval_of(f):
     unit = 1000 if f >= 20 * 1000 else 100
     return max(unit, f // points // unit * unit)
 
-in_series = $NAGENTS if "$POPULATION" == "1" else 1  # a population evaluates its agents in turn
+# a population evaluates its agents in turn, or all at once (BATCHED_EVAL=1)
+in_series = $NAGENTS if "$POPULATION" == "1" and "$BATCHED_EVAL" != "1" else 1
 
 def seconds(f):  # start-up + random warm-up + F updates + the evaluations (each step of an
     # evaluation: an env step and an actor forward pass; episodes assumed 60% of 1000 steps)
