@@ -50,6 +50,16 @@ SETTINGS = {
         "",
         "eval_return",
     ),
+    "Hopper-v5, SAC-Ens population, `next_policy` pairs (UTD 1)": (
+        "hopper_population_30k/next_policy",
+        "",
+        "eval_return",
+    ),
+    "Hopper-v5, SAC-Ens population, `data` pairs (UTD 1)": (
+        "hopper_population_30k/data",
+        "",
+        "eval_return",
+    ),
 }
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
