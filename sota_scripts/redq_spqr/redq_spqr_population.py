@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from utils import (
+    evaluate_policy,
     make_actor,
     make_critics,
     make_environment,
@@ -134,6 +135,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
         batched=cfg.population.batched_eval,
         make_envs=[partial(make_environment, a.cfg, a.seed + 10_000) for a in agents],
         parallel=cfg.population.parallel_envs,
+        evaluate_one=evaluate_policy,
     )
 
     def evaluate(k: int) -> tuple[float, float]:

@@ -210,6 +210,8 @@ class PopulationEvaluator:
     The same returns up to the float round-off of the vmapped policy (which, over long
     episodes, can move a return). ``parallel=True`` steps the evaluation environments
     in worker processes (needs ``make_envs``, as :class:`PopulationEnvs`).
+    ``evaluate_one(env, actor, episodes)`` is the one-agent evaluation (default
+    :func:`~torchrl_spqr.training.common.evaluate_policy`).
     """
 
     def __init__(
@@ -223,8 +225,10 @@ class PopulationEvaluator:
         batched: bool = False,
         make_envs: Sequence[Callable[[], EnvBase]] | None = None,
         parallel: bool = False,
+        evaluate_one: Callable[..., tuple[float, float]] | None = None,
     ) -> None:
         self.population, self.episodes = population, int(episodes)
+        self.evaluate_one = evaluate_one  # None: training.common.evaluate_policy
         self.eval_envs, self.actors, self.losses = list(eval_envs), list(actors), list(losses)
         self.envs = PopulationEnvs(eval_envs, make_envs, parallel=parallel) if batched else None
         self._at: object = None
@@ -237,7 +241,8 @@ class PopulationEvaluator:
 
         if self.envs is None:
             self.population.write_agent(k, self.losses[k])  # agent k's networks, its actor
-            return evaluate_policy(self.eval_envs[k], self.actors[k], self.episodes)
+            one = self.evaluate_one or evaluate_policy
+            return one(self.eval_envs[k], self.actors[k], self.episodes)
         if self._at is None or self._at != at:
             device = self.population.beta.device
             with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
