@@ -68,6 +68,25 @@ def test_input_gradient_only_with_detached_parameters():
     assert all(w.grad is None for w in ws)
 
 
+@pytest.mark.parametrize("mask", range(1, 16), ids=lambda m: f"mask{m:04b}")
+def test_every_subset_of_inputs_needing_a_gradient(mask):
+    """Whatever subset needs a gradient (the input, a frozen first layer under trained
+    later ones, ...), each gets the op-by-op gradient and the others get none."""
+    torch.manual_seed(7)
+    ws, bs = params([5, 8, 8, 1])
+    x = torch.randn(B, 5, dtype=torch.float64)
+    wants = [x, ws[0], ws[1], bs[2]]  # bit i of mask: wants[i] needs a gradient
+    chosen = [t for i, t in enumerate(wants) if mask >> i & 1]
+    x = x.requires_grad_(bool(mask & 1))
+    detached_w = [w if any(w is c for c in chosen) else w.detach() for w in ws]
+    detached_b = [b if any(b is c for c in chosen) else b.detach() for b in bs]
+    go = torch.randn(N, B, 1, dtype=torch.float64)
+    got = torch.autograd.grad(ensemble_relu_mlp(x, detached_w, detached_b), chosen, go)
+    want = torch.autograd.grad(reference(x, detached_w, detached_b), chosen, go)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_no_gradient_recorded_under_no_grad():
     ws, bs = params([5, 8, 1])
     with torch.no_grad():

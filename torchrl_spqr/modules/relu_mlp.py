@@ -159,18 +159,17 @@ class _EnsembleReluMLP(torch.autograd.Function):
         need_x = needs[0]
         need_w = needs[2 : 2 + num_layers]
         need_b = needs[2 + num_layers : 2 + 2 * num_layers]
+        if grad_out is None:  # only the hidden outputs were used: nothing flows back
+            return (None,) * (2 + 2 * num_layers)
         grads_w: list[Tensor | None] = [None] * num_layers
         grads_b: list[Tensor | None] = [None] * num_layers
         grad_x = None
-        if grad_out is None:  # only the hidden outputs were used: nothing flows back
-            return (None,) * (2 + 2 * num_layers)
+        # the layers the gradient must pass: down to the input if it needs a gradient,
+        # else down to the first layer whose parameters need one
+        wanted = [i for i in range(num_layers) if need_w[i] or need_b[i]]
+        stop = 0 if need_x else (wanted[0] if wanted else num_layers)
         g = grad_out.contiguous()
-        first_needed = next(
-            (i for i in range(num_layers) if need_w[i] or need_b[i]), 0 if need_x else None
-        )
-        for i in range(num_layers - 1, -1, -1):
-            if first_needed is None or i < first_needed:
-                break
+        for i in range(num_layers - 1, stop - 1, -1):
             if i == 0:
                 if need_w[0] or need_b[0]:
                     x1 = _with_ones(x)
@@ -189,6 +188,8 @@ class _EnsembleReluMLP(torch.autograd.Function):
                 grads_w[i] = torch.bmm(g.transpose(-1, -2), h)
             if need_b[i]:
                 grads_b[i] = g.sum(-2)
+            if i == stop:  # nothing below this layer needs a gradient
+                break
             w = weights[i]
             # [N, B, 1] x [N, 1, H] (the last layer) is a broadcast product, not a GEMM
             g = g * w if w.shape[1] == 1 else torch.bmm(g, w)
