@@ -76,10 +76,14 @@ def update(batch: TensorDictBase, population: PopulationUpdate) -> TensorDictBas
 
 
 def build_agent(agent, device: torch.device):
-    """Agent ``(b, s)`` as its single run builds it: seeded, envs, actor, critics, loss."""
+    """Agent ``(b, s)`` as its single run builds it: seeded, envs, actor, critics, loss.
+
+    Also returns its environments' builders (for worker processes: population.parallel_envs).
+    """
     seed_everything(agent.seed)
-    train_env = make_environment(agent.cfg, agent.seed)
-    eval_env = make_environment(agent.cfg, agent.seed + 10_000)
+    make_train = partial(make_environment, agent.cfg, agent.seed)
+    make_eval = partial(make_environment, agent.cfg, agent.seed + 10_000)
+    train_env, eval_env = make_train(), make_eval()
     actor = make_actor(agent.cfg, train_env)
     critics = make_critics(agent.cfg, train_env)
     loss, base = make_loss_module(agent.cfg, actor, critics, train_env.action_spec)
@@ -88,7 +92,7 @@ def build_agent(agent, device: torch.device):
     make_target_updater(agent.cfg, base)
     if hasattr(loss, "diagnostics_interval"):
         loss.diagnostics_interval = 0  # the batched update computes no diagnostics
-    return train_env, eval_env, actor, loss.to(device)
+    return (make_train, make_eval), train_env, eval_env, actor, loss.to(device)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
@@ -99,12 +103,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
     init_random_frames = cfg.collector.init_random_frames
 
     # Each agent's environments, actor and loss; then the population: one batched update
-    envs, eval_envs, actors, losses = map(list, zip(*(build_agent(a, device) for a in agents)))
+    built = map(list, zip(*(build_agent(a, device) for a in agents)))
+    builders, envs, eval_envs, actors, losses = built
     # stepped in process, or in one worker process per agent (population.parallel_envs)
     train_envs = PopulationEnvs(
-        envs,
-        [partial(make_environment, a.cfg, a.seed) for a in agents],
-        parallel=cfg.population.parallel_envs,
+        envs, [b[0] for b in builders], parallel=cfg.population.parallel_envs
     )
     optim = cfg.optim
     population = PopulationUpdate(
@@ -133,7 +136,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
         losses,
         cfg.logger.eval_episodes,
         batched=cfg.population.batched_eval,
-        make_envs=[partial(make_environment, a.cfg, a.seed + 10_000) for a in agents],
+        make_envs=[b[1] for b in builders],
         parallel=cfg.population.parallel_envs,
         evaluate_one=evaluate_policy,
     )

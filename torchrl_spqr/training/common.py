@@ -115,6 +115,11 @@ def evaluate_policy(env, actor, episodes: int, max_steps: int = 1_000_000) -> tu
         for _ in range(episodes):
             td = env.rollout(max_steps, actor, break_when_any_done=True, auto_cast_to_device=True)
             returns.append(float(td["next", "reward"].sum()))
+    return return_stats(returns)
+
+
+def return_stats(returns: list[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation of episode returns; sd 0 for one episode."""
     t = torch.tensor(returns)
     return float(t.mean()), float(t.std(unbiased=False)) if len(returns) > 1 else 0.0
 

@@ -26,7 +26,9 @@ from collections.abc import Callable, Sequence
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.envs import EnvBase, ParallelEnv
-from torchrl.envs.utils import step_mdp
+from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
+
+from torchrl_spqr.training.common import evaluate_policy, return_stats
 
 __all__ = ["PopulationEnvs"]
 
@@ -225,35 +227,26 @@ class PopulationEvaluator:
         batched: bool = False,
         make_envs: Sequence[Callable[[], EnvBase]] | None = None,
         parallel: bool = False,
-        evaluate_one: Callable[..., tuple[float, float]] | None = None,
+        evaluate_one: Callable[..., tuple[float, float]] = evaluate_policy,
     ) -> None:
         self.population, self.episodes = population, int(episodes)
-        self.evaluate_one = evaluate_one  # None: training.common.evaluate_policy
+        self.evaluate_one = evaluate_one
         self.eval_envs, self.actors, self.losses = list(eval_envs), list(actors), list(losses)
         self.envs = PopulationEnvs(eval_envs, make_envs, parallel=parallel) if batched else None
         self._at: object = None
         self._results: list[tuple[float, float]] = []
 
     def __call__(self, k: int, at: object = None) -> tuple[float, float]:
-        from torchrl.envs.utils import ExplorationType, set_exploration_type
-
-        from torchrl_spqr.training.common import evaluate_policy
-
         if self.envs is None:
             self.population.write_agent(k, self.losses[k])  # agent k's networks, its actor
-            one = self.evaluate_one or evaluate_policy
-            return one(self.eval_envs[k], self.actors[k], self.episodes)
+            return self.evaluate_one(self.eval_envs[k], self.actors[k], self.episodes)
         if self._at is None or self._at != at:
             device = self.population.beta.device
             with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
                 returns = self.envs.evaluate(
                     lambda td: self.population.act(td.to(device)), self.episodes
                 )
-            self._results = []
-            for r in returns:
-                t = torch.tensor(r)
-                sd = float(t.std(unbiased=False)) if len(r) > 1 else 0.0
-                self._results.append((float(t.mean()), sd))
+            self._results = [return_stats(r) for r in returns]
             self._at = at
         return self._results[k]
 
