@@ -349,11 +349,11 @@ def test_redq_population_resumes_its_policy_update_schedule(tmp_path, monkeypatc
         pop.train(cfg("collector.total_frames=80"), run)
     monkeypatch.setattr(pop, "update", real_update)
     state = load_checkpoint_data(run, buffer=False)[0]
-    assert int(state["shared"]["loss_module.update_count"]) == 35
+    assert int(state["population"]["shared_state.loss_module.update_count"]) == 35
     res = pop.train(cfg("collector.total_frames=80", "resume=true"), run)
     assert {r["updates"] for r in res.values()} == {2 * (80 - 40 + 1)}
     state = load_checkpoint_data(run, buffer=False)[0]
-    assert int(state["shared"]["loss_module.update_count"]) == 2 * (80 - 40 + 1)
+    assert int(state["population"]["shared_state.loss_module.update_count"]) == 2 * (80 - 40 + 1)
     rows = _rows(run / "beta1.0_N3_seed0")
     assert [r["frames"] for r in rows] == ["20", "40", "60", "80"]
     assert "actor_updated" in rows[0] and rows[-1]["spqr_kl"] != ""

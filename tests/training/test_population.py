@@ -345,6 +345,51 @@ def test_state_dict_round_trip_resumes_exactly():
         assert torch.equal(value, fresh.state.get(key)), key
 
 
+def test_state_dict_carries_the_shared_counter():
+    """REDQ's update counter (shared by the agents, held by the template) is part of the
+    population's state_dict; an older dict without it still loads strictly; a dict with an
+    unknown or misshapen shared entry is refused by load_state_dict."""
+    from torchrl_spqr import ReferenceREDQLoss
+
+    def make(seed):
+        torch.manual_seed(seed)
+        critics = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(HIDDEN,)), N)
+        return ReferenceREDQLoss(
+            make_actor(), critics, action_spec=Bounded(-1.0, 1.0, (ACT,)), policy_update_delay=2
+        )
+
+    pop = PopulationUpdate([make(0), make(1)])
+    batch = torch.stack([make_batch(0), make_batch(1)])
+    for _ in range(3):
+        pop(batch)
+    assert int(pop.shared_state()["update_count"]) == 3
+    saved = pop.state_dict()
+    assert int(saved["shared_state.update_count"]) == 3
+    fresh = PopulationUpdate([make(5), make(6)])
+    fresh.load_state_dict(saved)
+    assert int(fresh.shared_state()["update_count"]) == 3
+    assert "shared_state.update_count" in saved  # loading does not consume the caller's dict
+
+    old = {k: v for k, v in saved.items() if not k.startswith("shared_state.")}
+    older = PopulationUpdate([make(5), make(6)])
+    older.load_state_dict(old)  # strict: a dict saved before the counter was included
+    assert int(older.shared_state()["update_count"]) == 0
+
+    # a run checkpoint of that older version kept the counter in its own "shared" entry
+    from torchrl_spqr.training.population.run import _restore_shared
+    from torchrl_spqr.training.validation import ConfigError
+
+    _restore_shared(older, {"update_count": torch.tensor(3)}, "ckpt")
+    assert int(older.shared_state()["update_count"]) == 3
+    with pytest.raises(ConfigError, match="shared loss entry 'not_a_counter'"):
+        _restore_shared(older, {"not_a_counter": torch.tensor(3)}, "ckpt")
+
+    with pytest.raises(RuntimeError, match="shared_state.not_a_counter"):
+        fresh.load_state_dict({**saved, "shared_state.not_a_counter": torch.zeros(())})
+    with pytest.raises(RuntimeError, match="shared_state.update_count"):
+        fresh.load_state_dict({**saved, "shared_state.update_count": torch.zeros(2)})
+
+
 def test_population_runs_the_fused_kernel_and_equals_the_op_by_op_path(monkeypatch):
     """The K agents' critics go through the fused kernel's vmap rule (one K*N ensemble),
     and the update equals the op-by-op critics' (BatchedMLP.use_fused_kernel=False)."""

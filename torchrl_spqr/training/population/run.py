@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDictBase
 
 from torchrl_spqr.training.checkpoint import (
     capture_rng,
@@ -258,21 +258,10 @@ class _BufferView:
         )
 
 
-def _shared_state(population: PopulationUpdate) -> dict[tuple[str, ...], torch.Tensor]:
-    """The loss state every agent shares (not stacked): counters such as REDQ's
-    ``update_count`` (its policy-update schedule), held by the population's template."""
-    stacked = {k if isinstance(k, tuple) else (k,) for k in population.state.keys(True, True)}
-    out = {}
-    for key, value in TensorDict.from_module(population.template).items(True, True):
-        key = key if isinstance(key, tuple) else (key,)
-        if key not in stacked:
-            out[key] = value
-    return out
-
-
 def _restore_shared(population: PopulationUpdate, saved: dict[str, Any], folder: Path) -> None:
-    """Copy :func:`_shared_state`'s saved values back into the template."""
-    mine = {".".join(k): v for k, v in _shared_state(population).items()}
+    """Copy the shared loss entries of a checkpoint written before they were part of
+    ``PopulationUpdate.state_dict()`` (its ``"shared"`` entry) back into the template."""
+    mine = population.shared_state()
     for key, value in saved.items():
         if key not in mine or mine[key].shape != value.shape:
             raise ConfigError(
@@ -491,7 +480,6 @@ class PopulationRun:
             "population": self.population.state_dict(),
             "optim": self.population.optimizer.state_dict(),
             "agents": {a.name: run.state() for a, run in zip(self.agents, self.runs)},
-            "shared": {".".join(k): v.clone() for k, v in _shared_state(self.population).items()},
             "rng": rng,
             "config": to_plain(self.cfg),
         }

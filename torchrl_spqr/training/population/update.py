@@ -180,6 +180,9 @@ class PopulationUpdate(nn.Module):
         self._actor_prefix = prefix_of(self.state, "actor_network_params")
         self.optimizer = self._make_optimizer(lr, dict(optimizer_kwargs or {}), cudagraphs)
         self._update = self._build_update(compile, cudagraphs)
+        # the template's shared entries (not submodule state) travel in state_dict()
+        self.register_state_dict_post_hook(_save_shared_state)
+        self.register_load_state_dict_pre_hook(_load_shared_state)
 
     # ------------------------------------------------------------ building
     def _make_optimizer(
@@ -247,6 +250,23 @@ class PopulationUpdate(nn.Module):
     def template(self) -> LossModule:
         """The module the stacked state is swapped into (a copy of agent 0's loss)."""
         return self.__dict__["_template"]
+
+    def shared_state(self) -> dict[str, Tensor]:
+        """The loss entries every agent shares (not stacked), by dotted name.
+
+        Counters such as REDQ's ``update_count`` (its policy-update schedule),
+        held by :attr:`template`. They are part of :meth:`state_dict` (as
+        ``shared_state.<name>``) and restored by :meth:`load_state_dict`; a
+        state dict saved without them (by an older version) still loads and
+        leaves them as they are.
+        """
+        stacked = {dotted_key(k) for k in self.state.keys(True, True)}
+        out = {}
+        for key, value in TensorDict.from_module(self.template).items(True, True):
+            name = dotted_key(key)
+            if name not in stacked:
+                out[name] = value
+        return out
 
     def _agent_loss(self, state: TensorDictBase, batch: TensorDictBase) -> TensorDictBase:
         with state.to_module(self.template):
@@ -377,3 +397,39 @@ class PopulationUpdate(nn.Module):
                     name: (t[k] if t.dim() > 0 else t) for name, t in st.items()
                 }
         return out
+
+
+_SHARED_PREFIX = "shared_state."
+
+
+def _save_shared_state(module: PopulationUpdate, state_dict, prefix: str, local_metadata) -> None:
+    for name, value in module.shared_state().items():
+        state_dict[prefix + _SHARED_PREFIX + name] = value.detach().clone()
+
+
+def _load_shared_state(
+    module: PopulationUpdate,
+    state_dict,
+    prefix: str,
+    local_metadata,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    mine = module.shared_state()
+    start = prefix + _SHARED_PREFIX
+    for key in [k for k in state_dict if k.startswith(start)]:
+        name = key[len(start) :]
+        target = mine.get(name)
+        if target is None:
+            continue  # left in the dict: load_state_dict reports it as unexpected
+        value = state_dict.pop(key)
+        if tuple(value.shape) != tuple(target.shape):
+            error_msgs.append(
+                f"size mismatch for {key}: copying a tensor of shape {tuple(value.shape)}, "
+                f"the shared entry {name!r} has shape {tuple(target.shape)}."
+            )
+            continue
+        with torch.no_grad():
+            target.copy_(value)
