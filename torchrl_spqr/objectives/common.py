@@ -477,12 +477,18 @@ class EnsembleLossBase(MemberValuesMixin, LossModule):
         arg-min member only (:meth:`BatchedMLP.select`, about ``1/N``-th of a
         pass when rows spread over members). Same value and gradient as
         ``self._q(td, params).min(0).values``, up to float round-off.
+        Under ``torch.vmap`` or ``torch.compile`` the plain min is used: the
+        grouping's sizes depend on the data (vmap cannot batch them; compile
+        would break the graph there and recompile for every new group size).
         """
         bq = self._batched_q
         inputs = [td.get(k) for k in self.qvalue_network.in_keys]
-        if bq is None or not bq.deterministic or is_batchedtensor(inputs[0]):
-            # under torch.vmap (a population of agents, torchrl_spqr.training.population)
-            # the arg-min grouping's data-dependent sizes cannot be batched: plain min
+        if (
+            bq is None
+            or not bq.deterministic
+            or is_batchedtensor(inputs[0])
+            or torch.compiler.is_compiling()
+        ):
             return self._q(td, params).min(0).values
         batch = inputs[0].shape[:-1]
         flat = [t.reshape(-1, t.shape[-1]) for t in inputs]
