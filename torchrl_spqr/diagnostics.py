@@ -272,12 +272,14 @@ def residual_correlation(q: Tensor, *, num_members: int | None = None) -> dict[s
     mean_pair = off / (n * (n - 1))
     # a member whose residuals are round-off only (rms <= rtol * the values' scale)
     rms = std.squeeze(1) / b**0.5
-    if bool((rms <= _degenerate_rtol(q.dtype) * x.abs().amax()).any()):
-        top = mean_pair = torch.tensor(float("nan"), dtype=torch.float64, device=q.device)
+    # torch.where, not a Python branch: no host read of a device value (CUDA graph capture)
+    degenerate = (rms <= _degenerate_rtol(q.dtype) * x.abs().amax()).any()
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=q.device)
+    top, mean_pair = torch.where(degenerate, nan, top), torch.where(degenerate, nan, mean_pair)
     dtype = q.dtype
     return {
         "top_eigenvalue": top.to(dtype),
-        "mp_edge": torch.tensor(edge, dtype=dtype, device=q.device),
+        "mp_edge": torch.full((), edge, dtype=dtype, device=q.device),
         "mp_ratio": (top * (n - 1) / n / edge).to(dtype),
         "mean_pairwise_corr": mean_pair.to(dtype),
     }

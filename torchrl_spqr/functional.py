@@ -234,10 +234,21 @@ def member_positions(
     raise ValueError(f"filling must be one of {FILLINGS}, got {filling!r}.")
 
 
+def cuda_graph_capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream.
+
+    Reading a device value on the host (``float(t)``, ``bool(t)``, ``t.item()``)
+    is not allowed then; code that branches on such values reads a host-side
+    copy instead, and data-dependent checks are skipped.
+    """
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _in_transform() -> bool:
-    """True under torch.compile tracing, where data-dependent checks must be skipped."""
+    """True under torch.compile tracing or CUDA graph capture, where data-dependent checks
+    must be skipped."""
     compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+    return bool(compiler is not None and compiler.is_compiling()) or cuda_graph_capturing()
 
 
 def _is_batched(x: Tensor) -> bool:

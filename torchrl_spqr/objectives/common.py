@@ -67,6 +67,7 @@ from torchrl.objectives.utils import (
 )
 from torchrl.objectives.value import ValueEstimatorBase
 
+from torchrl_spqr import functional as F
 from torchrl_spqr.modules.ensemble import BatchedMLP, QEnsemble
 from torchrl_spqr.objectives.member_values import MemberValuesMixin
 from torchrl_spqr.objectives.utils import as_members, key_str, next_key, plain_key
@@ -477,9 +478,10 @@ class EnsembleLossBase(MemberValuesMixin, LossModule):
         arg-min member only (:meth:`BatchedMLP.select`, about ``1/N``-th of a
         pass when rows spread over members). Same value and gradient as
         ``self._q(td, params).min(0).values``, up to float round-off.
-        Under ``torch.vmap`` or ``torch.compile`` the plain min is used: the
-        grouping's sizes depend on the data (vmap cannot batch them; compile
-        would break the graph there and recompile for every new group size).
+        Under ``torch.vmap``, ``torch.compile`` or CUDA graph capture the plain
+        min is used: the grouping's sizes depend on the data (vmap cannot batch
+        them; compile would break the graph there and recompile for every new
+        group size; a capture cannot read them).
         """
         bq = self._batched_q
         inputs = [td.get(k) for k in self.qvalue_network.in_keys]
@@ -488,6 +490,7 @@ class EnsembleLossBase(MemberValuesMixin, LossModule):
             or not bq.deterministic
             or is_batchedtensor(inputs[0])
             or torch.compiler.is_compiling()
+            or F.cuda_graph_capturing()
         ):
             return self._q(td, params).min(0).values
         batch = inputs[0].shape[:-1]

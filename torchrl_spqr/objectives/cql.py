@@ -38,6 +38,7 @@ from torchrl.objectives.utils import distance_loss
 
 from torchrl_spqr.modules.ensemble import QEnsemble
 from torchrl_spqr.objectives.member_values import MemberValuesMixin
+from torchrl_spqr.objectives.utils import host_add, host_read
 
 __all__ = ["EnsembleCQLLoss"]
 
@@ -600,10 +601,11 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
         """``CQLLoss.forward``; during the first ``bc_steps`` training calls ``loss_actor`` is
         ``loss_actor_bc`` (behaviour-cloning warm start)."""
         out = super().forward(tensordict)
-        if int(self.actor_update_count) < self.bc_steps:
+        if host_read(self, "actor_update_count") < self.bc_steps:
             out.set("loss_actor", out.get("loss_actor_bc"))
         if self.training:
             self.actor_update_count += 1
+            host_add(self, "actor_update_count")
         return out
 
     # ----------------------------------------------------------- TD target

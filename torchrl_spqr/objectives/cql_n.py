@@ -11,6 +11,7 @@ from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_spqr.objectives.common import EnsembleLossBase, critic_metadata
+from torchrl_spqr.objectives.utils import host_add, host_read
 
 __all__ = ["CQLNLoss"]
 
@@ -155,7 +156,7 @@ class CQLNLoss(EnsembleLossBase):
             weighted = alpha_prime.detach() * weighted
         out["loss_cql"] = self._reduce(weighted.sum(0), tensordict)
         out["cql_gap"] = gap.detach().mean()
-        bc = int(self.actor_update_count) < self.bc_steps
+        bc = host_read(self, "actor_update_count") < self.bc_steps
         if bc:
             action, log_prob = self._sample(tensordict, grad=True)
             with (
@@ -176,4 +177,5 @@ class CQLNLoss(EnsembleLossBase):
             out.update(self._actor_out(tensordict, "min"))
         if self.training:
             self.actor_update_count += 1
+            host_add(self, "actor_update_count")
         return self._finish(tensordict, out)

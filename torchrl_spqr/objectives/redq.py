@@ -11,6 +11,7 @@ from torch import Tensor
 
 from torchrl_spqr.modules.ensemble import QEnsemble
 from torchrl_spqr.objectives.common import EnsembleLossBase
+from torchrl_spqr.objectives.utils import host_add, host_read
 
 __all__ = ["MBPO_TARGET_ENTROPY", "ReferenceREDQLoss", "mbpo_target_entropy"]
 
@@ -102,7 +103,7 @@ class ReferenceREDQLoss(EnsembleLossBase):
 
     def actor_due(self) -> bool:
         """Whether the next training call updates the policy."""
-        return (int(self.update_count) + 1) % self.policy_update_delay == 0
+        return (host_read(self, "update_count") + 1) % self.policy_update_delay == 0
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -119,4 +120,5 @@ class ReferenceREDQLoss(EnsembleLossBase):
         out["actor_updated"] = torch.tensor(due)
         if self.training:
             self.update_count += 1
+            host_add(self, "update_count")
         return self._finish(tensordict, out)

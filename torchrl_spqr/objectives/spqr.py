@@ -85,7 +85,14 @@ from torchrl_spqr import functional as F
 from torchrl_spqr.modules.ensemble import QEnsemble
 from torchrl_spqr.objectives import member_weights as W
 from torchrl_spqr.objectives.member_values import serves_member_values
-from torchrl_spqr.objectives.utils import key_str, key_tuple, next_key, plain_key
+from torchrl_spqr.objectives.utils import (
+    host_add,
+    host_read,
+    key_str,
+    key_tuple,
+    next_key,
+    plain_key,
+)
 from torchrl_spqr.objectives.wrapper import LossWrapper
 
 __all__ = ["PAIRS", "SPQRLoss"]
@@ -473,9 +480,9 @@ class SPQRLoss(LossWrapper):
     def current_beta(self) -> float:
         """The beta that the next training call uses (after the schedule)."""
         if self._beta_fn is not None:
-            step = int(self.step_count)
+            step = host_read(self, "step_count")
             return _beta_value(self._beta_fn(step), f"the beta schedule's value at step {step}")
-        return float(self.beta)
+        return host_read(self, "beta", float)
 
     # ----------------------------------------------------- explicit compute
     def _policy_action(self, obs_td: TensorDictBase) -> Tensor:
@@ -603,7 +610,7 @@ class SPQRLoss(LossWrapper):
         if self._beta_fn is not None:
             self.beta.fill_(beta)
         training = self.training
-        step = int(self.step_count)
+        step = host_read(self, "step_count")
         want_diag = self.diagnostics_interval > 0 and (
             not training or step % self.diagnostics_interval == 0
         )
@@ -698,6 +705,7 @@ class SPQRLoss(LossWrapper):
                 self._write(td_out, "spqr_ensemble_std", qd.std(0).mean())
         if training:
             self.step_count += 1
+            host_add(self, "step_count")
         return td_out
 
     def _zero_loss(self, tensordict: TensorDictBase, device) -> Tensor:
@@ -719,7 +727,7 @@ class SPQRLoss(LossWrapper):
         filling drawn for the diagnostics) must not consume the global RNG: the
         wrapped loss's later random draws, hence training, stay exactly those of the
         bare loss."""
-        if beta != 0:
+        if beta != 0 or F.cuda_graph_capturing():  # the RNG state cannot be read in a capture
             return contextlib.nullcontext()
         device = torch.device(self._device_hint(tensordict))
         if device.type == "cpu":

@@ -2,12 +2,65 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
+from torch import nn
 
+from torchrl_spqr import functional as F
 from torchrl_spqr.modules.ensemble import QEnsemble
 
-__all__ = ["as_members", "key_str", "key_tuple", "next_key", "plain_key"]
+__all__ = [
+    "as_members",
+    "host_add",
+    "host_read",
+    "key_str",
+    "key_tuple",
+    "next_key",
+    "plain_key",
+]
+
+
+def host_read(module: nn.Module, name: str, cast: Callable[[Any], Any] = int) -> Any:
+    """``cast(getattr(module, name))``: a 0-d buffer (a counter, SPQR's beta) on the host.
+
+    A host read of a device value is not allowed while a CUDA graph is being
+    captured (:func:`torchrl_spqr.functional.cuda_graph_capturing`); the value
+    then comes from the module's host copy, which every eager read sets and
+    :func:`host_add` keeps counting, so a schedule that branches on it is
+    captured at the state it has reached (and replays as captured). Capturing
+    before any eager read is an error (capture tools such as tensordict's
+    ``CudaGraphModule`` run the module eagerly first).
+
+    Examples:
+        >>> import torch
+        >>> m = torch.nn.Module()
+        >>> m.register_buffer("count", torch.tensor(3))
+        >>> host_read(m, "count")
+        3
+    """
+    copies = module.__dict__.setdefault("_host_copies", {})
+    if F.cuda_graph_capturing():
+        if name not in copies:
+            raise RuntimeError(
+                f"{type(module).__name__}.{name} is read while a CUDA graph is being captured, "
+                "before any eager call: run the module eagerly at least once before capturing "
+                "(tensordict's CudaGraphModule does, with warmup >= 1)."
+            )
+        return copies[name]
+    value = cast(getattr(module, name))
+    copies[name] = value
+    return value
+
+
+def host_add(module: nn.Module, name: str, n: int = 1) -> None:
+    """Count ``n`` on the host copy :func:`host_read` keeps (call it where the buffer is
+    incremented on the device)."""
+    copies = module.__dict__.get("_host_copies")
+    if copies is not None and name in copies:
+        copies[name] += n
 
 
 def next_key(key: NestedKey) -> tuple[str, ...]:
