@@ -196,3 +196,26 @@ def test_host_read_counts_and_refuses_a_capture_before_any_eager_read(monkeypatc
 
 def test_capture_predicate_is_false_without_a_capture():
     assert F.cuda_graph_capturing() is False
+
+
+@pytest.mark.parametrize("pairs", ["data", "next_policy"])
+def test_captured_population_update_reads_no_device_value(pairs, monkeypatch):
+    """PopulationUpdate (K = 2 agents, beta 0 and 1, vmapped) under a simulated capture."""
+    from torchrl_spqr.training.population import PopulationUpdate
+
+    def agent(seed, beta):
+        torch.manual_seed(seed)
+        return SPQRLoss(
+            SACNLoss(make_actor(), critics()), beta=beta, pairs=pairs, diagnostics_interval=0
+        )
+
+    pop = PopulationUpdate([agent(0, 0.0), agent(1, 1.0)])
+    batch = torch.stack([make_batch(0), make_batch(1)])
+    for _ in range(2):
+        pop(batch)
+    recorder = HostSyncRecorder()
+    monkeypatch.setattr(F, "cuda_graph_capturing", lambda: True)
+    with recorder:
+        out = pop(batch)
+    assert recorder.sites == [], "\n".join(recorder.sites)
+    assert torch.isfinite(out["loss_qvalue"]).all() and out["loss_spqr"][0] == 0
