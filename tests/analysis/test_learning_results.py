@@ -51,12 +51,12 @@ SETTINGS = {
         "eval_return",
     ),
     "Hopper-v5, SAC-Ens population, `next_policy` pairs (UTD 1)": (
-        "hopper_population_30k/next_policy",
+        "hopper_population_50k/next_policy",
         "",
         "eval_return",
     ),
     "Hopper-v5, SAC-Ens population, `data` pairs (UTD 1)": (
-        "hopper_population_30k/data",
+        "hopper_population_50k/data",
         "",
         "eval_return",
     ),
