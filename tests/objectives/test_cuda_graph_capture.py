@@ -20,12 +20,11 @@ import traceback
 
 import pytest
 import torch
+from _helpers import N_ACT, make_actor, make_batch, make_ensemble
 from tensordict import TensorDict
-from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchrl.data import Bounded
-from torchrl.modules import ProbabilisticActor, TanhNormal
 
 import torchrl_spqr
 from torchrl_spqr import (
@@ -34,15 +33,14 @@ from torchrl_spqr import (
     ReferenceREDQLoss,
     SACNLoss,
     SPQRLoss,
-    make_q_member,
 )
 from torchrl_spqr import functional as F
 from torchrl_spqr.objectives.utils import host_add, host_read
 
 PKG = os.path.dirname(torchrl_spqr.__file__)
 HOST_READS = {"item", "__bool__", "__int__", "__float__", "tolist", "__index__"}
-OBS, ACT, B = 4, 2, 32
-SPEC = Bounded(-1.0, 1.0, (ACT,))
+B = 32
+SPEC = Bounded(-1.0, 1.0, (N_ACT,))
 
 
 class HostSyncRecorder(TorchFunctionMode):
@@ -65,39 +63,12 @@ class HostSyncRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def make_actor() -> ProbabilisticActor:
-    return ProbabilisticActor(
-        TensorDictModule(
-            nn.Sequential(nn.Linear(OBS, 2 * ACT), NormalParamExtractor()),
-            in_keys=["observation"],
-            out_keys=["loc", "scale"],
-        ),
-        in_keys=["loc", "scale"],
-        distribution_class=TanhNormal,
-        spec=SPEC,
-        return_log_prob=True,
-    )
-
-
 def critics() -> QEnsemble:
-    return QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(16,)), 5)
+    return make_ensemble(5)
 
 
-def make_batch(seed: int) -> TensorDict:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDict(
-        {
-            "observation": torch.randn(B, OBS, generator=g),
-            "action": torch.rand(B, ACT, generator=g) * 2 - 1,
-            "next": {
-                "observation": torch.randn(B, OBS, generator=g),
-                "reward": torch.randn(B, 1, generator=g),
-                "done": torch.zeros(B, 1, dtype=torch.bool),
-                "terminated": torch.zeros(B, 1, dtype=torch.bool),
-            },
-        },
-        [B],
-    )
+def data(seed: int) -> TensorDict:
+    return make_batch(B, seed=seed)
 
 
 LOSSES = {
@@ -142,7 +113,7 @@ def test_captured_update_reads_no_device_value_and_equals_eager(name, monkeypatc
     loss = LOSSES[name]()
     opt = torch.optim.Adam(loss.parameters())
     for i in range(3):  # warm-up (at step 2 CQL-N leaves behaviour cloning, REDQ's actor is due)
-        _update(loss, opt, make_batch(i))
+        _update(loss, opt, data(i))
     twin, twin_opt = copy.deepcopy(loss), None
     twin_opt = torch.optim.Adam(twin.parameters())
     twin_opt.load_state_dict(opt.state_dict())
@@ -151,12 +122,12 @@ def test_captured_update_reads_no_device_value_and_equals_eager(name, monkeypatc
     monkeypatch.setattr(F, "cuda_graph_capturing", lambda: True)
     torch.manual_seed(1)
     with recorder:
-        captured = _update(loss, opt, make_batch(3))
+        captured = _update(loss, opt, data(3))
     monkeypatch.setattr(F, "cuda_graph_capturing", lambda: False)
     assert recorder.sites == [], "\n".join(recorder.sites)
 
     torch.manual_seed(1)
-    eager = _update(twin, twin_opt, make_batch(3))
+    eager = _update(twin, twin_opt, data(3))
     # the same losses (the actor's min takes the plain path under capture: the same value
     # up to round-off) and the same schedules (REDQ's actor_updated, the counters, beta)
     assert set(captured.keys()) == set(eager.keys())
@@ -175,7 +146,7 @@ def test_eager_updates_do_read_counters_on_the_host():
     loss = LOSSES["redq-policy-delay"]()
     recorder = HostSyncRecorder()
     with recorder:
-        loss(make_batch(0))
+        loss(data(0))
     assert any("objectives/utils.py" in site for site in recorder.sites), recorder.sites
     assert any("finite" in site for site in recorder.sites), recorder.sites  # the NaN check
 
@@ -210,7 +181,7 @@ def test_captured_population_update_reads_no_device_value(pairs, monkeypatch):
         )
 
     pop = PopulationUpdate([agent(0, 0.0), agent(1, 1.0)])
-    batch = torch.stack([make_batch(0), make_batch(1)])
+    batch = torch.stack([data(0), data(1)])
     for _ in range(2):
         pop(batch)
     recorder = HostSyncRecorder()
