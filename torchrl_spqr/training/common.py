@@ -137,13 +137,14 @@ def cuda_graph_update(
     capturable and its step counters moved to its parameters' device. Call it after a
     resume has loaded the optimisers' states (a state saved without CUDA graphs is not
     capturable). Python-side schedules inside the loss (REDQ's policy delay, CQL's
-    behaviour-cloning steps, SPQR's ``diagnostics_interval``) are captured once and replay
-    as captured: a warning says so (TorchRL calls CUDA graphs experimental too).
+    behaviour-cloning steps, SPQR's beta and ``diagnostics_interval``) are read from host
+    copies during the capture (the losses make no host read of a device value then) and
+    replay as captured: a warning says so (TorchRL calls CUDA graphs experimental too).
     """
     warnings.warn(
         "compile.cudagraphs: the update is captured once and replayed; Python-side schedules "
-        "inside the loss (REDQ's policy delay, CQL's behaviour-cloning steps, SPQR's "
-        "diagnostics_interval) replay as captured. Experimental, as in TorchRL.",
+        "inside the loss (REDQ's policy delay, CQL's behaviour-cloning steps, SPQR's beta "
+        "schedule and diagnostics_interval) replay as captured. Experimental, as in TorchRL.",
         UserWarning,
         stacklevel=2,
     )
