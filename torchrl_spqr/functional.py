@@ -244,9 +244,9 @@ def cuda_graph_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _in_transform() -> bool:
+def tracing_or_capturing() -> bool:
     """True under torch.compile tracing or CUDA graph capture, where data-dependent checks
-    must be skipped."""
+    and branches must be skipped."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling()) or cuda_graph_capturing()
 
@@ -325,7 +325,7 @@ def check_ensemble_values(
         and n > q.shape[1]
         and n > _LAYOUT_WARN_MIN_ROWS
         and tuple(q.shape) not in _warned_layout
-        and not _in_transform()
+        and not tracing_or_capturing()
     ):
         _warned_layout.add(tuple(q.shape))
         warnings.warn(
@@ -335,7 +335,7 @@ def check_ensemble_values(
             UserWarning,
             stacklevel=3,
         )
-    if check_finite and not _in_transform() and not _is_batched(q):
+    if check_finite and not tracing_or_capturing() and not _is_batched(q):
         finite = torch.isfinite(q)
         if not bool(finite.all()):
             bad = int((~finite).sum())

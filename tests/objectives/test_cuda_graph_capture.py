@@ -35,7 +35,7 @@ from torchrl_spqr import (
     SPQRLoss,
 )
 from torchrl_spqr import functional as F
-from torchrl_spqr.objectives.utils import host_add, host_read
+from torchrl_spqr.objectives.utils import host_count, host_read
 
 PKG = os.path.dirname(torchrl_spqr.__file__)
 HOST_READS = {"item", "__bool__", "__int__", "__float__", "tolist", "__index__"}
@@ -114,7 +114,7 @@ def test_captured_update_reads_no_device_value_and_equals_eager(name, monkeypatc
     opt = torch.optim.Adam(loss.parameters())
     for i in range(3):  # warm-up (at step 2 CQL-N leaves behaviour cloning, REDQ's actor is due)
         _update(loss, opt, data(i))
-    twin, twin_opt = copy.deepcopy(loss), None
+    twin = copy.deepcopy(loss)
     twin_opt = torch.optim.Adam(twin.parameters())
     twin_opt.load_state_dict(opt.state_dict())
 
@@ -159,10 +159,10 @@ def test_host_read_counts_and_refuses_a_capture_before_any_eager_read(monkeypatc
         host_read(m, "count")
     monkeypatch.setattr(F, "cuda_graph_capturing", lambda: False)
     assert host_read(m, "count") == 4
-    m.count += 2
-    host_add(m, "count", 2)
+    host_count(m, "count", 2)
+    assert int(m.count) == 6  # the buffer, on its device
     monkeypatch.setattr(F, "cuda_graph_capturing", lambda: True)
-    assert host_read(m, "count") == 6
+    assert host_read(m, "count") == 6  # and its host copy
 
 
 def test_capture_predicate_is_false_without_a_capture():

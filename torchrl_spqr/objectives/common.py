@@ -489,8 +489,7 @@ class EnsembleLossBase(MemberValuesMixin, LossModule):
             bq is None
             or not bq.deterministic
             or is_batchedtensor(inputs[0])
-            or torch.compiler.is_compiling()
-            or F.cuda_graph_capturing()
+            or F.tracing_or_capturing()
         ):
             return self._q(td, params).min(0).values
         batch = inputs[0].shape[:-1]

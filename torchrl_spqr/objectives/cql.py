@@ -38,7 +38,7 @@ from torchrl.objectives.utils import distance_loss
 
 from torchrl_spqr.modules.ensemble import QEnsemble
 from torchrl_spqr.objectives.member_values import MemberValuesMixin
-from torchrl_spqr.objectives.utils import host_add, host_read
+from torchrl_spqr.objectives.utils import host_count, host_read
 
 __all__ = ["EnsembleCQLLoss"]
 
@@ -604,8 +604,7 @@ class EnsembleCQLLoss(MemberValuesMixin, CQLLoss):
         if host_read(self, "actor_update_count") < self.bc_steps:
             out.set("loss_actor", out.get("loss_actor_bc"))
         if self.training:
-            self.actor_update_count += 1
-            host_add(self, "actor_update_count")
+            host_count(self, "actor_update_count")
         return out
 
     # ----------------------------------------------------------- TD target

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_spqr.objectives.common import EnsembleLossBase, critic_metadata
-from torchrl_spqr.objectives.utils import host_add, host_read
+from torchrl_spqr.objectives.utils import host_count, host_read
 
 __all__ = ["CQLNLoss"]
 
@@ -176,6 +176,5 @@ class CQLNLoss(EnsembleLossBase):
         else:
             out.update(self._actor_out(tensordict, "min"))
         if self.training:
-            self.actor_update_count += 1
-            host_add(self, "actor_update_count")
+            host_count(self, "actor_update_count")
         return self._finish(tensordict, out)

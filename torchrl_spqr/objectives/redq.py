@@ -11,7 +11,7 @@ from torch import Tensor
 
 from torchrl_spqr.modules.ensemble import QEnsemble
 from torchrl_spqr.objectives.common import EnsembleLossBase
-from torchrl_spqr.objectives.utils import host_add, host_read
+from torchrl_spqr.objectives.utils import host_count, host_read
 
 __all__ = ["MBPO_TARGET_ENTROPY", "ReferenceREDQLoss", "mbpo_target_entropy"]
 
@@ -119,6 +119,5 @@ class ReferenceREDQLoss(EnsembleLossBase):
             out.update(loss_actor=zero, loss_alpha=zero)
         out["actor_updated"] = torch.tensor(due)
         if self.training:
-            self.update_count += 1
-            host_add(self, "update_count")
+            host_count(self, "update_count")
         return self._finish(tensordict, out)

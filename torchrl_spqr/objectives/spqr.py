@@ -86,7 +86,7 @@ from torchrl_spqr.modules.ensemble import QEnsemble
 from torchrl_spqr.objectives import member_weights as W
 from torchrl_spqr.objectives.member_values import serves_member_values
 from torchrl_spqr.objectives.utils import (
-    host_add,
+    host_count,
     host_read,
     key_str,
     key_tuple,
@@ -704,8 +704,7 @@ class SPQRLoss(LossWrapper):
                     self._write(td_out, "spqr_mean_pairwise_corr", rc["mean_pairwise_corr"])
                 self._write(td_out, "spqr_ensemble_std", qd.std(0).mean())
         if training:
-            self.step_count += 1
-            host_add(self, "step_count")
+            host_count(self, "step_count")
         return td_out
 
     def _zero_loss(self, tensordict: TensorDictBase, device) -> Tensor:

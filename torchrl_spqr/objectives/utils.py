@@ -14,7 +14,7 @@ from torchrl_spqr.modules.ensemble import QEnsemble
 
 __all__ = [
     "as_members",
-    "host_add",
+    "host_count",
     "host_read",
     "key_str",
     "key_tuple",
@@ -29,7 +29,7 @@ def host_read(module: nn.Module, name: str, cast: Callable[[Any], Any] = int) ->
     A host read of a device value is not allowed while a CUDA graph is being
     captured (:func:`torchrl_spqr.functional.cuda_graph_capturing`); the value
     then comes from the module's host copy, which every eager read sets and
-    :func:`host_add` keeps counting, so a schedule that branches on it is
+    :func:`host_count` keeps counting, so a schedule that branches on it is
     captured at the state it has reached (and replays as captured). Capturing
     before any eager read is an error (capture tools such as tensordict's
     ``CudaGraphModule`` run the module eagerly first).
@@ -55,9 +55,10 @@ def host_read(module: nn.Module, name: str, cast: Callable[[Any], Any] = int) ->
     return value
 
 
-def host_add(module: nn.Module, name: str, n: int = 1) -> None:
-    """Count ``n`` on the host copy :func:`host_read` keeps (call it where the buffer is
-    incremented on the device)."""
+def host_count(module: nn.Module, name: str, n: int = 1) -> None:
+    """Add ``n`` to the counter buffer ``name`` (in place, on its device) and to the host
+    copy :func:`host_read` keeps of it."""
+    getattr(module, name).add_(n)
     copies = module.__dict__.get("_host_copies")
     if copies is not None and name in copies:
         copies[name] += n
