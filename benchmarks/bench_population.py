@@ -201,10 +201,18 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
         torch.stack([batch_on_device(args.batch) for _ in range(args.agents)]) for _ in range(4)
     ]
 
+    own: dict[int, list[TensorDict]] = {}
+
     def data_of(fn: Callable, k: int) -> list[TensorDict]:
-        if not is_population(fn):
-            return single
-        return stacked if k > 1 else [b.unsqueeze(0) for b in single]
+        """The variant's own copies of the batches: a loss writes entries into its input
+        (``td_error``), which the next variant (a CUDA-graph capture) must not receive."""
+        if id(fn) not in own:
+            if not is_population(fn):
+                base = single
+            else:
+                base = stacked if k > 1 else [b.unsqueeze(0) for b in single]
+            own[id(fn)] = [b.clone() for b in base]
+        return own[id(fn)]
 
     for fn, k in variants.values():  # warm-up (and compilation / CUDA-graph capture)
         for i in range(8 if args.compile or args.cudagraphs else 2):

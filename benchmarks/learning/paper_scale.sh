@@ -4,8 +4,9 @@
 # paper's 300k environment steps) that lets the whole script end within BUDGET_S seconds, run
 #   POPULATION=1 (default): as ONE population process (sota_scripts/sac_ens_spqr/
 #     sac_ens_spqr_population.py: the 8 agents' updates in one batched call on the GPU, each
-#     agent in its own environment, one run folder per agent); if its timing pass logs nothing
-#     (the population cannot run on this machine), the script falls back to
+#     agent in its own environment, one run folder per agent); if its timing pass measures no
+#     update rate (the population cannot run on this machine, or stops at its first updates),
+#     the script falls back to
 #   POPULATION=0: 8 single-agent processes sharing the GPU (THREADS torch threads each).
 #
 #   1. a timing pass: the same process(es) for TIMING_S seconds (uniform-random warm-up of
@@ -241,8 +242,9 @@ if [[ -z "$TOTAL_FRAMES" && "$TIMING_S" != 0 && "$DRY_RUN" != 1 ]]; then
   TIMING_WALL=$(( $(date +%s) - t_timing ))
   TIMING_JSON=$(timing_json "$SCRATCH/timing")
   echo "[paper_scale] timing (${TIMING_WALL}s): $TIMING_JSON"
-  if [[ "$POPULATION" == 1 && "$TIMING_JSON" == *'"processes_logged": 0'* ]]; then
-    echo "[paper_scale] the population logged nothing in its timing pass (see below); falling back to POPULATION=0"
+  if [[ "$POPULATION" == 1 && "$TIMING_JSON" != *'"rate":'* ]]; then
+    # nothing logged, or no update rate: the population stopped before or at its first updates
+    echo "[paper_scale] the population measured no update rate in its timing pass (see below); falling back to POPULATION=0"
     tail -n 20 "$SCRATCH/timing/population.log" || true
     POPULATION=0 THREADS=${FALLBACK_THREADS:-2} NPROC=$(nproc_of)
     t_timing=$(date +%s)

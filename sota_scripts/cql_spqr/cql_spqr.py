@@ -87,7 +87,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     eval_env = make_environment(eval_cfg, cfg.seed + 10_000, env_kwargs=data.env_kwargs)
 
     # Agent (actor, N critics, SPQR-wrapped loss), optimisers, target updater
-    actor = make_actor(cfg, eval_env)
+    actor = make_actor(cfg, eval_env, device=device)
     critics = make_critics(cfg, eval_env)
     loss_module, base_loss = make_loss_module(cfg, actor, critics, eval_env.action_spec)
     loss_module.to(device)

@@ -105,7 +105,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     )
 
     # Agent: per-agent policy, N multi-agent critics, SACLoss on the agent group in SPQRLoss
-    actor = make_actor(cfg, train_env)
+    actor = make_actor(cfg, train_env, device=device)
     critics = make_critics(cfg, train_env)
     loss_module, base_loss = make_loss_module(cfg, actor, critics, train_env)
     loss_module.to(device)

@@ -80,7 +80,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     # Environments, agent (actor, N critics, SPQR-wrapped loss), optimisers, replay buffer
     train_env = make_environment(cfg, seed)
     eval_env = make_environment(cfg, seed + 10_000)
-    actor = make_actor(cfg, train_env)
+    actor = make_actor(cfg, train_env, device=device)
     critics = make_critics(cfg, train_env)
     loss_module, base_loss = make_loss_module(cfg, actor, critics, train_env.action_spec)
     loss_module.to(device)

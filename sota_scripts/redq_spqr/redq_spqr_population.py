@@ -84,7 +84,7 @@ def build_agent(agent, device: torch.device):
     make_train = partial(make_environment, agent.cfg, agent.seed)
     make_eval = partial(make_environment, agent.cfg, agent.seed + 10_000)
     train_env, eval_env = make_train(), make_eval()
-    actor = make_actor(agent.cfg, train_env)
+    actor = make_actor(agent.cfg, train_env, device=device)
     critics = make_critics(agent.cfg, train_env)
     loss, base = make_loss_module(agent.cfg, actor, critics, train_env.action_spec)
     # TorchRL's SoftUpdate registers the target critics' updater with the loss; the

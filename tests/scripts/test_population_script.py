@@ -222,6 +222,20 @@ def test_parallel_envs_and_batched_eval_write_the_rows_of_the_default(tmp_path, 
                     assert float(r[key]) == pytest.approx(float(e[key]), rel=1e-4, abs=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_population_script_on_cuda(tmp_path):
+    """device=cuda with worker-process environments and the batched evaluation (the
+    paper-scale script's settings): every agent reaches the budget with its evaluations."""
+    pop = _population_script()
+    flags = ["population.parallel_envs=true", "population.batched_eval=true"]
+    res = pop.train(_cfg("collector.total_frames=80", "device=cuda", *flags), tmp_path / "gpu")
+    for name in AGENTS:
+        assert res[name]["frames"] == 80
+        rows = _rows(tmp_path / "gpu" / name)
+        assert [int(r["frames"]) for r in rows] == [20, 40, 60, 80]
+        assert any(r["eval_return"] for r in rows)
+
+
 def test_population_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"population.beta=\[\]"):
         resolve_population_config(_cfg("population.beta=[]"))

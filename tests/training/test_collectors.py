@@ -199,3 +199,37 @@ def test_async_batches_need_not_split_evenly():
             "collector.total_frames=80",
         )
     )
+
+
+def test_actor_on_another_device_gets_the_collectors_casts():
+    """An actor built for another device than its CPU environment (a CUDA loss, MuJoCo on
+    the CPU): its TanhNormal bounds are on that device (a CUDA graph capture refuses the
+    per-forward host copy of CPU bounds), and the collector is told to cast observations
+    to the actor's device and store frames on the environment's (on the first GPU run the
+    single-agent scripts fed CPU observations to a CUDA actor). The same actor and
+    environment on one device: no casts, TorchRL's defaults. ``meta`` stands for CUDA."""
+    from torchrl_spqr.training.builders import (
+        _collector_devices,
+        make_actor,
+        make_environment,
+    )
+
+    cfg = _cfg()
+    env = make_environment(cfg, 0)
+    try:
+        actor = make_actor(cfg, env)
+        kwargs = actor.module[-1].distribution_kwargs  # the ProbabilisticTensorDictModule's
+        assert kwargs["low"].device.type == "cpu"
+        assert _collector_devices(env, actor) == {}
+        meta = make_actor(cfg, env, device="meta")
+        kwargs = meta.module[-1].distribution_kwargs
+        assert kwargs["low"].device.type == "meta" and kwargs["high"].device.type == "meta"
+        meta.to("meta")
+        cpu = torch.device("cpu")
+        assert _collector_devices(env, meta) == {
+            "policy_device": torch.device("meta"),
+            "env_device": cpu,
+            "storing_device": cpu,
+        }
+    finally:
+        env.close()

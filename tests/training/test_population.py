@@ -240,6 +240,38 @@ def test_cudagraphs_refused_on_cpu():
     pop(make_batch(0).unsqueeze(0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_population_on_cuda_keeps_everything_on_the_agents_device():
+    """Losses built on CUDA: the per-agent betas, the stacked state and the Adam state on
+    CUDA too (the betas were once a CPU buffer, which broke the first update and the
+    batched evaluation's ``td.to(device)`` on the first GPU run); update, act and
+    write_agent run, and the update moves every agent's critics."""
+    cuda = torch.device("cuda")
+    pop = PopulationUpdate([make_loss(k, b).to(cuda) for k, b in enumerate((0.0, 1.0))])
+    assert pop.device.type == "cuda" and pop.beta.device.type == "cuda"
+    assert all(v.device.type == "cuda" for v in pop.state.values(True, True))
+    before = pop.state.clone()
+    batch = torch.stack([make_batch(k) for k in range(2)]).to(cuda)
+    out = pop(batch)
+    for key in ("loss_qvalue", "loss_actor", "loss_spqr"):
+        assert out[key].device.type == "cuda" and out[key].shape == (2,)
+        assert torch.isfinite(out[key]).all(), key
+    assert out["loss_spqr"][0] == 0 and out["loss_spqr"][1] > 0  # beta 0, beta 1
+    moved = [
+        bool((before.get(k) != v).any(-1).reshape(2, -1).any(-1).all())
+        for k, v in pop.state.items(True, True)
+        if "qvalue_network_params" in str(k) and "target" not in str(k)
+    ]
+    assert moved and all(moved)
+    states = [st["exp_avg"] for st in pop.optimizer.state.values()]
+    assert states and all(t.device.type == "cuda" for t in states)
+    with torch.no_grad():
+        act = pop.act(batch.select("observation").to(cuda))
+    assert act["action"].device.type == "cuda" and act["action"].shape == (2, B, ACT)
+    agent = pop.write_agent(1, make_loss(5, 0.0).to(cuda))
+    assert float(agent.beta) == 1.0
+
+
 def test_replay_buffer_keeps_agents_apart():
     rb = PopulationReplayBuffer(3, capacity=5)
     with pytest.raises(RuntimeError, match="empty"):

@@ -143,7 +143,7 @@ class ClampedLogStd(nn.Module):
         return f"low={self.low:g}, high={self.high:g}"
 
 
-def make_actor(cfg: Any, env) -> ProbabilisticActor:
+def make_actor(cfg: Any, env, device: torch.device | str | None = None) -> ProbabilisticActor:
     """Tanh-Gaussian policy MLP (SAC / REDQ defaults).
 
     ``network.actor_init`` (null: ``network.init``) picks the weight init
@@ -151,6 +151,13 @@ def make_actor(cfg: Any, env) -> ProbabilisticActor:
     uses EDAC's +-1e-3). ``network.actor_log_std_clamp: [low, high]`` makes the
     scale ``exp(clamp(log_std))`` as in REDQ / EDAC; ``null`` keeps TorchRL's
     ``biased_softplus_1.0`` scale (lower bound 1e-4).
+
+    ``device``: where the loss will live. The weights are drawn on the CPU (the same
+    initialisation on every device) and moved with the loss; the action bounds that
+    TanhNormal receives are not module state, so they are put on ``device`` here (as
+    TorchRL's sota-implementations build them from a spec on the device). Bounds on
+    the CPU would be copied to the GPU at every forward pass, which a CUDA graph
+    capture refuses.
     """
     net_cfg = _resolved(cfg).network
     n_obs = env.observation_spec["observation"].shape[-1]
@@ -169,12 +176,15 @@ def make_actor(cfg: Any, env) -> ProbabilisticActor:
         head = ClampedLogStd(*clamp)
     net = nn.Sequential(mlp, head)
     spec = env.action_spec
+    low, high = spec.space.low, spec.space.high
+    if device is not None:
+        low, high = low.to(device), high.to(device)
     return ProbabilisticActor(
         TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"],
         spec=spec,
         distribution_class=TanhNormal,
-        distribution_kwargs={"low": spec.space.low, "high": spec.space.high},
+        distribution_kwargs={"low": low, "high": high},
         return_log_prob=True,
     )
 
@@ -318,6 +328,18 @@ def make_worker_environment(cfg: Any, seed: int, threads: int = 1) -> Transforme
     return make_environment(cfg, seed)
 
 
+def _collector_devices(env, actor) -> dict[str, torch.device]:
+    """The collector's devices when the actor lives elsewhere than the environment (a CUDA
+    actor, CPU MuJoCo): observations cast to the actor's device for acting, actions back to
+    the environment's, the frames stored on the environment's (the replay buffer's side).
+    Empty when they agree (TorchRL's defaults: nothing cast)."""
+    actor_device = next((p.device for p in actor.parameters()), None)
+    env_device = env.device if env.device is not None else torch.device("cpu")
+    if actor_device is None or actor_device == env_device:
+        return {}
+    return {"policy_device": actor_device, "env_device": env_device, "storing_device": env_device}
+
+
 def make_collector(
     cfg: Any, env, actor, *, total_frames: int, init_random_frames: int, seed: int = 0
 ) -> BaseCollector:
@@ -340,6 +362,7 @@ def make_collector(
         "frames_per_batch": col.frames_per_batch,
         "total_frames": total_frames,
         "init_random_frames": init_random_frames,
+        **_collector_devices(env, actor),
     }
     if backend == "single":
         return Collector(env, actor, **common, auto_register_policy_transforms=False)
@@ -407,7 +430,7 @@ def make_agent(cfg: Any, env, device: torch.device | str = "cpu"):
     Returns ``(actor, loss, base_loss, optimizers, updater)``.
     """
     cfg = _resolved(cfg)
-    actor = make_actor(cfg, env)
+    actor = make_actor(cfg, env, device=device)
     loss, base = make_loss_module(cfg, actor, make_critics(cfg, env), env.action_spec)
     loss.to(device)
     return actor, loss, base, make_optimizers(cfg, base), make_target_updater(cfg, base)

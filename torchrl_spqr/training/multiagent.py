@@ -146,8 +146,12 @@ def _sizes(env) -> tuple[int, int, int]:
     return env.n_agents, obs, act
 
 
-def make_actor(cfg: Any, env) -> ProbabilisticActor:
-    """Tanh-Gaussian policy on each agent's own observation (shared or per-agent MLP)."""
+def make_actor(cfg: Any, env, device: torch.device | str | None = None) -> ProbabilisticActor:
+    """Tanh-Gaussian policy on each agent's own observation (shared or per-agent MLP).
+
+    ``device``: where the loss will live; TanhNormal's action bounds (not module state)
+    are put there, as in the single-agent builder.
+    """
     n_agents, obs, act = _sizes(env)
     net_cfg = _resolved(cfg).network
     hidden = list(net_cfg.actor_hidden_sizes or net_cfg.hidden_sizes)
@@ -165,6 +169,9 @@ def make_actor(cfg: Any, env) -> ProbabilisticActor:
         NormalParamExtractor(),
     )
     spec = env.full_action_spec_unbatched
+    low, high = spec[GROUP, "action"].space.low, spec[GROUP, "action"].space.high
+    if device is not None:
+        low, high = low.to(device), high.to(device)
     return ProbabilisticActor(
         TensorDictModule(
             net, in_keys=[(GROUP, "observation")], out_keys=[(GROUP, "loc"), (GROUP, "scale")]
@@ -173,10 +180,7 @@ def make_actor(cfg: Any, env) -> ProbabilisticActor:
         in_keys=[(GROUP, "loc"), (GROUP, "scale")],
         out_keys=[env.action_key],
         distribution_class=TanhNormal,
-        distribution_kwargs={
-            "low": spec[GROUP, "action"].space.low,
-            "high": spec[GROUP, "action"].space.high,
-        },
+        distribution_kwargs={"low": low, "high": high},
         return_log_prob=True,
     )
 

@@ -241,7 +241,7 @@ class PopulationEvaluator:
             self.population.write_agent(k, self.losses[k])  # agent k's networks, its actor
             return self.evaluate_one(self.eval_envs[k], self.actors[k], self.episodes)
         if self._at is None or self._at != at:
-            device = self.population.beta.device
+            device = self.population.device
             with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
                 returns = self.envs.evaluate(
                     lambda td: self.population.act(td.to(device)), self.episodes

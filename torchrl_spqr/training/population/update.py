@@ -166,7 +166,10 @@ class PopulationUpdate(nn.Module):
         check_shared_buffers(states, shared)
         self._shared_keys = shared
         self.state = stack_state([s.exclude(*shared) for s in states], states[0])
-        self.register_buffer("beta", torch.tensor(betas if betas else [0.0] * self.num_agents))
+        self.register_buffer(
+            "beta",
+            torch.tensor(betas if betas else [0.0] * self.num_agents, device=self.device),
+        )
         # built outside vmap (its lazy construction reads Python floats)
         _ = template.value_estimator
         if self._spqr:
@@ -209,7 +212,7 @@ class PopulationUpdate(nn.Module):
                 "parts are not supported."
             )
         self._groups = {g: ps for g, ps in groups.items() if ps and g != "other"}
-        device = next(iter(self.state.values(True, True))).device
+        device = self.device
         if "fused" not in kwargs and "foreach" not in kwargs:
             kwargs["fused"] = True
         if wants_cudagraphs(cudagraphs, device):
@@ -220,7 +223,7 @@ class PopulationUpdate(nn.Module):
 
     def _build_update(self, compile: bool | str, cudagraphs: bool | str) -> Callable:
         update = self._update_eager
-        device = next(iter(self.state.values(True, True))).device
+        device = self.device
         if compile:
             mode = compile if isinstance(compile, str) else None
             update = torch.compile(update, mode=mode)
@@ -246,6 +249,11 @@ class PopulationUpdate(nn.Module):
         return update
 
     # ------------------------------------------------------------ the update
+    @property
+    def device(self) -> torch.device:
+        """The device of the agents' stacked parameters (where the losses were built)."""
+        return next(iter(self.state.values(True, True))).device
+
     @property
     def template(self) -> LossModule:
         """The module the stacked state is swapped into (a copy of agent 0's loss)."""
