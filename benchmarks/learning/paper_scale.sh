@@ -8,6 +8,11 @@
 #     update rate (the population cannot run on this machine, or stops at its first updates),
 #     the script falls back to
 #   POPULATION=0: 8 single-agent processes sharing the GPU (THREADS torch threads each).
+#   GRAPHS=auto (default on CUDA with POPULATION=1): the population's update compiled and
+#     captured as a CUDA graph (compile.compile=true compile.cudagraphs=true); if that timing
+#     pass measures no update rate, the eager population is timed next, then POPULATION=0.
+#     An eager population update of 8 agents takes 12 ms on an H200 (benchmarks/README.md
+#     section 9): launch-bound, hours for 300k steps.
 #
 #   1. a timing pass: the same process(es) for TIMING_S seconds (uniform-random warm-up of
 #      TIMING_WARMUP frames, then updates), stopped by `timeout`; the rate of environment steps
@@ -37,6 +42,9 @@
 # Settings (environment variables, defaults in brackets):
 #   BUDGET_S [540] whole-script wall budget, s      PLOT_RESERVE_S [60] kept for copy/plots, s
 #   TIMING_S [60] timing pass, s (0: skip it)      TIMING_WARMUP [1000] its random frames
+#   TIMING_S_GRAPHS [150] the timing pass with GRAPHS on (compilation and capture included)
+#   GRAPHS [auto if DEVICE=cuda and POPULATION=1, else 0]: 1 = compiled and captured population
+#          update, no eager fallback; auto = that, else the eager population; 0 = eager
 #   TIMING_LOG [250] its log interval (frames)
 #   MAX_FRAMES [300000]  MIN_FRAMES [10000]         TOTAL_FRAMES: fixed budget, no timing pass
 #   SEEDS ["0 1 2 3"]    DEVICE [cuda if available, else cpu]
@@ -68,6 +76,7 @@ fi
 BUDGET_S=${BUDGET_S:-540}
 PLOT_RESERVE_S=${PLOT_RESERVE_S:-60}
 TIMING_S=${TIMING_S:-60}
+TIMING_S_GRAPHS=${TIMING_S_GRAPHS:-150}
 TIMING_WARMUP=${TIMING_WARMUP:-1000}
 TIMING_LOG=${TIMING_LOG:-250}
 MAX_FRAMES=${MAX_FRAMES:-300000}
@@ -120,6 +129,9 @@ if [[ "$DEVICE" == cuda ]]; then
 else
   DEVICE_NAME="cpu ($(nproc) cores)"
 fi
+if [[ "$DEVICE" == cuda && "$POPULATION" == 1 ]]; then GRAPHS=${GRAPHS:-auto}; else GRAPHS=${GRAPHS:-0}; fi
+GRAPHS_ON=0
+if [[ "$GRAPHS" != 0 && "$POPULATION" == 1 ]]; then GRAPHS_ON=1; fi
 read -r -a SEED_LIST <<< "$SEEDS"
 NAGENTS=$(( 2 * ${#SEED_LIST[@]} ))
 nproc_of() { if [[ "$POPULATION" == 1 ]]; then echo 1; else echo "$NAGENTS"; fi; }
@@ -154,6 +166,7 @@ pop_cmd() {
     "logger.progress=false" "checkpoint.interval=$6" "hydra.run.dir=$1")
   if [[ "$PARALLEL_ENVS" == 1 ]]; then cmd+=("population.parallel_envs=true"); fi
   if [[ "$BATCHED_EVAL" == 1 ]]; then cmd+=("population.batched_eval=true"); fi
+  if [[ "$GRAPHS_ON" == 1 ]]; then cmd+=("compile.compile=true" "compile.cudagraphs=true"); fi
   local extra
   read -r -a extra <<< "$EXTRA_OVERRIDES"
   printf '%s\n' "${cmd[@]}" "${extra[@]}"
@@ -193,11 +206,11 @@ launch_phase() {
 # the rates of a timing pass's folder $1 (JSON): per-agent env steps/s with updates (the
 # slowest run's), of the random warm-up, the start-up time, the frames each run reached
 timing_json() {
-  "$PY" - "$1" "$TIMING_WARMUP" "$TIMING_S" <<'EOF'
+  "$PY" - "$1" "$TIMING_WARMUP" "${2:-$TIMING_S}" <<'EOF'
 import csv, json, statistics, sys
 from pathlib import Path
 folder, warmup, limit = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-rates, random_rates, startups, reached = [], [], [], []
+rates, random_rates, startups, reached, setups = [], [], [], [], []
 for m in sorted(folder.rglob("metrics.csv")):  # per run, or per agent of a population
     rows = []
     with open(m, newline="") as f:
@@ -216,12 +229,18 @@ for m in sorted(folder.rglob("metrics.csv")):  # per run, or per agent of a popu
     if len(post) >= 3:  # the first row after the warm-up holds the first updates' set-up
         (f0, t0), (f1, t1) = post[1], post[-1]
         if t1 > t0:
-            rates.append((f1 - f0) / (t1 - t0))
+            rate = (f1 - f0) / (t1 - t0)
+            rates.append(rate)
             startups.append(max(0.0, limit - t1))
+            if pre:  # the first updates' set-up (compilation, capture) beyond the steady rate
+                (fp, tp), (fa, ta) = pre[-1], post[0]
+                setups.append(max(0.0, (ta - tp) - (fa - fp) / rate))
 out = {"processes_logged": len(reached), "frames_reached": reached}
 if rates:
     out.update(rate=min(rates), rate_median=statistics.median(rates),
                startup_s=statistics.median(startups))
+if setups:
+    out["setup_s"] = max(setups)
 if random_rates:
     out["random_rate"] = statistics.median(random_rates)
 print(json.dumps(out))
@@ -235,24 +254,38 @@ if [[ "$DRY_RUN" != 1 ]]; then
 fi
 SCRATCH=${SCRATCH:-/tmp/paper_scale.scratch}
 TIMING_JSON="{}"
-if [[ -z "$TOTAL_FRAMES" && "$TIMING_S" != 0 && "$DRY_RUN" != 1 ]]; then
-  echo "[paper_scale] timing pass: $NPROC processes on $DEVICE for ${TIMING_S}s"
+TIMING_LOGS=""
+# one timing pass with the current settings (label, seconds): TIMING_JSON, TIMING_WALL
+timing_pass() {
+  echo "[paper_scale] timing pass ($1): $NPROC processes on $DEVICE for ${2}s"
+  local t_timing
   t_timing=$(date +%s)
-  launch_phase "$SCRATCH/timing" "$TIMING_S" "$MAX_FRAMES" "$TIMING_WARMUP" "$TIMING_LOG" "$MAX_FRAMES" "$MAX_FRAMES"
+  rm -rf "$SCRATCH/timing"
+  launch_phase "$SCRATCH/timing" "$2" "$MAX_FRAMES" "$TIMING_WARMUP" "$TIMING_LOG" "$MAX_FRAMES" "$MAX_FRAMES"
   TIMING_WALL=$(( $(date +%s) - t_timing ))
-  TIMING_JSON=$(timing_json "$SCRATCH/timing")
-  echo "[paper_scale] timing (${TIMING_WALL}s): $TIMING_JSON"
-  if [[ "$POPULATION" == 1 && "$TIMING_JSON" != *'"rate":'* ]]; then
-    # nothing logged, or no update rate: the population stopped before or at its first updates
+  TIMING_JSON=$(timing_json "$SCRATCH/timing" "$2")
+  echo "[paper_scale] timing, $1 (${TIMING_WALL}s): $TIMING_JSON"
+  TIMING_LOGS+="$1 (${TIMING_WALL}s): $TIMING_JSON; "
+}
+no_rate() { [[ "$TIMING_JSON" != *'"rate":'* ]]; }  # nothing logged, or no rows after updates
+if [[ -z "$TOTAL_FRAMES" && "$TIMING_S" != 0 && "$DRY_RUN" != 1 ]]; then
+  if [[ "$GRAPHS_ON" == 1 ]]; then
+    timing_pass "population, compiled and captured update" "$TIMING_S_GRAPHS"
+    if no_rate && [[ "$GRAPHS" == auto ]]; then
+      echo "[paper_scale] the compiled and captured population measured no update rate (see below); timing the eager population"
+      tail -n 20 "$SCRATCH/timing/population.log" || true
+      GRAPHS_ON=0
+      timing_pass "population, eager" "$TIMING_S"
+    fi
+  else
+    timing_pass "$( [[ "$POPULATION" == 1 ]] && echo "population, eager" || echo "one process per agent")" "$TIMING_S"
+  fi
+  if [[ "$POPULATION" == 1 ]] && no_rate; then
+    # the population stopped before or at its first updates
     echo "[paper_scale] the population measured no update rate in its timing pass (see below); falling back to POPULATION=0"
     tail -n 20 "$SCRATCH/timing/population.log" || true
-    POPULATION=0 THREADS=${FALLBACK_THREADS:-2} NPROC=$(nproc_of)
-    t_timing=$(date +%s)
-    rm -rf "$SCRATCH/timing"
-    launch_phase "$SCRATCH/timing" "$TIMING_S" "$MAX_FRAMES" "$TIMING_WARMUP" "$TIMING_LOG" "$MAX_FRAMES" "$MAX_FRAMES"
-    TIMING_WALL=$(( $(date +%s) - t_timing ))
-    TIMING_JSON=$(timing_json "$SCRATCH/timing")
-    echo "[paper_scale] timing, POPULATION=0 (${TIMING_WALL}s): $TIMING_JSON"
+    POPULATION=0 THREADS=${FALLBACK_THREADS:-2} NPROC=$(nproc_of) GRAPHS_ON=0
+    timing_pass "one process per agent" "$TIMING_S"
   fi
 fi
 NOW=$(date +%s)
@@ -263,12 +296,13 @@ fixed = "$TOTAL_FRAMES"
 max_f, min_f = int($MAX_FRAMES), int($MIN_FRAMES)
 avail = $DEADLINE - $NOW                        # seconds left for the training processes
 if "$DRY_RUN" == "1" and not fixed and int($TIMING_S) > 0:
-    avail -= int($TIMING_S) + 10                # the timing pass a real run would do first
+    # the timing pass a real run would do first
+    avail -= (int($TIMING_S_GRAPHS) if "$GRAPHS_ON" == "1" else int($TIMING_S)) + 10
 points, eps, safety = int($EVAL_POINTS), int($EVAL_EPISODES), float($SAFETY)
 dry = "$DRY_RUN" == "1"
 rate = t.get("rate") or (float($ASSUMED_RATE) if dry else None)
 rnd = t.get("random_rate") or (rate * 4 if rate else None)
-startup = t.get("startup_s", 20.0)
+startup = t.get("startup_s", 20.0) + t.get("setup_s", 0.0)  # + compilation and capture
 init_fixed = "$INIT_RANDOM"
 
 def init_of(f):
@@ -318,6 +352,11 @@ RUNS="$SCRATCH/runs"
 
 if [[ "$POPULATION" == 1 ]]; then
   MODE="POPULATION=1: one population process of $NAGENTS agents"
+  if [[ "$GRAPHS_ON" == 1 ]]; then
+    MODE+=", the update compiled and captured as a CUDA graph (GRAPHS=$GRAPHS)"
+  else
+    MODE+=", eager update"
+  fi
 else
   MODE="POPULATION=0: one process per agent"
 fi
@@ -377,10 +416,11 @@ done
 PLOT_CMD=("$PY" -m torchrl_spqr.analysis "$OUT_DIR/runs" --out "$OUT_DIR/plots" --effects "$OUT_DIR/effects")
 "${PLOT_CMD[@]}" > "$OUT_DIR/plot_output.log" 2>&1 || echo "[paper_scale] plotting failed: see $OUT_DIR/plot_output.log"
 
-"$PY" - "$OUT_DIR" "$PLAN" "$TIMING_JSON" <<EOF
+"$PY" - "$OUT_DIR" "$PLAN" "$TIMING_JSON" "$TIMING_LOGS" <<EOF || echo "[paper_scale] writing summary.md failed (see above)"
 import csv, json, sys
 from pathlib import Path
 out, plan, timing = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+timing_passes = sys.argv[4] or "none (TOTAL_FRAMES)"
 lines = ["# Paper-scale online comparison: SAC-Ens (N = $ENSEMBLE, UTD 1), beta 0 vs 1, $ENV", "",
          "- device: $DEVICE ($DEVICE_NAME), $(nproc) CPU cores; $MODE; $NPROC process(es) "
          "at once, $THREADS torch threads each",
@@ -390,7 +430,8 @@ lines = ["# Paper-scale online comparison: SAC-Ens (N = $ENSEMBLE, UTD 1), beta 
          f"{plan['eval_interval']:,} frames over $EVAL_EPISODES episodes",
          "- whole-script budget BUDGET_S = $BUDGET_S s; timing pass: TIMING_S = $TIMING_S s; "
          "training wall time: $TRAIN_WALL s; hard limit per process: $LIMIT s",
-         f"- timing pass: {json.dumps(timing)}",
+         f"- timing pass used for the plan: {json.dumps(timing)}",
+         f"- timing passes, in order: {timing_passes}",
          f"- plan: {json.dumps(plan)}",
          "- script: \`" + " ".join(f"{k}={v}" for k, v in [
              ("BUDGET_S", "$BUDGET_S"), ("SEEDS", '"$SEEDS"'), ("DEVICE", "$DEVICE"),

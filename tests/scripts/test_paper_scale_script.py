@@ -10,6 +10,7 @@ summary).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -117,8 +118,12 @@ def test_paper_scale_population_plan_composes(tmp_path, env, seeds, device):
     cfg = _compose(argv[1:])  # raises on an unknown key
     run_dir = Path(cfg.hydra.run.dir)
     assert cfg.device == device
+    # GRAPHS=auto on the GPU: the population's update compiled and captured; eager on CPU
+    on_gpu = device == "cuda"
+    assert cfg.compile.compile is on_gpu and cfg.compile.cudagraphs is on_gpu
     with open_dict(cfg):
         cfg.device = "cpu"  # the script's own checks refuse cuda on a machine without it
+        cfg.compile.cudagraphs = False  # ... and CUDA graphs there
     resolved = resolve_population_config(cfg)
     assert resolved.env.name == "Hopper-v5"
     assert resolved.network.ensemble_size == 10 and resolved.optim.utd_ratio == 1
@@ -196,3 +201,47 @@ def test_paper_scale_population_rehearsal_on_cpu(tmp_path):
     assert "sac_ens_spqr_population.py" in summary and "| 200 |" in summary
     assert "sac_ens_pendulum_N3" in (out_dir / "effects.md").read_text()
     assert not (tmp_path / "scratch").exists()  # checkpoints and buffers deleted
+
+
+@pytest.mark.slow
+def test_paper_scale_graphs_fall_back_to_the_eager_population(tmp_path):
+    """GRAPHS=auto (the GPU default) rehearsed on CPU, where the compiled and captured
+    population is refused at once (CUDA graphs need CUDA): the script times the eager
+    population next, plans with its rate and says which passes ran in summary.md."""
+    out_dir = tmp_path / "out"
+    env = {
+        **os.environ,
+        "CPU": "1",
+        "GRAPHS": "auto",
+        "ENV": "pendulum",
+        "SEEDS": "0",
+        "ENSEMBLE": "3",
+        "TIMING_S": "25",
+        "TIMING_S_GRAPHS": "25",
+        "BUDGET_S": "90",
+        "EVAL_EPISODES": "1",
+        "EXTRA_OVERRIDES": "network.hidden_sizes=[16,16] optim.batch_size=16 "
+        "replay_buffer.size=1000",
+        "OUT_DIR": str(out_dir),
+        "SCRATCH_DIR": str(tmp_path / "scratch"),
+        "PYTHON": sys.executable,
+        "RL_WARNINGS": "False",
+    }
+    res = subprocess.run(
+        ["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    assert "timing pass (population, compiled and captured update)" in out
+    assert "CUDA graphs need a CUDA device" in out  # the refused pass's log, shown
+    assert "timing the eager population" in out and "falling back to POPULATION=0" not in out
+    assert "one population process of 2 agents, eager update" in out
+    plan = json.loads(out.split("[paper_scale] plan: ", 1)[1].splitlines()[0])
+    assert plan["how"].startswith("timing pass") and plan["rate"] > 0
+    summary = (out_dir / "summary.md").read_text()
+    passes = summary.split("timing passes, in order: ", 1)[1].splitlines()[0]
+    assert passes.index("compiled and captured") < passes.index("population, eager")
+    assert '"rate":' in passes.split("population, eager", 1)[1]
+    for b in (0, 1):
+        rows = (out_dir / "runs" / f"sac_ens_pendulum_N3_beta{b}_seed0" / "metrics.csv")
+        assert len(rows.read_text().splitlines()) > 1  # rows up to the time limit

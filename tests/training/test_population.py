@@ -314,6 +314,26 @@ def test_compiled_update_equals_eager():
         torch.testing.assert_close(results[1].get(key), value, atol=ATOL, rtol=0)
 
 
+def test_compiled_act_equals_eager_and_draws_per_agent():
+    """compile=True compiles act too: the deterministic actions equal the eager ones, and
+    under exploration identical agents on identical observations draw different actions
+    (randomness='different' survives compilation); compile=False leaves act eager."""
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    obs = torch.stack([make_batch(0, 6)] * 3).select("observation")
+    eager = PopulationUpdate([make_loss(0, 0.0) for _ in range(3)])
+    compiled = PopulationUpdate([make_loss(0, 0.0) for _ in range(3)], compile=True)
+    assert eager._act == eager._act_eager and compiled._act != compiled._act_eager
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        ref, got = eager.act(obs), compiled.act(obs)
+    torch.testing.assert_close(got["action"], ref["action"], atol=1e-5, rtol=0)
+    assert torch.equal(ref["action"][0], ref["action"][1])  # the agents are identical
+    with set_exploration_type(ExplorationType.RANDOM):
+        drawn = compiled.act(obs)["action"]
+    assert drawn.shape == (3, 6, ACT) and drawn.abs().max() <= 1
+    assert not torch.allclose(drawn[0], drawn[1]) and not torch.allclose(drawn[1], drawn[2])
+
+
 @pytest.mark.parametrize("loss_class", ["ReferenceREDQLoss", "CQLNLoss"])
 def test_other_ensemble_losses_equal_single_runs(loss_class):
     """REDQ (random target subsets, delayed policy) and CQL-N also batch exactly."""
