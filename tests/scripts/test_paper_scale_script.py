@@ -243,5 +243,5 @@ def test_paper_scale_graphs_fall_back_to_the_eager_population(tmp_path):
     assert passes.index("compiled and captured") < passes.index("population, eager")
     assert '"rate":' in passes.split("population, eager", 1)[1]
     for b in (0, 1):
-        rows = (out_dir / "runs" / f"sac_ens_pendulum_N3_beta{b}_seed0" / "metrics.csv")
+        rows = out_dir / "runs" / f"sac_ens_pendulum_N3_beta{b}_seed0" / "metrics.csv"
         assert len(rows.read_text().splitlines()) > 1  # rows up to the time limit
