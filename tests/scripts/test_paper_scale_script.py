@@ -165,17 +165,14 @@ def test_paper_scale_plan_fits_the_budget(tmp_path, population):
     assert 10_000 <= f_slow < f_fast == 300_000
 
 
-def test_paper_scale_population_rehearsal_on_cpu(tmp_path):
-    """CPU=1 with the population (tiny: Pendulum, N = 3, 200 frames): the whole script runs,
-    every agent's small files land in OUT_DIR/runs/ and the effects table pairs the arms."""
+def _rehearse(tmp_path: Path, **settings: str) -> tuple[Path, str]:
+    """The whole script on CPU (CPU=1) with tiny Pendulum agents (N = 3, 16x16 networks);
+    ``settings`` add to or override the environment. Returns OUT_DIR and the output."""
     out_dir = tmp_path / "out"
     env = {
         **os.environ,
         "CPU": "1",
         "ENV": "pendulum",
-        "SEEDS": "0 1",
-        "TOTAL_FRAMES": "200",
-        "INIT_RANDOM": "100",
         "EVAL_EPISODES": "1",
         "ENSEMBLE": "3",
         "EXTRA_OVERRIDES": "network.hidden_sizes=[16,16] optim.batch_size=16 "
@@ -184,12 +181,20 @@ def test_paper_scale_population_rehearsal_on_cpu(tmp_path):
         "SCRATCH_DIR": str(tmp_path / "scratch"),
         "PYTHON": sys.executable,
         "RL_WARNINGS": "False",
+        **settings,
     }
     res = subprocess.run(
         ["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "POPULATION=1: one population process of 4 agents" in res.stdout
+    return out_dir, res.stdout
+
+
+def test_paper_scale_population_rehearsal_on_cpu(tmp_path):
+    """CPU=1 with the population (tiny: Pendulum, N = 3, 200 frames): the whole script runs,
+    every agent's small files land in OUT_DIR/runs/ and the effects table pairs the arms."""
+    out_dir, out = _rehearse(tmp_path, SEEDS="0 1", TOTAL_FRAMES="200", INIT_RANDOM="100")
+    assert "POPULATION=1: one population process of 4 agents" in out
     for b in (0, 1):
         for s in (0, 1):
             run = out_dir / "runs" / f"sac_ens_pendulum_N3_beta{b}_seed{s}"
@@ -208,30 +213,9 @@ def test_paper_scale_graphs_fall_back_to_the_eager_population(tmp_path):
     """GRAPHS=auto (the GPU default) rehearsed on CPU, where the compiled and captured
     population is refused at once (CUDA graphs need CUDA): the script times the eager
     population next, plans with its rate and says which passes ran in summary.md."""
-    out_dir = tmp_path / "out"
-    env = {
-        **os.environ,
-        "CPU": "1",
-        "GRAPHS": "auto",
-        "ENV": "pendulum",
-        "SEEDS": "0",
-        "ENSEMBLE": "3",
-        "TIMING_S": "25",
-        "TIMING_S_GRAPHS": "25",
-        "BUDGET_S": "90",
-        "EVAL_EPISODES": "1",
-        "EXTRA_OVERRIDES": "network.hidden_sizes=[16,16] optim.batch_size=16 "
-        "replay_buffer.size=1000",
-        "OUT_DIR": str(out_dir),
-        "SCRATCH_DIR": str(tmp_path / "scratch"),
-        "PYTHON": sys.executable,
-        "RL_WARNINGS": "False",
-    }
-    res = subprocess.run(
-        ["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    out_dir, out = _rehearse(
+        tmp_path, GRAPHS="auto", SEEDS="0", TIMING_S="25", TIMING_S_GRAPHS="25", BUDGET_S="90"
     )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    out = res.stdout
     assert "timing pass (population, compiled and captured update)" in out
     assert "CUDA graphs need a CUDA device" in out  # the refused pass's log, shown
     assert "timing the eager population" in out and "falling back to POPULATION=0" not in out
