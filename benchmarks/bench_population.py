@@ -204,8 +204,9 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
     own: dict[int, list[TensorDict]] = {}
 
     def data_of(fn: Callable, k: int) -> list[TensorDict]:
-        """The variant's own copies of the batches: a loss writes entries into its input
-        (``td_error``), which the next variant (a CUDA-graph capture) must not receive."""
+        """The variant's own copies of the batches: the losses write entries into their
+        input (``td_error`` and others), and a CUDA-graph capture refuses an input that
+        carries gradients from another variant's graph (the first H200 run stopped there)."""
         if id(fn) not in own:
             if not is_population(fn):
                 base = single
