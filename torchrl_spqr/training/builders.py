@@ -55,6 +55,7 @@ __all__ = [
     "resolve_config",
     "make_environment",
     "make_actor",
+    "tanh_bounds",
     "make_critics",
     "make_loss_module",
     "make_optimizers",
@@ -143,6 +144,17 @@ class ClampedLogStd(nn.Module):
         return f"low={self.low:g}, high={self.high:g}"
 
 
+def tanh_bounds(spec, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """TanhNormal's ``distribution_kwargs`` for a bounded action ``spec``: its ``low`` and
+    ``high`` on ``device`` (``None``: where the spec has them). They are not module state,
+    so moving the loss leaves them behind; on the CPU under a CUDA loss they would be
+    copied at every forward pass, which a CUDA graph capture refuses."""
+    low, high = spec.space.low, spec.space.high
+    if device is not None:
+        low, high = low.to(device), high.to(device)
+    return {"low": low, "high": high}
+
+
 def make_actor(cfg: Any, env, device: torch.device | str | None = None) -> ProbabilisticActor:
     """Tanh-Gaussian policy MLP (SAC / REDQ defaults).
 
@@ -153,11 +165,9 @@ def make_actor(cfg: Any, env, device: torch.device | str | None = None) -> Proba
     ``biased_softplus_1.0`` scale (lower bound 1e-4).
 
     ``device``: where the loss will live. The weights are drawn on the CPU (the same
-    initialisation on every device) and moved with the loss; the action bounds that
-    TanhNormal receives are not module state, so they are put on ``device`` here (as
-    TorchRL's sota-implementations build them from a spec on the device). Bounds on
-    the CPU would be copied to the GPU at every forward pass, which a CUDA graph
-    capture refuses.
+    initialisation on every device) and moved with the loss; the action bounds are put
+    on ``device`` here (:func:`tanh_bounds`, as TorchRL's sota-implementations build
+    them from a spec on the device).
     """
     net_cfg = _resolved(cfg).network
     n_obs = env.observation_spec["observation"].shape[-1]
@@ -176,15 +186,12 @@ def make_actor(cfg: Any, env, device: torch.device | str | None = None) -> Proba
         head = ClampedLogStd(*clamp)
     net = nn.Sequential(mlp, head)
     spec = env.action_spec
-    low, high = spec.space.low, spec.space.high
-    if device is not None:
-        low, high = low.to(device), high.to(device)
     return ProbabilisticActor(
         TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"],
         spec=spec,
         distribution_class=TanhNormal,
-        distribution_kwargs={"low": low, "high": high},
+        distribution_kwargs=tanh_bounds(spec, device),
         return_log_prob=True,
     )
 

@@ -149,8 +149,8 @@ def _sizes(env) -> tuple[int, int, int]:
 def make_actor(cfg: Any, env, device: torch.device | str | None = None) -> ProbabilisticActor:
     """Tanh-Gaussian policy on each agent's own observation (shared or per-agent MLP).
 
-    ``device``: where the loss will live; TanhNormal's action bounds (not module state)
-    are put there, as in the single-agent builder.
+    ``device``: where the loss will live; TanhNormal's action bounds are put there
+    (:func:`~torchrl_spqr.training.builders.tanh_bounds`).
     """
     n_agents, obs, act = _sizes(env)
     net_cfg = _resolved(cfg).network
@@ -169,9 +169,6 @@ def make_actor(cfg: Any, env, device: torch.device | str | None = None) -> Proba
         NormalParamExtractor(),
     )
     spec = env.full_action_spec_unbatched
-    low, high = spec[GROUP, "action"].space.low, spec[GROUP, "action"].space.high
-    if device is not None:
-        low, high = low.to(device), high.to(device)
     return ProbabilisticActor(
         TensorDictModule(
             net, in_keys=[(GROUP, "observation")], out_keys=[(GROUP, "loc"), (GROUP, "scale")]
@@ -180,7 +177,7 @@ def make_actor(cfg: Any, env, device: torch.device | str | None = None) -> Proba
         in_keys=[(GROUP, "loc"), (GROUP, "scale")],
         out_keys=[env.action_key],
         distribution_class=TanhNormal,
-        distribution_kwargs={"low": low, "high": high},
+        distribution_kwargs=B.tanh_bounds(spec[GROUP, "action"], device),
         return_log_prob=True,
     )
 
