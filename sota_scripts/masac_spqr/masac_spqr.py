@@ -36,7 +36,6 @@ from utils import (
     RunContext,
     evaluate,
     expand_done_to_agents,
-    get_device,
     make_actor,
     make_collector,
     make_critics,
@@ -45,9 +44,9 @@ from utils import (
     make_optimizers,
     make_replay_buffer,
     make_target_updater,
+    open_run_folder,
     plot_run,
     resolve_config,
-    seed_everything,
     shutdown_collector,
 )
 
@@ -85,11 +84,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     """Train MASAC (+ SPQR) per ``cfg`` in ``run_dir``; returns the counts and final and best evaluation."""
     # typed, defaults filled; a bad config stops here, before anything is written
     cfg = resolve_config(cfg, "multiagent")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = get_device(cfg.device)
+    cfg, run_dir, device = open_run_folder(cfg, run_dir)  # folder, threads, malloc, seeds
     total_frames = cfg.collector.total_frames
     init_random_frames = cfg.collector.init_random_frames  # updates start after these
     # per iteration: num_epochs passes' worth of minibatches of the frames collected

@@ -10,7 +10,7 @@ loop are in masac_spqr.py.
 
 from torchrl_spqr.analysis import plot_run
 from torchrl_spqr.training.builders import get_device, shutdown_collector
-from torchrl_spqr.training.common import RunContext, seed_everything
+from torchrl_spqr.training.common import RunContext, open_run_folder
 from torchrl_spqr.training.config import resolve_config
 from torchrl_spqr.training.multiagent import (
     GROUP,
@@ -40,8 +40,8 @@ __all__ = [
     "make_optimizers",
     "make_replay_buffer",
     "make_target_updater",
+    "open_run_folder",
     "plot_run",
     "resolve_config",
-    "seed_everything",
     "shutdown_collector",
 ]

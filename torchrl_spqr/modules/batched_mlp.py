@@ -7,6 +7,8 @@ products, not ``N`` module calls.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -62,6 +64,12 @@ class BatchedMLP:
     #: (on the class or an instance) for the op-by-op path, e.g. to compare the two.
     use_fused_kernel: bool = True
 
+    #: a lower precision for the fused kernel's products below the last layer
+    #: (``torch.bfloat16``; ``None``: the parameters' dtype), see
+    #: :func:`~torchrl_spqr.modules.relu_mlp.ensemble_relu_mlp`. Parameters, Q-values and
+    #: gradients stay in full precision. Set it on the class or an instance.
+    matmul_dtype: torch.dtype | None = None
+
     def __init__(self, prefix: tuple[str, ...], layers: list[tuple[str, str, nn.Module]]) -> None:
         self.prefix = prefix
         self.layers = layers
@@ -90,6 +98,11 @@ class BatchedMLP:
         return cls(prefix, layers)
 
     @property
+    def fusable(self) -> bool:
+        """Whether the members are ``Linear (-> ReLU -> Linear)*`` (the fused kernel's structure)."""
+        return self._fused is not None
+
+    @property
     def deterministic(self) -> bool:
         """``False`` when a dropout layer is active (two calls would draw different masks)."""
         return not any(
@@ -108,8 +121,20 @@ class BatchedMLP:
                 h,
                 [get((*self.prefix, name, "weight")) for name in self._fused],
                 [get((*self.prefix, name, "bias")) for name in self._fused],
+                matmul_dtype=self.matmul_dtype,
             )
             return h.reshape(n, *batch, h.shape[-1])
+        if self.matmul_dtype is not None:
+            warnings.warn(
+                f"BatchedMLP.matmul_dtype={self.matmul_dtype} applies to the fused kernel only; "
+                + (
+                    "use_fused_kernel is False"
+                    if self._fused is not None
+                    else "these members are not Linear (-> ReLU -> Linear)*"
+                )
+                + ", so the products run in the parameters' dtype.",
+                stacklevel=2,
+            )
         fresh = False  # h is an intermediate of this call (safe to modify in place)
         for kind, name, sub in self.layers:
             if kind == "elementwise" and fresh and type(sub) is nn.ReLU:

@@ -39,7 +39,13 @@ from torch import Tensor, nn
 __all__ = ["ensemble_relu_mlp", "relu_mlp_layers"]
 
 
-def ensemble_relu_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
+def ensemble_relu_mlp(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    *,
+    matmul_dtype: torch.dtype | None = None,
+) -> Tensor:
     """``N`` ReLU MLPs with stacked parameters, as one autograd node.
 
     Args:
@@ -47,6 +53,15 @@ def ensemble_relu_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
             (member ``n``'s input in row ``n``).
         weights: ``L >= 1`` stacked ``Linear`` weights, ``[N, out_l, in_l]``.
         biases: the ``L`` stacked biases, ``[N, out_l]``.
+        matmul_dtype: a lower precision for the products of every layer but
+            the last (``torch.bfloat16`` or ``torch.float16``; ``None``, the
+            default: the parameters' dtype). The operands are rounded to it,
+            the hidden activations are kept in it (half the memory), and the
+            products accumulate in float32 as the backend does for these
+            dtypes. The last layer (the Q-values) runs in the parameters'
+            dtype, and every gradient is returned in it: a mixed-precision
+            forward and backward with full-precision parameters, as under
+            ``torch.autocast``, but with a full-precision output.
 
     Returns:
         ``[N, B, out_L]``: ``Linear_L(relu(... relu(Linear_1(x))))`` per member.
@@ -88,7 +103,14 @@ def ensemble_relu_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
         )
     if x.dim() == 3 and x.shape[0] != n:
         raise ValueError(f"x has {x.shape[0]} member rows for {n} members.")
-    out = _EnsembleReluMLP.apply(x, len(weights), *weights, *biases)
+    if matmul_dtype is not None:
+        if matmul_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"matmul_dtype must be torch.bfloat16, torch.float16 or None, got {matmul_dtype}."
+            )
+        if weights[0].dtype.itemsize <= matmul_dtype.itemsize:
+            matmul_dtype = None  # the parameters are no wider: nothing to round
+    out = _EnsembleReluMLP.apply(x, len(weights), matmul_dtype, *weights, *biases)
     return out[0]
 
 
@@ -115,18 +137,33 @@ def _with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
 
 
-def _forward(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> tuple[Tensor, ...]:
-    """The output and the hidden activations (after their ReLU), ``[N, B, h]`` each."""
+def _forward(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor], mdtype: torch.dtype | None
+) -> tuple[Tensor, ...]:
+    """The output and the hidden activations (after their ReLU), ``[N, B, h]`` each.
+
+    With ``mdtype`` (e.g. ``torch.bfloat16``) every layer but the last takes its
+    operands in ``mdtype`` and returns its output, hence the saved activations,
+    in ``mdtype``; the last layer runs in the parameters' dtype.
+    """
     n = weights[0].shape[0]
     w1 = torch.cat([weights[0], biases[0].unsqueeze(-1)], -1)  # [N, out, in + 1]
     x1 = _with_ones(x)
+    if mdtype is not None and len(weights) > 1:
+        w1, x1 = w1.to(mdtype), x1.to(mdtype)
     if x1.dim() == 2:
         x1 = x1.expand(n, *x1.shape)
     h = torch.bmm(x1, w1.transpose(-1, -2))
     hidden = []
-    for w, b in zip(weights[1:], biases[1:]):
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights[1:], biases[1:]), 1):
         h = torch.relu_(h)
         hidden.append(h)
+        if mdtype is not None:
+            if i == last:  # the output in full precision (Q-values, TD targets)
+                h = h.to(w.dtype)
+            else:
+                w, b = w.to(mdtype), b.to(mdtype)
         # the bias added in place: baddbmm would first copy the expanded bias into the output
         h = torch.bmm(h, w.transpose(-1, -2)).add_(b.unsqueeze(-2))
     return (h, *hidden)
@@ -136,14 +173,17 @@ class _EnsembleReluMLP(torch.autograd.Function):
     """Outputs ``(y, *hidden)``; ``hidden`` are returned (marked non-differentiable) to be saved."""
 
     @staticmethod
-    def forward(x: Tensor, num_layers: int, *params: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        x: Tensor, num_layers: int, mdtype: torch.dtype | None, *params: Tensor
+    ) -> tuple[Tensor, ...]:
         weights, biases = list(params[:num_layers]), list(params[num_layers:])
-        return _forward(x, weights, biases)
+        return _forward(x, weights, biases, mdtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, num_layers, *params = inputs
+        x, num_layers, mdtype, *params = inputs
         ctx.num_layers = num_layers
+        ctx.mdtype = mdtype
         ctx.save_for_backward(x, *params, *output[1:])
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no [N, B, H] zeros for the hidden outputs' grads
@@ -152,15 +192,21 @@ class _EnsembleReluMLP(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor, *_hidden_grads) -> tuple[Tensor | None, ...]:
         num_layers = ctx.num_layers
+        mdtype = ctx.mdtype if num_layers > 1 else None  # one layer: the last, in full precision
         x, *rest = ctx.saved_tensors
         weights = rest[:num_layers]
         hidden = rest[2 * num_layers :]
         needs = ctx.needs_input_grad
         need_x = needs[0]
-        need_w = needs[2 : 2 + num_layers]
-        need_b = needs[2 + num_layers : 2 + 2 * num_layers]
+        need_w = needs[3 : 3 + num_layers]
+        need_b = needs[3 + num_layers : 3 + 2 * num_layers]
         if grad_out is None:  # only the hidden outputs were used: nothing flows back
-            return (None,) * (2 + 2 * num_layers)
+            return (None,) * (3 + 2 * num_layers)
+        pdtype = weights[0].dtype
+
+        def low(t: Tensor) -> Tensor:  # an operand of a product below the last layer
+            return t if mdtype is None else t.to(mdtype)
+
         grads_w: list[Tensor | None] = [None] * num_layers
         grads_b: list[Tensor | None] = [None] * num_layers
         grad_x = None
@@ -168,40 +214,48 @@ class _EnsembleReluMLP(torch.autograd.Function):
         # else down to the first layer whose parameters need one
         wanted = [i for i in range(num_layers) if need_w[i] or need_b[i]]
         stop = 0 if need_x else (wanted[0] if wanted else num_layers)
-        g = grad_out.contiguous()
+        g = grad_out.contiguous()  # the last layer's: full precision; below it, in mdtype
         for i in range(num_layers - 1, stop - 1, -1):
+            last = i == num_layers - 1
             if i == 0:
                 if need_w[0] or need_b[0]:
-                    x1 = _with_ones(x)
+                    x1 = low(_with_ones(x))
                     if x1.dim() == 2:  # shared input: g^T @ x for every member at once
                         gw1 = torch.matmul(g.transpose(-1, -2), x1)
                     else:
                         gw1 = torch.bmm(g.transpose(-1, -2), x1)
+                    gw1 = gw1.to(pdtype)
                     grads_w[0] = gw1[..., :-1] if need_w[0] else None
                     grads_b[0] = gw1[..., -1] if need_b[0] else None
                 if need_x:
-                    gx = torch.bmm(g, weights[0])
-                    grad_x = gx.sum(0) if x.dim() == 2 else gx
+                    gx = torch.bmm(g, low(weights[0]))
+                    grad_x = gx.sum(0, dtype=x.dtype) if x.dim() == 2 else gx.to(x.dtype)
                 break
-            h = hidden[i - 1]  # this layer's input, after the ReLU
+            h = hidden[i - 1]  # this layer's input, after the ReLU (in mdtype if given)
             if need_w[i]:
-                grads_w[i] = torch.bmm(g.transpose(-1, -2), h)
+                grads_w[i] = torch.bmm(low(g).transpose(-1, -2), h).to(pdtype)
             if need_b[i]:
-                grads_b[i] = g.sum(-2)
+                grads_b[i] = g.sum(-2, dtype=pdtype)
             if i == stop:  # nothing below this layer needs a gradient
                 break
             w = weights[i]
+            if last:
+                g, w = low(g), low(w)
+            elif mdtype is not None:
+                w = w.to(mdtype)
             # [N, B, 1] x [N, 1, H] (the last layer) is a broadcast product, not a GEMM
             g = g * w if w.shape[1] == 1 else torch.bmm(g, w)
             # the ReLU's backward, in place: g is this call's own buffer
             g = torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g)
-        return (grad_x, None, *grads_w, *grads_b)
+        return (grad_x, None, None, *grads_w, *grads_b)
 
     @staticmethod
-    def vmap(info, in_dims, x: Tensor, num_layers: int, *params: Tensor):
+    def vmap(
+        info, in_dims, x: Tensor, num_layers: int, mdtype: torch.dtype | None, *params: Tensor
+    ):
         """Fold the vmapped dim into the ensemble: ``K`` x ``N`` members as one ensemble."""
         k = info.batch_size
-        dims = in_dims[2:]
+        dims = in_dims[3:]
 
         def fold(t: Tensor, dim: int | None) -> Tensor:
             t = t.movedim(dim, 0) if dim is not None else t.expand(k, *t.shape)
@@ -217,6 +271,6 @@ class _EnsembleReluMLP(torch.autograd.Function):
             if x_b.dim() == 3:  # [K, B, d]: agent k's input, shared by its members
                 x_b = x_b.unsqueeze(1).expand(k, n, *x_b.shape[1:])
             x_flat = x_b.reshape(k * n, *x_b.shape[2:])
-        outs = _EnsembleReluMLP.apply(x_flat, num_layers, *flat)
+        outs = _EnsembleReluMLP.apply(x_flat, num_layers, mdtype, *flat)
         outs = tuple(o.reshape(k, n, *o.shape[1:]) for o in outs)
         return outs, (0,) * len(outs)

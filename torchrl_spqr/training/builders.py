@@ -245,6 +245,8 @@ def make_loss_module(cfg: Any, actor, critics, action_spec=None) -> tuple[SPQRLo
             bc_steps=optim.bc_steps,
         )
     base = cls(actor, critics, **kwargs)
+    if cfg.network.matmul_dtype is not None:
+        base.critic_matmul_dtype = getattr(torch, cfg.network.matmul_dtype)
     if cfg.network.ensemble_size < 3:
         return base, base
     return make_spqr_loss(cfg, base), base

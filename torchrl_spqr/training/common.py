@@ -60,6 +60,7 @@ from torchrl_spqr.training.checkpoint import (
 )
 from torchrl_spqr.training.config import ConfigError, resolve_config
 from torchrl_spqr.training.loggers import MetricsCSVLogger, make_logger
+from torchrl_spqr.training.malloc import retain_freed_memory
 from torchrl_spqr.training.typecheck import to_plain
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,9 +97,17 @@ def open_run_folder(cfg, run_dir: str | Path) -> tuple[DictConfig, Path, torch.d
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
+    set_threads_and_memory(cfg)
     seed_everything(cfg.seed)
     return cfg, run_dir, get_device(cfg.device)
+
+
+def set_threads_and_memory(cfg) -> None:
+    """``torch.set_num_threads(cfg.threads)`` and, with ``cfg.retain_freed_memory``, glibc's
+    malloc set to keep freed memory (:func:`~torchrl_spqr.training.malloc.retain_freed_memory`)."""
+    torch.set_num_threads(cfg.threads)
+    if cfg.retain_freed_memory:
+        retain_freed_memory()
 
 
 def seed_everything(seed: int) -> None:
@@ -511,6 +520,7 @@ _RESUME_FREE = (
     "optim.num_updates",
     "device",
     "threads",
+    "retain_freed_memory",
     "hydra",
     "compile",
 )

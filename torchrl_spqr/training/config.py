@@ -118,6 +118,9 @@ class NetworkConfig:
     init: str = "default"  # INIT_SCHEMES: default | edac | redq
     actor_init: str | None = None  # null: network.init
     actor_log_std_clamp: list[float] | None = None  # null: TorchRL's softplus scale
+    # null | bfloat16 | float16: the critics' products below the last layer in this dtype
+    # (plain ReLU critics; parameters, Q-values and gradients stay float32)
+    matmul_dtype: str | None = None
 
 
 @dataclass
@@ -323,6 +326,9 @@ class _RunConfig:
     resume: bool = False
     device: str = "auto"
     threads: int = 1  # torch threads of the learner
+    # glibc malloc keeps freed memory for reuse (no page faults on each update's new
+    # tensors; torchrl_spqr/training/malloc.py); no effect on other systems
+    retain_freed_memory: bool = True
 
 
 @dataclass

@@ -51,6 +51,9 @@ __all__ = [
 #: the single-agent algorithms (``algorithm``), each with its script in ``sota_scripts/``.
 SINGLE_AGENT_ALGORITHMS = ("cql", "edac", "redq", "sac_ens", "sac_n")
 
+#: ``network.matmul_dtype`` values (besides null): the critics' lower-precision products.
+MATMUL_DTYPES = ("bfloat16", "float16")
+
 #: ``network.activation`` values of the multi-agent networks.
 ACTIVATIONS = tuple(sorted(_NETWORK_ACTIVATIONS))  # elu, relu, silu, tanh
 
@@ -84,6 +87,7 @@ def validate_runtime(cfg: Any, intervals: dict[str, str]) -> torch.device:
     cfg_bool(cfg, "resume", False)
     device = cfg_device(cfg)
     cfg_int(cfg, "threads", 1, lo=1, hint="set threads=1 or more (torch threads of the learner)")
+    cfg_bool(cfg, "retain_freed_memory", True)
     backend = _get(cfg, "logger.backend", "csv")
     if backend not in ("", *LOGGER_BACKENDS):
         raise _bad("logger.backend", backend, "one of " + ", ".join(LOGGER_BACKENDS))
@@ -235,8 +239,17 @@ def validate_single_agent(cfg: Any, *, online: bool = True) -> None:
     cfg_sizes(cfg, "network.hidden_sizes")
     if _get(cfg, "network.actor_hidden_sizes") is not None:
         cfg_sizes(cfg, "network.actor_hidden_sizes")
-    cfg_bool(cfg, "network.layer_norm", False)
-    cfg_float(cfg, "network.dropout", 0.0, lo=0.0, hi=1.0, hi_open=True)
+    layer_norm = cfg_bool(cfg, "network.layer_norm", False)
+    dropout = cfg_float(cfg, "network.dropout", 0.0, lo=0.0, hi=1.0, hi_open=True)
+    if _get(cfg, "network.matmul_dtype") is not None:
+        cfg_choice(cfg, "network.matmul_dtype", MATMUL_DTYPES)
+        if layer_norm or dropout > 0:
+            raise ConfigError(
+                f"network.matmul_dtype={_get(cfg, 'network.matmul_dtype')} needs plain ReLU "
+                f"critics (the fused kernel), but network.layer_norm={layer_norm} and "
+                f"network.dropout={dropout:g}: set network.matmul_dtype=null, or "
+                "network.layer_norm=false and network.dropout=0."
+            )
     init = cfg_choice(cfg, "network.init", INIT_SCHEMES, "default")
     cfg_choice(cfg, "network.actor_init", INIT_SCHEMES, init)
     _validate_log_std_clamp(cfg)

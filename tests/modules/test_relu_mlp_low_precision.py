@@ -1,0 +1,236 @@
+"""The fused ReLU-MLP kernel with lower-precision products (``matmul_dtype``).
+
+What ``matmul_dtype`` promises (``modules/relu_mlp.py``): the products below the
+last layer take their operands in the lower dtype; the output, every gradient
+and the parameters stay in the parameters' dtype; the last layer runs in full
+precision, so the output is not rounded to the lower dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from torchrl_spqr import QEnsemble, SACNLoss, make_q_member
+from torchrl_spqr.modules import BatchedMLP, ensemble_relu_mlp
+
+N, B = 4, 64
+LOW = (torch.bfloat16, torch.float16)
+
+
+def params(sizes, n=N, dtype=torch.float32, seed=0):
+    """Scaled like a default init: activations of order one at every layer."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [
+        (torch.randn(n, o, i, generator=g, dtype=dtype) / math.sqrt(i)).requires_grad_()
+        for i, o in zip(sizes[:-1], sizes[1:])
+    ]
+    bs = [(0.1 * torch.randn(n, o, generator=g, dtype=dtype)).requires_grad_() for o in sizes[1:]]
+    return ws, bs
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def emulate(x, ws, bs, mdtype):
+    """The kernel's arithmetic written op by op in float64: each product's operands and
+    output rounded to ``mdtype`` where the kernel rounds them (straight-through for the
+    gradient), the last layer in full precision. Its autograd gradient is the exact
+    gradient of that rounded forward: same ReLU masks as the kernel's."""
+
+    def rnd(t):
+        return t + (t.to(mdtype).double() - t).detach()
+
+    last = len(ws) - 1
+    h = x.double()
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        w, b = w.double(), b.double()
+        if i == last:  # full precision: the hidden activations are already rounded
+            h = torch.matmul(h, w.mT) + b.unsqueeze(-2)
+        elif i == 0:  # the bias rides in the product: one rounding
+            h = torch.relu(rnd(torch.matmul(rnd(h), rnd(w).mT) + rnd(b).unsqueeze(-2)))
+        else:  # the product rounded, then the bias added in the low dtype
+            h = torch.relu(rnd(rnd(torch.matmul(h, rnd(w).mT)) + rnd(b).unsqueeze(-2)))
+    return h
+
+
+@pytest.mark.parametrize("mdtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-input", "per-member-input"])
+@pytest.mark.parametrize("sizes", [[14, 64, 64, 1], [14, 32, 32, 32, 3]])
+def test_values_and_gradients_match_the_rounded_arithmetic(mdtype, shared, sizes):
+    ws, bs = params(sizes)
+    g = torch.Generator().manual_seed(1)
+    shape = (B, sizes[0]) if shared else (N, B, sizes[0])
+    x = torch.randn(*shape, generator=g).requires_grad_()
+    y = ensemble_relu_mlp(x, ws, bs, matmul_dtype=mdtype)
+    full = ensemble_relu_mlp(x, ws, bs)
+    emu = emulate(x, ws, bs, mdtype)
+    assert y.dtype == torch.float32 and y.shape == full.shape
+    # the products ran in the low dtype: rounded, to that dtype's precision
+    assert not torch.equal(y, full)
+    assert rel_err(y, full) < (2e-2 if mdtype is torch.bfloat16 else 4e-3)
+    assert rel_err(y, emu) < 1e-4
+    # the gradients: those of the rounded forward, up to the backward's own rounding
+    go = torch.randn(y.shape, generator=g)
+    got = torch.autograd.grad(y, [x, *ws, *bs], go)
+    want = torch.autograd.grad(emu, [x, *ws, *bs], go.double())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert rel_err(a, b) < (1.5e-2 if mdtype is torch.bfloat16 else 2e-3)
+
+
+def test_the_output_is_not_rounded_to_the_low_dtype():
+    """The last layer runs in full precision: Q-values keep float32's resolution."""
+    ws, bs = params([14, 64, 64, 1])
+    x = torch.randn(B, 14, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = ensemble_relu_mlp(
+            x, ws, [b + 300.0 * (i == 1) for i, b in enumerate(bs)], matmul_dtype=torch.bfloat16
+        )
+    # Q-values near 300: bfloat16 would round them to multiples of 2
+    assert (y.to(torch.bfloat16).float() != y).float().mean() > 0.9
+
+
+def test_one_layer_runs_in_full_precision():
+    ws, bs = params([14, 3])
+    x = torch.randn(B, 14)
+    torch.testing.assert_close(
+        ensemble_relu_mlp(x, ws, bs, matmul_dtype=torch.bfloat16),
+        ensemble_relu_mlp(x, ws, bs),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("mask", range(1, 8))
+def test_every_subset_of_inputs_needing_a_gradient(mask):
+    """The target pass, the actor-loss pass (input only) and the critic pass, in bf16."""
+    ws, bs = params([14, 32, 32, 1])
+    x = torch.randn(B, 14, requires_grad=bool(mask & 1))
+    w_used = [w if mask & 2 else w.detach() for w in ws]
+    b_used = [b if mask & 4 else b.detach() for b in bs]
+    y = ensemble_relu_mlp(x, w_used, b_used, matmul_dtype=torch.bfloat16)
+    ref = emulate(x, w_used, b_used, torch.bfloat16)
+    wrt = [t for t in (x, *w_used, *b_used) if t.requires_grad]
+    got = torch.autograd.grad(y.sum(), wrt)
+    want = torch.autograd.grad(ref.sum(), wrt)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1.5e-2
+
+
+def test_vmap_folds_agents_in_low_precision():
+    """A population's K agents (vmap) get the same result as K separate calls."""
+    k = 3
+    per_agent = [params([14, 32, 32, 1], seed=s) for s in range(k)]
+    ws = [torch.stack([p[0][i] for p in per_agent]).detach() for i in range(3)]
+    bs = [torch.stack([p[1][i] for p in per_agent]).detach() for i in range(3)]
+    x = torch.randn(k, B, 14)
+    got = torch.vmap(lambda x, *p: ensemble_relu_mlp(x, p[:3], p[3:], matmul_dtype=torch.bfloat16))(
+        x, *ws, *bs
+    )
+    for a in range(k):
+        want = ensemble_relu_mlp(
+            x[a], [w[a] for w in ws], [b[a] for b in bs], matmul_dtype=torch.bfloat16
+        )
+        torch.testing.assert_close(got[a], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [torch.float64, torch.int8, "bfloat16"])
+def test_bad_matmul_dtype_is_refused(bad):
+    ws, bs = params([14, 8, 1])
+    with pytest.raises(ValueError, match="matmul_dtype must be torch.bfloat16"):
+        ensemble_relu_mlp(torch.randn(B, 14), ws, bs, matmul_dtype=bad)
+
+
+# ------------------------------------------------------------------ through the losses
+def _actor():
+    from tensordict.nn import NormalParamExtractor, TensorDictModule
+    from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
+
+    net = torch.nn.Sequential(
+        MLP(in_features=11, out_features=6, num_cells=[64]), NormalParamExtractor()
+    )
+    return ProbabilisticActor(
+        TensorDictModule(net, ["observation"], ["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        distribution_class=TanhNormal,
+    )
+
+
+def _batch(b=32):
+    g = torch.Generator().manual_seed(3)
+    return TensorDict(
+        {
+            "observation": torch.randn(b, 11, generator=g),
+            "action": torch.rand(b, 3, generator=g) * 2 - 1,
+            "next": {
+                "observation": torch.randn(b, 11, generator=g),
+                "reward": torch.randn(b, 1, generator=g),
+                "done": torch.zeros(b, 1, dtype=torch.bool),
+                "terminated": torch.zeros(b, 1, dtype=torch.bool),
+            },
+        },
+        [b],
+    )
+
+
+def _loss(**kwargs):
+    torch.manual_seed(0)
+    ens = QEnsemble(lambda: make_q_member(14, num_cells=(64, 64), **kwargs), 5)
+    return SACNLoss(_actor(), ens, target_entropy=-3.0)
+
+
+def test_loss_with_bfloat16_critics_is_close_and_keeps_float32():
+    loss = _loss()
+    low = copy.deepcopy(loss)
+    low.critic_matmul_dtype = torch.bfloat16
+    assert low.critic_matmul_dtype is torch.bfloat16 and loss.critic_matmul_dtype is None
+    batch = _batch()
+    torch.manual_seed(5)
+    ref = loss(batch.clone())
+    torch.manual_seed(5)
+    got = low(batch.clone())
+    assert got["loss_qvalue"].dtype == torch.float32
+    assert not torch.equal(got["loss_qvalue"], ref["loss_qvalue"])
+    for key in ("loss_qvalue", "loss_actor"):
+        assert abs(float((got[key] - ref[key]).detach())) < 2e-2 * (1 + abs(float(ref[key]))), key
+    got["loss_qvalue"].backward()
+    grads = [p.grad for p in low.qvalue_network_params.values(True, True)]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    # a rebuild of the ensemble callers (set_vmap_randomness) keeps the precision
+    low.set_vmap_randomness("different")
+    assert low.critic_matmul_dtype is torch.bfloat16
+    torch.manual_seed(5)
+    again = low(batch.clone())
+    torch.testing.assert_close(again["loss_qvalue"], got["loss_qvalue"])
+    low.critic_matmul_dtype = None
+    torch.manual_seed(5)
+    torch.testing.assert_close(low(batch.clone())["loss_qvalue"], ref["loss_qvalue"])
+
+
+def test_loss_refuses_low_precision_where_the_kernel_cannot_run():
+    with pytest.raises(ValueError, match="not Linear"):
+        _loss(layer_norm=True).critic_matmul_dtype = torch.bfloat16
+    loss = _loss()
+    loss.deactivate_vmap = True
+    loss._make_vmap()
+    with pytest.raises(ValueError, match="deactivate_vmap"):
+        loss.critic_matmul_dtype = torch.bfloat16
+    with pytest.raises(ValueError, match="torch.bfloat16, torch.float16 or None"):
+        _loss().critic_matmul_dtype = torch.float64
+
+
+def test_batched_mlp_warns_when_the_op_by_op_path_ignores_it(monkeypatch):
+    ens = QEnsemble(lambda: make_q_member(14, num_cells=(16, 16)), 3)
+    bq = BatchedMLP.from_member(ens.module)
+    bq.matmul_dtype = torch.bfloat16
+    monkeypatch.setattr(BatchedMLP, "use_fused_kernel", False)
+    with pytest.warns(UserWarning, match="use_fused_kernel is False"):
+        out = bq(ens.params, [torch.randn(4, 14)])
+    assert out.dtype == torch.float32
