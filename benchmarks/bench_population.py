@@ -35,6 +35,18 @@ Everything is measured side by side in one run (round-robin, medians):
     processes started together by a barrier; a configuration's rate is
     ``K * updates / (time until its last process finishes)``.
 
+(f) with ``--bf16``: the package's single agent and the population with their
+    critics' hidden products in bfloat16 (``critic_matmul_dtype``; the output,
+    parameters and gradients stay float32), their work counted as above and
+    against the same fp32 peak (a ratio of speed, not an efficiency: the bf16
+    ``bmm`` peak, printed too, is several times the fp32 one on CPUs with AMX);
+(g) with ``--malloc``: glibc's malloc keeping freed memory
+    (:func:`torchrl_spqr.training.malloc.retain_freed_memory`) against its
+    defaults, two processes alive side by side, each running the package's
+    single agent and population (and their bf16 versions with ``--bf16``) alone
+    in its turn, round-robin. ``--retain-freed-memory`` applies the setting to
+    (a)-(c) as well.
+
     python benchmarks/bench_population.py --rounds 5 --inner 2 --updates 4 --spqr --breakdown
     python benchmarks/bench_population.py --device cuda --threads 1 --agents 8 --compile --cudagraphs
 
@@ -47,6 +59,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import time
 import warnings
@@ -59,6 +72,7 @@ from torchrl.objectives import SACLoss, SoftUpdate
 
 from torchrl_spqr import QEnsemble, SACNLoss, SPQRLoss, make_q_member
 from torchrl_spqr.modules import BatchedMLP
+from torchrl_spqr.training.malloc import retain_freed_memory
 from torchrl_spqr.training.population import PopulationUpdate
 
 DEVICE = torch.device("cpu")  # --device
@@ -86,10 +100,11 @@ def update_flops(n: int, hidden: int, batch: int) -> int:
     return batch * (6 * n * critic + 3 * actor)
 
 
-def make_sacn(n: int, hidden: int, seed: int, beta: float | None = None):
+def make_sacn(n: int, hidden: int, seed: int, beta: float | None = None, matmul_dtype=None):
     torch.manual_seed(seed)
     ens = QEnsemble(lambda: make_q_member(OBS + ACT, num_cells=(hidden, hidden)), n)
     loss = SACNLoss(make_actor(hidden), ens)
+    loss.critic_matmul_dtype = matmul_dtype
     if beta is not None:
         loss = SPQRLoss(loss, beta=beta, diagnostics_interval=0)
     return loss.to(DEVICE)
@@ -161,10 +176,34 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
             **fast,
         )
         variants[f"population K={k} + SPQR (beta 0/1)"] = (pop_spqr, k)
+    if args.bf16:
+        variants.update(bf16_variants(args, fast))
     return variants
 
 
-def bmm_peak(rounds: int) -> float:
+def bf16_variants(args, fast=None) -> dict[str, tuple[Callable[[TensorDict], object], int]]:
+    """(f): the single agent and the population with bfloat16 hidden products."""
+    n, h, k, bf = args.n, args.hidden, args.agents, torch.bfloat16
+    pop = PopulationUpdate(
+        [make_sacn(n, h, s, matmul_dtype=bf) for s in range(k)],
+        randomness="different",
+        **(fast or {}),
+    )
+    return {
+        f"SACNLoss({n}), single agent, bf16 products": (
+            single_step(make_sacn(n, h, 0, matmul_dtype=bf)),
+            1,
+        ),
+        f"population K={k}, bf16 products": (pop, k),
+    }
+
+
+def bf16_bmm_peak(rounds: int) -> float:
+    """The same as :func:`bmm_peak` in bfloat16 (for reference: (f) counts against fp32)."""
+    return bmm_peak(rounds, torch.bfloat16)
+
+
+def bmm_peak(rounds: int, dtype: torch.dtype = torch.float32) -> float:
     """Best median GFLOP/s of fp32 ``torch.bmm`` over the critic layers' shapes and layouts.
 
     ``[b, 256, 256] @ [b, 256, 256]`` with ``b`` = 10 (one agent's ensemble)
@@ -173,7 +212,8 @@ def bmm_peak(rounds: int) -> float:
     """
     best = 0.0
     for b in (10, 60):
-        x, w = torch.randn(b, 256, 256, device=DEVICE), torch.randn(b, 256, 256, device=DEVICE)
+        x = torch.randn(b, 256, 256, device=DEVICE, dtype=dtype)
+        w = torch.randn(b, 256, 256, device=DEVICE, dtype=dtype)
         flops = 2 * b * 256**3
         reps = max(1, int((2e11 if DEVICE.type == "cuda" else 2e9) / flops))
         for xt, wt in ((False, False), (False, True), (True, False), (True, True)):
@@ -192,8 +232,8 @@ def bmm_peak(rounds: int) -> float:
     return best
 
 
-def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int]]:
-    """bmm peak, median seconds per update and agents per call of each variant."""
+def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int], float]:
+    """bmm peak, median seconds per update, agents per call of each variant, bf16 peak."""
     torch.set_num_threads(threads)
     variants = make_variants(args)
     single = [batch_on_device(args.batch) for _ in range(4)]
@@ -219,9 +259,11 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
         for i in range(8 if args.compile or args.cudagraphs else 2):
             fn(data_of(fn, k)[i % 4])
     times = {name: [] for name in variants}
-    peaks = []
+    peaks, bf16_peaks = [], []
     for r in range(args.rounds):
         peaks.append(bmm_peak(3))
+        if args.bf16:
+            bf16_peaks.append(bf16_bmm_peak(3))
         for name, (fn, k) in variants.items():
             data = data_of(fn, k)
             sync()
@@ -234,6 +276,7 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
         statistics.median(peaks),
         {name: statistics.median(t) for name, t in times.items()},
         {name: k for name, (_, k) in variants.items()},
+        statistics.median(bf16_peaks) if bf16_peaks else float("nan"),
     )
 
 
@@ -356,6 +399,87 @@ def aggregate(args, cores: int) -> dict[str, float]:
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
+def _malloc_worker(args, retain: bool, threads: int, barrier, stop, results) -> None:
+    """(g) One process, glibc's malloc keeping freed memory or not; times its variants on demand."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    if retain and not retain_freed_memory():
+        raise RuntimeError("retain_freed_memory() did not apply (not glibc?)")
+    n, h, k = args.n, args.hidden, args.agents
+    variants = {
+        f"SACNLoss({n}), single agent": (single_step(make_sacn(n, h, 0)), 1),
+        f"population K={k} SACNLoss({n})": (
+            PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different"),
+            k,
+        ),
+    }
+    if args.bf16:
+        variants.update(bf16_variants(args))
+    data = {
+        name: [
+            make_batch(args.batch)
+            if kk == 1 and not is_population(fn)
+            else torch.stack([make_batch(args.batch) for _ in range(kk)])
+            for _ in range(4)
+        ]
+        for name, (fn, kk) in variants.items()
+    }
+    for name, (fn, _) in variants.items():
+        for i in range(2):
+            fn(data[name][i])
+    while True:
+        barrier.wait()
+        if stop.value:
+            return
+        out = {}
+        for name, (fn, _) in variants.items():
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.perf_counter()
+            for i in range(args.inner):
+                fn(data[name][i % 4])
+            elapsed = (time.perf_counter() - t0) / args.inner
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.inner
+            out[name] = (elapsed, faults)
+        results.put(out)
+
+
+def malloc_comparison(args, threads: int) -> dict[bool, dict[str, tuple[float, float]]]:
+    """(g) Median seconds and minor page faults per update, glibc's defaults (False) and
+    freed memory kept (True)."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Value("i", 0)
+    groups = {}
+    for retain in (False, True):
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        proc = ctx.Process(
+            target=_malloc_worker, args=(args, retain, threads, barrier, stop, results)
+        )
+        proc.start()
+        groups[retain] = (barrier, results, proc)
+    times: dict[bool, dict[str, list[tuple[float, float]]]] = {False: {}, True: {}}
+    try:
+        for _ in range(args.rounds):
+            for retain, (barrier, results, _) in groups.items():
+                barrier.wait()
+                for name, t in results.get().items():
+                    times[retain].setdefault(name, []).append(t)
+        stop.value = 1
+        for barrier, _, _ in groups.values():
+            barrier.wait()
+    finally:
+        for _, _, proc in groups.values():
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+    return {
+        r: {
+            name: (statistics.median(x[0] for x in t), statistics.median(x[1] for x in t))
+            for name, t in d.items()
+        }
+        for r, d in times.items()
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -376,6 +500,16 @@ def main() -> None:
         "--breakdown", action="store_true", help="(e): where a population update's time goes"
     )
     p.add_argument("--only-aggregate", action="store_true", help="only (d)")
+    p.add_argument("--bf16", action="store_true", help="(f): bfloat16 hidden products too")
+    p.add_argument("--only-malloc", action="store_true", help="only (g) (implies --malloc)")
+    p.add_argument(
+        "--malloc", action="store_true", help="(g): glibc malloc keeping freed memory or not"
+    )
+    p.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="keep freed memory (glibc) in this process: (a)-(c) with the setting",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: (a)-(c) on it")
     p.add_argument("--compile", action="store_true", help="torch.compile the population updates")
     p.add_argument(
@@ -383,6 +517,8 @@ def main() -> None:
     )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
+    if args.retain_freed_memory and not retain_freed_memory():
+        p.error("--retain-freed-memory: this malloc is not glibc's")
     global DEVICE
     DEVICE = torch.device(args.device)
     cores = len(os.sched_getaffinity(0))
@@ -390,21 +526,44 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {cores} cores, Hopper sizes (obs {OBS}, act {ACT}), "
         f"N={args.n}, {args.hidden}x{args.hidden}, batch {args.batch}, K={args.agents}; "
-        f"{args.rounds} rounds x {args.inner} updates, interleaved"
+        f"{args.rounds} rounds x {args.inner} updates, interleaved; glibc malloc "
+        + ("keeping freed memory" if args.retain_freed_memory else "defaults")
     )
     print(
         f"(b) work of one SAC update = B * (6 N critic + 3 actor) = {work / 1e9:.3f} GFLOP "
         f"(critic {mlp_flops([OBS + ACT, args.hidden, args.hidden, 1])} FLOP/sample, "
         f"actor {mlp_flops([OBS, args.hidden, args.hidden, 2 * ACT])} FLOP/sample)"
     )
-    for threads in [] if args.only_aggregate else args.threads:
-        peak, meds, agents = roofline(args, threads)
+    args.malloc = args.malloc or args.only_malloc
+    for threads in [] if args.only_aggregate or args.only_malloc else args.threads:
+        peak, meds, agents, bf16_peak = roofline(args, threads)
         print(f"\n[{threads} thread(s)] (a) fp32 bmm peak: {peak:.1f} GFLOP/s")
+        if args.bf16:
+            print(f"  bf16 bmm peak (reference for (f)): {bf16_peak:.1f} GFLOP/s")
         print(f"  {'update':42s} {'ms/update':>10s} {'agent-upd/s':>12s} {'(c) roofline':>13s}")
         for name, t in meds.items():
             k = agents[name]
             frac = k * work / t / (peak * 1e9)
             print(f"  {name:42s} {1e3 * t:10.1f} {k / t:12.2f} {100 * frac:12.1f}%")
+    if args.bf16 and not (args.only_aggregate or args.only_malloc):
+        print("  (f) bf16 rows: the fp32-equivalent work against the fp32 peak (a speed ratio)")
+    if args.malloc and DEVICE.type == "cpu":
+        for threads in args.threads:
+            res = malloc_comparison(args, threads)
+            print(
+                f"\n(g) [{threads} thread(s)] glibc malloc defaults vs keeping freed memory, two "
+                f"processes alternating, {args.rounds} rounds x {args.inner} updates; per update: "
+                "ms and minor page faults"
+            )
+            print(f"  {'update':42s} {'defaults':>17s} {'kept':>17s}")
+            for name, (t, f) in res[False].items():
+                kept, kept_f = res[True][name]
+                print(
+                    f"  {name:42s} {1e3 * t:7.1f} ms {f:7.0f} {1e3 * kept:7.1f} ms {kept_f:7.0f}"
+                    f"   speed-up {t / kept:.2f}x"
+                )
+    if args.only_malloc:
+        return
     if args.breakdown and DEVICE.type == "cpu":
         for threads in args.threads:
             breakdown(args, threads)

@@ -234,3 +234,18 @@ def test_batched_mlp_warns_when_the_op_by_op_path_ignores_it(monkeypatch):
     with pytest.warns(UserWarning, match="use_fused_kernel is False"):
         out = bq(ens.params, [torch.randn(4, 14)])
     assert out.dtype == torch.float32
+
+
+def test_the_class_default_applies_until_a_loss_sets_its_own(monkeypatch):
+    monkeypatch.setattr(BatchedMLP, "matmul_dtype", torch.bfloat16)
+    loss = _loss()
+    assert loss.critic_matmul_dtype is torch.bfloat16
+    batch = _batch()
+    torch.manual_seed(5)
+    class_default = loss(batch.clone())["loss_qvalue"]
+    loss.critic_matmul_dtype = None  # its own choice, over the class default
+    loss.set_vmap_randomness("different")  # and kept by a rebuild
+    assert loss.critic_matmul_dtype is None
+    torch.manual_seed(5)
+    full = loss(batch.clone())["loss_qvalue"]
+    assert not torch.equal(class_default, full)

@@ -209,8 +209,9 @@ class EnsembleLossBase(MemberValuesMixin, LossModule):
         randomness = self.vmap_randomness
         use_batched = not self.deactivate_vmap and randomness != "same"
         self._batched_q = BatchedMLP.from_member(self.qvalue_network) if use_batched else None
-        if self._batched_q is not None:  # a rebuild keeps the chosen precision
-            self._batched_q.matmul_dtype = self.__dict__.get("_critic_matmul_dtype")
+        if self._batched_q is not None and "_critic_matmul_dtype" in self.__dict__:
+            # a rebuild keeps the chosen precision (unset: BatchedMLP's class default)
+            self._batched_q.matmul_dtype = self.__dict__["_critic_matmul_dtype"]
         self._vmap_qvalue_networkN0 = _vmap_func(
             self.qvalue_network,
             (None, 0),
@@ -237,7 +238,9 @@ class EnsembleLossBase(MemberValuesMixin, LossModule):
         AMX or AVX512-BF16 the bfloat16 products are several times faster than
         float32 ones (``benchmarks/README.md``); elsewhere they can be slower.
         Critics of another structure (LayerNorm, dropout, other activations) or
-        ``deactivate_vmap=True`` refuse it. Not saved in the ``state_dict``.
+        ``deactivate_vmap=True`` refuse it. Not saved in the ``state_dict``. Left
+        unset, it reads :attr:`BatchedMLP.matmul_dtype <torchrl_spqr.modules.BatchedMLP.matmul_dtype>`
+        (``None`` unless set on the class).
 
         Examples:
             >>> import torch
@@ -246,7 +249,8 @@ class EnsembleLossBase(MemberValuesMixin, LossModule):
             >>> loss = SACNLoss(actor, QEnsemble(lambda: make_q_member(14), 10))  # doctest: +SKIP
             >>> loss.critic_matmul_dtype = torch.bfloat16  # doctest: +SKIP
         """
-        return self.__dict__.get("_critic_matmul_dtype")
+        bq = self._batched_q
+        return bq.matmul_dtype if bq is not None else self.__dict__.get("_critic_matmul_dtype")
 
     @critic_matmul_dtype.setter
     def critic_matmul_dtype(self, value: torch.dtype | None) -> None:
