@@ -249,3 +249,21 @@ def test_the_class_default_applies_until_a_loss_sets_its_own(monkeypatch):
     torch.manual_seed(5)
     full = loss(batch.clone())["loss_qvalue"]
     assert not torch.equal(class_default, full)
+
+
+def test_spqr_loss_sets_the_wrapped_losses_precision():
+    from torchrl.objectives import SACLoss
+
+    from torchrl_spqr import SPQRLoss
+
+    base = _loss()
+    spqr = SPQRLoss(base, beta=1.0, pairs="data", diagnostics_interval=0)
+    spqr.critic_matmul_dtype = torch.bfloat16
+    assert base.critic_matmul_dtype is torch.bfloat16
+    assert spqr.critic_matmul_dtype is torch.bfloat16
+    assert "critic_matmul_dtype" not in spqr.__dict__
+    ens = QEnsemble(lambda: make_q_member(14, num_cells=(16, 16)), 3)
+    torchrl_sac = SACLoss(_actor(), ens.members(), num_qvalue_nets=3)
+    wrapped = SPQRLoss(torchrl_sac, beta=1.0, pairs="data", diagnostics_interval=0)
+    with pytest.raises(AttributeError, match="no such setting"):
+        wrapped.critic_matmul_dtype = torch.bfloat16

@@ -58,6 +58,29 @@ class LossWrapper(LossModule):
         return super().__getattr__(name)
 
     @property
+    def critic_matmul_dtype(self):
+        """The wrapped loss's :attr:`~torchrl_spqr.objectives.common.EnsembleLossBase.critic_matmul_dtype`.
+
+        Set here, it is set on the wrapped loss (a plain attribute on the wrapper would
+        silently do nothing). Only the package's ensemble losses have it.
+        """
+        return self._critic_precision_owner().critic_matmul_dtype
+
+    @critic_matmul_dtype.setter
+    def critic_matmul_dtype(self, value) -> None:
+        self._critic_precision_owner().critic_matmul_dtype = value
+
+    def _critic_precision_owner(self) -> LossModule:
+        base = self._modules.get("loss_module")
+        if base is None or not hasattr(type(base), "critic_matmul_dtype"):
+            raise AttributeError(
+                f"critic_matmul_dtype: the wrapped {type(base).__name__} has no such setting "
+                "(only the package's ensemble losses: SACNLoss, ReferenceREDQLoss, EDACLoss, "
+                "CQLNLoss)."
+            )
+        return base
+
+    @property
     def wrapped(self) -> bool:
         """Whether a loss is wrapped (``False``: standalone)."""
         return self._modules.get("loss_module") is not None
