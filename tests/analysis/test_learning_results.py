@@ -130,3 +130,34 @@ def test_committed_effects_table_matches_the_runs():
     assert "--key" not in args  # the table below is of eval_return
     eff = analysis.paired_effects(analysis.group_runs(folders))
     assert analysis.effects_table(eff) in text
+
+
+def test_bf16_comparison_in_the_readme_matches_the_runs():
+    """The README's bfloat16-against-float32 paragraph, from ``hopper_bf16_30k``."""
+    groups = analysis.group_runs([LEARNING / "hopper_bf16_30k"])
+    arms = {}
+    for name, runs in groups.items():
+        arms[name.split("/")[0]] = runs
+    assert sorted(arms) == ["bf16", "fp32"]
+    summ = {a: analysis.summary_rows({"arm": runs}, "eval_return")[0] for a, runs in arms.items()}
+    by_seed = {a: dict(zip(map(analysis.seed_of, arms[a]), summ[a]["final"])) for a in arms}
+    assert sorted(by_seed["bf16"]) == sorted(by_seed["fp32"]) == [0, 1, 2]
+    diffs = [by_seed["bf16"][s] - by_seed["fp32"][s] for s in (0, 1, 2)]
+    text = (ROOT / "README.md").read_text()
+    para = text.split("bfloat16 critic products (`network.matmul_dtype=bfloat16`", 1)[1]
+    para = para.split("\n\n", 1)[0]
+    m = re.search(
+        r"Final return (\S+) \+- (\S+) \(bfloat16\) against (\S+) \+- (\S+) \(float32\)", para
+    )
+    assert m, para
+    _matches(
+        " ".join(m.groups()),
+        [
+            summ["bf16"]["final_mean"],
+            summ["bf16"]["final_sd"],
+            summ["fp32"]["final_mean"],
+            summ["fp32"]["final_sd"],
+        ],
+    )
+    shown = re.search(r"bfloat16 minus float32 is \+?(-?[\d.]+)", para)
+    _matches(shown.group(1), [sum(diffs) / 3])
