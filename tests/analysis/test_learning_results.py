@@ -133,8 +133,8 @@ def test_committed_effects_table_matches_the_runs():
 
 
 def test_bf16_comparison_in_the_readme_matches_the_runs():
-    """The README's bfloat16-against-float32 paragraph, from ``hopper_bf16_30k``."""
-    groups = analysis.group_runs([LEARNING / "hopper_bf16_30k"])
+    """The README's bfloat16-against-float32 paragraph, from ``hopper_bf16_50k``."""
+    groups = analysis.group_runs([LEARNING / "hopper_bf16_50k"])
     arms = {}
     for name, runs in groups.items():
         arms[name.split("/")[0]] = runs

@@ -181,6 +181,9 @@ def _rehearse(tmp_path: Path, **settings: str) -> tuple[Path, str]:
         "SCRATCH_DIR": str(tmp_path / "scratch"),
         "PYTHON": sys.executable,
         "RL_WARNINGS": "False",
+        # CPU=1 runs at nice 10 by default; the timing passes' fixed seconds then starve
+        # behind any other busy process (a stopped-at-25-s pass logged nothing under load)
+        "NICE": "0",
         **settings,
     }
     res = subprocess.run(
