@@ -198,13 +198,8 @@ def bf16_variants(args, fast=None) -> dict[str, tuple[Callable[[TensorDict], obj
     }
 
 
-def bf16_bmm_peak(rounds: int) -> float:
-    """The same as :func:`bmm_peak` in bfloat16 (for reference: (f) counts against fp32)."""
-    return bmm_peak(rounds, torch.bfloat16)
-
-
 def bmm_peak(rounds: int, dtype: torch.dtype = torch.float32) -> float:
-    """Best median GFLOP/s of fp32 ``torch.bmm`` over the critic layers' shapes and layouts.
+    """Best median GFLOP/s of ``torch.bmm`` in ``dtype`` over the critic layers' shapes and layouts.
 
     ``[b, 256, 256] @ [b, 256, 256]`` with ``b`` = 10 (one agent's ensemble)
     and 60 (six agents'), each operand plain or transposed (the forward and
@@ -263,7 +258,7 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
     for r in range(args.rounds):
         peaks.append(bmm_peak(3))
         if args.bf16:
-            bf16_peaks.append(bf16_bmm_peak(3))
+            bf16_peaks.append(bmm_peak(3, torch.bfloat16))  # reference: (f) counts against fp32
         for name, (fn, k) in variants.items():
             data = data_of(fn, k)
             sync()
@@ -418,7 +413,7 @@ def _malloc_worker(args, retain: bool, threads: int, barrier, stop, results) -> 
     data = {
         name: [
             make_batch(args.batch)
-            if kk == 1 and not is_population(fn)
+            if not is_population(fn)
             else torch.stack([make_batch(args.batch) for _ in range(kk)])
             for _ in range(4)
         ]

@@ -36,7 +36,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ensemble_relu_mlp", "relu_mlp_layers"]
+__all__ = ["MATMUL_DTYPES", "ensemble_relu_mlp", "relu_mlp_layers"]
+
+#: The lower precisions ``ensemble_relu_mlp(..., matmul_dtype=)`` accepts.
+MATMUL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def ensemble_relu_mlp(
@@ -104,12 +107,13 @@ def ensemble_relu_mlp(
     if x.dim() == 3 and x.shape[0] != n:
         raise ValueError(f"x has {x.shape[0]} member rows for {n} members.")
     if matmul_dtype is not None:
-        if matmul_dtype not in (torch.bfloat16, torch.float16):
+        if matmul_dtype not in MATMUL_DTYPES:
             raise ValueError(
                 f"matmul_dtype must be torch.bfloat16, torch.float16 or None, got {matmul_dtype}."
             )
-        if weights[0].dtype.itemsize <= matmul_dtype.itemsize:
-            matmul_dtype = None  # the parameters are no wider: nothing to round
+        if len(weights) == 1 or weights[0].dtype.itemsize <= matmul_dtype.itemsize:
+            # one layer is the last one (full precision), or the parameters are no wider
+            matmul_dtype = None
     out = _EnsembleReluMLP.apply(x, len(weights), matmul_dtype, *weights, *biases)
     return out[0]
 
@@ -149,7 +153,7 @@ def _forward(
     n = weights[0].shape[0]
     w1 = torch.cat([weights[0], biases[0].unsqueeze(-1)], -1)  # [N, out, in + 1]
     x1 = _with_ones(x)
-    if mdtype is not None and len(weights) > 1:
+    if mdtype is not None:  # never with one layer (ensemble_relu_mlp resolves it)
         w1, x1 = w1.to(mdtype), x1.to(mdtype)
     if x1.dim() == 2:
         x1 = x1.expand(n, *x1.shape)
@@ -192,7 +196,7 @@ class _EnsembleReluMLP(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor, *_hidden_grads) -> tuple[Tensor | None, ...]:
         num_layers = ctx.num_layers
-        mdtype = ctx.mdtype if num_layers > 1 else None  # one layer: the last, in full precision
+        mdtype = ctx.mdtype
         x, *rest = ctx.saved_tensors
         weights = rest[:num_layers]
         hidden = rest[2 * num_layers :]
@@ -238,11 +242,9 @@ class _EnsembleReluMLP(torch.autograd.Function):
                 grads_b[i] = g.sum(-2, dtype=pdtype)
             if i == stop:  # nothing below this layer needs a gradient
                 break
-            w = weights[i]
+            w = low(weights[i])
             if last:
-                g, w = low(g), low(w)
-            elif mdtype is not None:
-                w = w.to(mdtype)
+                g = low(g)
             # [N, B, 1] x [N, 1, H] (the last layer) is a broadcast product, not a GEMM
             g = g * w if w.shape[1] == 1 else torch.bmm(g, w)
             # the ReLU's backward, in place: g is this call's own buffer

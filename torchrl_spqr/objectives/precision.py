@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from torchrl_spqr.modules.relu_mlp import MATMUL_DTYPES
+
 __all__ = ["CriticPrecisionMixin"]
 
 
@@ -46,7 +48,7 @@ class CriticPrecisionMixin:
     @critic_matmul_dtype.setter
     def critic_matmul_dtype(self, value: torch.dtype | None) -> None:
         if value is not None:
-            if value not in (torch.bfloat16, torch.float16):
+            if value not in MATMUL_DTYPES:
                 raise ValueError(
                     f"critic_matmul_dtype must be torch.bfloat16, torch.float16 or None, "
                     f"got {value!r}."

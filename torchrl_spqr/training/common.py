@@ -91,23 +91,20 @@ def prepare_run(cfg, run_dir: str | Path, *, kind: str) -> tuple[DictConfig, Pat
 
 
 def open_run_folder(cfg, run_dir: str | Path) -> tuple[DictConfig, Path, torch.device]:
-    """For a config already checked: create the run folder, set threads and seeds.
+    """For a config already checked: create the run folder, set threads, glibc's malloc
+    (``retain_freed_memory``: :func:`~torchrl_spqr.training.malloc.retain_freed_memory`)
+    and seeds.
 
-    Shared by :func:`prepare_run` and the population scripts' ``prepare_population_run``.
+    Shared by :func:`prepare_run`, the population scripts' ``prepare_population_run`` and
+    the MASAC script.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    set_threads_and_memory(cfg)
-    seed_everything(cfg.seed)
-    return cfg, run_dir, get_device(cfg.device)
-
-
-def set_threads_and_memory(cfg) -> None:
-    """``torch.set_num_threads(cfg.threads)`` and, with ``cfg.retain_freed_memory``, glibc's
-    malloc set to keep freed memory (:func:`~torchrl_spqr.training.malloc.retain_freed_memory`)."""
     torch.set_num_threads(cfg.threads)
     if cfg.retain_freed_memory:
         retain_freed_memory()
+    seed_everything(cfg.seed)
+    return cfg, run_dir, get_device(cfg.device)
 
 
 def seed_everything(seed: int) -> None:

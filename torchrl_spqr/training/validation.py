@@ -21,6 +21,7 @@ import torch
 from torchrl_spqr.functional import DENSITIES, FILLINGS
 from torchrl_spqr.modules import INIT_SCHEMES
 from torchrl_spqr.modules.multiagent import ACTIVATIONS as _NETWORK_ACTIVATIONS
+from torchrl_spqr.modules.relu_mlp import MATMUL_DTYPES as _KERNEL_MATMUL_DTYPES
 from torchrl_spqr.objectives.member_weights import member_weights
 from torchrl_spqr.objectives.spqr import PAIRS
 from torchrl_spqr.training.fields import (
@@ -52,7 +53,7 @@ __all__ = [
 SINGLE_AGENT_ALGORITHMS = ("cql", "edac", "redq", "sac_ens", "sac_n")
 
 #: ``network.matmul_dtype`` values (besides null): the critics' lower-precision products.
-MATMUL_DTYPES = ("bfloat16", "float16")
+MATMUL_DTYPES = tuple(str(d).removeprefix("torch.") for d in _KERNEL_MATMUL_DTYPES)
 
 #: ``network.activation`` values of the multi-agent networks.
 ACTIVATIONS = tuple(sorted(_NETWORK_ACTIVATIONS))  # elu, relu, silu, tanh
