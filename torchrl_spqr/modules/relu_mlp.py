@@ -16,7 +16,13 @@ for the CPU's memory traffic rather than left to the op-by-op autograd graph:
   broadcast product rather than a batched matmul with an inner size of one;
 * gradients that are not needed are not computed: the target pass records
   nothing, the actor-loss pass (detached critic parameters) computes the
-  input gradient only.
+  input gradient only;
+* with ``matmul_dtype`` (bfloat16 or float16 products), the ReLU and its
+  backward run on the ``int16`` view of the bits (exact, and several times
+  faster than PyTorch's CPU kernels for these dtypes, which convert every
+  element to float32 and back), the hidden layers' bias is added by the
+  product (``baddbmm``), and the hidden weights are cast once per forward and
+  kept for the backward.
 
 Same values and gradients as the op-by-op path, up to float round-off (the
 tests compare them). Under :func:`torch.vmap` (a population of agents,
@@ -31,6 +37,7 @@ Pure tensor code (no modules), kept apart so it can be tested alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -141,14 +148,54 @@ def _with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
 
 
+def _relu_(h: Tensor) -> Tensor:
+    """``relu`` in place; in a 16-bit float dtype, through the bits' ``int16`` view.
+
+    PyTorch's CPU ``clamp_min_`` on bfloat16 converts each element to float32
+    and back, several times slower than the same pass on the ``int16`` view of
+    the bits. As ``int16``, a float's negative values are the negative numbers;
+    those at or below ``-inf``'s pattern become ``+0``, the negative NaNs (the
+    patterns above it) are kept: the same values as ``torch.relu`` (which gives
+    ``-0`` for ``-0``), NaNs included.
+    """
+    if h.dtype not in _NEG_INF_BITS:
+        return torch.relu_(h)
+    torch.nn.functional.threshold_(h.view(torch.int16), _NEG_INF_BITS[h.dtype], 0)
+    return h
+
+
+def _relu_backward_(g: Tensor, h: Tensor) -> Tensor:
+    """``g`` where ``h > 0``, else ``0``, in place (``h``: a ReLU's output, as ``g``'s dtype).
+
+    In a 16-bit float dtype on the ``int16`` views of the bits: ``g``'s bits are
+    copied where ``h``'s, as ``int16``, are positive, which for a ReLU's output
+    (``+0``, positive, or NaN) is ``h > 0``, except at a NaN with the sign bit
+    clear, where ``g`` is kept rather than zeroed (the forward is NaN there).
+    """
+    if g.dtype in _NEG_INF_BITS:
+        g16, h16 = g.view(torch.int16), h.view(torch.int16)
+        torch.ops.aten.threshold_backward.grad_input(g16, h16, 0, grad_input=g16)
+        return g
+    return torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g)
+
+
+#: ``-inf``'s bits as ``int16``, for the ReLU on the bits of the 16-bit float dtypes.
+_NEG_INF_BITS = {
+    dt: int(torch.tensor(-math.inf, dtype=dt).view(torch.int16)) for dt in MATMUL_DTYPES
+}
+
+
 def _forward(
     x: Tensor, weights: list[Tensor], biases: list[Tensor], mdtype: torch.dtype | None
-) -> tuple[Tensor, ...]:
-    """The output and the hidden activations (after their ReLU), ``[N, B, h]`` each.
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The output and the hidden activations (after their ReLU), ``[N, B, h]`` each,
+    and the hidden layers' weights as the products used them (``mdtype``; empty without).
 
     With ``mdtype`` (e.g. ``torch.bfloat16``) every layer but the last takes its
     operands in ``mdtype`` and returns its output, hence the saved activations,
-    in ``mdtype``; the last layer runs in the parameters' dtype.
+    in ``mdtype``; the last layer runs in the parameters' dtype. The hidden
+    layers' bias is added by the product itself (``baddbmm``: one rounding of
+    product plus bias), the weights cast once and kept for the backward.
     """
     n = weights[0].shape[0]
     w1 = torch.cat([weights[0], biases[0].unsqueeze(-1)], -1)  # [N, out, in + 1]
@@ -158,30 +205,34 @@ def _forward(
     if x1.dim() == 2:
         x1 = x1.expand(n, *x1.shape)
     h = torch.bmm(x1, w1.transpose(-1, -2))
-    hidden = []
+    hidden, low_weights = [], []
     last = len(weights) - 1
     for i, (w, b) in enumerate(zip(weights[1:], biases[1:]), 1):
-        h = torch.relu_(h)
+        h = _relu_(h)
         hidden.append(h)
-        if mdtype is not None:
-            if i == last:  # the output in full precision (Q-values, TD targets)
-                h = h.to(w.dtype)
-            else:
-                w, b = w.to(mdtype), b.to(mdtype)
+        if mdtype is not None and i < last:
+            w = w.to(mdtype)
+            low_weights.append(w)
+            h = torch.baddbmm(b.to(mdtype).unsqueeze(-2), h, w.transpose(-1, -2))
+            continue
+        if mdtype is not None:  # the output in full precision (Q-values, TD targets)
+            h = h.to(w.dtype)
         # the bias added in place: baddbmm would first copy the expanded bias into the output
         h = torch.bmm(h, w.transpose(-1, -2)).add_(b.unsqueeze(-2))
-    return (h, *hidden)
+    return [h, *hidden], low_weights
 
 
 class _EnsembleReluMLP(torch.autograd.Function):
-    """Outputs ``(y, *hidden)``; ``hidden`` are returned (marked non-differentiable) to be saved."""
+    """Outputs ``(y, *hidden, *low_weights)``; all but ``y`` are returned (marked
+    non-differentiable) to be saved for the backward."""
 
     @staticmethod
     def forward(
         x: Tensor, num_layers: int, mdtype: torch.dtype | None, *params: Tensor
     ) -> tuple[Tensor, ...]:
         weights, biases = list(params[:num_layers]), list(params[num_layers:])
-        return _forward(x, weights, biases, mdtype)
+        outs, low_weights = _forward(x, weights, biases, mdtype)
+        return (*outs, *low_weights)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -199,7 +250,8 @@ class _EnsembleReluMLP(torch.autograd.Function):
         mdtype = ctx.mdtype
         x, *rest = ctx.saved_tensors
         weights = rest[:num_layers]
-        hidden = rest[2 * num_layers :]
+        hidden = rest[2 * num_layers : 3 * num_layers - 1]
+        low_weights = rest[3 * num_layers - 1 :]  # hidden layers 1 .. L - 2, with mdtype
         needs = ctx.needs_input_grad
         need_x = needs[0]
         need_w = needs[3 : 3 + num_layers]
@@ -239,16 +291,19 @@ class _EnsembleReluMLP(torch.autograd.Function):
             if need_w[i]:
                 grads_w[i] = torch.bmm(low(g).transpose(-1, -2), h).to(pdtype)
             if need_b[i]:
-                grads_b[i] = g.sum(-2, dtype=pdtype)
+                # below the last layer g is in mdtype: its sum accumulates in float32 and
+                # is rounded once, as the weight gradient's product is (no float32 copy of g)
+                grads_b[i] = g.sum(-2, dtype=pdtype) if last else g.sum(-2).to(pdtype)
             if i == stop:  # nothing below this layer needs a gradient
                 break
-            w = low(weights[i])
             if last:
-                g = low(g)
-            # [N, B, 1] x [N, 1, H] (the last layer) is a broadcast product, not a GEMM
-            g = g * w if w.shape[1] == 1 else torch.bmm(g, w)
-            # the ReLU's backward, in place: g is this call's own buffer
-            g = torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g)
+                w, g = low(weights[i]), low(g)
+            else:
+                w = weights[i] if mdtype is None else low_weights[i - 1]  # cast in the forward
+            # [N, B, 1] x [N, 1, H] (the last layer): in full precision a broadcast product
+            # beats a GEMM with an inner size of one; in 16 bits the GEMM is faster
+            g = g * w if w.shape[1] == 1 and mdtype is None else torch.bmm(g, w)
+            g = _relu_backward_(g, h)  # in place: g is this call's own buffer
         return (grad_x, None, None, *grads_w, *grads_b)
 
     @staticmethod
