@@ -320,17 +320,24 @@ def breakdown(args, threads: int) -> None:
         print(f"    {e.key:28s} {ms:6.1f} ms ({100 * ms / total:4.1f}%)  {shapes}")
 
 
-def _worker(args, agents: int, threads: int, barrier, stop, results) -> None:
-    """One process: a single-agent update (``agents == 1``) or a population, run on demand."""
+def _worker(args, agents: int, threads: int, mdtype, barrier, stop, results) -> None:
+    """One process: a single-agent update (``agents == 1``) or a population, run on demand.
+
+    ``mdtype``: the critics' hidden products' dtype (``None``: float32). With
+    ``--retain-freed-memory`` the process keeps freed memory, as the scripts do
+    by default (a spawned process starts with glibc's defaults).
+    """
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
+    if args.retain_freed_memory:
+        retain_freed_memory()
     seed = os.getpid() % 1000
     if agents == 1:
-        step = single_step(make_sacn(args.n, args.hidden, seed))
+        step = single_step(make_sacn(args.n, args.hidden, seed, matmul_dtype=mdtype))
         batches = [make_batch(args.batch) for _ in range(4)]
     else:
         step = PopulationUpdate(
-            [make_sacn(args.n, args.hidden, seed + s) for s in range(agents)],
+            [make_sacn(args.n, args.hidden, seed + s, matmul_dtype=mdtype) for s in range(agents)],
             randomness="different",
         )
         batches = [torch.stack([make_batch(args.batch) for _ in range(agents)]) for _ in range(4)]
@@ -356,21 +363,26 @@ def aggregate(args, cores: int) -> dict[str, float]:
     the configurations run one after another, each alone on the machine.
     """
     k = args.agents
-    configs = {
-        f"population, 1 process x {k} agents x {cores} threads": [(k, cores)],
-        f"population, {cores} processes x {k // cores} agents x 1 thread": [(k // cores, 1)]
-        * cores,
-        f"{k} single-agent processes x 1 thread": [(1, 1)] * k,
-    }
-    if k % cores:
-        del configs[next(name for name in configs if name.startswith(f"population, {cores} "))]
+    configs = {}
+    for mdtype, tag in [(None, "")] + ([(torch.bfloat16, ", bf16")] if args.bf16 else []):
+        configs[f"population, 1 process x {k} agents x {cores} threads{tag}"] = (
+            [(k, cores)],
+            mdtype,
+        )
+        if k % cores == 0:
+            configs[f"population, {cores} processes x {k // cores} agents x 1 thread{tag}"] = (
+                [(k // cores, 1)] * cores,
+                mdtype,
+            )
+        configs[f"{k} single-agent processes x 1 thread{tag}"] = ([(1, 1)] * k, mdtype)
     ctx = mp.get_context("spawn")
     stop = ctx.Value("i", 0)
     groups = {}
-    for name, specs in configs.items():
+    for name, (specs, mdtype) in configs.items():
         barrier, results = ctx.Barrier(len(specs) + 1), ctx.Queue()
         procs = [
-            ctx.Process(target=_worker, args=(args, a, t, barrier, stop, results)) for a, t in specs
+            ctx.Process(target=_worker, args=(args, a, t, mdtype, barrier, stop, results))
+            for a, t in specs
         ]
         for p in procs:
             p.start()
@@ -571,10 +583,14 @@ def main() -> None:
             f"{args.rounds} rounds x {args.updates} updates (time until the last process ends):"
         )
         for name, rate in rates.items():
-            print(f"  {name:52s} {rate:8.2f}")
-        base = rates[list(rates)[-1]]
-        for name, rate in list(rates.items())[:-1]:
-            print(f"  {name.split(',')[1].strip():40s} / single processes: {rate / base:.2f}x")
+            print(f"  {name:58s} {rate:8.2f}")
+        for name, rate in rates.items():
+            if name.startswith("population"):  # against the single processes of its dtype
+                tag = ", bf16" if name.endswith(", bf16") else ""
+                base = rates[f"{args.agents} single-agent processes x 1 thread{tag}"]
+                print(
+                    f"  {name.split(',', 1)[1].strip():46s} / single processes: {rate / base:.2f}x"
+                )
 
 
 if __name__ == "__main__":

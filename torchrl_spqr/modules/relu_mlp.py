@@ -22,7 +22,8 @@ for the CPU's memory traffic rather than left to the op-by-op autograd graph:
   faster than PyTorch's CPU kernels for these dtypes, which convert every
   element to float32 and back), the hidden layers' bias is added by the
   product (``baddbmm``), and the hidden weights are cast once per forward and
-  kept for the backward.
+  kept for the backward; in bfloat16, the last layer reads the bfloat16
+  activation directly, with float32 accuracy (:func:`_last_layer_from_bf16`).
 
 Same values and gradients as the op-by-op path, up to float round-off (the
 tests compare them). Under :func:`torch.vmap` (a population of agents,
@@ -215,11 +216,42 @@ def _forward(
             low_weights.append(w)
             h = torch.baddbmm(b.to(mdtype).unsqueeze(-2), h, w.transpose(-1, -2))
             continue
-        if mdtype is not None:  # the output in full precision (Q-values, TD targets)
+        if mdtype is torch.bfloat16:  # the output in full precision (Q-values, TD targets)
+            h = _last_layer_from_bf16(h, w, b)
+            continue
+        if mdtype is not None:  # float16's range is too narrow for _last_layer_from_bf16
             h = h.to(w.dtype)
         # the bias added in place: baddbmm would first copy the expanded bias into the output
         h = torch.bmm(h, w.transpose(-1, -2)).add_(b.unsqueeze(-2))
     return [h, *hidden], low_weights
+
+
+def _last_layer_from_bf16(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``h @ w^T + b`` in ``w``'s dtype from a bfloat16 ``h``, with bfloat16 products only.
+
+    The plain way converts ``h`` (``[N, B, H]``) to float32 first: a pass that
+    writes twice ``h``'s size, then a float32 product that reads it again.
+    Here ``w`` is split into two bfloat16 parts, ``hi + lo`` (``lo`` carries
+    ``w``'s next 8 significant bits), and two bfloat16 products of the
+    ``[hi; lo]`` columns give the result: ``q``, each column's float32 sum
+    rounded to bfloat16, then ``r = h @ [hi; lo]^T - q``, the rounding that
+    ``q`` lost, recovered inside the second product's float32 accumulation
+    (``baddbmm`` with ``beta=-1`` adds ``-q`` before its one rounding). ``q +
+    r`` for both parts, summed in float32, is the float32 result to about
+    ``2^-18`` of the terms' size (a float32 product's own error: about
+    ``2^-22``; a bfloat16 output would be off by ``2^-9``), as the
+    split-precision GEMMs that emulate float32 with bfloat16 do. Two products
+    that read ``h`` in bfloat16 cost less than the conversion alone. The
+    backward does not use this (the last layer's gradients are as before).
+    """
+    hi = w.to(torch.bfloat16)
+    lo = (w - hi.to(w.dtype)).to(torch.bfloat16)
+    w2 = torch.cat([hi, lo], 1).transpose(-1, -2)  # [N, H, 2 out]
+    q = torch.bmm(h, w2)  # each column rounded to bfloat16
+    r = torch.baddbmm(q, h, w2, beta=-1)  # what that rounding lost, rounded once more
+    y = q.to(w.dtype).add_(r.to(w.dtype))
+    out = w.shape[1]
+    return (y[..., :out] + y[..., out:]).add_(b.unsqueeze(-2))
 
 
 class _EnsembleReluMLP(torch.autograd.Function):
