@@ -1,0 +1,73 @@
+"""This folder's runs against the committed runs of the same settings, all read at 30k steps.
+
+Prints, per arm, the evaluation return at 30k steps ("final at 30k") and the
+best evaluation up to 30k, mean +- sd over seeds 0-2, and the per-seed
+differences of the final return against each reference. The reference runs
+went to 50k; only their rows up to 30k are read.
+
+    python benchmarks/learning/hopper_bf16_kernel_30k/compare_at_30k.py
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LEARNING = HERE.parent
+STEP = 30_000
+T95_DF2 = 4.303  # Student-t 97.5% quantile, 2 degrees of freedom (3 seeds)
+ARMS = {  # name -> folder pattern with {s} for the seed
+    "bf16, this kernel, beta 0": HERE / "runs" / "beta0.0_N10_seed{s}",
+    "bf16, this kernel, beta 1 (data pairs)": HERE / "runs" / "beta1.0_N10_seed{s}",
+    "bf16, section 10's kernel, beta 0": LEARNING / "hopper_bf16_50k/bf16/beta0.0_N10_seed{s}",
+    "float32, beta 0": LEARNING / "hopper_bf16_50k/fp32/beta0.0_N10_seed{s}",
+    "float32, beta 1 (data pairs), older code": LEARNING
+    / "hopper_population_50k/data/beta1.0_N10_seed{s}",
+}
+PAIRS = [  # (arm, reference): per-seed differences of the final return
+    ("bf16, this kernel, beta 0", "bf16, section 10's kernel, beta 0"),
+    ("bf16, this kernel, beta 0", "float32, beta 0"),
+    ("bf16, this kernel, beta 1 (data pairs)", "float32, beta 1 (data pairs), older code"),
+    ("bf16, this kernel, beta 1 (data pairs)", "bf16, this kernel, beta 0"),
+]
+
+
+def read(folder: Path) -> tuple[float, float]:
+    """(eval return at STEP, best eval return up to STEP) of one run."""
+    evals = []
+    with open(folder / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["eval_return"] and int(row["frames"]) <= STEP:
+                evals.append((int(row["frames"]), float(row["eval_return"])))
+    last_step, last = max(evals)
+    if last_step != STEP:
+        raise ValueError(f"{folder}: no evaluation at {STEP} steps (last at {last_step})")
+    return last, max(v for _, v in evals)
+
+
+def main() -> None:
+    res = {name: [read(Path(str(p).format(s=s))) for s in range(3)] for name, p in ARMS.items()}
+    print(f"Hopper-v5 SAC-Ens N = 10, seeds 0-2, at {STEP} steps (mean +- sd over seeds)")
+    print("| arm | final at 30k | best up to 30k | per seed, final |")
+    print("|---|---|---|---|")
+    for name, rows in res.items():
+        final, best = [r[0] for r in rows], [r[1] for r in rows]
+        print(
+            f"| {name} | {statistics.mean(final):.1f} +- {statistics.stdev(final):.1f} "
+            f"| {statistics.mean(best):.1f} +- {statistics.stdev(best):.1f} "
+            f"| {', '.join(f'{v:.1f}' for v in final)} |"
+        )
+    print("\nPer-seed differences of the final return at 30k:")
+    for a, b in PAIRS:
+        d = [x[0] - y[0] for x, y in zip(res[a], res[b])]
+        m, half = statistics.mean(d), T95_DF2 * statistics.stdev(d) / 3**0.5
+        print(
+            f"  {a}  minus  {b}: {', '.join(f'{v:+.1f}' for v in d)}; "
+            f"mean {m:+.1f}, 95% t interval [{m - half:.1f}, {m + half:.1f}]"
+        )
+
+
+if __name__ == "__main__":
+    main()
