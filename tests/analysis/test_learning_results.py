@@ -161,3 +161,44 @@ def test_bf16_comparison_in_the_readme_matches_the_runs():
     )
     shown = re.search(r"bfloat16 minus float32 is \+?(-?[\d.]+)", para)
     _matches(shown.group(1), [sum(diffs) / 3])
+
+
+def test_bf16_kernel_check_in_the_readmes_matches_the_runs():
+    """The 30k learning check of the faster bfloat16 kernel: the figures in the README and
+    in its folder's README are those ``compare_at_30k.py`` computes from the committed runs."""
+    import importlib.util
+
+    path = LEARNING / "hopper_bf16_kernel_30k" / "compare_at_30k.py"
+    spec = importlib.util.spec_from_file_location("compare_at_30k", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = {
+        name: [mod.read(Path(str(p).format(s=s))) for s in range(3)] for name, p in mod.ARMS.items()
+    }
+
+    def final(name):
+        return [r[0] for r in res[name]]
+
+    def mean_sd(values):
+        m = sum(values) / len(values)
+        return [m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5]
+
+    beta0, beta1 = "bf16, this kernel, beta 0", "bf16, this kernel, beta 1 (data pairs)"
+    diff_old = [a - b for a, b in zip(final(beta0), final("bf16, section 10's kernel, beta 0"))]
+    diff_fp32 = [a - b for a, b in zip(final(beta0), final("float32, beta 0"))]
+    para = (ROOT / "README.md").read_text().split("With the faster bfloat16 kernel", 1)[1]
+    para = para.split("\n\n", 1)[0]
+    m = re.search(r"final return (\S+) \+- (\S+) at\s+beta 0 and (\S+) \+- (\S+) at beta 1", para)
+    assert m, para
+    _matches(" ".join(m.groups()), mean_sd(final(beta0)) + mean_sd(final(beta1)))
+    m = re.search(r"previous one \(beta 0, at 30k\) is (\S+) .*?minus float32\s+(\S+) ", para, re.S)
+    assert m, para
+    _matches(" ".join(m.groups()), [sum(diff_old) / 3, sum(diff_fp32) / 3])
+    folder = (LEARNING / "hopper_bf16_kernel_30k" / "README.md").read_text()
+    for name, label in [
+        (beta0, "bfloat16, this kernel, beta 0 |"),
+        (beta1, "bfloat16, this kernel, beta 1 (data pairs) |"),
+    ]:
+        row = folder.split(label, 1)[1].split("\n", 1)[0]
+        best = [r[1] for r in res[name]]
+        _matches(row, mean_sd(final(name)) + mean_sd(best) + final(name))

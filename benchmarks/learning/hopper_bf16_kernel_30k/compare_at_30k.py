@@ -19,8 +19,8 @@ LEARNING = HERE.parent
 STEP = 30_000
 T95_DF2 = 4.303  # Student-t 97.5% quantile, 2 degrees of freedom (3 seeds)
 ARMS = {  # name -> folder pattern with {s} for the seed
-    "bf16, this kernel, beta 0": HERE / "runs" / "beta0.0_N10_seed{s}",
-    "bf16, this kernel, beta 1 (data pairs)": HERE / "runs" / "beta1.0_N10_seed{s}",
+    "bf16, this kernel, beta 0": HERE / "arms" / "beta0.0_N10_seed{s}",
+    "bf16, this kernel, beta 1 (data pairs)": HERE / "arms" / "beta1.0_N10_seed{s}",
     "bf16, section 10's kernel, beta 0": LEARNING / "hopper_bf16_50k/bf16/beta0.0_N10_seed{s}",
     "float32, beta 0": LEARNING / "hopper_bf16_50k/fp32/beta0.0_N10_seed{s}",
     "float32, beta 1 (data pairs), older code": LEARNING
