@@ -282,11 +282,19 @@ def breakdown(args, threads: int) -> None:
     products (``[K N, B, H] x [K N, H, H]``, the bulk of the counted work) and the
     largest other operators: what bounds the roofline fraction on this machine.
     """
+    torch.set_num_threads(threads)
+    for mdtype in [None] + ([torch.bfloat16] if args.bf16 else []):
+        _breakdown_one(args, threads, mdtype)
+
+
+def _breakdown_one(args, threads: int, mdtype) -> None:
+    """(e) for one dtype of the critics' hidden products (``None``: float32)."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(threads)
     k, n, h, b = args.agents, args.n, args.hidden, args.batch
-    pop = PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different")
+    pop = PopulationUpdate(
+        [make_sacn(n, h, s, matmul_dtype=mdtype) for s in range(k)], randomness="different"
+    )
     data = [torch.stack([batch_on_device(b) for _ in range(k)]) for _ in range(2)]
     for i in range(3):
         pop(data[i % 2])
@@ -307,13 +315,14 @@ def breakdown(args, threads: int) -> None:
     mm_calls = sum(e.count for e in hidden) / reps
     flops = mm_calls * 2 * k * n * b * h * h
     print(
-        f"\n[{threads} thread(s)] (e) one population update, K={k} (torch profiler, {reps} "
+        f"\n[{threads} thread(s)] (e) one population update, K={k}"
+        f"{', bf16 products' if mdtype is not None else ''} (torch profiler, {reps} "
         f"updates): {total:.1f} ms; hidden-layer products {mm_calls:.0f} per update, "
         f"{mm_ms:.1f} ms ({100 * mm_ms / total:.0f}%) at {flops / mm_ms / 1e6:.1f} GFLOP/s"
     )
     others = sorted(
         (e for e in events if e not in hidden), key=lambda e: e.self_cpu_time_total, reverse=True
-    )[:6]
+    )[:8]
     for e in others:
         ms = e.self_cpu_time_total / reps / 1e3
         shapes = ", ".join(str(list(s)) for s in e.input_shapes if s)[:60]
