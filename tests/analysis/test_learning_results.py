@@ -8,6 +8,7 @@ run) and must match to the digits shown; so must the committed effects table.
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -180,8 +181,7 @@ def test_bf16_kernel_check_in_the_readmes_matches_the_runs():
         return [r[0] for r in res[name]]
 
     def mean_sd(values):
-        m = sum(values) / len(values)
-        return [m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5]
+        return [statistics.mean(values), statistics.stdev(values)]
 
     beta0, beta1 = "bf16, this kernel, beta 0", "bf16, this kernel, beta 1 (data pairs)"
     diff_old = [a - b for a, b in zip(final(beta0), final("bf16, section 10's kernel, beta 0"))]

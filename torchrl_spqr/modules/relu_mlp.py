@@ -149,6 +149,12 @@ def _with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
 
 
+#: ``-inf``'s bits as ``int16``, for the ReLU on the bits of the 16-bit float dtypes.
+_NEG_INF_BITS = {
+    dt: int(torch.tensor(-math.inf, dtype=dt).view(torch.int16)) for dt in MATMUL_DTYPES
+}
+
+
 def _relu_(h: Tensor) -> Tensor:
     """``relu`` in place; in a 16-bit float dtype, through the bits' ``int16`` view.
 
@@ -180,12 +186,6 @@ def _relu_backward_(g: Tensor, h: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g)
 
 
-#: ``-inf``'s bits as ``int16``, for the ReLU on the bits of the 16-bit float dtypes.
-_NEG_INF_BITS = {
-    dt: int(torch.tensor(-math.inf, dtype=dt).view(torch.int16)) for dt in MATMUL_DTYPES
-}
-
-
 def _forward(
     x: Tensor, weights: list[Tensor], biases: list[Tensor], mdtype: torch.dtype | None
 ) -> tuple[list[Tensor], list[Tensor]]:
@@ -215,14 +215,13 @@ def _forward(
             w = w.to(mdtype)
             low_weights.append(w)
             h = torch.baddbmm(b.to(mdtype).unsqueeze(-2), h, w.transpose(-1, -2))
-            continue
-        if mdtype is torch.bfloat16:  # the output in full precision (Q-values, TD targets)
+        elif mdtype is torch.bfloat16:  # the output in full precision (Q-values, TD targets)
             h = _last_layer_from_bf16(h, w, b)
-            continue
-        if mdtype is not None:  # float16's range is too narrow for _last_layer_from_bf16
-            h = h.to(w.dtype)
-        # the bias added in place: baddbmm would first copy the expanded bias into the output
-        h = torch.bmm(h, w.transpose(-1, -2)).add_(b.unsqueeze(-2))
+        else:
+            if mdtype is not None:  # float16's range is too narrow for _last_layer_from_bf16
+                h = h.to(w.dtype)
+            # the bias added in place: baddbmm would first copy the expanded bias into the output
+            h = torch.bmm(h, w.transpose(-1, -2)).add_(b.unsqueeze(-2))
     return [h, *hidden], low_weights
 
 

@@ -10,14 +10,15 @@ went to 50k; only their rows up to 30k are read.
 
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
+
+from torchrl_spqr.analysis import mean_ci, read_metrics
+from torchrl_spqr.analysis.runs import series
 
 HERE = Path(__file__).resolve().parent
 LEARNING = HERE.parent
 STEP = 30_000
-T95_DF2 = 4.303  # Student-t 97.5% quantile, 2 degrees of freedom (3 seeds)
 ARMS = {  # name -> folder pattern with {s} for the seed
     "bf16, this kernel, beta 0": HERE / "arms" / "beta0.0_N10_seed{s}",
     "bf16, this kernel, beta 1 (data pairs)": HERE / "arms" / "beta1.0_N10_seed{s}",
@@ -36,11 +37,7 @@ PAIRS = [  # (arm, reference): per-seed differences of the final return
 
 def read(folder: Path) -> tuple[float, float]:
     """(eval return at STEP, best eval return up to STEP) of one run."""
-    evals = []
-    with open(folder / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["eval_return"] and int(row["frames"]) <= STEP:
-                evals.append((int(row["frames"]), float(row["eval_return"])))
+    evals = [(s, v) for s, v in zip(*series(read_metrics(folder), "eval_return")) if s <= STEP]
     last_step, last = max(evals)
     if last_step != STEP:
         raise ValueError(f"{folder}: no evaluation at {STEP} steps (last at {last_step})")
@@ -62,10 +59,10 @@ def main() -> None:
     print("\nPer-seed differences of the final return at 30k:")
     for a, b in PAIRS:
         d = [x[0] - y[0] for x, y in zip(res[a], res[b])]
-        m, half = statistics.mean(d), T95_DF2 * statistics.stdev(d) / 3**0.5
+        m, lo, hi = (float(x[0]) for x in mean_ci(d))
         print(
             f"  {a}  minus  {b}: {', '.join(f'{v:+.1f}' for v in d)}; "
-            f"mean {m:+.1f}, 95% t interval [{m - half:.1f}, {m + half:.1f}]"
+            f"mean {m:+.1f}, 95% t interval [{lo:.1f}, {hi:.1f}]"
         )
 
 
