@@ -1,7 +1,8 @@
 """This folder's runs against the committed runs of the same settings, all read at 30k steps.
 
 Prints, per arm, the evaluation return at 30k steps ("final at 30k") and the
-best evaluation up to 30k, mean +- sd over seeds 0-2, and the per-seed
+best evaluation up to 30k, mean +- sd over seeds 0-2; the training speed of
+each process (steps/s over its logged intervals); and the per-seed
 differences of the final return against each reference. The reference runs
 went to 50k; only their rows up to 30k are read.
 
@@ -27,6 +28,12 @@ ARMS = {  # name -> folder pattern with {s} for the seed
     "float32, beta 1 (data pairs), older code": LEARNING
     / "hopper_population_50k/data/beta1.0_N10_seed{s}",
 }
+SPEED = {  # name -> seed-0 folder of each process (its metrics.csv carries the process's wall time)
+    "this kernel, beta 0": HERE / "arms" / "beta0.0_N10_seed0",
+    "this kernel, beta 1": HERE / "arms" / "beta1.0_N10_seed0",
+    "section 10's kernel (bf16)": LEARNING / "hopper_bf16_50k/bf16/beta0.0_N10_seed0",
+    "float32": LEARNING / "hopper_bf16_50k/fp32/beta0.0_N10_seed0",
+}
 PAIRS = [  # (arm, reference): per-seed differences of the final return
     ("bf16, this kernel, beta 0", "bf16, section 10's kernel, beta 0"),
     ("bf16, this kernel, beta 0", "float32, beta 0"),
@@ -44,6 +51,13 @@ def read(folder: Path) -> tuple[float, float]:
     return last, max(v for _, v in evals)
 
 
+def interval_rates(folder: Path) -> list[float]:
+    """Steps per second of each logged interval between 5k steps (updates start) and STEP."""
+    steps, times = series(read_metrics(folder), "time_s")
+    pts = [(s, t) for s, t in zip(steps, times) if 5_000 <= s <= STEP]
+    return [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in zip(pts, pts[1:])]
+
+
 def main() -> None:
     res = {name: [read(Path(str(p).format(s=s))) for s in range(3)] for name, p in ARMS.items()}
     print(f"Hopper-v5 SAC-Ens N = 10, seeds 0-2, at {STEP} steps (mean +- sd over seeds)")
@@ -56,6 +70,14 @@ def main() -> None:
             f"| {statistics.mean(best):.1f} +- {statistics.stdev(best):.1f} "
             f"| {', '.join(f'{v:.1f}' for v in final)} |"
         )
+    print(
+        "\nTraining speed (environment steps and evaluations included; each process shared "
+        "the machine with another, and with other work at times): steps/s per logged "
+        "interval, 5k to 30k steps"
+    )
+    for name, folder in SPEED.items():
+        rates = interval_rates(folder)
+        print(f"  {name}: fastest {max(rates):.2f}, median {statistics.median(rates):.2f}")
     print("\nPer-seed differences of the final return at 30k:")
     for a, b in PAIRS:
         d = [x[0] - y[0] for x, y in zip(res[a], res[b])]
