@@ -22,7 +22,12 @@ scripts do). The roofline column counts the float32-equivalent work
 (``bench_population.py``'s formula) against the float32 ``bmm`` peak measured
 in the same run: a speed ratio for the bfloat16 rows, not an efficiency.
 
-    python benchmarks/bench_bf16_kernel.py --rounds 9 --inner 3
+With ``--ops``, first the passes themselves: the ReLU and its backward on a
+``[60, 256, 256]`` bfloat16 tensor, PyTorch's kernels against the bit
+kernel's, each over a rotation of 24 tensors (about 380 MB, so that the
+operands come from memory as in an update), medians of the per-call time.
+
+    python benchmarks/bench_bf16_kernel.py --rounds 9 --inner 3 --ops
 """
 
 from __future__ import annotations
@@ -80,6 +85,35 @@ def with_parts_off(fn: Callable, off: list[str]) -> Callable:
     return step
 
 
+def op_passes(threads: int, rounds: int) -> None:
+    """``--ops``: PyTorch's bfloat16 ReLU passes against the bit kernel's, side by side."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    h = [torch.randn(60, 256, 256, generator=gen).to(torch.bfloat16) for _ in range(24)]
+    g = [torch.randn(60, 256, 256, generator=gen).to(torch.bfloat16) for _ in range(24)]
+    passes = {
+        "ReLU, torch.relu_": lambda i: plain_relu_(h[i]),
+        "ReLU, bit kernel": lambda i: relu_mlp._relu_(h[i]),
+        "ReLU backward, threshold_backward": lambda i: plain_relu_backward_(g[i], h[i - 1]),
+        "ReLU backward, bit kernel": lambda i: relu_mlp._relu_backward_(g[i], h[i - 1]),
+    }
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(rounds):
+        for name, f in passes.items():
+            for i in range(len(h)):
+                t0 = time.perf_counter()
+                f(i)
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"\n[{threads} thread(s)] one pass over [60, 256, 256] bfloat16 (median ms per call)")
+    for plain, bits in [(0, 1), (2, 3)]:
+        a, b = list(med)[plain], list(med)[bits]
+        print(
+            f"  {a:36s} {1e3 * med[a]:6.2f}   {b:28s} {1e3 * med[b]:6.2f}   "
+            f"bit kernel {med[a] / med[b]:.1f}x faster"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,6 +122,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--inner", type=int, default=3, help="updates per variant and round")
+    p.add_argument("--ops", action="store_true", help="first, the ReLU passes alone")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     if not retain_freed_memory():
@@ -98,6 +133,9 @@ def main() -> None:
         f"torch {torch.__version__}; K={k} population update, N={n}, {h}x{h}, batch {b}; "
         f"{args.rounds} rounds x {args.inner} updates, round-robin, medians"
     )
+    if args.ops:
+        for threads in args.threads:
+            op_passes(threads, args.rounds)
     bf = torch.bfloat16
     for threads in args.threads:
         torch.set_num_threads(threads)
