@@ -46,6 +46,16 @@ Everything is measured side by side in one run (round-robin, medians):
     single agent and population (and their bf16 versions with ``--bf16``) alone
     in its turn, round-robin. ``--retain-freed-memory`` applies the setting to
     (a)-(c) as well.
+(h) with ``--overhead``: how far 2 threads can take an update, from two
+    measurements side by side: each update at full size and the same update
+    with hidden width and batch 8 (the same operators, almost no arithmetic:
+    its time is the update's fixed cost, Python, dispatch and the operators'
+    own overheads), both on 1 and on 2 threads. If everything but the fixed
+    cost scaled perfectly, 2 threads would take ``F2 + (T1 - F1) / 2``
+    (``T``: full size, ``F``: fixed cost, by thread count); the script prints
+    that bound's roofline fraction next to the measured one, and the fixed
+    cost an update could have at most for issue 19's 2-thread targets
+    (65% single agent, 80% population) under perfect scaling.
 
     python benchmarks/bench_population.py --rounds 5 --inner 2 --updates 4 --spqr --breakdown
     python benchmarks/bench_population.py --device cuda --threads 1 --agents 8 --compile --cudagraphs
@@ -272,6 +282,100 @@ def roofline(args, threads: int) -> tuple[float, dict[str, float], dict[str, int
         {name: statistics.median(t) for name, t in times.items()},
         {name: k for name, (_, k) in variants.items()},
         statistics.median(bf16_peaks) if bf16_peaks else float("nan"),
+    )
+
+
+#: Hidden width and batch of the (h) fixed-cost copies of an update.
+TINY = 8
+
+
+def overhead_variants(args) -> dict[str, tuple[Callable, Callable, int, float]]:
+    """(h): name -> (full-size update, the same at ``TINY`` sizes, agents, 2-thread target)."""
+    n, h, k = args.n, args.hidden, args.agents
+    out = {}
+    for mdtype in [None] + ([torch.bfloat16] if args.bf16 else []):
+        tag = ", bf16 products" if mdtype is not None else ""
+
+        def pop(width: int, mdtype=mdtype) -> PopulationUpdate:
+            return PopulationUpdate(
+                [make_sacn(n, width, s, matmul_dtype=mdtype) for s in range(k)],
+                randomness="different",
+            )
+
+        out[f"SACNLoss({n}), single agent{tag}"] = (
+            single_step(make_sacn(n, h, 0, matmul_dtype=mdtype)),
+            single_step(make_sacn(n, TINY, 0, matmul_dtype=mdtype)),
+            1,
+            0.65,
+        )
+        out[f"population K={k}{tag}"] = (pop(h), pop(TINY), k, 0.80)
+    return out
+
+
+def overhead(args) -> None:
+    """(h): the fixed cost of each update and the 2-thread roofline fraction it allows."""
+    n, h, b = args.n, args.hidden, args.batch
+    variants = overhead_variants(args)
+    work = update_flops(n, h, b)
+
+    def batches(size: int, agents: int) -> list[TensorDict]:
+        if agents == 1:
+            return [batch_on_device(size) for _ in range(4)]
+        return [torch.stack([batch_on_device(size) for _ in range(agents)]) for _ in range(4)]
+
+    data = {
+        (name, full): batches(b if full else TINY, v[2])
+        for name, v in variants.items()
+        for full in (True, False)
+    }
+    threads = (1, 2)
+    times = {(name, full, t): [] for name in variants for full in (True, False) for t in threads}
+    peaks = {t: [] for t in threads}
+    for t in threads:  # warm-up on both thread counts
+        torch.set_num_threads(t)
+        for name, (fn_full, fn_tiny, _, _) in variants.items():
+            for i in range(2):
+                fn_full(data[name, True][i])
+                fn_tiny(data[name, False][i])
+    for r in range(args.rounds):
+        for t in threads:
+            torch.set_num_threads(t)
+            peaks[t].append(bmm_peak(3))
+            for name, (fn_full, fn_tiny, _, _) in variants.items():
+                for full, fn in ((True, fn_full), (False, fn_tiny)):
+                    reps = args.inner if full else 4 * args.inner
+                    batch = data[name, full]
+                    t0 = time.perf_counter()
+                    for i in range(reps):
+                        fn(batch[(r + i) % 4])
+                    times[name, full, t].append((time.perf_counter() - t0) / reps)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    peak = {t: statistics.median(v) for t, v in peaks.items()}
+    print(
+        f"\n(h) fixed cost: each update at full size (T) and with hidden width and batch "
+        f"{TINY} (F: the same operators, almost no arithmetic), {args.rounds} rounds, "
+        f"medians; fp32 bmm peak {peak[1]:.1f} (1 thread) and {peak[2]:.1f} GFLOP/s (2 threads)"
+    )
+    print(
+        f"  {'update':38s} {'T1 ms':>7s} {'F1 ms':>6s} {'T2 ms':>7s} {'F2 ms':>6s} "
+        f"{'rest 1->2':>9s} {'2 threads':>9s} {'bound':>6s} {'target':>6s} {'F2 max':>7s}"
+    )
+    for name, (_, _, agents, target) in variants.items():
+        t1, f1 = med[name, True, 1], med[name, False, 1]
+        t2, f2 = med[name, True, 2], med[name, False, 2]
+        flops = agents * work
+        bound = f2 + (t1 - f1) / 2  # everything but the fixed cost scaling perfectly
+        f2_max = flops / (target * peak[2] * 1e9) - (t1 - f1) / 2
+        print(
+            f"  {name:38s} {1e3 * t1:7.2f} {1e3 * f1:6.2f} {1e3 * t2:7.2f} {1e3 * f2:6.2f} "
+            f"{(t1 - f1) / (t2 - f2):8.2f}x {100 * flops / t2 / (peak[2] * 1e9):8.1f}% "
+            f"{100 * flops / bound / (peak[2] * 1e9):5.1f}% {100 * target:5.0f}% "
+            f"{1e3 * f2_max:7.2f}"
+        )
+    print(
+        "  rest 1->2: (T1 - F1) / (T2 - F2), how the update's arithmetic scaled; 2 threads: "
+        "the measured roofline fraction; bound: with F2 + (T1 - F1) / 2; F2 max: the largest "
+        "fixed cost that the target allows under that perfect scaling (ms)"
     )
 
 
@@ -516,6 +620,9 @@ def main() -> None:
         "--breakdown", action="store_true", help="(e): where a population update's time goes"
     )
     p.add_argument("--only-aggregate", action="store_true", help="only (d)")
+    p.add_argument(
+        "--overhead", action="store_true", help="only (h): fixed cost and the 2-thread bound"
+    )
     p.add_argument("--bf16", action="store_true", help="(f): bfloat16 hidden products too")
     p.add_argument("--only-malloc", action="store_true", help="only (g) (implies --malloc)")
     p.add_argument(
@@ -551,6 +658,9 @@ def main() -> None:
         f"actor {mlp_flops([OBS, args.hidden, args.hidden, 2 * ACT])} FLOP/sample)"
     )
     args.malloc = args.malloc or args.only_malloc
+    if args.overhead:
+        overhead(args)
+        return
     for threads in [] if args.only_aggregate or args.only_malloc else args.threads:
         peak, meds, agents, bf16_peak = roofline(args, threads)
         print(f"\n[{threads} thread(s)] (a) fp32 bmm peak: {peak:.1f} GFLOP/s")

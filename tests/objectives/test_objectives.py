@@ -16,6 +16,7 @@ from torchrl_spqr.objectives import (
     SACNLoss,
     mbpo_target_entropy,
 )
+from torchrl_spqr.objectives.common import ARGMIN_MIN_MEMBERS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -476,16 +477,43 @@ def test_batched_select_equals_chosen_members(n):
         bq.select(params, [x], torch.zeros(5, dtype=torch.long))
 
 
-@pytest.mark.parametrize("n", [2, 10, 50])
-def test_min_q_argmin_path_matches_full_min(n):
-    """The actor's min over members: arg-min-only backward gives the full path's value and grads."""
+def _argmin_spread_setup(n: int, mdtype=None):
+    """A loss whose critics' arg-min spreads over the members (zero biases: at
+    initialisation one member's bias would be the min of most rows, and the arg-min
+    path would fall back to the plain min), an action with grad, and its inputs."""
     torch.manual_seed(n)
     loss = SACNLoss(make_actor(), make_ensemble(n))
+    loss.critic_matmul_dtype = mdtype
+    with torch.no_grad():
+        for key, value in loss.qvalue_network_params.items(True, True):
+            if key[-1] == "bias":
+                value.zero_()
+    loss.target_qvalue_network_params.data.update_(loss.qvalue_network_params.data)
     data = make_batch(64)
     action = (torch.rand(64, N_ACT) * 2 - 1).requires_grad_(True)
-    td = loss._q_in(data, action)
-    params = loss._detached_qvalue_params
+    td, params = loss._q_in(data, action), loss._detached_qvalue_params
+    with torch.no_grad():
+        index = loss._q(td, params).min(0).indices
+    assert 2 * int(torch.bincount(index, minlength=n).max()) <= 64, "rows concentrate"
+    return loss, data, action, td, params
+
+
+def _count_select(monkeypatch, loss) -> list:
+    calls = []
+    cls = type(loss._batched_q)
+    real = cls.select
+    monkeypatch.setattr(cls, "select", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("n", [10, ARGMIN_MIN_MEMBERS, 50])
+def test_min_q_argmin_path_matches_full_min(n, monkeypatch):
+    """The actor's min over members: arg-min-only backward gives the full path's value and grads."""
+    loss, data, action, td, params = _argmin_spread_setup(n)
+    loss.min_q_path = "argmin"  # the default takes it from ARGMIN_MIN_MEMBERS members on
+    calls = _count_select(monkeypatch, loss)
     fast = loss._min_q(td, params)
+    assert calls, "the arg-min path was not taken"
     slow = loss._q(td, params).min(0).values
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
     (g_fast,) = torch.autograd.grad(fast.sum(), action)
@@ -496,6 +524,7 @@ def test_min_q_argmin_path_matches_full_min(n):
     ref.load_state_dict(loss.state_dict())
     ref._batched_q = None
     outs, grads = [], []
+    calls.clear()
     for mod in (loss, ref):
         torch.manual_seed(1)
         o = mod(data)
@@ -503,9 +532,38 @@ def test_min_q_argmin_path_matches_full_min(n):
         grads.append(
             torch.autograd.grad(o["loss_actor"], list(mod.actor_network_params.values(True, True)))
         )
+    assert calls, "the loss's actor pass did not take the arg-min path"
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "n, mdtype, argmin",
+    [
+        (10, None, False),
+        (ARGMIN_MIN_MEMBERS - 1, None, False),
+        (ARGMIN_MIN_MEMBERS, None, True),
+        (ARGMIN_MIN_MEMBERS, torch.bfloat16, False),
+    ],
+)
+def test_min_q_auto_path_follows_the_measured_rule(n, mdtype, argmin, monkeypatch):
+    """``min_q_path="auto"`` takes the arg-min path with full-precision products and at
+    least ARGMIN_MIN_MEMBERS members only (bench_min_q.py); "argmin"/"full" force a path,
+    and any other value is refused by name."""
+    loss, _, _, td, params = _argmin_spread_setup(n, mdtype)
+    calls = _count_select(monkeypatch, loss)
+    assert loss.min_q_path == "auto"
+    loss._min_q(td, params)
+    assert bool(calls) == argmin
+    for forced in ("argmin", "full"):
+        calls.clear()
+        loss.min_q_path = forced
+        loss._min_q(td, params)
+        assert bool(calls) == (forced == "argmin"), forced
+    loss.min_q_path = "fast"
+    with pytest.raises(ValueError, match="min_q_path must be 'auto', 'argmin' or 'full'"):
+        loss._min_q(td, params)
 
 
 def test_min_q_traces_as_one_graph_under_compile():
