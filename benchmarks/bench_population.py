@@ -188,6 +188,14 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
         variants[f"population K={k} + SPQR (beta 0/1)"] = (pop_spqr, k)
     if args.bf16:
         variants.update(bf16_variants(args, fast))
+    if args.compile or args.cudagraphs:  # the same populations eager, side by side
+        for mdtype in [None] + ([torch.bfloat16] if args.bf16 else []):
+            tag = ", bf16 products" if mdtype is not None else ""
+            eager = PopulationUpdate(
+                [make_sacn(n, h, s, matmul_dtype=mdtype) for s in range(k)],
+                randomness="different",
+            )
+            variants[f"population K={k}{tag}, eager"] = (eager, k)
     return variants
 
 
@@ -357,7 +365,7 @@ def overhead(args) -> None:
         f"medians; fp32 bmm peak {peak[1]:.1f} (1 thread) and {peak[2]:.1f} GFLOP/s (2 threads)"
     )
     print(
-        f"  {'update':38s} {'T1 ms':>7s} {'F1 ms':>6s} {'T2 ms':>7s} {'F2 ms':>6s} "
+        f"  {'update':44s} {'T1 ms':>7s} {'F1 ms':>6s} {'T2 ms':>7s} {'F2 ms':>6s} "
         f"{'rest 1->2':>9s} {'2 threads':>9s} {'bound':>6s} {'target':>6s} {'F2 max':>7s}"
     )
     for name, (_, _, agents, target) in variants.items():
@@ -367,7 +375,7 @@ def overhead(args) -> None:
         bound = f2 + (t1 - f1) / 2  # everything but the fixed cost scaling perfectly
         f2_max = flops / (target * peak[2] * 1e9) - (t1 - f1) / 2
         print(
-            f"  {name:38s} {1e3 * t1:7.2f} {1e3 * f1:6.2f} {1e3 * t2:7.2f} {1e3 * f2:6.2f} "
+            f"  {name:44s} {1e3 * t1:7.2f} {1e3 * f1:6.2f} {1e3 * t2:7.2f} {1e3 * f2:6.2f} "
             f"{(t1 - f1) / (t2 - f2):8.2f}x {100 * flops / t2 / (peak[2] * 1e9):8.1f}% "
             f"{100 * flops / bound / (peak[2] * 1e9):5.1f}% {100 * target:5.0f}% "
             f"{1e3 * f2_max:7.2f}"
