@@ -566,6 +566,22 @@ def test_min_q_auto_path_follows_the_measured_rule(n, mdtype, argmin, monkeypatc
         loss._min_q(td, params)
 
 
+def test_spqr_loss_sets_the_wrapped_losses_min_q_path():
+    """``SPQRLoss(...).min_q_path = ...`` reaches the wrapped loss (a plain attribute on the
+    wrapper would do nothing); around a TorchRL loss it is refused by name."""
+    from torchrl.objectives import SACLoss
+
+    base = SACNLoss(make_actor(), make_ensemble(3))
+    spqr = SPQRLoss(base, beta=1.0, pairs="data", diagnostics_interval=0)
+    assert spqr.min_q_path == "auto"
+    spqr.min_q_path = "argmin"
+    assert base.min_q_path == "argmin" and "min_q_path" not in spqr.__dict__
+    torchrl_sac = SACLoss(make_actor(), make_ensemble(3).members(), num_qvalue_nets=3)
+    wrapped = SPQRLoss(torchrl_sac, beta=1.0, pairs="data", diagnostics_interval=0)
+    with pytest.raises(AttributeError, match="min_q_path: the wrapped SACLoss has no such"):
+        wrapped.min_q_path = "full"
+
+
 def test_min_q_traces_as_one_graph_under_compile():
     """Under torch.compile the actor's min takes the plain path: no data-dependent group
     sizes, so the min traces without a graph break (fullgraph=True) and gives the same

@@ -70,11 +70,23 @@ class LossWrapper(LossModule):
     def critic_matmul_dtype(self, value) -> None:
         self._critic_precision_owner().critic_matmul_dtype = value
 
-    def _critic_precision_owner(self) -> LossModule:
+    @property
+    def min_q_path(self) -> str:
+        """The wrapped loss's :attr:`~torchrl_spqr.objectives.common.EnsembleLossBase.min_q_path`.
+
+        Set here, it is set on the wrapped loss, as :attr:`critic_matmul_dtype` is.
+        """
+        return self._critic_precision_owner("min_q_path").min_q_path
+
+    @min_q_path.setter
+    def min_q_path(self, value: str) -> None:
+        self._critic_precision_owner("min_q_path").min_q_path = value
+
+    def _critic_precision_owner(self, setting: str = "critic_matmul_dtype") -> LossModule:
         base = self._modules.get("loss_module")
-        if base is None or not hasattr(type(base), "critic_matmul_dtype"):
+        if base is None or not hasattr(type(base), setting):
             raise AttributeError(
-                f"critic_matmul_dtype: the wrapped {type(base).__name__} has no such setting "
+                f"{setting}: the wrapped {type(base).__name__} has no such setting "
                 "(only the package's ensemble losses: SACNLoss, ReferenceREDQLoss, EDACLoss, "
                 "CQLNLoss)."
             )
