@@ -33,16 +33,17 @@ import warnings
 import torch
 from bench_population import batch_on_device, make_sacn, single_step
 
-from torchrl_spqr.objectives.common import ARGMIN_MIN_MEMBERS
+from torchrl_spqr.objectives.min_q import ARGMIN_MIN_MEMBERS
 from torchrl_spqr.training.malloc import retain_freed_memory
 
 PATHS = ("argmin", "full")
 
 
-def measure(n: int, mdtype, threads: int, args) -> dict[str, float]:
-    """Median ms per update of each path, alternating."""
+def measure(n: int, mdtype, threads: int, args) -> tuple[dict[str, float], str]:
+    """Median ms per update of each path, alternating; the path ``"auto"`` picks."""
     torch.set_num_threads(threads)
     loss = make_sacn(n, args.hidden, 0, matmul_dtype=mdtype)
+    auto = "argmin" if loss._argmin_path_chosen(n) else "full"
     step = single_step(loss)
     data = [batch_on_device(args.batch) for _ in range(4)]
     times: dict[str, list[float]] = {p: [] for p in PATHS}
@@ -58,12 +59,7 @@ def measure(n: int, mdtype, threads: int, args) -> dict[str, float]:
                 step(data[(r + i) % 4])
             times[path].append((time.perf_counter() - t0) / args.inner * 1e3)
     loss.min_q_path = "auto"
-    return {p: statistics.median(t) for p, t in times.items()}
-
-
-def auto_choice(n: int, mdtype) -> str:
-    """The path ``min_q_path="auto"`` takes for these critics (see ``_min_q``)."""
-    return "argmin" if mdtype is None and n >= ARGMIN_MIN_MEMBERS else "full"
+    return {p: statistics.median(t) for p, t in times.items()}, auto
 
 
 def main() -> None:
@@ -92,8 +88,7 @@ def main() -> None:
     for mdtype in (None, torch.bfloat16):
         for n in args.ensemble_sizes:
             for threads in args.threads:
-                med = measure(n, mdtype, threads, args)
-                choice = auto_choice(n, mdtype)
+                med, choice = measure(n, mdtype, threads, args)
                 best = min(med, key=med.get)
                 verdict = "faster" if choice == best else "slower"
                 print(

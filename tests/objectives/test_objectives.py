@@ -16,7 +16,7 @@ from torchrl_spqr.objectives import (
     SACNLoss,
     mbpo_target_entropy,
 )
-from torchrl_spqr.objectives.common import ARGMIN_MIN_MEMBERS
+from torchrl_spqr.objectives.min_q import ARGMIN_MIN_MEMBERS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

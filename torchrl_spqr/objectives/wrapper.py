@@ -72,7 +72,7 @@ class LossWrapper(LossModule):
 
     @property
     def min_q_path(self) -> str:
-        """The wrapped loss's :attr:`~torchrl_spqr.objectives.common.EnsembleLossBase.min_q_path`.
+        """The wrapped loss's :attr:`~torchrl_spqr.objectives.min_q.MinQMixin.min_q_path`.
 
         Set here, it is set on the wrapped loss, as :attr:`critic_matmul_dtype` is.
         """
