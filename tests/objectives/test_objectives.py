@@ -550,7 +550,7 @@ def test_min_q_argmin_path_matches_full_min(n, monkeypatch):
 def test_min_q_auto_path_follows_the_measured_rule(n, mdtype, argmin, monkeypatch):
     """``min_q_path="auto"`` takes the arg-min path with full-precision products and at
     least ARGMIN_MIN_MEMBERS members only (bench_min_q.py); "argmin"/"full" force a path,
-    and any other value is refused by name."""
+    and any other value is refused by name when it is set."""
     loss, _, _, td, params = _argmin_spread_setup(n, mdtype)
     calls = _count_select(monkeypatch, loss)
     assert loss.min_q_path == "auto"
@@ -561,9 +561,9 @@ def test_min_q_auto_path_follows_the_measured_rule(n, mdtype, argmin, monkeypatc
         loss.min_q_path = forced
         loss._min_q(td, params)
         assert bool(calls) == (forced == "argmin"), forced
-    loss.min_q_path = "fast"
     with pytest.raises(ValueError, match="min_q_path must be 'auto', 'argmin' or 'full'"):
-        loss._min_q(td, params)
+        loss.min_q_path = "fast"
+    assert loss.min_q_path == "full"
 
 
 def test_spqr_loss_sets_the_wrapped_losses_min_q_path():

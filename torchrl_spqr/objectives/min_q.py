@@ -26,11 +26,27 @@ ARGMIN_MIN_MEMBERS = 30
 class MinQMixin:
     """Adds :meth:`_min_q` and its switch, :attr:`min_q_path`."""
 
-    #: How the actor loss takes ``min_k Q_k`` (:meth:`_min_q`): ``"auto"`` (default) takes
-    #: the arg-min path where it measured faster (products in the parameters' dtype and at
-    #: least :data:`ARGMIN_MIN_MEMBERS` members: ``benchmarks/bench_min_q.py``); ``"argmin"``
-    #: and ``"full"`` force one path. Both give the same values and gradients.
-    min_q_path: str = "auto"
+    @property
+    def min_q_path(self) -> str:
+        """How the actor loss takes ``min_k Q_k`` (:meth:`_min_q`; ``SACNLoss``,
+        ``EDACLoss``, ``CQLNLoss``).
+
+        ``"auto"`` (default) takes the arg-min path where it measured faster:
+        products in the parameters' dtype and at least :data:`ARGMIN_MIN_MEMBERS`
+        members (``benchmarks/bench_min_q.py``). ``"argmin"`` and ``"full"`` force
+        one path. Both give the same values and gradients. Not part of the
+        state dict.
+
+        Examples:
+            >>> loss.min_q_path = "full"  # doctest: +SKIP
+        """
+        return self.__dict__.get("_min_q_path", "auto")
+
+    @min_q_path.setter
+    def min_q_path(self, value: str) -> None:
+        if value not in ("auto", "argmin", "full"):
+            raise ValueError(f"min_q_path must be 'auto', 'argmin' or 'full', got {value!r}.")
+        self.__dict__["_min_q_path"] = value
 
     def _min_q(self, td: TensorDictBase, params: TensorDictBase) -> Tensor:
         """``min_k Q_k`` at ``td`` with the gradient (to the inputs) of the arg-min member only.
@@ -75,8 +91,6 @@ class MinQMixin:
     def _argmin_path_chosen(self, members: int) -> bool:
         """Whether :attr:`min_q_path` picks the arg-min path for ``members`` batched critics."""
         path = self.min_q_path
-        if path not in ("auto", "argmin", "full"):
-            raise ValueError(f"min_q_path must be 'auto', 'argmin' or 'full', got {path!r}.")
         if path != "auto":
             return path == "argmin"
         return self._batched_q.matmul_dtype is None and members >= ARGMIN_MIN_MEMBERS

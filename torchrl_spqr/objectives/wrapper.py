@@ -64,11 +64,11 @@ class LossWrapper(LossModule):
         Set here, it is set on the wrapped loss (a plain attribute on the wrapper would
         silently do nothing). Only the package's ensemble losses have it.
         """
-        return self._critic_precision_owner().critic_matmul_dtype
+        return self._ensemble_setting_owner().critic_matmul_dtype
 
     @critic_matmul_dtype.setter
     def critic_matmul_dtype(self, value) -> None:
-        self._critic_precision_owner().critic_matmul_dtype = value
+        self._ensemble_setting_owner().critic_matmul_dtype = value
 
     @property
     def min_q_path(self) -> str:
@@ -76,13 +76,13 @@ class LossWrapper(LossModule):
 
         Set here, it is set on the wrapped loss, as :attr:`critic_matmul_dtype` is.
         """
-        return self._critic_precision_owner("min_q_path").min_q_path
+        return self._ensemble_setting_owner("min_q_path").min_q_path
 
     @min_q_path.setter
     def min_q_path(self, value: str) -> None:
-        self._critic_precision_owner("min_q_path").min_q_path = value
+        self._ensemble_setting_owner("min_q_path").min_q_path = value
 
-    def _critic_precision_owner(self, setting: str = "critic_matmul_dtype") -> LossModule:
+    def _ensemble_setting_owner(self, setting: str = "critic_matmul_dtype") -> LossModule:
         base = self._modules.get("loss_module")
         if base is None or not hasattr(type(base), setting):
             raise AttributeError(
