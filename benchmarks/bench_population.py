@@ -629,7 +629,9 @@ def main() -> None:
     )
     p.add_argument("--only-aggregate", action="store_true", help="only (d)")
     p.add_argument(
-        "--overhead", action="store_true", help="only (h): fixed cost and the 2-thread bound"
+        "--overhead",
+        action="store_true",
+        help="only (h): fixed cost and the 2-thread bound (CPU, always 1 and 2 threads)",
     )
     p.add_argument("--bf16", action="store_true", help="(f): bfloat16 hidden products too")
     p.add_argument("--only-malloc", action="store_true", help="only (g) (implies --malloc)")
@@ -667,6 +669,8 @@ def main() -> None:
     )
     args.malloc = args.malloc or args.only_malloc
     if args.overhead:
+        if DEVICE.type != "cpu":
+            p.error("--overhead is a CPU measurement (1 and 2 threads); use --device cpu")
         overhead(args)
         return
     for threads in [] if args.only_aggregate or args.only_malloc else args.threads:
