@@ -202,3 +202,42 @@ def test_bf16_kernel_check_in_the_readmes_matches_the_runs():
         row = folder.split(label, 1)[1].split("\n", 1)[0]
         best = [r[1] for r in res[name]]
         _matches(row, mean_sd(final(name)) + mean_sd(best) + final(name))
+
+
+def test_pooled_bf16_check_in_the_readmes_matches_the_runs():
+    """Seeds 3-5 of the bfloat16 kernel's 30k check and seeds 0-5 pooled: the figures in
+    its README, the learning README and the README are those ``pooled_at_30k.py``
+    computes from the committed runs."""
+    import importlib.util
+
+    folder = LEARNING / "hopper_bf16_kernel_30k_seeds3to5"
+    spec = importlib.util.spec_from_file_location("pooled_at_30k", folder / "pooled_at_30k.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.results()
+    b0, b1 = res["beta 0"], res["beta 1 (data pairs)"]
+    text = (folder / "README.md").read_text()
+    seed_sets = {"3-5": range(3, 6), "0-5": range(6)}
+    for arm, runs in res.items():
+        for label, seeds in seed_sets.items():
+            final = [runs[s][0] for s in seeds]
+            best = [runs[s][1] for s in seeds]
+            row = text.split(f"\n| {arm} | {label} |", 1)[1].split("\n", 1)[0]
+            stats = [statistics.mean(final), statistics.stdev(final)]
+            _matches(row, stats + [statistics.mean(best), statistics.stdev(best)] + final)
+    effect = {}
+    for label, seeds in seed_sets.items():
+        d = [b1[s][0] - b0[s][0] for s in seeds]
+        effect[label] = [float(x[0]) for x in analysis.mean_ci(d)]
+        row = text.split(f"\n| {label} | ", 1)[1].split("\n", 1)[0]
+        _matches(row, d + effect[label])
+    readme = (ROOT / "README.md").read_text()
+    hit = re.search(r"over seeds 0-5: (\S+), 95% t interval (\S+) to (\S+)\s", readme)
+    assert hit, "README: the pooled effect sentence"
+    _matches(" ".join(hit.groups()), effect["0-5"])
+    learning = (LEARNING / "README.md").read_text()
+    hit = re.search(
+        r"seeds 0-5, paired by seed: (\S+), 95% t interval\s+(\S+) to (\S+)\s", learning
+    )
+    assert hit, "benchmarks/learning/README.md: the pooled effect sentence"
+    _matches(" ".join(hit.groups()), effect["0-5"])
