@@ -58,6 +58,15 @@ def interval_rates(folder: Path) -> list[float]:
     return [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in zip(pts, pts[1:])]
 
 
+def paired_line(label: str, diffs: list[float]) -> str:
+    """``label``, the per-seed differences, their mean and its 95% Student-t interval."""
+    m, lo, hi = (float(x[0]) for x in mean_ci(diffs))
+    return (
+        f"  {label}: {', '.join(f'{v:+.1f}' for v in diffs)}; "
+        f"mean {m:+.1f}, 95% t interval [{lo:.1f}, {hi:.1f}]"
+    )
+
+
 def main() -> None:
     res = {name: [read(Path(str(p).format(s=s))) for s in range(3)] for name, p in ARMS.items()}
     print(f"Hopper-v5 SAC-Ens N = 10, seeds 0-2, at {STEP} steps (mean +- sd over seeds)")
@@ -80,12 +89,7 @@ def main() -> None:
         print(f"  {name}: fastest {max(rates):.2f}, median {statistics.median(rates):.2f}")
     print("\nPer-seed differences of the final return at 30k:")
     for a, b in PAIRS:
-        d = [x[0] - y[0] for x, y in zip(res[a], res[b])]
-        m, lo, hi = (float(x[0]) for x in mean_ci(d))
-        print(
-            f"  {a}  minus  {b}: {', '.join(f'{v:+.1f}' for v in d)}; "
-            f"mean {m:+.1f}, 95% t interval [{lo:.1f}, {hi:.1f}]"
-        )
+        print(paired_line(f"{a}  minus  {b}", [x[0] - y[0] for x, y in zip(res[a], res[b])]))
 
 
 if __name__ == "__main__":

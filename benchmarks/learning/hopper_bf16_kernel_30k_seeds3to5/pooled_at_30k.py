@@ -5,18 +5,18 @@ this folder's runs are the same settings with seeds 3-5. Prints, per arm, the
 evaluation return at 30k steps ("final at 30k") and the best evaluation up to
 30k, mean +- sd over seeds 3-5 and over seeds 0-5, and SPQR's effect (beta 1
 minus beta 0, paired by seed) with its 95% Student-t interval, for both seed
-sets. The runs are read with ``compare_at_30k.py``'s ``read``.
+sets. The runs are read, and the differences printed, with ``compare_at_30k.py``'s
+``read`` and ``paired_line``.
 
     python benchmarks/learning/hopper_bf16_kernel_30k_seeds3to5/pooled_at_30k.py
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import statistics
 from pathlib import Path
-
-from torchrl_spqr.analysis import mean_ci
 
 HERE = Path(__file__).resolve().parent
 FIRST = HERE.parent / "hopper_bf16_kernel_30k"
@@ -24,6 +24,7 @@ ARMS = {"beta 0": "beta0.0_N10_seed{s}", "beta 1 (data pairs)": "beta1.0_N10_see
 SEED_SETS = {"seeds 3-5": range(3, 6), "seeds 0-5": range(6)}
 
 
+@functools.cache
 def _compare_module():
     spec = importlib.util.spec_from_file_location("compare_at_30k", FIRST / "compare_at_30k.py")
     mod = importlib.util.module_from_spec(spec)
@@ -56,13 +57,9 @@ def main() -> None:
             )
     print("\nSPQR's effect, beta 1 minus beta 0, final return at 30k, paired by seed:")
     b0, b1 = (res[a] for a in ARMS)
+    paired_line = _compare_module().paired_line
     for label, seeds in SEED_SETS.items():
-        d = [b1[s][0] - b0[s][0] for s in seeds]
-        m, lo, hi = (float(x[0]) for x in mean_ci(d))
-        print(
-            f"  {label}: {', '.join(f'{v:+.1f}' for v in d)}; "
-            f"mean {m:+.1f}, 95% t interval [{lo:.1f}, {hi:.1f}]"
-        )
+        print(paired_line(label, [b1[s][0] - b0[s][0] for s in seeds]))
 
 
 if __name__ == "__main__":
