@@ -19,7 +19,8 @@ from torchrl_spqr import analysis  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 LEARNING = ROOT / "benchmarks" / "learning"
 
-# README setting -> (run folder under benchmarks/learning, arm-name prefix, evaluation key)
+# README setting -> (run folder under benchmarks/learning, or a tuple of folders whose runs
+# are pooled by arm, arm-name prefix, evaluation key)
 SETTINGS = {
     "Hopper-v5, SAC-Ens (UTD 1)": ("hopper_sac_ens_20k", "", "eval_return"),
     "Walker2d-v5, SAC-Ens (UTD 1)": ("walker2d_sac_ens_20k", "", "eval_return"),
@@ -61,6 +62,11 @@ SETTINGS = {
         "",
         "eval_return",
     ),
+    "Hopper-v5, SAC-Ens population, bf16 products, `data` pairs (UTD 1)": (
+        ("hopper_bf16_kernel_30k/arms", "hopper_bf16_kernel_30k_seeds3to5/arms"),
+        "",
+        "eval_return",
+    ),
 }
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -86,8 +92,12 @@ def _matches(cell: str, expected: list[float]) -> None:
         assert float(s) == pytest.approx(round(e, decimals), abs=0.51 * 10**-decimals), (cell, e)
 
 
-def _arms(folder: str, prefix: str) -> dict[int, list[Path]]:
-    """``{0: baseline runs, 1: SPQR runs}`` of the one beta-1 comparison whose arms start so."""
+def _arms(folder: str | tuple[str, ...], prefix: str) -> dict[int, list[Path]]:
+    """``{0: baseline runs, 1: SPQR runs}`` of the one beta-1 comparison whose arms start so
+    (over several folders: each folder's comparison, their runs pooled)."""
+    if isinstance(folder, tuple):
+        parts = [_arms(f, prefix) for f in folder]
+        return {b: [run for part in parts for run in part[b]] for b in (0, 1)}
     groups = analysis.group_runs([LEARNING / folder])
     pairs = [p for p in analysis.effect_pairs(groups) if p[2].startswith(prefix)]
     assert [p[1] for p in pairs] == [1.0], (folder, prefix, sorted(groups))
