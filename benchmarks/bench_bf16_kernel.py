@@ -39,11 +39,15 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from bench_population import batch_on_device, bmm_peak, make_sacn, update_flops
+from bench_population import (
+    batch_on_device,
+    bmm_peak,
+    make_population,
+    update_flops,
+)
 
 import torchrl_spqr.modules.relu_mlp as relu_mlp
 from torchrl_spqr.training.malloc import retain_freed_memory
-from torchrl_spqr.training.population import PopulationUpdate
 
 
 def plain_relu_(h: torch.Tensor) -> torch.Tensor:
@@ -141,10 +145,7 @@ def main() -> None:
         torch.set_num_threads(threads)
 
         def population(mdtype):
-            return PopulationUpdate(
-                [make_sacn(n, h, s, matmul_dtype=mdtype) for s in range(k)],
-                randomness="different",
-            )
+            return make_population(k, n, h, mdtype)
 
         variants = {
             "bf16 kernel as it is": population(bf),

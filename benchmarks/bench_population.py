@@ -136,6 +136,19 @@ def single_step(loss):
     return step
 
 
+def make_population(
+    k: int, n: int, hidden: int, matmul_dtype=None, seed: int = 0, **fast
+) -> PopulationUpdate:
+    """``k`` ``SACNLoss(n)`` agents (seeds ``seed`` to ``seed + k - 1``) as one population."""
+    agents = [make_sacn(n, hidden, seed + s, matmul_dtype=matmul_dtype) for s in range(k)]
+    return PopulationUpdate(agents, randomness="different", **fast)
+
+
+def product_dtypes(args) -> list[torch.dtype | None]:
+    """The critics' hidden-product dtypes measured: float32 (``None``), and bfloat16 with --bf16."""
+    return [None] + ([torch.bfloat16] if args.bf16 else [])
+
+
 def op_by_op(fn: Callable[[TensorDict], object]) -> Callable[[TensorDict], object]:
     """``fn`` with the critics run op by op (``BatchedMLP.use_fused_kernel = False``)."""
 
@@ -172,12 +185,8 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
             1,
         ),
     }
-    pop = PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different", **fast)
-    variants[f"population K={k} SACNLoss({n})"] = (pop, k)
-    pop_plain = PopulationUpdate(
-        [make_sacn(n, h, s) for s in range(k)], randomness="different", **fast
-    )
-    variants[f"population K={k}, op-by-op"] = (op_by_op(pop_plain), k)
+    variants[f"population K={k} SACNLoss({n})"] = (make_population(k, n, h, **fast), k)
+    variants[f"population K={k}, op-by-op"] = (op_by_op(make_population(k, n, h, **fast)), k)
     if args.spqr:
         betas = [float(i % 2) for i in range(k)]
         pop_spqr = PopulationUpdate(
@@ -189,24 +198,16 @@ def make_variants(args) -> dict[str, tuple[Callable[[TensorDict], object], int]]
     if args.bf16:
         variants.update(bf16_variants(args, fast))
     if args.compile or args.cudagraphs:  # the same populations eager, side by side
-        for mdtype in [None] + ([torch.bfloat16] if args.bf16 else []):
+        for mdtype in product_dtypes(args):
             tag = ", bf16 products" if mdtype is not None else ""
-            eager = PopulationUpdate(
-                [make_sacn(n, h, s, matmul_dtype=mdtype) for s in range(k)],
-                randomness="different",
-            )
-            variants[f"population K={k}{tag}, eager"] = (eager, k)
+            variants[f"population K={k}{tag}, eager"] = (make_population(k, n, h, mdtype), k)
     return variants
 
 
 def bf16_variants(args, fast=None) -> dict[str, tuple[Callable[[TensorDict], object], int]]:
     """(f): the single agent and the population with bfloat16 hidden products."""
     n, h, k, bf = args.n, args.hidden, args.agents, torch.bfloat16
-    pop = PopulationUpdate(
-        [make_sacn(n, h, s, matmul_dtype=bf) for s in range(k)],
-        randomness="different",
-        **(fast or {}),
-    )
+    pop = make_population(k, n, h, bf, **(fast or {}))
     return {
         f"SACNLoss({n}), single agent, bf16 products": (
             single_step(make_sacn(n, h, 0, matmul_dtype=bf)),
@@ -301,22 +302,20 @@ def overhead_variants(args) -> dict[str, tuple[Callable, Callable, int, float]]:
     """(h): name -> (full-size update, the same at ``TINY`` sizes, agents, 2-thread target)."""
     n, h, k = args.n, args.hidden, args.agents
     out = {}
-    for mdtype in [None] + ([torch.bfloat16] if args.bf16 else []):
+    for mdtype in product_dtypes(args):
         tag = ", bf16 products" if mdtype is not None else ""
-
-        def pop(width: int, mdtype=mdtype) -> PopulationUpdate:
-            return PopulationUpdate(
-                [make_sacn(n, width, s, matmul_dtype=mdtype) for s in range(k)],
-                randomness="different",
-            )
-
         out[f"SACNLoss({n}), single agent{tag}"] = (
             single_step(make_sacn(n, h, 0, matmul_dtype=mdtype)),
             single_step(make_sacn(n, TINY, 0, matmul_dtype=mdtype)),
             1,
             0.65,
         )
-        out[f"population K={k}{tag}"] = (pop(h), pop(TINY), k, 0.80)
+        out[f"population K={k}{tag}"] = (
+            make_population(k, n, h, mdtype),
+            make_population(k, n, TINY, mdtype),
+            k,
+            0.80,
+        )
     return out
 
 
@@ -395,7 +394,7 @@ def breakdown(args, threads: int) -> None:
     largest other operators: what bounds the roofline fraction on this machine.
     """
     torch.set_num_threads(threads)
-    for mdtype in [None] + ([torch.bfloat16] if args.bf16 else []):
+    for mdtype in product_dtypes(args):
         _breakdown_one(args, threads, mdtype)
 
 
@@ -404,9 +403,7 @@ def _breakdown_one(args, threads: int, mdtype) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     k, n, h, b = args.agents, args.n, args.hidden, args.batch
-    pop = PopulationUpdate(
-        [make_sacn(n, h, s, matmul_dtype=mdtype) for s in range(k)], randomness="different"
-    )
+    pop = make_population(k, n, h, mdtype)
     data = [torch.stack([batch_on_device(b) for _ in range(k)]) for _ in range(2)]
     for i in range(3):
         pop(data[i % 2])
@@ -457,10 +454,7 @@ def _worker(args, agents: int, threads: int, mdtype, barrier, stop, results) -> 
         step = single_step(make_sacn(args.n, args.hidden, seed, matmul_dtype=mdtype))
         batches = [make_batch(args.batch) for _ in range(4)]
     else:
-        step = PopulationUpdate(
-            [make_sacn(args.n, args.hidden, seed + s, matmul_dtype=mdtype) for s in range(agents)],
-            randomness="different",
-        )
+        step = make_population(agents, args.n, args.hidden, mdtype, seed=seed)
         batches = [torch.stack([make_batch(args.batch) for _ in range(agents)]) for _ in range(4)]
     for i in range(2):
         step(batches[i])
@@ -485,7 +479,8 @@ def aggregate(args, cores: int) -> dict[str, float]:
     """
     k = args.agents
     configs = {}
-    for mdtype, tag in [(None, "")] + ([(torch.bfloat16, ", bf16")] if args.bf16 else []):
+    for mdtype in product_dtypes(args):
+        tag = ", bf16" if mdtype is not None else ""
         configs[f"population, 1 process x {k} agents x {cores} threads{tag}"] = (
             [(k, cores)],
             mdtype,
@@ -536,10 +531,7 @@ def _malloc_worker(args, retain: bool, threads: int, barrier, stop, results) -> 
     n, h, k = args.n, args.hidden, args.agents
     variants = {
         f"SACNLoss({n}), single agent": (single_step(make_sacn(n, h, 0)), 1),
-        f"population K={k} SACNLoss({n})": (
-            PopulationUpdate([make_sacn(n, h, s) for s in range(k)], randomness="different"),
-            k,
-        ),
+        f"population K={k} SACNLoss({n})": (make_population(k, n, h), k),
     }
     if args.bf16:
         variants.update(bf16_variants(args))
