@@ -183,6 +183,92 @@ def test_paired_effects_match_a_hand_computation(sweep):
     assert "| N10 | 1 | 2 | 80.0 / 115.0 | +35.0 (+43.8%) [" in md
 
 
+def test_until_reads_every_run_up_to_a_common_step(sweep):
+    groups = analysis.group_runs([sweep])
+    run = sweep / "beta1.0_N10_seed2"
+    assert [r["frames"] for r in analysis.read_metrics(run, until=2000)] == [500, 1000, 1500, 2000]
+    assert len(analysis.read_metrics(run)) == 6
+    # at 2000 (and at 2500: the last evaluation at or before it is still the one at 2000)
+    for until in (2000, 2500):
+        rows = {r["group"]: r for r in analysis.summary_rows(groups, until=until)}
+        a, b = rows["beta1.0_N10"], rows["beta0.0_N10"]
+        assert a["final"] == [50.0, 90.0, 200.0] and a["best"] == [50.0, 90.0, 200.0]
+        assert a["steps"] == [2000.0] * 3 and b["final"] == [40.0, 30.0]
+        (eff,) = analysis.paired_effects(groups, until=until)
+        assert eff["final_diff_mean"] == pytest.approx(35.0)  # (50 - 40 + 90 - 30) / 2
+        assert eff["until"] == until
+    (eff,) = analysis.paired_effects(groups, until=1000)
+    assert eff["final_base"] == pytest.approx(10.0) and eff["final_spqr"] == pytest.approx(15.0)
+    assert "read up to step 1000: final: last evaluation at or before it" in (
+        analysis.effects_table([eff])
+    )
+    assert analysis.paired_effects(groups)[0]["until"] is None
+    assert "best: maximum over the run" in analysis.effects_table(analysis.paired_effects(groups))
+    table = analysis.summary_table(groups, until=2000)
+    line = next(ln for ln in table.splitlines() if ln.startswith("| beta1.0_N10 "))
+    assert (
+        f"| 3 | 2000 | {np.mean([50, 90, 200]):.1f} +- {np.std([50, 90, 200], ddof=1):.1f} |"
+        in (line)
+    )
+
+
+def test_diagnostics_until(tmp_path):
+    rows = _evals([1.0, 2.0, 3.0])
+    for r, kl in zip(rows, (0.5, 0.7, 0.9)):
+        r["spqr_kl"] = kl
+    run = _write_rows(tmp_path / "a_seed0", rows)
+    groups = {"a": [run]}
+    for until, kl in ((None, 0.7), (2000, 0.6), (2999, 0.6), (1000, 0.5)):
+        (row,) = analysis.diagnostics_rows(groups, until=until)
+        assert row["spqr_kl"] == pytest.approx([kl])
+    assert "0.6000" in analysis.diagnostics_table(groups, until=2000)
+
+
+def test_figures_until(sweep, tmp_path, monkeypatch):
+    from torchrl_spqr.analysis import figures
+
+    seen = []
+    monkeypatch.setattr(figures, "_panels", lambda rows, *a, **k: seen.append(rows))
+    groups = analysis.group_runs([sweep])
+    for until, last in ((None, 3000), (2000, 2000)):
+        seen.clear()
+        analysis.plot_learning_curves(groups, tmp_path / "lc", until=until)
+        analysis.plot_diagnostics(groups, tmp_path / "d", until=until)
+        analysis.plot_groups([sweep], tmp_path / "g", until=until)
+        assert len(seen) == 3
+        for rows_by_group in seen:
+            assert {
+                max(r["frames"] for r in rows) for g in rows_by_group.values() for rows in g
+            } == {last}
+
+
+def test_check_run_with_until_skips_runs_that_stopped_before_it(sweep):
+    run = sweep / "beta1.0_N10_seed0"  # rows at frames 500 .. 3000
+    assert analysis.check_run(run, "eval_return", until=3000) == (None, None)
+    skip, _ = analysis.check_run(run, "eval_return", until=3001)
+    assert skip == "it stopped before frames 3001 (its last row: frames 3000)"
+    skip, _ = analysis.check_run(run, "eval_return", until=600)  # only the row at 500
+    assert skip == "no eval_return logged in its 1 rows up to frames 600"
+
+
+def test_cli_until(sweep, tmp_path, capsys):
+    out, eff = tmp_path / "at2k", tmp_path / "eff"
+    cli.main([str(sweep), "--until", "2000", "--out", str(out), "--effects", str(eff)])
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("Every run read up to step 2000 (`--until`).")
+    assert "| beta1.0_N10 | 3 | 2000 | 113.3 +- " in summary
+    eff_md = eff.with_suffix(".md").read_text()
+    assert "--until 2000" in eff_md.splitlines()[0] and "| N10 | 1 | 2 | 35.0 / 70.0 |" in eff_md
+    assert (out / "learning_curves.png").exists()
+    # the runs stop at 3000: none is left at 5000, and each is named
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(sweep), "--until", "5000", "--out", str(tmp_path / "none")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("it stopped before frames 5000 (its last row: frames 3000)") == 5
+    assert "no run left to report --key eval_return" in err
+
+
 def test_effect_pairs_need_arms_that_differ_only_by_beta(tmp_path):
     for name in ("sac_beta0_N10", "sac_beta1_N10", "sac_beta1_N3", "redq_beta0.5_N10", "x_beta0"):
         _write_run(tmp_path / f"{name}_seed0", [1.0, 2.0], 0)
@@ -463,6 +549,12 @@ def test_cli_refuses_when_no_run_is_left(tmp_path, capsys):
         (["--batch-size", "-1"], "--batch-size"),
         (["--key", "no_such_metric"], "no run left to report --key no_such_metric"),
         (["--effects-only"], "--effects-only needs --effects"),
+        (["--until", "0"], "expected a step count > 0"),
+        (["--until", "-5"], "expected a step count > 0"),
+        (["--until", "nan"], "expected a step count > 0"),
+        (["--until", "50k"], "expected a step count > 0"),
+        (["--until", "2000", "--per-run"], "--until cannot be combined with --per-run"),
+        (["--until", "2000", "--checkpoint"], "--until cannot be combined with --per-run"),
     ],
 )
 def test_cli_bad_arguments_are_clear_errors(sweep, argv, needle, capsys):

@@ -5,6 +5,7 @@
     python -m torchrl_spqr.analysis RUN_DIR --checkpoint         # + spectrum, correlations
     python -m torchrl_spqr.analysis SWEEP --format png svg --out figs --ci bootstrap
     python -m torchrl_spqr.analysis A/ B/ --effects figs/effects  # SPQR vs beta=0, by seed
+    python -m torchrl_spqr.analysis SWEEP --until 50000 --out at50k  # all runs at 50k steps
 
 Every path is either a run folder (it holds ``metrics.csv``) or a folder searched
 recursively for run folders (a Hydra multirun folder, ``benchmarks/learning/...``).
@@ -13,6 +14,11 @@ form one group ("arm"); the group label is the run's path relative to the common
 parent of the arguments, seed part removed.
 
 ``python -m torchrl_spqr.plot ...`` (the old name) runs the same command.
+
+``--until STEP`` compares the runs at a common budget: every table and figure reads
+each run's rows up to STEP only (environment steps; gradient updates for offline
+runs), so "final" is the last evaluation at or before STEP and "best" the maximum up
+to it. A run that stopped before STEP is skipped, with a message naming it.
 
 Written into ``--out`` (default: the run folder for one run, else ``<common
 parent>/plots``):
@@ -93,7 +99,7 @@ def _file_label(run: Path, arm: str, single: bool) -> str:
 
 def _write_effects(groups, args, argv, fmts, prog: str) -> list[Path]:
     """``--effects OUT``: ``OUT.<fmt>`` and ``OUT.md`` (headed by the command that wrote it)."""
-    eff = paired_effects(groups, args.key, args.level)
+    eff = paired_effects(groups, args.key, args.level, until=args.until)
     if not eff:
         print("--effects: no pair of arms that differ only by beta0 / beta>0")
         return []
@@ -127,14 +133,29 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _screen_runs(runs: list[tuple[Path, str]], key: str, p) -> list[tuple[Path, str]]:
-    """Runs usable for ``key``; says on stderr which were skipped or diverged, and why.
+def _step_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a step count > 0 (environment steps, or updates offline)"
+        )
+    return v
+
+
+def _screen_runs(
+    runs: list[tuple[Path, str]], key: str, p, until: float | None = None
+) -> list[tuple[Path, str]]:
+    """Runs usable for ``key`` (up to step ``until``); says on stderr which were skipped or
+    diverged, and why.
 
     Refuses (``p.error``) when no run is left, naming the metrics that were logged.
     """
     kept, columns = [], set()
     for run, arm in runs:
-        skip, warn = check_run(run, key)
+        skip, warn = check_run(run, key, until)
         if skip is not None:
             print(f"skipped {run}: {skip}", file=sys.stderr)
             if skip.startswith("no "):
@@ -196,16 +217,28 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
         "by beta0 / beta>0), runs paired by seed",
     )
     p.add_argument("--effects-only", action="store_true", help="write only the --effects outputs")
+    p.add_argument(
+        "--until",
+        type=_step_arg,
+        metavar="STEP",
+        help="read every run up to STEP only (compare at a common budget); runs that "
+        "stopped before STEP are skipped",
+    )
     args = p.parse_args(argv)
     fmts = tuple(dict.fromkeys(["png", "svg"] if args.svg else args.format))
     if args.effects_only and not args.effects:
         p.error("--effects-only needs --effects OUT")
+    if args.until is not None and (args.per_run or args.checkpoint):
+        p.error(
+            "--until cannot be combined with --per-run (which draws each run's whole curve "
+            "in its own folder) or --checkpoint (which reads the run's last checkpoint)"
+        )
     paths = [Path(x) for x in args.paths]
     try:
         runs = find_runs(paths)
     except FileNotFoundError as err:
         p.error(str(err))
-    runs = _screen_runs(runs, args.key, p)
+    runs = _screen_runs(runs, args.key, p, args.until)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file: give a folder")
     groups: dict[str, list[Path]] = {}
@@ -220,7 +253,9 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
     out = Path(args.out) if args.out else _default_out(paths)
     out.mkdir(parents=True, exist_ok=True)
     title = ", ".join(str(x) for x in args.paths) if len(paths) <= 2 else f"{len(runs)} runs"
-    stat = {"level": args.level, "method": args.ci, "smooth": args.smooth}
+    if args.until is not None:
+        title += f", up to step {args.until:g}"
+    stat = {"level": args.level, "method": args.ci, "smooth": args.smooth, "until": args.until}
     written = plot_learning_curves(
         groups, out / "learning_curves", key=args.key, formats=fmts, title=title, **stat
     )
@@ -232,12 +267,14 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
         keys = (args.key, "spqr_kl", "spqr_accept_rate", "spqr_spike")
         written += plot_groups(
             [r for r, _ in runs], args.compare, keys=keys, formats=fmts, level=args.level,
-            method=args.ci,
+            method=args.ci, until=args.until,
         )  # fmt: skip
-    table = summary_table(groups, args.key, args.level)
-    diag = diagnostics_table(groups)
+    table = summary_table(groups, args.key, args.level, until=args.until)
+    diag = diagnostics_table(groups, until=args.until)
     if diag:
         table += "\n\nSPQR diagnostics during training:\n\n" + diag
+    if args.until is not None:
+        table = f"Every run read up to step {args.until:g} (`--until`).\n\n" + table
     (out / "summary.md").write_text(table + "\n")
     written.append(out / "summary.md")
     if args.effects:

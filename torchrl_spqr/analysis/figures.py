@@ -137,8 +137,10 @@ def plot_run(
     return _save(fig, run_dir / "learning_curve", formats)
 
 
-def _group_rows(groups: dict[str, list[Path]]) -> dict[str, list[list[dict[str, float]]]]:
-    return {g: [read_metrics(r) for r in runs] for g, runs in groups.items()}
+def _group_rows(
+    groups: dict[str, list[Path]], until: float | None = None
+) -> dict[str, list[list[dict[str, float]]]]:
+    return {g: [read_metrics(r, until) for r in runs] for g, runs in groups.items()}
 
 
 def _panels(
@@ -217,9 +219,13 @@ def plot_learning_curves(
     method: str = "t",
     smooth: int = 1,
     title: str = "",
+    until: float | None = None,
 ) -> list[Path]:
-    """``out.<fmt>``: ``key``, training return (and normalised score) per group over steps."""
-    rows = _group_rows(groups)
+    """``out.<fmt>``: ``key``, training return (and normalised score) per group over steps.
+
+    ``until``: each run's rows up to that step only (see :func:`read_metrics`).
+    """
+    rows = _group_rows(groups, until)
     keys = [key, "train_return", "normalized_score", "eval_return"]
     keys = list(dict.fromkeys(keys))[:3]
     panels = [(k, _LABELS.get(k, k), None) for k in keys]
@@ -243,10 +249,14 @@ def plot_diagnostics(
     method: str = "t",
     smooth: int = 1,
     title: str = "",
+    until: float | None = None,
 ) -> list[Path]:
-    """``out.<fmt>``: the SPQR diagnostics of :data:`DIAGNOSTICS` per group over steps."""
+    """``out.<fmt>``: the SPQR diagnostics of :data:`DIAGNOSTICS` per group over steps.
+
+    ``until``: each run's rows up to that step only (see :func:`read_metrics`).
+    """
     fig = _panels(
-        _group_rows(groups),
+        _group_rows(groups, until),
         DIAGNOSTICS,
         title=title or "SPQR diagnostics during training",
         level=level,
@@ -264,9 +274,13 @@ def plot_groups(
     *,
     level: float = 0.95,
     method: str = "t",
+    until: float | None = None,
 ) -> list[Path]:
-    """One figure ``out.<fmt>``, one panel per metric in ``keys``, runs grouped by arm."""
-    rows = _group_rows(group_runs(run_dirs))
+    """One figure ``out.<fmt>``, one panel per metric in ``keys``, runs grouped by arm.
+
+    ``until``: each run's rows up to that step only (see :func:`read_metrics`).
+    """
+    rows = _group_rows(group_runs(run_dirs), until)
     labels = {k: lab for k, lab, _ in DIAGNOSTICS}
     panels = [(k, _LABELS.get(k, labels.get(k, k)), None) for k in keys]
     fig = _panels(

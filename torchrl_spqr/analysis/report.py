@@ -38,7 +38,11 @@ __all__ = [
 
 
 def summary_rows(
-    groups: dict[str, list[Path]], key: str = "eval_return", level: float = 0.95
+    groups: dict[str, list[Path]],
+    key: str = "eval_return",
+    level: float = 0.95,
+    *,
+    until: float | None = None,
 ) -> list[dict[str, Any]]:
     """Per group: seeds, final step(s), final and best ``key`` per seed and their statistics.
 
@@ -46,12 +50,14 @@ def summary_rows(
     diverged (``diverged_at``: per seed, the step it diverged at or None; ``diverged``:
     ``(run, step)`` pairs), so the group's final mean is NaN too.
     Runs that never logged ``key`` are left out (``left_out``); a group with none is omitted.
+    ``until``: read each run up to that step only (see :func:`read_metrics`), so "final" is
+    the last value logged at or before it and "best" the maximum up to it.
     """
     out = []
     for gname, runs in groups.items():
         finals, bests, steps, diverged_at, diverged, left_out = [], [], [], [], [], []
         for run in runs:
-            res = run_outcome(read_metrics(run), key)
+            res = run_outcome(read_metrics(run, until), key)
             if res is None:
                 left_out.append(run)
                 continue
@@ -83,11 +89,18 @@ def summary_rows(
     return out
 
 
-def summary_table(run_dirs_or_groups, key: str = "eval_return", level: float = 0.95) -> str:
+def summary_table(
+    run_dirs_or_groups,
+    key: str = "eval_return",
+    level: float = 0.95,
+    *,
+    until: float | None = None,
+) -> str:
     """Markdown table per group: final and best ``key``, mean +- sd and a t-interval over seeds.
 
     "final" is each run's last logged value, "best" its maximum over the run (the
-    best evaluation, a biased, optimistic number reported for comparison only).
+    best evaluation, a biased, optimistic number reported for comparison only). With
+    ``until``, both are taken over each run's rows up to that step (:func:`summary_rows`).
     """
     groups = (
         run_dirs_or_groups
@@ -120,7 +133,7 @@ def summary_table(run_dirs_or_groups, key: str = "eval_return", level: float = 0
             cells.append(f"{final} / {b:.1f}")
         return ", ".join(cells)
 
-    rows = summary_rows(groups, key, level)
+    rows = summary_rows(groups, key, level, until=until)
     for r in rows:
         lo_s, hi_s = min(r["steps"]), max(r["steps"])
         at = f"{lo_s:.0f}" if lo_s == hi_s else f"{lo_s:.0f}-{hi_s:.0f}"
@@ -160,11 +173,14 @@ def diagnostics_rows(
     groups: dict[str, list[Path]],
     keys=tuple(k for k, _ in SUMMARY_DIAGNOSTICS),
     last_fraction: float = 1.0,
+    *,
+    until: float | None = None,
 ) -> list[dict[str, Any]]:
     """Per group and metric: each run's mean over its logged rows, then mean and sd over seeds.
 
     ``last_fraction`` keeps each run's last fraction of logged rows (by step), e.g. 0.5 for
-    the second half of training. A metric no run logged is left out of the group's row.
+    the second half of training; ``until`` reads each run up to that step only (see
+    :func:`read_metrics`). A metric no run logged is left out of the group's row.
     NaN / inf values are left out of the means and counted in ``<key>_nonfinite``.
     """
     if not 0.0 < last_fraction <= 1.0:
@@ -172,7 +188,7 @@ def diagnostics_rows(
     out = []
     for gname, runs in groups.items():
         row: dict[str, Any] = {"group": gname, "seeds": len(runs)}
-        metrics = [read_metrics(run) for run in runs]
+        metrics = [read_metrics(run, until) for run in runs]
         for key in keys:
             per_run, nonfinite = [], 0
             for rows in metrics:
@@ -192,14 +208,16 @@ def diagnostics_rows(
     return out
 
 
-def diagnostics_table(groups: dict[str, list[Path]], last_fraction: float = 1.0) -> str:
+def diagnostics_table(
+    groups: dict[str, list[Path]], last_fraction: float = 1.0, *, until: float | None = None
+) -> str:
     """Markdown table of the SPQR diagnostics per group (see :func:`diagnostics_rows`).
 
     Reading it: independent members give an acceptance rate of about 0.95 and an MP
     ratio of about 1; the KL's independent level depends on N (about 0.62 at N = 10),
     so compare KL values only at equal N. Empty when no run logged diagnostics.
     """
-    rows = diagnostics_rows(groups, last_fraction=last_fraction)
+    rows = diagnostics_rows(groups, last_fraction=last_fraction, until=until)
     if not rows:
         return ""
     cols = [(k, h) for k, h in SUMMARY_DIAGNOSTICS if any(k in r for r in rows)]
@@ -257,13 +275,15 @@ def effect_pairs(groups: dict[str, list[Path]]) -> list[tuple[str, float, str, s
     return out
 
 
-def run_effect_stats(run: Path, key: str) -> tuple[float, float, float | None, float | None] | None:
+def run_effect_stats(
+    run: Path, key: str, until: float | None = None
+) -> tuple[float, float, float | None, float | None] | None:
     """``(final, best)`` of ``key``, the mean acceptance rate (None if not logged) and the step
     the run diverged at (None if its last ``key`` is finite; its final is then NaN).
 
-    None if the run never logged ``key``.
+    None if the run never logged ``key``. ``until``: the run's rows up to that step only.
     """
-    rows = read_metrics(run)
+    rows = read_metrics(run, until)
     res = run_outcome(rows, key)
     if res is None:
         return None
@@ -272,7 +292,11 @@ def run_effect_stats(run: Path, key: str) -> tuple[float, float, float | None, f
 
 
 def paired_effects(
-    groups: dict[str, list[Path]], key: str = "eval_return", level: float = 0.95
+    groups: dict[str, list[Path]],
+    key: str = "eval_return",
+    level: float = 0.95,
+    *,
+    until: float | None = None,
 ) -> list[dict[str, Any]]:
     """SPQR's effect in each comparison of :func:`effect_pairs`, runs paired by seed.
 
@@ -284,14 +308,19 @@ def paired_effects(
     rate (``accept_base``, ``accept_spqr``: mean over training, then over seeds) when
     logged. With one seed the intervals collapse to the point. A run whose last ``key`` is
     NaN / inf (diverged) has a NaN final, so that comparison's final statistics are NaN;
-    ``diverged`` lists ``(seed, arm, step)`` of such runs.
+    ``diverged`` lists ``(seed, arm, step)`` of such runs. ``until``: each run is read up
+    to that step only (final: the last evaluation at or before it), and every row records
+    it (``until``, None for whole runs).
     """
     rows = []
     for label, beta, base_arm, spqr_arm in effect_pairs(groups):
         base = {seed_of(r): r for r in groups[base_arm]}
         spqr = {seed_of(r): r for r in groups[spqr_arm]}
         seeds = sorted(s for s in base.keys() & spqr.keys() if s is not None)
-        vals = {s: (run_effect_stats(base[s], key), run_effect_stats(spqr[s], key)) for s in seeds}
+        vals = {
+            s: (run_effect_stats(base[s], key, until), run_effect_stats(spqr[s], key, until))
+            for s in seeds
+        }
         seeds = [s for s in seeds if vals[s][0] is not None and vals[s][1] is not None]
         if not seeds:
             continue
@@ -302,6 +331,7 @@ def paired_effects(
             "spqr": spqr_arm,
             "seeds": seeds,
             "key": key,
+            "until": until,
         }
         for i, name in enumerate(("final", "best")):
             b = np.array([vals[s][0][i] for s in seeds])
@@ -360,12 +390,20 @@ def effects_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
             f"| {r['final_wins']} of {n} "
             f"| {r['best_base']:.1f} / {r['best_spqr']:.1f} | {diff(r, 'best')} | {acc} |"
         )
+    until = rows[0].get("until") if rows else None
+    if until is None:
+        span = "final: last evaluation; best: maximum over the run; acceptance: mean over training"
+    else:
+        span = (
+            f"every run read up to step {until:g}: final: last evaluation at or before it; "
+            "best: maximum up to it; acceptance: mean up to it"
+        )
     lines.append("")
     lines.append(
         f"Runs paired by seed; with - without: mean over seeds of the per-seed difference, "
         f"in % of the baseline's mean, and its {pct} Student-t interval (none with one seed). "
-        "final: last evaluation; best: maximum over the run. Acceptance: the independence "
-        "test's rate, mean over training then over seeds (about 0.95 for independent members)."
+        f"{span}. Acceptance: the independence test's rate, then its mean over seeds (about "
+        "0.95 for independent members)."
     )
     diverged = [(r["comparison"], *d) for r in rows for d in r.get("diverged", [])]
     if diverged:

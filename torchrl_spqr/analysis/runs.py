@@ -35,8 +35,21 @@ __all__ = [
 SEED_RE = re.compile(r"([_,\-]?seed[=_\-]?(?P<seed>\d+))", re.IGNORECASE)
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    """Rows of ``metrics.csv`` with numeric values (empty cells dropped)."""
+def read_metrics(run_dir: str | Path, until: float | None = None) -> list[dict[str, float]]:
+    """Rows of ``metrics.csv`` with numeric values (empty cells dropped).
+
+    ``until``: only the rows logged at or before that step (environment steps, or
+    gradient updates for runs that log no environment steps; see :func:`step_key`),
+    to compare runs at a common budget. A row without a step is then dropped too.
+    """
+    rows = _read_rows(Path(run_dir))
+    if until is None:
+        return rows
+    step = step_key(rows)
+    return [r for r in rows if r.get(step, math.inf) <= until]
+
+
+def _read_rows(run_dir: Path) -> list[dict[str, float]]:
     rows = []
     with (Path(run_dir) / "metrics.csv").open(newline="") as f:
         for r in csv.DictReader(f):
@@ -95,12 +108,16 @@ def run_outcome(rows, key: str) -> dict[str, Any] | None:
     }
 
 
-def check_run(run_dir: str | Path, key: str) -> tuple[str | None, str | None]:
+def check_run(
+    run_dir: str | Path, key: str, until: float | None = None
+) -> tuple[str | None, str | None]:
     """``(reason to skip the run, warning)`` for ``key``; both None for a sound run.
 
     Skipped: an unreadable, empty or header-only ``metrics.csv``, or one that never
-    logged ``key``. Warned about (kept, its final reported as NaN): a run whose last
-    ``key`` is NaN / inf, or whose ``key`` is never finite.
+    logged ``key``; with ``until`` (compare at that step, see :func:`read_metrics`), also a
+    run that stopped before it, or logged no ``key`` up to it. Warned about (kept, its
+    final reported as NaN): a run whose last ``key`` is NaN / inf, or whose ``key`` is never
+    finite (up to ``until``).
     """
     path = Path(run_dir) / "metrics.csv"
     try:
@@ -111,10 +128,18 @@ def check_run(run_dir: str | Path, key: str) -> tuple[str | None, str | None]:
         return f"metrics.csv cannot be read ({err})", None
     if not rows:
         return "metrics.csv has a header but no rows (the run stopped before its first log)", None
+    step = step_key(rows)
+    upto = ""
+    if until is not None:
+        last = max((r[step] for r in rows if step in r), default=None)
+        if last is None or last < until:
+            at = "no step" if last is None else f"{step} {last:g}"
+            return f"it stopped before {step} {until:g} (its last row: {at})", None
+        rows = [r for r in rows if r.get(step, math.inf) <= until]
+        upto = f" up to {step} {until:g}"
     out = run_outcome(rows, key)
     if out is None:
-        return f"no {key} logged in its {len(rows)} rows", None
-    step = step_key(rows)
+        return f"no {key} logged in its {len(rows)} rows{upto}", None
     if out["logged"] == out["nonfinite"]:
         return None, (
             f"all {out['logged']} values of {key} are NaN/inf (diverged at {step} "
