@@ -123,7 +123,26 @@ def test_population_script_subprocess_and_analysis(tmp_path):
     assert "N3" in effects and "| 1 |" in effects  # beta 1 against its beta 0 twin, by seed
     # each agent's checkpoint rebuilds its agent, as a single run's does
     agent = load_agent(run_dir / AGENTS[2])
-    assert agent.beta == 1.0 and agent.algorithm == "sac_ens"
+    assert agent.beta == 1.0 and agent.algorithm == "sac_ens" and agent.buffer is None
+    # with buffer=True: the agent's own transitions, its slice of the population's buffer
+    # (agents in AGENTS' order: beta-major, then seed)
+    _, pop_buffer, _ = load_checkpoint_data(run_dir)
+    assert pop_buffer.shape == torch.Size([60, len(AGENTS)])
+    first = {}
+    for k, name in enumerate(AGENTS):
+        with load_agent(run_dir / name, buffer=True) as a:
+            assert a.buffer.shape == torch.Size([60]) and a.counters["frames"] == 60
+            assert (a.buffer == pop_buffer[:, k]).all()
+            first[name] = a.buffer["observation"][0]
+    # the first state is the reset of the agent's own environment seed
+    for seed in (0, 1):
+        torch.testing.assert_close(first[f"beta0.0_N3_seed{seed}"], first[f"beta1.0_N3_seed{seed}"])
+    assert not torch.equal(first["beta0.0_N3_seed0"], first["beta0.0_N3_seed1"])
+    # the spectrum tool draws its batch from that buffer
+    from torchrl_spqr.analysis import checkpoint_q_values
+
+    batch = checkpoint_q_values(run_dir / AGENTS[2], batch_size=32)
+    assert batch.source == "replay buffer of the checkpoint (60 transitions)"
 
 
 def test_each_agent_starts_as_its_single_run(tmp_path, monkeypatch):

@@ -153,3 +153,32 @@ def test_errors_name_the_problem(tmp_path):
     save_checkpoint(no_env, {"loss": {}, "config": {"algorithm": "sac_n", "env": {}}})
     with pytest.raises(ValueError, match="neither env.name nor dataset.id"):
         load_agent(no_env)
+
+
+def _population_folder(root: Path, agent_frames: int, pop_frames: int):
+    """``root/checkpoint`` as a population writes it (agents ``b`` and ``a``, buffer
+    ``[n, 2]``) and agent ``a``'s own checkpoint, at ``agent_frames``, in ``root/a``."""
+    _sota_run(root / "a")
+    state = torch.load(root / "a" / "checkpoint" / "state.pt", weights_only=True)
+    state["counters"] = {"frames": agent_frames, "updates": 7}
+    save_checkpoint(root / "a", state)
+    data = TensorDict({"observation": torch.arange(12.0).reshape(6, 2, 1).expand(6, 2, 3)}, [6, 2])
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(10), batch_size=2)
+    rb.extend(data)
+    agents = {"b": {"counters": {"frames": pop_frames}}, "a": {"counters": {"frames": pop_frames}}}
+    save_checkpoint(root, {"population": {}, "agents": agents, "config": {}}, rb)
+    return data
+
+
+def test_population_agent_reads_its_slice_of_the_population_buffer(tmp_path):
+    data = _population_folder(tmp_path / "pop", agent_frames=12, pop_frames=12)
+    with load_agent(tmp_path / "pop" / "a", buffer=True) as agent:
+        # agent "a" is the second listed: column 1 of the [n, K] buffer
+        torch.testing.assert_close(agent.buffer["observation"], data["observation"][:, 1])
+    assert load_agent(tmp_path / "pop" / "a").buffer is None  # only when asked for
+    # a population checkpoint at another step than the agent's: not used, and said so
+    _population_folder(tmp_path / "late", agent_frames=12, pop_frames=20)
+    with pytest.warns(UserWarning, match="at frame 20, the agent's at 12: its replay buffer"):
+        agent = load_agent(tmp_path / "late" / "a", buffer=True)
+    assert agent.buffer is None
+    agent.close()

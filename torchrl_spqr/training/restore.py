@@ -5,7 +5,9 @@ Two kinds of run folders hold an agent:
 - the ``sota_scripts`` runs: ``checkpoint/`` (``state.pt`` holds the run's config, the
   loss's state dict and counters; ``buffer/`` the replay buffer), verified against its
   manifest and read by :mod:`torchrl_spqr.training.checkpoint`. The agent is rebuilt
-  from the saved config with the builders of :mod:`torchrl_spqr.training.builders`;
+  from the saved config with the builders of :mod:`torchrl_spqr.training.builders`. An
+  agent of a population keeps no buffer of its own: its transitions are its slice of the
+  population's buffer, in the population checkpoint beside its folder;
 - the runs of ``examples/spqr_demo.py`` and ``examples/redq_spqr.py``: ``checkpoint.pt``
   holds the actor's and the loss's state dicts and the script's arguments (``"args"``).
   Checkpoints written before the examples saved their arguments are read from the run
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +129,9 @@ def load_agent(
         run_dir: the run folder: it holds ``checkpoint/`` (``sota_scripts``) or
             ``checkpoint.pt`` (``examples/spqr_demo.py``, ``examples/redq_spqr.py``).
         device: where the loss (and so the actor) is put; the environment steps on CPU.
-        buffer: also read the saved replay buffer (``sota_scripts`` runs) into ``.buffer``.
+        buffer: also read the saved replay buffer (``sota_scripts`` runs) into ``.buffer``;
+            for an agent of a population (``sac_ens_spqr_population.py``), its transitions
+            in the population's buffer, if that checkpoint is at the agent's step.
         dataset: also load the run's offline dataset (``dataset.id`` of its config) into
             ``.data``. It is loaded in any case when the config names no ``env.name``
             (the dataset names the environment).
@@ -215,6 +220,8 @@ def _load_sota(run_dir: Path, *, buffer: bool, dataset: bool) -> RestoredAgent:
         env.close()
         raise
     counters = state.get("counters", {})
+    if buffer and buffer_td is None:
+        buffer_td = _population_buffer(run_dir, counters)
     return RestoredAgent(
         actor=actor,
         loss=loss,
@@ -229,6 +236,36 @@ def _load_sota(run_dir: Path, *, buffer: bool, dataset: bool) -> RestoredAgent:
         buffer=buffer_td,
         data=data,
     )
+
+
+def _population_buffer(run_dir: Path, counters: dict[str, Any]) -> Any:
+    """A population agent's transitions: its slice ``[:, k]`` of the population's buffer.
+
+    The population checkpoint (``run_dir.parent/checkpoint``) lists its agents by folder
+    name, in the order of the buffer's agent dimension. None when ``run_dir`` is not one of
+    them or that checkpoint holds no buffer; also None, with a warning, when the
+    population checkpoint is not at the agent's step (a run stopped between the two
+    writes).
+    """
+    from torchrl_spqr.training.checkpoint import has_checkpoint, load_checkpoint_data
+
+    parent = run_dir.resolve().parent
+    if not has_checkpoint(parent):
+        return None
+    state, data, ck_dir = load_checkpoint_data(parent, buffer=True)
+    agents = state.get("agents")
+    if data is None or not isinstance(agents, dict) or run_dir.resolve().name not in agents:
+        return None
+    saved = (agents[run_dir.resolve().name] or {}).get("counters", {})
+    if saved.get("frames") != counters.get("frames"):
+        warnings.warn(
+            f"{run_dir}: the population checkpoint {ck_dir} is at frame {saved.get('frames')}, "
+            f"the agent's at {counters.get('frames')}: its replay buffer is not used.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return data[:, list(agents).index(run_dir.resolve().name)]
 
 
 def _example_settings(run_dir: Path, path: Path, state: dict) -> tuple[str, dict[str, Any]]:
