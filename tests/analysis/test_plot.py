@@ -392,6 +392,16 @@ def test_checkpoint_batch_from_buffer_and_from_rollout(sota_run):
     # "data" pairs evaluate the critics at stored actions: another batch, same members
     dq = analysis.checkpoint_q_values(sota_run, batch_size=32, pairs="data")
     assert dq.q.shape == (6, 32) and not torch.equal(dq.q, b.q)
+    # the one vmapped call gives each member's own Q-values (a loop over the members)
+    from torchrl_spqr.training.restore import load_agent
+
+    with load_agent(sota_run) as agent:
+        net, params = agent.base.qvalue_network, agent.base.qvalue_network_params.detach()
+        loop = []
+        for i in range(6):
+            with torch.no_grad(), params[i].to_module(net):
+                loop.append(net(dq.inputs.clone()).get(net.out_keys[0]).reshape(-1))
+    torch.testing.assert_close(dq.q, torch.stack(loop))
 
 
 def test_cli_checkpoint_figures(sota_run, tmp_path):

@@ -47,18 +47,23 @@ def _rollout(env, policy, steps: int):
 
 
 def _ensemble_q(base, td) -> torch.Tensor:
-    """``[N, B]`` Q-values of the online critics of ``base`` at the pairs in ``td``."""
+    """``[N, B]`` Q-values of the online critics of ``base`` at the pairs in ``td``: one
+    vmapped call over the stacked member parameters (as :class:`QEnsemble` evaluates)."""
     net, params = base.qvalue_network, base.qvalue_network_params.detach()
     key = net.out_keys[0]
+
+    def member(x, p):
+        with p.to_module(net, preserve_module_state=False):
+            return net(x).get(key)
+
     was_training = net.training
     net.eval()
-    qs = []
-    with torch.no_grad():
-        for i in range(params.batch_size[0]):
-            with params[i].to_module(net):
-                qs.append(net(td.select(*net.in_keys).copy()).get(key).reshape(-1))
-    net.train(was_training)
-    return torch.stack(qs)
+    try:
+        with torch.no_grad():
+            q = torch.vmap(member, (None, 0))(td.select(*net.in_keys).copy(), params)
+    finally:
+        net.train(was_training)
+    return q.reshape(params.batch_size[0], -1)
 
 
 def _draw_states(agent, source: str, batch_size: int, rollout_steps: int, gen) -> tuple[Any, str]:
