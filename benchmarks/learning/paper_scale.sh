@@ -28,14 +28,17 @@
 #   4. the small files of each agent's run (metrics.csv, learning_curve.png, .hydra/*.yaml, the
 #      tail of its output) copied into OUT_DIR/runs/, the checkpoints and replay buffers left in a
 #      scratch folder that is deleted; then `python -m torchrl_spqr.analysis` (grouped curves,
-#      diagnostics, summary) and its paired effects table and figure, and OUT_DIR/summary.md
-#      (device, budget planned and reached, seeds, every command).
+#      diagnostics, summary) and its paired effects table and figure; if time is left, the
+#      eigenvalue spectra of the first seed's two agents at their last checkpoint (batch from
+#      their replay buffer; OUT_DIR/spectra/); and OUT_DIR/summary.md (device, budget planned
+#      and reached, seeds, every command).
 #
 # Usage (repo root or anywhere):
 #   bash benchmarks/learning/paper_scale.sh                      # GPU machine, defaults below
 #   OUT_DIR=/tmp/ps PACK_TO=$OUT bash benchmarks/learning/paper_scale.sh
-#       # PACK_TO: also a tarball of OUT_DIR plus summary.md, effects.md/.png and the grouped
-#       # curves in that folder (<= 6 files, for a tool that brings back a few files only)
+#       # PACK_TO: also a tarball of OUT_DIR plus summary.md, effects.md/.png, the grouped
+#       # curves and the two spectra in that folder (<= 7 files, for a tool that brings back
+#       # a few files only)
 #   CPU=1 BUDGET_S=150 bash benchmarks/learning/paper_scale.sh   # rehearsal on a CPU machine
 #   POPULATION=0 bash benchmarks/learning/paper_scale.sh         # one process per agent
 #   DRY_RUN=1 bash benchmarks/learning/paper_scale.sh            # print the plan, train nothing
@@ -416,6 +419,27 @@ done
 PLOT_CMD=("$PY" -m torchrl_spqr.analysis "$OUT_DIR/runs" --out "$OUT_DIR/plots" --effects "$OUT_DIR/effects")
 "${PLOT_CMD[@]}" > "$OUT_DIR/plot_output.log" 2>&1 || echo "[paper_scale] plotting failed: see $OUT_DIR/plot_output.log"
 
+# the spectra of the first seed's two agents at their last checkpoint (the checkpoints and
+# the replay buffers are in the scratch folder, deleted below), if time is left: 20 s are
+# kept for the summary and the packing
+SPEC_CMD=()
+SPEC_LEFT=$(( T0 + BUDGET_S - 20 - $(date +%s) ))
+if (( SPEC_LEFT >= 15 )); then
+  spec_runs=()
+  for b in 0 1; do
+    src="$RUNS/$(run_name "$b" "${SEED_LIST[0]}")"
+    if [[ "$POPULATION" == 1 ]]; then src="$RUNS/population/beta$b.0_N${ENSEMBLE}_seed${SEED_LIST[0]}"; fi
+    if [[ -d "$src/checkpoint" ]]; then spec_runs+=("$src"); fi
+  done
+  if (( ${#spec_runs[@]} > 0 )); then
+    SPEC_CMD=("$PY" -m torchrl_spqr.analysis "${spec_runs[@]}" --checkpoint --out "$OUT_DIR/spectra")
+    timeout -k 2 "$SPEC_LEFT" "${SPEC_CMD[@]}" > "$OUT_DIR/spectra_output.log" 2>&1 \
+      || echo "[paper_scale] spectra failed or ran out of time: see $OUT_DIR/spectra_output.log"
+  fi
+else
+  echo "[paper_scale] no time left for the spectra (${SPEC_LEFT}s)"
+fi
+
 "$PY" - "$OUT_DIR" "$PLAN" "$TIMING_JSON" "$TIMING_LOGS" <<EOF || echo "[paper_scale] writing summary.md failed (see above)"
 import csv, json, sys
 from pathlib import Path
@@ -452,7 +476,14 @@ for run in sorted((out / "runs").iterdir()):
 lines += ["", "Commands (all started together; a population is one command for every agent):",
           "", "\`\`\`"]
 lines += [l[5:] for l in Path("$OUT_DIR/plan.txt").read_text().splitlines() if l.startswith("CMD: ")]
-lines += [" ".join("${PLOT_CMD[*]}".split()), "\`\`\`", ""]
+lines += [" ".join("${PLOT_CMD[*]}".split())]
+if "${SPEC_CMD[*]}":
+    lines += [" ".join("${SPEC_CMD[*]}".split())]
+lines += ["\`\`\`", ""]
+spectra = sorted((out / "spectra").glob("spectrum_*.png")) if (out / "spectra").is_dir() else []
+if spectra:
+    lines += ["Spectra of the saved ensembles at the last checkpoint (first seed, beta 0 and 1): "
+              + ", ".join(f"spectra/{p.name}" for p in spectra), ""]
 eff = out / "effects.md"
 lines += ["## Paired effects (SPQR minus baseline, by seed)", "",
           eff.read_text() if eff.exists() else "(no effects table: see plot_output.log)"]
@@ -466,6 +497,9 @@ if [[ -n "$PACK_TO" ]]; then
   tar czf "$PACK_TO/paper_scale_results.tar.gz" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")"
   for f in summary.md effects.md effects.png plots/learning_curves.png; do
     if [[ -f "$OUT_DIR/$f" ]]; then cp "$OUT_DIR/$f" "$PACK_TO/"; fi
+  done
+  for f in "$OUT_DIR"/spectra/spectrum_*.png; do
+    if [[ -f "$f" ]]; then cp "$f" "$PACK_TO/"; fi
   done
   echo "[paper_scale] packed into $PACK_TO"
 fi

@@ -208,6 +208,13 @@ def test_paper_scale_population_rehearsal_on_cpu(tmp_path):
     summary = (out_dir / "summary.md").read_text()
     assert "sac_ens_spqr_population.py" in summary and "| 200 |" in summary
     assert "sac_ens_pendulum_N3" in (out_dir / "effects.md").read_text()
+    # the first seed's spectra, from its agents' checkpoints and their replay buffer
+    spectra = sorted(p.name for p in (out_dir / "spectra").glob("spectrum_*.png"))
+    assert spectra == ["spectrum_beta0.0_N3_seed0.png", "spectrum_beta1.0_N3_seed0.png"]
+    assert "Spectra of the saved ensembles" in summary and "--checkpoint" in summary
+    assert (out_dir / "spectra_output.log").read_text().count(
+        "states from the replay buffer of the checkpoint (200 transitions)"
+    ) == 2
     assert not (tmp_path / "scratch").exists()  # checkpoints and buffers deleted
 
 

@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
                 print(f"skipped {run}: {err}")
                 continue
             label = _file_label(run, arm, single)
+            print(
+                f"{run}: {batch.q.shape[1]} pairs ({batch.pairs}), states from the {batch.source}"
+            )
             written += plot_spectrum(batch, out / f"spectrum_{label}", fmts)
             written += plot_member_correlation(batch, out / f"correlation_{label}", fmts)
     for path in written:
