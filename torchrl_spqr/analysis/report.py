@@ -391,19 +391,18 @@ def effects_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
             f"| {r['best_base']:.1f} / {r['best_spqr']:.1f} | {diff(r, 'best')} | {acc} |"
         )
     until = rows[0].get("until") if rows else None
-    if until is None:
-        span = "final: last evaluation; best: maximum over the run; acceptance: mean over training"
-    else:
-        span = (
-            f"every run read up to step {until:g}: final: last evaluation at or before it; "
-            "best: maximum up to it; acceptance: mean up to it"
-        )
+    span = (
+        "final: last evaluation; best: maximum over the run. Acceptance: the independence "
+        "test's rate, mean over training"
+        if until is None
+        else f"every run read up to step {until:g}: final: last evaluation at or before it; "
+        "best: maximum up to it. Acceptance: the independence test's rate, mean up to it"
+    )
     lines.append("")
     lines.append(
         f"Runs paired by seed; with - without: mean over seeds of the per-seed difference, "
         f"in % of the baseline's mean, and its {pct} Student-t interval (none with one seed). "
-        f"{span}. Acceptance: the independence test's rate, then its mean over seeds (about "
-        "0.95 for independent members)."
+        f"{span} then over seeds (about 0.95 for independent members)."
     )
     diverged = [(r["comparison"], *d) for r in rows for d in r.get("diverged", [])]
     if diverged:
