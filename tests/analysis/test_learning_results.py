@@ -263,3 +263,63 @@ def test_pooled_bf16_check_in_the_readmes_matches_the_runs():
     )
     assert hit, "benchmarks/learning/README.md: the pooled effect sentence"
     _matches(" ".join(hit.groups()), effect["0-5"])
+
+
+def test_100k_run_in_the_readmes_matches_the_runs(capsys):
+    """The 100k run read at four budgets: ``budgets.txt`` is what ``budgets.py`` prints from
+    the committed runs, and the figures of its README, the learning README and the README
+    are those of the runs read with ``until``."""
+    import importlib.util
+
+    folder = LEARNING / "hopper_bf16_100k"
+    spec = importlib.util.spec_from_file_location("budgets_100k", folder / "budgets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main()
+    assert capsys.readouterr().out == (folder / "budgets.txt").read_text()
+    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in range(3)] for g in mod.ARMS}
+    text = (folder / "README.md").read_text()
+    effects = {}
+    for step in mod.BUDGETS:
+        rows = {r["group"]: r for r in analysis.summary_rows(groups, until=step)}
+        b0, b1 = rows["beta0.0_N10"], rows["beta1.0_N10"]
+        diffs = [w - b for w, b in zip(b1["final"], b0["final"])]
+        effects[step] = [float(x[0]) for x in analysis.mean_ci(diffs)]
+        row = text.split(f"\n| {step // 1000}k | ", 1)[1].split("\n", 1)[0]
+        expected = []
+        for name in ("final", "best"):
+            for r in (b0, b1):
+                expected += [r[f"{name}_mean"], r[f"{name}_sd"]]
+        _matches(row, expected + effects[step])
+    pooled = {
+        g: runs + [mod.SEEDS_3_TO_5 / f"{g}_seed{s}" for s in range(3, 6)]
+        for g, runs in groups.items()
+    }
+    rows = {r["group"]: r for r in analysis.summary_rows(pooled, until=30_000)}
+    d = [w - b for w, b in zip(rows["beta1.0_N10"]["final"], rows["beta0.0_N10"]["final"])]
+    pooled_30k = [float(x[0]) for x in analysis.mean_ci(d)]
+    hit = re.search(r"six seeds give (\S+), 95% t interval \[(\S+), (\S+)\]", text)
+    assert hit, "hopper_bf16_100k/README.md: the pooled 30k sentence"
+    _matches(" ".join(hit.groups()), pooled_30k)
+    readme = (ROOT / "README.md").read_text()
+    final_100k = []
+    for r in analysis.summary_rows(groups, until=100_000):
+        final_100k += [r["final_mean"], r["final_sd"]]
+    hit = re.search(
+        r"minutes on the 2 cores\): final return (\S+) \+- (\S+) at beta 0 and (\S+) \+- (\S+) at",
+        readme,
+    )
+    assert hit, "README: the 100k final returns"
+    _matches(" ".join(hit.groups()), final_100k)
+    hit = re.search(r"beta 1 minus beta 0 is (\S+), 95% t interval (\S+) to (\S+)\s", readme)
+    assert hit, "README: the 100k effect sentence"
+    _matches(" ".join(hit.groups()), effects[100_000])
+    hit = re.search(
+        r"pooled\s+with seeds 3-5, the same runs give (\S+), 95% t interval (\S+) to", readme
+    )
+    assert hit, "README: the pooled 30k sentence"
+    _matches(" ".join(hit.groups()), pooled_30k[:2])
+    learning = (LEARNING / "README.md").read_text()
+    hit = re.search(r"paired by seed (\S+), 95% t interval (\S+) to (\S+)\. One seed", learning)
+    assert hit, "benchmarks/learning/README.md: the 100k effect sentence"
+    _matches(" ".join(hit.groups()), effects[100_000])
