@@ -144,6 +144,11 @@ NICE_CMD=()
 if [[ "$NICE" != 0 ]]; then NICE_CMD=(nice -n "$NICE"); fi
 
 run_name() { echo "sac_ens_${ENV}_N${ENSEMBLE}_beta$1_seed$2"; }
+# the run folder of agent (beta $1, seed $2): its own, or its folder in the population's
+agent_dir() {
+  if [[ "$POPULATION" == 1 ]]; then echo "$RUNS/population/beta$1.0_N${ENSEMBLE}_seed$2"
+  else echo "$RUNS/$(run_name "$1" "$2")"; fi
+}
 
 # the Hydra command of one run: run_cmd BETA SEED RUN_DIR TOTAL INIT_RANDOM LOG EVAL CKPT
 run_cmd() {
@@ -397,11 +402,10 @@ echo "[paper_scale] training done in ${TRAIN_WALL}s"
 mkdir -p "$OUT_DIR/runs"
 for s in "${SEED_LIST[@]}"; do
   for b in 0 1; do
-    name=$(run_name "$b" "$s"); src="$RUNS/$name"; dst="$OUT_DIR/runs/$name"
+    name=$(run_name "$b" "$s"); src=$(agent_dir "$b" "$s"); dst="$OUT_DIR/runs/$name"
     hydra_dir="$src/.hydra"; log="$RUNS/$name.log"; rc_file="$RUNS/$name.rc"
-    if [[ "$POPULATION" == 1 ]]; then  # the agent's folder in the population's
-      src="$RUNS/population/beta$b.0_N${ENSEMBLE}_seed$s"; hydra_dir="$RUNS/population/.hydra"
-      log="$RUNS/population.log"; rc_file="$RUNS/population.rc"
+    if [[ "$POPULATION" == 1 ]]; then  # one process: its config, output and exit code
+      hydra_dir="$RUNS/population/.hydra"; log="$RUNS/population.log"; rc_file="$RUNS/population.rc"
     fi
     mkdir -p "$dst"
     if [[ -f "$src/metrics.csv" ]]; then  # complete lines only (a row cut by the timeout dropped)
@@ -427,8 +431,7 @@ SPEC_LEFT=$(( T0 + BUDGET_S - 20 - $(date +%s) ))
 if (( SPEC_LEFT >= 15 )); then
   spec_runs=()
   for b in 0 1; do
-    src="$RUNS/$(run_name "$b" "${SEED_LIST[0]}")"
-    if [[ "$POPULATION" == 1 ]]; then src="$RUNS/population/beta$b.0_N${ENSEMBLE}_seed${SEED_LIST[0]}"; fi
+    src=$(agent_dir "$b" "${SEED_LIST[0]}")
     if [[ -d "$src/checkpoint" ]]; then spec_runs+=("$src"); fi
   done
   if (( ${#spec_runs[@]} > 0 )); then

@@ -43,15 +43,18 @@ def read_metrics(run_dir: str | Path, until: float | None = None) -> list[dict[s
     to compare runs at a common budget. A row without a step is then dropped too.
     """
     rows = _read_rows(Path(run_dir))
-    if until is None:
-        return rows
+    return rows if until is None else _rows_until(rows, until)
+
+
+def _rows_until(rows: list[dict[str, float]], until: float) -> list[dict[str, float]]:
+    """The rows logged at or before step ``until`` (rows without a step dropped)."""
     step = step_key(rows)
     return [r for r in rows if r.get(step, math.inf) <= until]
 
 
 def _read_rows(run_dir: Path) -> list[dict[str, float]]:
     rows = []
-    with (Path(run_dir) / "metrics.csv").open(newline="") as f:
+    with (run_dir / "metrics.csv").open(newline="") as f:
         for r in csv.DictReader(f):
             row = {}
             for k, v in r.items():
@@ -135,7 +138,7 @@ def check_run(
         if last is None or last < until:
             at = "no step" if last is None else f"{step} {last:g}"
             return f"it stopped before {step} {until:g} (its last row: {at})", None
-        rows = [r for r in rows if r.get(step, math.inf) <= until]
+        rows = _rows_until(rows, until)
         upto = f" up to {step} {until:g}"
     out = run_outcome(rows, key)
     if out is None:

@@ -249,14 +249,14 @@ def _population_buffer(run_dir: Path, counters: dict[str, Any]) -> Any:
     """
     from torchrl_spqr.training.checkpoint import has_checkpoint, load_checkpoint_data
 
-    parent = run_dir.resolve().parent
-    if not has_checkpoint(parent):
+    folder = run_dir.resolve()
+    if not has_checkpoint(folder.parent):
         return None
-    state, data, ck_dir = load_checkpoint_data(parent, buffer=True)
+    state, data, ck_dir = load_checkpoint_data(folder.parent, buffer=True)
     agents = state.get("agents")
-    if data is None or not isinstance(agents, dict) or run_dir.resolve().name not in agents:
+    if data is None or not isinstance(agents, dict) or folder.name not in agents:
         return None
-    saved = (agents[run_dir.resolve().name] or {}).get("counters", {})
+    saved = (agents[folder.name] or {}).get("counters", {})
     if saved.get("frames") != counters.get("frames"):
         warnings.warn(
             f"{run_dir}: the population checkpoint {ck_dir} is at frame {saved.get('frames')}, "
@@ -265,7 +265,7 @@ def _population_buffer(run_dir: Path, counters: dict[str, Any]) -> Any:
             stacklevel=3,
         )
         return None
-    return data[:, list(agents).index(run_dir.resolve().name)]
+    return data[:, list(agents).index(folder.name)]
 
 
 def _example_settings(run_dir: Path, path: Path, state: dict) -> tuple[str, dict[str, Any]]:
