@@ -28,7 +28,8 @@
 #   4. the small files of each agent's run (metrics.csv, learning_curve.png, .hydra/*.yaml, the
 #      tail of its output) copied into OUT_DIR/runs/, the checkpoints and replay buffers left in a
 #      scratch folder that is deleted; then `python -m torchrl_spqr.analysis` (grouped curves,
-#      diagnostics, summary) and its paired effects table and figure; if time is left, the
+#      diagnostics, summary) and its paired effects table and figure, under a `timeout` that
+#      keeps 20 s for the summary and the packing; if time is left, the
 #      eigenvalue spectra of the first seed's two agents at their last checkpoint (batch from
 #      their replay buffer; OUT_DIR/spectra/); and OUT_DIR/summary.md (device, budget planned
 #      and reached, seeds, every command).
@@ -421,7 +422,11 @@ for s in "${SEED_LIST[@]}"; do
   done
 done
 PLOT_CMD=("$PY" -m torchrl_spqr.analysis "$OUT_DIR/runs" --out "$OUT_DIR/plots" --effects "$OUT_DIR/effects")
-"${PLOT_CMD[@]}" > "$OUT_DIR/plot_output.log" 2>&1 || echo "[paper_scale] plotting failed: see $OUT_DIR/plot_output.log"
+# bounded so that 20 s stay for the summary and the packing, as for the spectra below (at
+# least 10 s: a plot that needs more than the reserve left is cut, not the packing)
+PLOT_LEFT=$(( T0 + BUDGET_S - 20 - $(date +%s) )); (( PLOT_LEFT >= 10 )) || PLOT_LEFT=10
+timeout -k 2 "$PLOT_LEFT" "${PLOT_CMD[@]}" > "$OUT_DIR/plot_output.log" 2>&1 \
+  || echo "[paper_scale] plotting failed or ran out of time: see $OUT_DIR/plot_output.log"
 
 # the spectra of the first seed's two agents at their last checkpoint (the checkpoints and
 # the replay buffers are in the scratch folder, deleted below), if time is left: 20 s are
