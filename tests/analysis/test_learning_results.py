@@ -265,19 +265,20 @@ def test_pooled_bf16_check_in_the_readmes_matches_the_runs():
     _matches(" ".join(hit.groups()), effect["0-5"])
 
 
-def test_100k_run_in_the_readmes_matches_the_runs(capsys):
-    """The 100k run read at four budgets: ``budgets.txt`` is what ``budgets.py`` prints from
-    the committed runs, and the figures of its README, the learning README and the README
-    are those of the runs read with ``until``."""
+def _budgets_folder(folder: Path, capsys) -> tuple[object, dict[str, list[Path]], dict]:
+    """Run ``folder/budgets.py`` and check that it prints ``budgets.txt``, and that every
+    row ``| <budget>k | ...`` of ``folder/README.md`` holds the runs' final and best
+    (mean, sd per arm) and SPQR's paired effect on the final at that budget, read with
+    ``until``. Returns the script's module, its groups of runs and the effects by budget."""
     import importlib.util
 
-    folder = LEARNING / "hopper_bf16_100k"
-    spec = importlib.util.spec_from_file_location("budgets_100k", folder / "budgets.py")
+    spec = importlib.util.spec_from_file_location(f"budgets_{folder.name}", folder / "budgets.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main()
     assert capsys.readouterr().out == (folder / "budgets.txt").read_text()
-    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in range(3)] for g in mod.ARMS}
+    arms = getattr(mod, "ARMS", None) or mod.first_part().ARMS
+    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in range(3)] for g in arms}
     text = (folder / "README.md").read_text()
     effects = {}
     for step in mod.BUDGETS:
@@ -285,12 +286,23 @@ def test_100k_run_in_the_readmes_matches_the_runs(capsys):
         b0, b1 = rows["beta0.0_N10"], rows["beta1.0_N10"]
         diffs = [w - b for w, b in zip(b1["final"], b0["final"])]
         effects[step] = [float(x[0]) for x in analysis.mean_ci(diffs)]
+        assert f"\n| {step // 1000}k | " in text, f"{folder.name}/README.md: no {step // 1000}k row"
         row = text.split(f"\n| {step // 1000}k | ", 1)[1].split("\n", 1)[0]
         expected = []
         for name in ("final", "best"):
             for r in (b0, b1):
                 expected += [r[f"{name}_mean"], r[f"{name}_sd"]]
         _matches(row, expected + effects[step])
+    return mod, groups, effects
+
+
+def test_100k_run_in_the_readmes_matches_the_runs(capsys):
+    """The 100k run read at four budgets: ``budgets.txt`` is what ``budgets.py`` prints from
+    the committed runs, and the figures of its README, the learning README and the README
+    are those of the runs read with ``until``."""
+    folder = LEARNING / "hopper_bf16_100k"
+    mod, groups, effects = _budgets_folder(folder, capsys)
+    text = (folder / "README.md").read_text()
     pooled = {
         g: runs + [mod.SEEDS_3_TO_5 / f"{g}_seed{s}" for s in range(3, 6)]
         for g, runs in groups.items()
