@@ -73,6 +73,11 @@ SETTINGS = {
         "",
         "eval_return",
     ),
+    ("Hopper-v5, SAC-Ens population, bf16 products, `data` pairs (UTD 1)", "200k steps"): (
+        "hopper_bf16_long/arms",
+        "",
+        "eval_return",
+    ),
 }
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -335,3 +340,50 @@ def test_100k_run_in_the_readmes_matches_the_runs(capsys):
     hit = re.search(r"paired by seed (\S+), 95% t interval (\S+) to (\S+)\. One seed", learning)
     assert hit, "benchmarks/learning/README.md: the 100k effect sentence"
     _matches(" ".join(hit.groups()), effects[100_000])
+
+
+def test_200k_run_in_the_readmes_matches_the_runs(capsys):
+    """The 100k run continued to 200k: ``budgets.txt`` is what ``budgets.py`` prints (which
+    checks that the rows up to 100k are the 100k run's), every run ends at 200k, and the
+    figures of its README, the learning README and the README are those of the runs."""
+    folder = LEARNING / "hopper_bf16_long"
+    mod, groups, effects = _budgets_folder(folder, capsys)
+    assert mod.BUDGETS[-1] == mod.END == 200_000
+    for runs in groups.values():
+        for run in runs:
+            assert analysis.read_metrics(run)[-1]["frames"] == mod.END, run
+    rows = {r["group"]: r for r in analysis.summary_rows(groups)}
+    b0, b1 = rows["beta0.0_N10"], rows["beta1.0_N10"]
+    text = (folder / "README.md").read_text()
+    for arm, r in (("beta 0", b0), ("beta 1", b1)):
+        hit = re.search(
+            rf"(?:\(best\): |\n){arm}: (\S+) \((\S+)\), (\S+) \((\S+)\), (\S+) \((\S+)\)[;.]", text
+        )
+        assert hit, f"hopper_bf16_long/README.md: the per-seed line of {arm}"
+        _matches(" ".join(hit.groups()), [v for pair in zip(r["final"], r["best"]) for v in pair])
+    diffs = [w - b for w, b in zip(b1["final"], b0["final"])]
+    hit = re.search(r"seed 1: (\S+),\s+(\S+) and (\S+) at 200k\. The 95% interval", text)
+    assert hit, "hopper_bf16_long/README.md: the per-seed differences at 200k"
+    _matches(" ".join(hit.groups()), diffs)
+    for step in mod.BUDGETS:  # beta 1 ahead for seeds 0 and 2, behind for seed 1
+        r = {x["group"]: x["final"] for x in analysis.summary_rows(groups, until=step)}
+        signs = [w > b for w, b in zip(r["beta1.0_N10"], r["beta0.0_N10"])]
+        assert signs == [True, False, True], step
+    final = [b0["final_mean"], b0["final_sd"], b1["final_mean"], b1["final_sd"]]
+    readme = (ROOT / "README.md").read_text()
+    hit = re.search(
+        r"to \*\*200k steps\*\* \(two thirds of the paper's\s+budget\): final return (\S+) \+- "
+        r"(\S+) at beta 0 and (\S+) \+- (\S+) at beta 1; paired by\s+seed, (\S+), 95% t "
+        r"interval (\S+) to (\S+)\.",
+        readme,
+    )
+    assert hit, "README: the 200k sentence"
+    _matches(" ".join(hit.groups()), final + effects[200_000])
+    learning = (LEARNING / "README.md").read_text()
+    hit = re.search(
+        r"Final evaluation at 200k (\S+) \+- (\S+) \(beta 0\) and (\S+) \+- (\S+)\s+\(beta 1\); "
+        r"paired by seed (\S+), 95% t interval (\S+) to (\S+)\.",
+        learning,
+    )
+    assert hit, "benchmarks/learning/README.md: the 200k sentence"
+    _matches(" ".join(hit.groups()), final + effects[200_000])
