@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 from torchrl_spqr import analysis  # noqa: E402
+from torchrl_spqr.analysis.runs import series  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 LEARNING = ROOT / "benchmarks" / "learning"
@@ -282,8 +283,7 @@ def _budgets_folder(folder: Path, capsys) -> tuple[object, dict[str, list[Path]]
     spec.loader.exec_module(mod)
     mod.main()
     assert capsys.readouterr().out == (folder / "budgets.txt").read_text()
-    arms = getattr(mod, "ARMS", None) or mod.first_part().ARMS
-    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in range(3)] for g in arms}
+    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in range(3)] for g in mod.ARMS}
     text = (folder / "README.md").read_text()
     effects = {}
     for step in mod.BUDGETS:
@@ -362,13 +362,19 @@ def test_200k_run_in_the_readmes_matches_the_runs(capsys):
         assert hit, f"hopper_bf16_long/README.md: the per-seed line of {arm}"
         _matches(" ".join(hit.groups()), [v for pair in zip(r["final"], r["best"]) for v in pair])
     diffs = [w - b for w, b in zip(b1["final"], b0["final"])]
-    hit = re.search(r"seed 1: (\S+),\s+(\S+) and (\S+) at 200k\. The 95% interval", text)
+    hit = re.search(r"\(at\s+200k: (\S+),\s+(\S+) and (\S+)\)\. Each seed pair", text)
     assert hit, "hopper_bf16_long/README.md: the per-seed differences at 200k"
     _matches(" ".join(hit.groups()), diffs)
-    for step in mod.BUDGETS:  # beta 1 ahead for seeds 0 and 2, behind for seed 1
-        r = {x["group"]: x["final"] for x in analysis.summary_rows(groups, until=step)}
-        signs = [w > b for w, b in zip(r["beta1.0_N10"], r["beta0.0_N10"])]
-        assert signs == [True, False, True], step
+    evaluations = 0  # beta 1 ahead for seeds 0 and 2, behind for seed 1, from 100k on
+    for s, (base, spqr) in enumerate(zip(groups["beta0.0_N10"], groups["beta1.0_N10"])):
+        (s0, v0), (s1, v1) = (series(analysis.read_metrics(r), "eval_return") for r in (base, spqr))
+        assert s0 == s1
+        ahead = {st: w > b for st, b, w in zip(s0, v0, v1) if st >= 100_000}
+        assert set(ahead.values()) == {s != 1}, (s, ahead)
+        evaluations = len(ahead)
+    assert evaluations == 41
+    for doc in (text, (ROOT / "README.md").read_text(), (LEARNING / "README.md").read_text()):
+        assert re.search(r"41\s+evaluations\s+from\s+100k\s+to\s+200k", doc)
     final = [b0["final_mean"], b0["final_sd"], b1["final_mean"], b1["final_sd"]]
     readme = (ROOT / "README.md").read_text()
     hit = re.search(

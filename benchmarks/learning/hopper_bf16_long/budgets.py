@@ -33,6 +33,10 @@ def first_part():
     return mod
 
 
+_FIRST_PART = first_part()
+ARMS = _FIRST_PART.ARMS  # run-name prefix -> arm label, those of the 100k run
+
+
 def check_prefix(run: Path) -> int:
     """Lines of ``run``'s ``metrics.csv`` equal to those of its 100k run (all of them);
     raises if they differ."""
@@ -44,10 +48,9 @@ def check_prefix(run: Path) -> int:
 
 
 def main() -> None:
-    mod = first_part()
     print("Hopper-v5 SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
     print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
-    groups = {g: [HERE / "arms" / f"{g}_seed{s}" for s in range(3)] for g in mod.ARMS}
+    groups = {g: [HERE / "arms" / f"{g}_seed{s}" for s in range(3)] for g in ARMS}
     runs = [run for g in groups.values() for run in g]
     lines = {check_prefix(run) for run in runs}
     print(
@@ -55,7 +58,7 @@ def main() -> None:
         f"lines with the header) are those of ../{FIRST.name}/arms, byte for byte."
     )
     for step in BUDGETS:
-        mod.report(groups, step, "seeds 0-2")
+        _FIRST_PART.report(groups, step, "seeds 0-2")
 
 
 if __name__ == "__main__":
