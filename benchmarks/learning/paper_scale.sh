@@ -422,17 +422,20 @@ for s in "${SEED_LIST[@]}"; do
   done
 done
 PLOT_CMD=("$PY" -m torchrl_spqr.analysis "$OUT_DIR/runs" --out "$OUT_DIR/plots" --effects "$OUT_DIR/effects")
-# bounded so that 20 s stay for the summary and the packing, as for the spectra below (at
-# least 10 s: a plot that needs more than the reserve left is cut, not the packing)
-PLOT_LEFT=$(( T0 + BUDGET_S - 20 - $(date +%s) )); (( PLOT_LEFT >= 10 )) || PLOT_LEFT=10
+# seconds left before the last PACK_RESERVE_S, which are kept for the summary and the packing
+PACK_RESERVE_S=20
+secs_before_packing() { echo $(( T0 + BUDGET_S - PACK_RESERVE_S - $(date +%s) )); }
+# bounded so that the packing keeps its reserve, as for the spectra below (at least 10 s: a
+# plot that needs more than the time left is cut, not the packing)
+PLOT_LEFT=$(secs_before_packing); (( PLOT_LEFT >= 10 )) || PLOT_LEFT=10
 timeout -k 2 "$PLOT_LEFT" "${PLOT_CMD[@]}" > "$OUT_DIR/plot_output.log" 2>&1 \
   || echo "[paper_scale] plotting failed or ran out of time: see $OUT_DIR/plot_output.log"
 
 # the spectra of the first seed's two agents at their last checkpoint (the checkpoints and
-# the replay buffers are in the scratch folder, deleted below), if time is left: 20 s are
-# kept for the summary and the packing
+# the replay buffers are in the scratch folder, deleted below), if time is left before the
+# packing's reserve
 SPEC_CMD=()
-SPEC_LEFT=$(( T0 + BUDGET_S - 20 - $(date +%s) ))
+SPEC_LEFT=$(secs_before_packing)
 if (( SPEC_LEFT >= 15 )); then
   spec_runs=()
   for b in 0 1; do
