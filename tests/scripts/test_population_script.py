@@ -2,7 +2,7 @@
 
 One folder per agent, the same as a single run's (the analysis tools read it unchanged),
 each agent starting exactly as its single run, and resume of the whole population after
-Ctrl-C with the rows an uninterrupted run writes.
+Ctrl-C or SIGTERM with the rows an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,40 @@ def test_interrupt_and_resume_the_population(tmp_path, monkeypatch):
             assert [r[key] for r in rows] == [r[key] for r in ref]
         assert _without_clock(rows[:3]) == _without_clock(ref[:3])
         assert rows[-1]["eval_return"] != ""
+
+
+def test_sigterm_stops_the_population_after_the_step(tmp_path, monkeypatch):
+    """SIGTERM during a population update: every agent's step completes (no agent stops
+    earlier than the others), the exit checkpoint holds it, and resume loses no update."""
+    from torchrl_spqr.training.cli import run_script
+
+    pop = _population_script()
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_update = pop.update
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 35:  # during the update of frame 74
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(pop, "update", signalled)
+    with pytest.raises(SystemExit) as exc:
+        run_script(pop.train, _cfg("collector.total_frames=100"), run)
+    assert exc.value.code == 128 + signal.SIGTERM and calls["n"] == 35
+    state, data, _ = load_checkpoint_data(run)
+    assert data.batch_size[:2] == torch.Size([74, 4])
+    for name in AGENTS:
+        assert state["agents"][name]["counters"]["frames"] == 74
+        assert state["agents"][name]["counters"]["updates"] == 35  # the signalled one included
+        assert "owed_row" not in state["agents"][name]
+        assert [int(r["frames"]) for r in _rows(run / name)] == [20, 40, 60]
+    monkeypatch.setattr(pop, "update", real_update)
+    res = pop.train(_cfg("collector.total_frames=100", "resume=true"), run)
+    for name in AGENTS:
+        assert res[name]["frames"] == 100 and res[name]["updates"] == 61  # uninterrupted: 61
+        assert [int(r["frames"]) for r in _rows(run / name)] == [20, 40, 60, 80, 100]
 
 
 @pytest.mark.parametrize(

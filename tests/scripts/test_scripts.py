@@ -7,8 +7,10 @@ import importlib.util
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,108 @@ def test_ctrl_c_again_while_resuming_an_owed_row(tmp_path, monkeypatch):
     rows = _rows(run)
     assert [int(r["frames"]) for r in rows] == [20, 40, 60, 80]
     assert rows[2]["eval_return"] != "" and rows[2]["loss_qvalue"] != ""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_in_an_update_ends_the_run_after_that_step(signum, tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C) during an update: the update and its step complete, then the
+    run stops with the exit checkpoint and 128 + signum; resume loses no update."""
+    from torchrl_spqr.training.cli import run_script
+
+    sac = load_script("sac_ens_spqr")
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_update = sac.update
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 35:  # during the update of frame 74
+            os.kill(os.getpid(), signum)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(sac, "update", signalled)
+    with pytest.raises(SystemExit) as exc:
+        run_script(sac.train, _cfg("sac_ens_spqr", "collector.total_frames=100"), run)
+    assert exc.value.code == 128 + signum
+    assert calls["n"] == 35  # no update after the signal's step
+    ck = load_checkpoint(run)
+    # the interrupted update completed (KeyboardInterrupt in it would leave 34)
+    assert ck["counters"]["frames"] == 74 and ck["counters"]["updates"] == 35
+    assert "owed_row" not in ck
+    assert [int(r["frames"]) for r in _rows(run)] == [20, 40, 60]
+    monkeypatch.setattr(sac, "update", real_update)
+    res = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=100", "resume=true"), run)
+    assert res["frames"] == 100 and res["updates"] == 100 - 40 + 1  # an uninterrupted run's
+    assert [int(r["frames"]) for r in _rows(run)] == [20, 40, 60, 80, 100]
+
+
+def test_a_stop_signal_during_an_evaluation_writes_its_row_first(tmp_path, monkeypatch):
+    """SIGTERM while a logged step is being evaluated: the row is written, then the run stops
+    at that step's checkpoint, owing nothing."""
+    from torchrl_spqr.training.cli import run_script
+
+    sac = load_script("sac_ens_spqr")
+    run = tmp_path / "run"
+    real = sac.evaluate_policy
+    calls = {"n": 0}
+
+    def signalled(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first evaluation, at frame 60
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sac, "evaluate_policy", signalled)
+    with pytest.raises(SystemExit) as exc:
+        run_script(sac.train, _cfg("sac_ens_spqr", "collector.total_frames=100"), run)
+    assert exc.value.code == 128 + signal.SIGTERM
+    ck = load_checkpoint(run)
+    assert ck["counters"]["frames"] == 60 and "owed_row" not in ck
+    rows = _rows(run)
+    assert [int(r["frames"]) for r in rows] == [20, 40, 60] and rows[2]["eval_return"] != ""
+
+
+@pytest.mark.parametrize("script", ["sac_ens_spqr"])
+def test_sigterm_subprocess_stops_cleanly_and_resume_completes(script, tmp_path):
+    """The script as a scheduler stops it: SIGTERM mid-run, exit 143 with one line and the
+    exit checkpoint; resume=true writes every remaining row once."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(SCRIPTS[script] / f"{script}.py"),
+        *TINY,
+        "collector.total_frames=600",
+        "logger.eval_interval=300",
+        "checkpoint.interval=300",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "RL_WARNINGS": "False"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.csv").exists() or len(_rows(run_dir)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM: stopping after the current step" in err
+    assert (
+        f"interrupted (SIGTERM): the rows and the checkpoint are saved; continue with "
+        f"resume=true hydra.run.dir={run_dir}" in err
+    )
+    assert "Traceback" not in err
+    stopped = load_checkpoint(run_dir)["counters"]["frames"]
+    assert 60 <= stopped < 300  # the exit checkpoint (the first periodic one is at 300)
+    logged = [int(r["frames"]) for r in _rows(run_dir)]
+    assert logged == list(range(20, stopped + 1, 20))  # every row up to the stop
+    res = subprocess.run(
+        [*cmd, "resume=true"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [int(r["frames"]) for r in _rows(run_dir)] == list(range(20, 601, 20))
 
 
 def test_checkpoint_restores_exact_state(tmp_path):

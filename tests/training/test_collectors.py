@@ -3,13 +3,17 @@
 Each test runs ``sota_scripts/sac_ens_spqr``'s ``train`` end to end on a tiny budget with 2 workers and checks
 what the loop does with their batches: frames and updates counted per collected frame,
 the random warm-up, episode returns, metrics rows, that updated policy weights reach the
-workers, and that the workers are gone afterwards (also after Ctrl-C).
+workers, and that the workers are gone afterwards (also after Ctrl-C), and that the workers
+leave Ctrl-C and SIGTERM to the main process.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +101,8 @@ def spy(monkeypatch):
         got["updates"] += 1
         if got["updates"] == got.get("interrupt_at"):
             raise KeyboardInterrupt  # Ctrl-C in the middle of training
+        if got["updates"] == got.get("call_at"):
+            got["call"]()
         out = real_update(*a, **k)
         _saturate(got["actor"])
         return out
@@ -160,6 +166,36 @@ def test_workers_shut_down_on_ctrl_c(spy, tmp_path):
     ck = load_checkpoint(run)
     assert ck["counters"]["frames"] == len(spy["buffer"]) == RANDOM + 2 * FPB
     assert ck["counters"]["updates"] == 8
+
+
+def test_workers_leave_stop_signals_to_the_main_process(spy, tmp_path):
+    """Under the scripts' stop_signals, the workers ignore SIGINT and SIGTERM (a terminal's
+    Ctrl-C reaches the whole process group, a scheduler's SIGTERM every process of a job);
+    the main process finishes the step it is in, checkpoints and shuts them down."""
+    from torchrl_spqr.training.stop import StopRequested, stop_signals
+
+    run, seen = tmp_path / "run", {}
+
+    def signal_everyone():  # during the 9th update: the first of frames 45-48
+        procs = spy["collector"].procs
+        for p in procs:
+            os.kill(p.pid, signal.SIGINT)
+            os.kill(p.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        seen["alive"] = [p.is_alive() for p in procs]
+        # fail here, not later: the main process would wait for a dead worker's batch
+        assert seen["alive"] == [True, True], "a worker died of the signal"
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    spy["call_at"], spy["call"] = 9, signal_everyone
+    with stop_signals(), pytest.raises(StopRequested):
+        spy["train"](_cfg("collector.backend=multi_sync"), run)
+    assert seen["alive"] == [True, True]  # the signals did not end them
+    assert all(not p.is_alive() for p in spy["collector"].procs)  # the main shut them down
+    ck = load_checkpoint(run)
+    # that batch's 4 updates all ran (Ctrl-C without the handlers stops at 8)
+    assert ck["counters"]["frames"] == len(spy["buffer"]) == RANDOM + 2 * FPB
+    assert ck["counters"]["updates"] == 12
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")

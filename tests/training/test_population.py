@@ -499,6 +499,43 @@ def test_population_envs_in_process_and_errors():
         PopulationEnvs([])
 
 
+def test_parallel_population_envs_leave_stop_signals_to_the_main_process():
+    """Under the scripts' stop_signals, a population's ParallelEnv workers ignore SIGINT and
+    SIGTERM (sent to every process of a group or job): the main process stops the run."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+    from functools import partial
+
+    from torchrl_spqr.training.builders import make_environment
+    from torchrl_spqr.training.population import PopulationEnvs
+    from torchrl_spqr.training.stop import stop_signals
+
+    cfg = {"env": {"name": "Pendulum-v1", "max_episode_steps": 30}}
+    before = set(multiprocessing.active_children())
+    with stop_signals():
+        envs = PopulationEnvs(
+            [make_environment(cfg, s) for s in (0, 1)],
+            [partial(make_environment, cfg, s) for s in (0, 1)],
+            parallel=True,
+        )
+        try:
+            td = envs.reset()  # starts the workers
+            workers = [p for p in multiprocessing.active_children() if p not in before]
+            assert len(workers) == 2
+            for p in workers:
+                os.kill(p.pid, signal.SIGINT)
+                os.kill(p.pid, signal.SIGTERM)
+            time.sleep(0.5)
+            assert all(p.is_alive() for p in workers)
+            td.set("action", envs.random_actions())
+            data, _ = envs.step(td)  # the workers still step
+            assert data.batch_size == torch.Size([2])
+        finally:
+            envs.close()
+
+
 @pytest.mark.parametrize("parallel", [False, True], ids=["in-process", "parallel"])
 def test_population_envs_evaluate_equals_each_agents_evaluation(parallel):
     """PopulationEnvs.evaluate (all agents at once, one policy call per step) gives each

@@ -37,6 +37,7 @@ from torchrl_spqr.training.fields import (  # noqa: F401  (cfg_*: re-exported, o
     cfg_sizes,
     get_device,
 )
+from torchrl_spqr.training.stop import workers_ignore_stop_signals
 from torchrl_spqr.training.typecheck import convert_section, to_plain
 from torchrl_spqr.training.validation import (  # noqa: F401  (LOGGER_BACKENDS: re-exported)
     COLLECTOR_BACKENDS,
@@ -382,14 +383,17 @@ def make_collector(
     ]
     if backend in ("multi_sync", "multi_async"):
         cls = MultiSyncCollector if backend == "multi_sync" else MultiAsyncCollector
-        return cls(
-            env_fns,
-            actor,
-            **common,
-            num_threads=cfg.threads,  # the learner's share; workers get 1
-            num_sub_threads=1,
-            auto_register_policy_transforms=False,
-        )
+        # the workers leave Ctrl-C and SIGTERM to the main process, which stops at a step
+        # boundary and shuts them down (torchrl_spqr.training.stop)
+        with workers_ignore_stop_signals():
+            return cls(
+                env_fns,
+                actor,
+                **common,
+                num_threads=cfg.threads,  # the learner's share; workers get 1
+                num_sub_threads=1,
+                auto_register_policy_transforms=False,
+            )
     if backend == "ray":
         from torchrl.collectors.distributed import RayCollector
 

@@ -4,10 +4,12 @@ Hydra prints a (shortened) traceback for any exception that leaves a task
 function. The errors the package raises for bad configs, unsafe or damaged
 files and unusable datasets already name the field or file, the value and the
 fix; a traceback above them only hides that line. ``run_script`` prints it
-alone and exits with 2 (as ``argparse`` does for a bad argument). Ctrl-C ends
-with one line saying how to resume and exit code 130 (the shell's code for
-SIGINT): the scripts' run protocol has written the owed rows and the
-checkpoint by then. Any other exception is a bug and keeps its traceback.
+alone and exits with 2 (as ``argparse`` does for a bad argument). Ctrl-C and
+SIGTERM stop the run at the end of its current step
+(:mod:`torchrl_spqr.training.stop`) and end with one line saying how to resume
+and exit code ``128 + signum`` (130 for SIGINT, 143 for SIGTERM, the shell's
+codes): the scripts' run protocol has written the owed rows and the checkpoint
+by then. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from torchrl_spqr.training.stop import StopRequested, stop_signals
 
 __all__ = ["run_script", "user_errors"]
 
@@ -39,20 +43,27 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_script(train: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``train(*args, **kwargs)``; a user-facing error exits with its message and code 2.
 
-    ``KeyboardInterrupt`` (Ctrl-C) exits with code 130 and a line naming the run
-    folder (``args[1]``, the scripts' ``train(cfg, run_dir)``) to resume, not a
-    traceback.
+    SIGINT (Ctrl-C) and SIGTERM are handled by :func:`~torchrl_spqr.training.stop.stop_signals`
+    while ``train`` runs: inside a run's steps they stop it after the current step. The
+    stop exits with code ``128 + signum`` (130, 143) and a line naming the signal and the
+    run folder (``args[1]``, the scripts' ``train(cfg, run_dir)``) to resume, not a
+    traceback. A plain ``KeyboardInterrupt`` (the handlers could not be installed outside
+    the main thread) exits with 130 the same way.
     """
     try:
-        return train(*args, **kwargs)
+        with stop_signals():
+            return train(*args, **kwargs)
     except user_errors() as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        name, code = (
+            (err.name, err.exit_code) if isinstance(err, StopRequested) else ("Ctrl-C", 130)
+        )
         where = f" hydra.run.dir={args[1]}" if len(args) > 1 and args[1] is not None else ""
         print(
-            f"interrupted (Ctrl-C): the rows and the checkpoint are saved; "
+            f"interrupted ({name}): the rows and the checkpoint are saved; "
             f"continue with resume=true{where}",
             file=sys.stderr,
         )
-        raise SystemExit(130) from None
+        raise SystemExit(code) from None

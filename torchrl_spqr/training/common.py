@@ -17,6 +17,11 @@ a run safe lives here, in :class:`RunContext`, so that each loop stays short:
 - **Checkpoints** every ``checkpoint.interval`` steps and at every exit (the end, an
   error, Ctrl-C): the loss's and optimisers' states, the replay buffer, the RNG states,
   the counters and the config (:mod:`torchrl_spqr.training.checkpoint`).
+- **Stops.** Under the scripts' :func:`~torchrl_spqr.training.cli.run_script`, Ctrl-C and
+  SIGTERM inside ``with run:`` wait for the end of the step (:mod:`~torchrl_spqr.training.stop`):
+  ``end_step`` raises :class:`~torchrl_spqr.training.stop.StopRequested` after the step's
+  updates, row and checkpoint, so no update is cut in half, and the exit checkpoint
+  follows. A second signal quits at once, keeping the last checkpoint.
 - **Resume.** ``resume=true`` restores the newest complete checkpoint, refusing one
   saved with a config whose shape-determining fields differ (:data:`SHAPE_FIELDS`), and
   cuts ``metrics.csv`` and TorchRL's CSV scalar logs back to its step; a fresh run
@@ -61,6 +66,7 @@ from torchrl_spqr.training.checkpoint import (
 from torchrl_spqr.training.config import ConfigError, resolve_config
 from torchrl_spqr.training.loggers import MetricsCSVLogger, make_logger
 from torchrl_spqr.training.malloc import retain_freed_memory
+from torchrl_spqr.training.stop import check_stop, steps_running
 from torchrl_spqr.training.typecheck import to_plain
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -186,12 +192,12 @@ class RunContext:
                          total=total_frames, evaluate=evaluate, buffer=replay_buffer)
         if run.start():  # resume=true and a checkpoint: restored
             print("resumed at frame", run.counters["frames"])
-        with run:  # writes a row an interrupted run owed; at exit (Ctrl-C too): checkpoint
+        with run:  # writes a row an interrupted run owed; at exit (Ctrl-C, SIGTERM): checkpoint
             for data in collector:
                 run.collected(data)  # frames, episodes, returns; a row due here is owed
                 for _ in range(num_updates):
                     run.updated(update(replay_buffer.sample()))
-                run.end_step()  # the owed row (evaluating if due), checkpoint if due
+                run.end_step()  # the owed row (evaluating if due), checkpoint if due; stop if asked
 
     Args:
         cfg: the run's config (``logger.*``, ``checkpoint.interval``, ``resume``).
@@ -207,6 +213,10 @@ class RunContext:
         score: maps an evaluation return to the normalised score logged with it (offline:
             the dataset's ``normalized_score``, ``100 (R - ref_min) / (ref_max - ref_min)``).
     """
+
+    #: Whether this context holds stop signals until its steps end (an agent of a population
+    #: leaves that to the population's run).
+    _owns_stops = True
 
     def __init__(
         self,
@@ -244,6 +254,7 @@ class RunContext:
         self.logger: Logger | None = None
         self.owed: dict[str, Any] | None = None
         self._started = False
+        self._steps = steps_running()
         self._pbar = None
         # training metrics of the next row: last update's loss output, episode returns,
         # frames and updates (and the time spent in updates) since the previous row
@@ -303,10 +314,12 @@ class RunContext:
         return resumed
 
     def __enter__(self) -> RunContext:
-        """Start (if :meth:`start` was not called), write the row an interrupted run owed
-        (running its evaluation), then start the clocks."""
+        """Start (if :meth:`start` was not called), hold stop signals until a step ends, write
+        the row an interrupted run owed (running its evaluation), then start the clocks."""
         if not self._started:
             self.start()
+        if self._owns_stops:
+            self._steps.open()
         if self.owed is not None:
             try:
                 self._write_owed(train=False)  # its training metrics were saved with it
@@ -320,9 +333,10 @@ class RunContext:
         self.close()
 
     def close(self) -> None:
-        """Keep the owed row's training metrics, close the logs, write a checkpoint.
+        """Keep the owed row's training metrics, close the logs, write a checkpoint, then let
+        stop signals act where they land again.
 
-        Runs at every exit of ``with run:`` (the end, an error, Ctrl-C).
+        Runs at every exit of ``with run:`` (the end, an error, Ctrl-C, SIGTERM).
         """
         if self.owed is not None and self.owed.get("train"):
             self.owed["row"].update(self._train_metrics())
@@ -333,6 +347,7 @@ class RunContext:
         if self.logger is not None:
             self.logger.flush()
         self.checkpoint()
+        self._steps.close()
 
     # ------------------------------------------------------------------ what the loop reports
     def collected(self, data: TensorDictBase) -> int:
@@ -369,7 +384,11 @@ class RunContext:
             self._owe_if_due()
 
     def end_step(self) -> None:
-        """After a step's updates: write the owed row (evaluating if due), checkpoint if due."""
+        """After a step's updates: write the owed row (evaluating if due), checkpoint if due.
+
+        Then, if a stop signal arrived (:func:`~torchrl_spqr.training.stop.stop_signals`),
+        raise :class:`~torchrl_spqr.training.stop.StopRequested`: the step is complete.
+        """
         st = self.counters
         now = time.perf_counter()
         st["time_s"] += now - self._t_prev
@@ -389,6 +408,8 @@ class RunContext:
                     shown["score"] = st["last_score"]
                 self._pbar.set_postfix(shown)
         self._t_mark = time.perf_counter()
+        if self._owns_stops:
+            check_stop()
 
     def summary(self) -> dict[str, float]:
         """Counts and the final and best evaluation (and normalised score)."""

@@ -21,7 +21,8 @@ single run's evaluation resets it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -29,6 +30,7 @@ from torchrl.envs import EnvBase, ParallelEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
 
 from torchrl_spqr.training.common import evaluate_policy, return_stats
+from torchrl_spqr.training.stop import workers_ignore_stop_signals
 
 __all__ = ["PopulationEnvs"]
 
@@ -90,7 +92,8 @@ class PopulationEnvs:
     def reset(self) -> TensorDictBase:
         """Every agent's first step, ``[K]`` (new episodes)."""
         if self._penv is not None:
-            return self._penv.reset()
+            with self._workers_start():
+                return self._penv.reset()
         return torch.stack([env.reset() for env in self.envs])
 
     def random_actions(self) -> torch.Tensor:
@@ -108,7 +111,8 @@ class PopulationEnvs:
                 f"step expects a [K={self.num_agents}] tensordict, got {list(td.batch_size)}."
             )
         if self._penv is not None:
-            return self._penv.step_and_maybe_reset(td)
+            with self._workers_start():
+                return self._penv.step_and_maybe_reset(td)
         steps = [env.step_and_maybe_reset(row) for env, row in zip(self.envs, td.unbind(0))]
         data = torch.stack([transition for transition, _ in steps])
         return data, torch.stack([next_td for _, next_td in steps])
@@ -161,7 +165,8 @@ class PopulationEnvs:
         is a placeholder (ignored by :meth:`evaluate`)."""
         if self._penv is not None:
             td.set("_step", rows.clone())
-            out = self._penv.step(td)
+            with self._workers_start():
+                out = self._penv.step(td)
             td.del_("_step")
             return out.exclude("_step")
         stepped = {i: self.envs[i].step(td[i].clone()) for i in rows.nonzero().flatten().tolist()}
@@ -174,9 +179,12 @@ class PopulationEnvs:
         """``td`` with the agents in ``rows`` (a ``[K]`` mask) at a fresh episode's start."""
         out = td.clone()
         if self._penv is not None:
-            fresh = self._penv.reset(
-                TensorDict({"_reset": rows.reshape(-1, 1).clone()}, batch_size=[self.num_agents])
-            )
+            with self._workers_start():
+                fresh = self._penv.reset(
+                    TensorDict(
+                        {"_reset": rows.reshape(-1, 1).clone()}, batch_size=[self.num_agents]
+                    )
+                )
             for key in fresh.keys(True, True):
                 if key in out.keys(True, True):
                     value = out.get(key)
@@ -189,6 +197,16 @@ class PopulationEnvs:
                 if key in out.keys(True, True):
                     out.get(key)[i] = fresh.get(key)
         return out
+
+    @contextmanager
+    def _workers_start(self) -> Iterator[None]:
+        """Around a call to the ``ParallelEnv``: its first call starts the worker processes,
+        which then leave Ctrl-C and SIGTERM to this process (``workers_ignore_stop_signals``)."""
+        if self._penv is not None and self._penv.is_closed:
+            with workers_ignore_stop_signals():
+                yield
+        else:
+            yield
 
     def close(self) -> None:
         """Stop the worker processes (parallel) and close the environments."""

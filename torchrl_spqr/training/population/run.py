@@ -22,7 +22,8 @@ holding the agent's networks and its single-run config, so that
   row, RNG states, config; the buffer as a memmap) with
   :func:`~torchrl_spqr.training.checkpoint.save_checkpoint` (atomic, verified, loaded
   without unpickling), every ``checkpoint.interval`` frames and at every exit (the end,
-  an error, Ctrl-C). ``resume=true`` restores it and cuts every agent's ``metrics.csv``
+  an error, Ctrl-C, SIGTERM: a stop signal waits for the end of the step, as in a single
+  run). ``resume=true`` restores it and cuts every agent's ``metrics.csv``
   back to it, as a single run does.
 """
 
@@ -54,6 +55,7 @@ from torchrl_spqr.training.config import (
 from torchrl_spqr.training.loggers import make_logger
 from torchrl_spqr.training.population.replay import PopulationReplayBuffer
 from torchrl_spqr.training.population.update import PopulationUpdate
+from torchrl_spqr.training.stop import check_stop, steps_running
 from torchrl_spqr.training.typecheck import convert_section, to_plain
 
 __all__ = [
@@ -166,8 +168,11 @@ class AgentRun(RunContext):
 
     Its rows, owed rows and TorchRL logger are a single run's; its counters and owed row
     are saved in the population's checkpoint (:meth:`state`, :meth:`restore`), so its own
-    :meth:`checkpoint` writes nothing.
+    :meth:`checkpoint` writes nothing, and stop signals wait for the population's step
+    (:meth:`PopulationRun.end_step`), not the agent's.
     """
+
+    _owns_stops = False
 
     def checkpoint(self) -> None:
         """Nothing: :class:`PopulationRun` checkpoints every agent at once."""
@@ -350,6 +355,7 @@ class PopulationRun:
         self.checkpoint_every = int(cfg.checkpoint.interval)
         self._pbar = None
         self._last_step = 0
+        self._steps = steps_running()
 
     @property
     def frames(self) -> int:
@@ -413,7 +419,9 @@ class PopulationRun:
         return resumed
 
     def __enter__(self) -> PopulationRun:
-        """Write the rows an interrupted run owed (each agent's ``RunContext.__enter__``)."""
+        """Hold stop signals until a step ends, then write the rows an interrupted run owed
+        (each agent's ``RunContext.__enter__``)."""
+        self._steps.open()
         for i, run in enumerate(self.runs):
             try:
                 run.__enter__()
@@ -434,6 +442,7 @@ class PopulationRun:
             self._pbar.close()
             self._pbar = None
         self.checkpoint()
+        self._steps.close()
 
     # ------------------------------------------------------------ what the loop reports
     def collected(self, data: TensorDictBase) -> None:
@@ -448,7 +457,8 @@ class PopulationRun:
 
     def end_step(self, diagnostics=None) -> None:
         """Each agent's row when due (``diagnostics(k)`` adds entries to a training row), then
-        the population checkpoint when due."""
+        the population checkpoint when due; then, if a stop signal arrived, raise
+        :class:`~torchrl_spqr.training.stop.StopRequested` (every agent's step is complete)."""
         if diagnostics is not None:
             for k, run in enumerate(self.runs):
                 if run.wants_training_row():
@@ -461,6 +471,7 @@ class PopulationRun:
             self.checkpoint()
         if self._pbar is not None:
             self._pbar.update(n)
+        check_stop()
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Each agent's :meth:`RunContext.summary`, by run-folder name."""
