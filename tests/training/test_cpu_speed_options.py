@@ -67,6 +67,41 @@ def test_builder_sets_the_losses_precision(dtype):
     assert pop.template.loss_module.critic_matmul_dtype is want
 
 
+@pytest.mark.parametrize("ratio, warns", [(40.0, True), (0.2, False)])
+def test_builder_warns_when_bfloat16_products_are_emulated(ratio, warns, monkeypatch, recwarn):
+    """On a CPU without AMX / AVX512-BF16, bfloat16 products are emulated (about 40x slower
+    than float32 on an AVX2 AMD EPYC): the builder says so, naming the option and the
+    ratio; where they are faster it says nothing. The ratio is stubbed: no timing here."""
+    seen = []
+
+    def slowdown(dtype, device="cpu", size=128):
+        seen.append(dtype)
+        return ratio
+
+    monkeypatch.setattr(B, "matmul_slowdown", slowdown)
+    cfg = resolve_config(_cfg(matmul_dtype="bfloat16"), "online")
+    env = B.make_environment(cfg, seed=0)
+    try:
+        B.make_loss_module(cfg, B.make_actor(cfg, env), B.make_critics(cfg, env), env.action_spec)
+    finally:
+        env.close()
+    assert seen == [torch.bfloat16]
+    msgs = [str(w.message) for w in recwarn if "network.matmul_dtype" in str(w.message)]
+    if warns:
+        assert len(msgs) == 1 and "40.0x as long as a float32 one" in msgs[0]
+        assert "network.matmul_dtype=null" in msgs[0]
+    else:
+        assert msgs == []
+
+
+def test_matmul_slowdown_measures_a_positive_ratio():
+    from torchrl_spqr.modules.relu_mlp import matmul_slowdown
+
+    ratio = matmul_slowdown(torch.bfloat16, size=32)
+    assert isinstance(ratio, float) and 0 < ratio < float("inf")
+    assert matmul_slowdown(torch.bfloat16, size=32) == ratio  # measured once per process
+
+
 def test_open_run_folder_applies_the_malloc_setting(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(C, "retain_freed_memory", lambda: calls.append(1) or True)

@@ -38,16 +38,54 @@ Pure tensor code (no modules), kept apart so it can be tested alone.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MATMUL_DTYPES", "ensemble_relu_mlp", "relu_mlp_layers"]
+__all__ = ["MATMUL_DTYPES", "ensemble_relu_mlp", "matmul_slowdown", "relu_mlp_layers"]
 
 #: The lower precisions ``ensemble_relu_mlp(..., matmul_dtype=)`` accepts.
 MATMUL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def matmul_slowdown(dtype: torch.dtype, device: str = "cpu", size: int = 128) -> float:
+    """How many times longer a batched product takes in ``dtype`` than in float32 here.
+
+    Times ``torch.bmm`` of two ``[4, size, size]`` tensors in both dtypes on ``device``
+    (best of 3 after a warm-up; about 50 ms where ``dtype`` is emulated) and returns the
+    ratio of the times: below 1 where ``dtype`` is faster (a CPU with AMX or AVX512-BF16,
+    a GPU), well above 1 where the CPU has no instructions for it and PyTorch emulates it
+    (about 40 for bfloat16 on an AVX2-only AMD EPYC). Measured once per process and
+    argument tuple.
+
+    Example:
+        >>> import torch
+        >>> from torchrl_spqr.modules.relu_mlp import matmul_slowdown
+        >>> matmul_slowdown(torch.bfloat16) > 0
+        True
+    """
+    dev = torch.device(device)
+
+    def best(dt: torch.dtype) -> float:
+        a = torch.randn(4, size, size, device=dev).to(dt)
+        b = torch.randn(4, size, size, device=dev).to(dt)
+        times = []
+        for _ in range(4):  # the first is a warm-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            torch.bmm(a, b)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        return max(min(times[1:]), 1e-9)
+
+    return best(dtype) / best(torch.float32)
 
 
 def ensemble_relu_mlp(

@@ -24,6 +24,7 @@ from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
 from torchrl.objectives import SoftUpdate
 
 from torchrl_spqr.modules.ensemble import QEnsemble, init_linear_stack_, make_q_member
+from torchrl_spqr.modules.relu_mlp import matmul_slowdown
 from torchrl_spqr.objectives import CQLNLoss, EDACLoss, ReferenceREDQLoss, SACNLoss
 from torchrl_spqr.objectives.spqr import SPQRLoss
 from torchrl_spqr.training.config import EnvConfig, resolve_config, validate_config
@@ -248,9 +249,35 @@ def make_loss_module(cfg: Any, actor, critics, action_spec=None) -> tuple[SPQRLo
     base = cls(actor, critics, **kwargs)
     if cfg.network.matmul_dtype is not None:
         base.critic_matmul_dtype = getattr(torch, cfg.network.matmul_dtype)
+        if get_device(cfg.device).type == "cpu":
+            warn_if_matmul_dtype_is_slow(cfg.network.matmul_dtype)
     if cfg.network.ensemble_size < 3:
         return base, base
     return make_spqr_loss(cfg, base), base
+
+
+def warn_if_matmul_dtype_is_slow(name: str, limit: float = 1.0) -> float:
+    """Warn when ``network.matmul_dtype=<name>`` products are slower than float32 on this
+    CPU (:func:`~torchrl_spqr.modules.relu_mlp.matmul_slowdown` above ``limit``): without
+    AMX or AVX512-BF16 PyTorch emulates them, and the option slows the update down instead
+    of speeding it up. Returns the measured ratio.
+
+    A warning, not an error: resuming a run made with that setting elsewhere needs it.
+    """
+    ratio = matmul_slowdown(getattr(torch, name))
+    if ratio > limit:
+        import warnings
+
+        warnings.warn(
+            f"network.matmul_dtype={name}: on this CPU a {name} product takes {ratio:.1f}x "
+            f"as long as a float32 one (torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; no native {name} instructions such "
+            f"as AMX or AVX512-BF16), so the option slows the update down. Use "
+            "network.matmul_dtype=null unless you resume a run made with it.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return ratio
 
 
 def make_spqr_loss(cfg: Any, base) -> SPQRLoss:
