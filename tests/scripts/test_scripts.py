@@ -220,6 +220,7 @@ def test_a_stop_signal_during_an_evaluation_writes_its_row_first(tmp_path, monke
     assert [int(r["frames"]) for r in rows] == [20, 40, 60] and rows[2]["eval_return"] != ""
 
 
+@pytest.mark.slow  # worker or script processes: about a minute on 2 busy cores
 @pytest.mark.parametrize("script", ["sac_ens_spqr"])
 def test_sigterm_subprocess_stops_cleanly_and_resume_completes(script, tmp_path):
     """The script as a scheduler stops it: SIGTERM mid-run, exit 143 with one line and the

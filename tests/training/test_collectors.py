@@ -168,6 +168,7 @@ def test_workers_shut_down_on_ctrl_c(spy, tmp_path):
     assert ck["counters"]["updates"] == 8
 
 
+@pytest.mark.slow  # worker or script processes: about a minute on 2 busy cores
 def test_workers_leave_stop_signals_to_the_main_process(spy, tmp_path):
     """Under the scripts' stop_signals, the workers ignore SIGINT and SIGTERM (a terminal's
     Ctrl-C reaches the whole process group, a scheduler's SIGTERM every process of a job);

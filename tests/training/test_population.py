@@ -499,6 +499,7 @@ def test_population_envs_in_process_and_errors():
         PopulationEnvs([])
 
 
+@pytest.mark.slow  # worker or script processes: about a minute on 2 busy cores
 def test_parallel_population_envs_leave_stop_signals_to_the_main_process():
     """Under the scripts' stop_signals, a population's ParallelEnv workers ignore SIGINT and
     SIGTERM (sent to every process of a group or job): the main process stops the run."""
