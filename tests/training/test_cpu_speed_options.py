@@ -74,7 +74,7 @@ def test_builder_warns_when_bfloat16_products_are_emulated(ratio, warns, monkeyp
     ratio; where they are faster it says nothing. The ratio is stubbed: no timing here."""
     seen = []
 
-    def slowdown(dtype, device="cpu", size=128):
+    def slowdown(dtype, device="cpu", size=256):
         seen.append(dtype)
         return ratio
 
@@ -97,9 +97,11 @@ def test_builder_warns_when_bfloat16_products_are_emulated(ratio, warns, monkeyp
 def test_matmul_slowdown_measures_a_positive_ratio():
     from torchrl_spqr.modules.relu_mlp import matmul_slowdown
 
+    threads = torch.get_num_threads()
     ratio = matmul_slowdown(torch.bfloat16, size=32)
     assert isinstance(ratio, float) and 0 < ratio < float("inf")
     assert matmul_slowdown(torch.bfloat16, size=32) == ratio  # measured once per process
+    assert torch.get_num_threads() == threads  # measured on one thread, then restored
 
 
 def test_open_run_folder_applies_the_malloc_setting(tmp_path, monkeypatch):

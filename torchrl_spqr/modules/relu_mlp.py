@@ -53,14 +53,16 @@ MATMUL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @functools.cache
-def matmul_slowdown(dtype: torch.dtype, device: str = "cpu", size: int = 128) -> float:
+def matmul_slowdown(dtype: torch.dtype, device: str = "cpu", size: int = 256) -> float:
     """How many times longer a batched product takes in ``dtype`` than in float32 here.
 
-    Times ``torch.bmm`` of two ``[4, size, size]`` tensors in both dtypes on ``device``
-    (best of 3 after a warm-up; about 50 ms where ``dtype`` is emulated) and returns the
-    ratio of the times: below 1 where ``dtype`` is faster (a CPU with AMX or AVX512-BF16,
-    a GPU), well above 1 where the CPU has no instructions for it and PyTorch emulates it
-    (about 40 for bfloat16 on an AVX2-only AMD EPYC). Measured once per process and
+    Times ``torch.bmm`` of two ``[4, size, size]`` tensors (a critic layer's shape at the
+    default 256) in both dtypes on ``device``, best of 3 after a warm-up, on one CPU thread
+    (per-core speed is what differs, and one thread is the least disturbed by other
+    processes on the cores), and returns the ratio of the times: below 1 where ``dtype``
+    is faster (a CPU with AMX or AVX512-BF16, a GPU), well above 1 where the CPU has no
+    instructions for it and PyTorch emulates it (about 50-75 for bfloat16 on an AVX2-only
+    AMD EPYC; about 0.4 s there, milliseconds elsewhere). Measured once per process and
     argument tuple.
 
     Example:
@@ -70,6 +72,7 @@ def matmul_slowdown(dtype: torch.dtype, device: str = "cpu", size: int = 128) ->
         True
     """
     dev = torch.device(device)
+    threads = torch.get_num_threads()
 
     def best(dt: torch.dtype) -> float:
         a = torch.randn(4, size, size, device=dev).to(dt)
@@ -85,7 +88,12 @@ def matmul_slowdown(dtype: torch.dtype, device: str = "cpu", size: int = 128) ->
             times.append(time.perf_counter() - t0)
         return max(min(times[1:]), 1e-9)
 
-    return best(dtype) / best(torch.float32)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return best(dtype) / best(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ensemble_relu_mlp(

@@ -1,0 +1,63 @@
+"""Seeds 6-8 at 30k steps with float32 products, alone and pooled with seeds 0-5.
+
+Hopper-v5 SAC-Ens (N = 10, UTD 1), beta 0 against beta 1 on dataset pairs. This
+folder's runs (seeds 6-8) computed the critics' products in float32 (the default,
+``network.matmul_dtype=null``); seeds 0-2 (``../hopper_bf16_100k``, read up to 30k)
+and seeds 3-5 (``../hopper_bf16_kernel_30k_seeds3to5``) used bfloat16 products, with
+otherwise the same configuration (the resolved configs in ``hydra/`` differ from
+seeds 3-5's in the seeds and ``network.matmul_dtype`` only). The tables are those of
+``../hopper_bf16_100k/budgets.py`` (its ``report``): per arm the final evaluation at
+30k, the best up to 30k and the mean of the last four evaluations, mean +- sd over
+seeds, then SPQR's effect paired by seed with its 95% Student-t interval.
+
+    python benchmarks/learning/hopper_fp32_30k_seeds6to8/pooled_at_30k.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LEARNING = HERE.parent
+STEP = 30_000
+SEED_FOLDERS = {  # seeds -> the folder holding their runs
+    (0, 1, 2): LEARNING / "hopper_bf16_100k" / "arms",
+    (3, 4, 5): LEARNING / "hopper_bf16_kernel_30k_seeds3to5" / "arms",
+    (6, 7, 8): HERE / "arms",
+}
+
+
+def _budgets():
+    """``../hopper_bf16_100k/budgets.py`` as a module (its ``report`` and ``ARMS``)."""
+    path = LEARNING / "hopper_bf16_100k" / "budgets.py"
+    spec = importlib.util.spec_from_file_location("hopper_bf16_100k_budgets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:
+    """Arm -> the runs of the listed seed sets."""
+    arms = _budgets().ARMS
+    return {
+        g: [SEED_FOLDERS[seeds] / f"{g}_seed{s}" for seeds in seed_sets for s in seeds]
+        for g in arms
+    }
+
+
+def main() -> None:
+    report = _budgets().report
+    print("Hopper-v5 SAC-Ens N = 10; beta 0 against beta 1 on dataset pairs, at 30k steps")
+    print("mean +- sd over seeds; final: the evaluation at 30k (5 episodes)")
+    report(groups([(6, 7, 8)]), STEP, "seeds 6-8, float32 products")
+    report(groups([(0, 1, 2), (3, 4, 5)]), STEP, "seeds 0-5, bfloat16 products")
+    report(
+        groups([(0, 1, 2), (3, 4, 5), (6, 7, 8)]),
+        STEP,
+        "seeds 0-8 (0-5 bfloat16 products, 6-8 float32)",
+    )
+
+
+if __name__ == "__main__":
+    main()
