@@ -161,7 +161,7 @@ def test_existing_run_folder_is_not_overwritten(script, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- interrupts
-@pytest.mark.parametrize("script", ["redq_spqr", "spqr_demo"])
+@pytest.mark.parametrize("script", ["redq_spqr", pytest.param("spqr_demo", marks=pytest.mark.slow)])
 def test_ctrl_c_stops_cleanly_and_resume_completes_the_log(script, tmp_path):
     run = tmp_path / RUN_NAME[script]
     proc = _start(script, tmp_path)
@@ -208,7 +208,7 @@ def _kill_and_resume(script: str, tmp_path: Path, seed: int) -> None:
 @pytest.mark.parametrize(
     ("script", "seed"),
     [
-        ("redq_spqr", 0),
+        pytest.param("redq_spqr", 0, marks=pytest.mark.slow),
         pytest.param("redq_spqr", 1, marks=pytest.mark.slow),
         pytest.param("spqr_demo", 2, marks=pytest.mark.slow),
     ],

@@ -250,7 +250,10 @@ def test_sigterm_stops_the_population_after_the_step(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "flags",
-    [["population.parallel_envs=true"], ["population.batched_eval=true"]],
+    [
+        pytest.param(["population.parallel_envs=true"], marks=pytest.mark.slow),
+        pytest.param(["population.batched_eval=true"], marks=pytest.mark.slow),
+    ],
     ids=["parallel-envs", "batched-eval"],
 )
 def test_parallel_envs_and_batched_eval_write_the_rows_of_the_default(tmp_path, flags):
