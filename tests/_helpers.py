@@ -104,3 +104,17 @@ def load_script(name: str) -> ModuleType:
         if saved is not None:
             sys.modules["utils"] = saved
     return module
+
+
+def signal_on_call(fn, n: int, signum: int, calls: dict[str, int]):
+    """``fn`` wrapped so that its ``n``-th call first sends ``signum`` to this process (its
+    Python handler runs at once, inside that call); ``calls["n"]`` counts the calls."""
+    import os
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
+        return fn(*args, **kwargs)
+
+    return wrapped

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 pytest.importorskip("hydra")
-from _helpers import load_script  # noqa: E402
+from _helpers import load_script, signal_on_call  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from torchrl_spqr.analysis.cli import main as analysis_main  # noqa: E402
@@ -223,14 +223,8 @@ def test_sigterm_stops_the_population_after_the_step(tmp_path, monkeypatch):
     run = tmp_path / "run"
     calls = {"n": 0}
     real_update = pop.update
-
-    def signalled(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 35:  # during the update of frame 74
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(pop, "update", signalled)
+    # during the 35th update, that of frame 74
+    monkeypatch.setattr(pop, "update", signal_on_call(real_update, 35, signal.SIGTERM, calls))
     with pytest.raises(SystemExit) as exc:
         run_script(pop.train, _cfg("collector.total_frames=100"), run)
     assert exc.value.code == 128 + signal.SIGTERM and calls["n"] == 35

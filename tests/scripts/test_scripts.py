@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("hydra")
-from _helpers import load_script  # noqa: E402
+from _helpers import load_script, signal_on_call  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from torchrl_spqr.training.builders import ConfigError, validate_config  # noqa: E402
@@ -171,14 +171,8 @@ def test_a_stop_signal_in_an_update_ends_the_run_after_that_step(signum, tmp_pat
     run = tmp_path / "run"
     calls = {"n": 0}
     real_update = sac.update
-
-    def signalled(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 35:  # during the update of frame 74
-            os.kill(os.getpid(), signum)
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(sac, "update", signalled)
+    # during the 35th update, that of frame 74
+    monkeypatch.setattr(sac, "update", signal_on_call(real_update, 35, signum, calls))
     with pytest.raises(SystemExit) as exc:
         run_script(sac.train, _cfg("sac_ens_spqr", "collector.total_frames=100"), run)
     assert exc.value.code == 128 + signum
@@ -201,16 +195,9 @@ def test_a_stop_signal_during_an_evaluation_writes_its_row_first(tmp_path, monke
 
     sac = load_script("sac_ens_spqr")
     run = tmp_path / "run"
-    real = sac.evaluate_policy
-    calls = {"n": 0}
-
-    def signalled(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 1:  # the first evaluation, at frame 60
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*a, **k)
-
-    monkeypatch.setattr(sac, "evaluate_policy", signalled)
+    # during the first evaluation, at frame 60
+    evaluate = signal_on_call(sac.evaluate_policy, 1, signal.SIGTERM, {"n": 0})
+    monkeypatch.setattr(sac, "evaluate_policy", evaluate)
     with pytest.raises(SystemExit) as exc:
         run_script(sac.train, _cfg("sac_ens_spqr", "collector.total_frames=100"), run)
     assert exc.value.code == 128 + signal.SIGTERM
