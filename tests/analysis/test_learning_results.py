@@ -69,6 +69,11 @@ SETTINGS = {
         "",
         "eval_return",
     ),
+    "Hopper-v5, SAC-Ens population, fp32 products, `data` pairs (UTD 1)": (
+        "hopper_fp32_25k_seeds6to8/arms",
+        "",
+        "eval_return",
+    ),
     ("Hopper-v5, SAC-Ens population, bf16 products, `data` pairs (UTD 1)", "100k steps"): (
         "hopper_bf16_100k/arms",
         "",
@@ -393,3 +398,36 @@ def test_200k_run_in_the_readmes_matches_the_runs(capsys):
     )
     assert hit, "benchmarks/learning/README.md: the 200k sentence"
     _matches(" ".join(hit.groups()), final + effects[200_000])
+
+
+def test_fp32_seeds_6_to_8_in_the_readmes_matches_the_runs(capsys):
+    """Seeds 6-8 (float32 products) at 25k, and seeds 0-8 pooled: ``pooled_at_25k.txt`` is
+    what ``pooled_at_25k.py`` prints from the committed runs, and the pooled effect in the
+    folder README, the learning README and the README is that of the runs read at 25k."""
+    import importlib.util
+
+    folder = LEARNING / "hopper_fp32_25k_seeds6to8"
+    spec = importlib.util.spec_from_file_location("pooled_at_25k", folder / "pooled_at_25k.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main()
+    assert capsys.readouterr().out == (folder / "pooled_at_25k.txt").read_text()
+    effects = {}
+    for name, sets in (("6-8", [(6, 7, 8)]), ("0-8", [(0, 1, 2), (3, 4, 5), (6, 7, 8)])):
+        rows = {r["group"]: r for r in analysis.summary_rows(mod.groups(sets), until=mod.STEP)}
+        assert all(r["steps"] == [mod.STEP] * len(r["final"]) for r in rows.values())
+        d = [w - b for w, b in zip(rows["beta1.0_N10"]["final"], rows["beta0.0_N10"]["final"])]
+        effects[name] = [float(x[0]) for x in analysis.mean_ci(d)]
+    for path, label in (
+        (folder / "README.md", "folder README"),
+        (LEARNING / "README.md", "learning README"),
+        (ROOT / "README.md", "README"),
+    ):
+        text = path.read_text()
+        for name, eff in effects.items():
+            hit = re.search(
+                rf"seeds {name}[^:]*?: (\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]",
+                text,
+            )
+            assert hit, f"{label}: the seeds {name} effect sentence"
+            _matches(" ".join(hit.groups()), eff)
