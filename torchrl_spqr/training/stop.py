@@ -115,6 +115,14 @@ def _handle(signum: int, frame) -> None:
     )
 
 
+def _set_handlers(handlers: dict) -> dict:
+    """Install ``{signal: handler}``; returns the handlers they replace, to restore them."""
+    old = {s: signal.getsignal(s) for s in handlers}
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+    return old
+
+
 @contextmanager
 def stop_signals() -> Iterator[bool]:
     """Handle SIGINT and SIGTERM as stop requests while the block runs; yields whether the
@@ -126,15 +134,12 @@ def stop_signals() -> Iterator[bool]:
     if _State.installed or threading.current_thread() is not threading.main_thread():
         yield _State.installed
         return
-    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
-        signal.signal(s, _handle)
+    old = _set_handlers(dict.fromkeys(STOP_SIGNALS, _handle))
     _State.installed, _State.pending, _State.depth = True, None, 0
     try:
         yield True
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        _set_handlers(old)
         _State.installed, _State.pending, _State.depth = False, None, 0
 
 
@@ -192,11 +197,8 @@ def workers_ignore_stop_signals() -> Iterator[None]:
     if not _State.installed or threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    old = _set_handlers(dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN))
     try:
         yield
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        _set_handlers(old)
