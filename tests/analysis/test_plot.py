@@ -74,6 +74,28 @@ def test_find_runs_discovers_and_groups_a_sweep(sweep):
     assert {k: len(v) for k, v in one_by_one.items()} == {"beta0.0_N10": 2, "beta1.0_N10": 3}
 
 
+def test_find_runs_follows_links_to_run_folders_once(sweep, tmp_path):
+    """A comparison folder of links to run folders from elsewhere (Path.rglob does not follow
+    them before Python 3.13): arms come from the links' names; a link back up the tree and a
+    second link to the same folder are walked once; a folder under a path named ``logs``
+    is found."""
+    compare = tmp_path / "logs" / "compare"  # "logs" above the root does not hide runs
+    (compare / "spqr").mkdir(parents=True)
+    for seed in range(3):
+        (compare / "spqr" / f"seed{seed}").symlink_to(sweep / f"beta1.0_N10_seed{seed}")
+    (compare / "spqr" / "zz_again").symlink_to(sweep / "beta1.0_N10_seed0")
+    (compare / "base").symlink_to(sweep / "beta0.0_N10_seed0")
+    (compare / "spqr" / "loop").symlink_to(compare)  # a cycle
+    runs = analysis.find_runs([compare])
+    assert len(runs) == 4
+    assert {arm for _, arm in runs} == {"spqr", "base"}
+    assert sorted(str(r.relative_to(compare)) for r, arm in runs if arm == "spqr") == [
+        "spqr/seed0",
+        "spqr/seed1",
+        "spqr/seed2",
+    ]
+
+
 def test_hydra_numbered_subfolders_group_by_overrides(tmp_path):
     root = tmp_path / "multirun"
     for i, (beta, seed) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):

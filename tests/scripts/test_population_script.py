@@ -242,6 +242,36 @@ def test_sigterm_stops_the_population_after_the_step(tmp_path, monkeypatch):
         assert [int(r["frames"]) for r in _rows(run / name)] == [20, 40, 60, 80, 100]
 
 
+def test_in_a_submitit_job_sigterm_checkpoints_the_population_and_it_goes_on(tmp_path, monkeypatch):
+    """Under the submitit launcher, SIGTERM (a preemption or a cancel) does not stop the
+    population (submitit ignores it) but adds a population checkpoint after its step."""
+    from torchrl_spqr.training.cli import run_script
+    from torchrl_spqr.training.population import run as population_run
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    pop = _population_script()
+    saved = []
+    real_save = population_run.save_checkpoint
+
+    def save(run_dir, state, *buffer):
+        if "population" in state:
+            saved.append({k: a["counters"]["frames"] for k, a in state["agents"].items()})
+        return real_save(run_dir, state, *buffer)
+
+    monkeypatch.setattr(population_run, "save_checkpoint", save)
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # submitit's: ignore it
+    try:
+        # during the 20th update, that of frame 59
+        term = signal_on_call(pop.update, 20, signal.SIGTERM, {"n": 0})
+        monkeypatch.setattr(pop, "update", term)
+        res = run_script(pop.train, _cfg("collector.total_frames=100"), tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert [set(f.values()) for f in saved] == [{40}, {59}, {80}, {100}]
+    for name in AGENTS:
+        assert res[name]["frames"] == 100 and res[name]["updates"] == 61
+
+
 @pytest.mark.parametrize(
     "flags",
     [

@@ -188,6 +188,59 @@ def test_a_stop_signal_in_an_update_ends_the_run_after_that_step(signum, tmp_pat
     assert [int(r["frames"]) for r in _rows(run)] == [20, 40, 60, 80, 100]
 
 
+def test_in_a_submitit_job_its_requeue_signal_is_forwarded_after_the_step(
+    tmp_path, monkeypatch, capsys
+):
+    """Under Hydra's submitit launcher (``slurm``): SLURM's USR2 before the time limit, during
+    an update, reaches submitit's requeue handler only after that step and the exit
+    checkpoint; the requeued job (``resume=true``) then loses no update. A SIGTERM before
+    it reaches submitit's handler (which ignores it) and adds a checkpoint after its step."""
+    from torchrl_spqr.training import common
+    from torchrl_spqr.training.cli import run_script
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    sac = load_script("sac_ens_spqr")
+    run = tmp_path / "run"
+    seen = []
+
+    def requeue(signum, frame):  # submitit's: checkpoint the callable, requeue, sys.exit(-1)
+        ck = load_checkpoint(run)["counters"]
+        seen.append((signum, ck["frames"], ck["updates"]))
+        raise SystemExit(-1)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    signal.signal(signal.SIGUSR2, requeue)
+    saved = []
+    real_save = common.save_checkpoint
+
+    def save(run_dir, state, buffer):
+        saved.append(state["counters"]["frames"])
+        return real_save(run_dir, state, buffer)
+
+    monkeypatch.setattr(common, "save_checkpoint", save)
+    try:
+        calls = {"n": 0}
+        real_update = sac.update
+        # SIGTERM during update 20 (frame 59), USR2 during update 35 (frame 74)
+        term = signal_on_call(real_update, 20, signal.SIGTERM, {"n": 0})
+        monkeypatch.setattr(sac, "update", signal_on_call(term, 35, signal.SIGUSR2, calls))
+        with pytest.raises(SystemExit) as exc:
+            run_script(sac.train, _cfg("sac_ens_spqr", "collector.total_frames=100"), run)
+    finally:
+        for s_, h in old.items():
+            signal.signal(s_, h)
+    assert exc.value.code == -1  # submitit's exit after its requeue
+    assert seen == [signal.SIGTERM, (signal.SIGUSR2, 74, 35)] and calls["n"] == 35
+    assert saved == [40, 59, 74]  # periodic, asked for by SIGTERM, the exit checkpoint
+    assert "the job scheduler's handler requeues the job" in capsys.readouterr().err
+    monkeypatch.setattr(sac, "update", real_update)
+    res = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=100", "resume=true"), run)
+    assert res["frames"] == 100 and res["updates"] == 100 - 40 + 1  # an uninterrupted run's
+    assert [int(r["frames"]) for r in _rows(run)] == [20, 40, 60, 80, 100]
+
+
 def test_a_stop_signal_during_an_evaluation_writes_its_row_first(tmp_path, monkeypatch):
     """SIGTERM while a logged step is being evaluated: the row is written, then the run stops
     at that step's checkpoint, owing nothing."""

@@ -139,3 +139,66 @@ def test_submitit_local_sweep(tmp_path):
     rows = _rows(sweep / "beta1.0_N3_seed3")
     assert [int(r["frames"]) for r in rows] == [20, 40]
     assert list((sweep / ".submitit").rglob("*_result.pkl"))
+
+
+def _submitit_tasks(folder: Path) -> list[int]:
+    """The pids of the running submitit task processes whose job folder is under ``folder``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmd]
+        if "submitit.core._submit" in args and any(str(folder) in a for a in args):
+            pids.append(int(proc.name))
+    return pids
+
+
+@needs["submitit"]
+@pytest.mark.slow  # a submitit job run twice: about a minute on 2 busy cores
+def test_submitit_requeue_signal_stops_after_a_step_and_the_requeued_job_resumes(tmp_path):
+    """What SLURM does before a time limit, with submitit's local executor: USR2 to the job's
+    task mid-run. The run stops after its step with the exit checkpoint, submitit requeues the
+    job, and the requeued job (``resume=true``) writes every remaining row once."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        str(ROOT / "sota_scripts/sac_ens_spqr/sac_ens_spqr.py"),
+        "-m",
+        *ONLINE_TINY,
+        "collector.total_frames=600",
+        "logger.eval_interval=300",
+        "checkpoint.interval=300",
+        f"hydra.sweep.dir={sweep}",
+        "hydra/launcher=submitit_local",
+        "resume=true",
+        "seed=3",
+    ]
+    env = {**os.environ, "RL_WARNINGS": "False"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    run = sweep / "beta1.0_N3_seed3"
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.csv").exists() or len(_rows(run)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        (task,) = _submitit_tasks(sweep / ".submitit")
+        os.kill(task, signal.SIGUSR2)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "SIGUSR2 (the job scheduler's preemption/timeout signal): stopping after" in logs
+    assert "the job scheduler's handler requeues the job" in logs
+    assert "Requeued job" in logs
+    assert "Traceback" not in logs
+    # every row once: the stopped job's rows, then the requeued job's from its checkpoint
+    assert [int(r["frames"]) for r in _rows(run)] == list(range(20, 601, 20))
+    assert int(_rows(run)[-1]["updates"]) == 600 - 20 + 1  # ONLINE_TINY: 20 random frames

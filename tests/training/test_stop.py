@@ -14,9 +14,12 @@ import pytest
 from torchrl_spqr.training.stop import (
     StopRequested,
     check_stop,
+    scheduler_signal,
     steps_running,
     stop_requested,
     stop_signals,
+    take_checkpoint_request,
+    workers_ignore_stop_signals,
 )
 
 
@@ -114,3 +117,120 @@ def test_a_second_signal_inside_the_steps_quits_at_once(tmp_path):
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
     assert "first signal recorded" in res.stdout and "not reached" not in res.stdout
     assert "SIGTERM again: stopping now" in res.stderr and "Traceback" not in res.stderr
+
+
+# -- inside a submitit job (Hydra's slurm and submitit_local launchers) --------------------
+
+
+@pytest.fixture
+def submitit_job(monkeypatch):
+    """This process as a submitit job sees it: ``SUBMITIT_EXECUTOR`` set, SIGTERM logged and
+    ignored, USR2 bound to a checkpoint-and-requeue handler (here one that records its calls
+    with what was pending then, and returns)."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    calls = {"bypass": [], "requeue": []}
+
+    def bypass(signum, frame):
+        calls["bypass"].append(signum)
+
+    def requeue(signum, frame):
+        calls["requeue"].append((signum, stop_requested()))
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    signal.signal(signal.SIGTERM, bypass)
+    signal.signal(signal.SIGUSR2, requeue)
+    try:
+        yield calls, bypass, requeue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_scheduler_signal_is_submitits_requeue_signal(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert scheduler_signal() is None
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    assert scheduler_signal() == signal.SIGUSR2
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    assert scheduler_signal() == signal.SIGUSR1
+
+
+def test_in_a_submitit_job_the_requeue_signal_waits_for_the_step_then_is_forwarded(
+    submitit_job, capsys
+):
+    calls, bypass, requeue = submitit_job
+    done = []
+    with stop_signals():
+        with pytest.raises(StopRequested) as exc, steps_running():
+            for step in range(5):
+                if step == 1:
+                    _send(signal.SIGUSR2)  # the requeue signal: deferred, not handled yet
+                    assert calls["requeue"] == []
+                done.append(step)
+                check_stop()
+        assert exc.value.signum == signal.SIGUSR2 and exc.value.forward_to is requeue
+    assert done == [0, 1]
+    assert signal.getsignal(signal.SIGUSR2) is requeue  # submitit's handler is back
+    assert exc.value.forward() and calls["requeue"] == [(signal.SIGUSR2, None)]
+    assert "SIGUSR2 (the job scheduler's preemption/timeout signal)" in capsys.readouterr().err
+
+
+def test_in_a_submitit_job_sigterm_asks_for_a_checkpoint_and_the_run_goes_on(submitit_job, capsys):
+    """SIGTERM (a preemption or a cancel; the kill follows a grace period later): submitit's
+    handler still sees it, nothing stops, and the step's end checkpoints once."""
+    calls, bypass, requeue = submitit_job
+    done = []
+    with stop_signals():
+        with steps_running():
+            for step in range(4):
+                if step == 1:
+                    _send(signal.SIGTERM)
+                    _send(signal.SIGTERM)  # not a "second signal": no exit
+                done.append((step, take_checkpoint_request()))
+                check_stop()
+        assert calls["bypass"] == [signal.SIGTERM, signal.SIGTERM]
+        _send(signal.SIGTERM)  # outside the steps: submitit's handler only
+        assert calls["bypass"] == [signal.SIGTERM] * 3 and not take_checkpoint_request()
+    assert done == [(0, False), (1, True), (2, False), (3, False)]
+    err = capsys.readouterr().err
+    assert err.count("SIGTERM in a submitit job: checkpointing after the current step") == 1
+    assert signal.getsignal(signal.SIGTERM) is bypass
+
+
+def test_in_a_submitit_job_workers_ignore_the_requeue_signal_too(submitit_job):
+    with stop_signals():
+        with workers_ignore_stop_signals():
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+                assert signal.getsignal(s) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR2) is not signal.SIG_IGN
+
+
+def test_the_requeue_signal_wins_over_a_pending_sigint(submitit_job):
+    """A preemption after a Ctrl-C: the job is requeued (not ended), after the same step;
+    the requeue signal does not count as the second signal that quits at once."""
+    calls, _, requeue = submitit_job
+    with stop_signals(), pytest.raises(StopRequested) as exc, steps_running():
+        _send(signal.SIGINT)
+        _send(signal.SIGUSR2)
+        assert stop_requested() == signal.SIGUSR2
+        check_stop()
+    assert exc.value.forward_to is requeue
+
+
+def test_outside_the_steps_the_requeue_signal_is_forwarded_by_the_caller(submitit_job):
+    calls, _, requeue = submitit_job
+    with stop_signals(), pytest.raises(StopRequested) as exc:
+        _send(signal.SIGUSR2)
+    assert calls["requeue"] == [] and exc.value.forward_to is requeue
+
+
+def test_outside_a_submitit_job_usr2_and_stop_requests_are_not_forwarded(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    before = signal.getsignal(signal.SIGUSR2)
+    with stop_signals():
+        assert signal.getsignal(signal.SIGUSR2) is before
+        with pytest.raises(StopRequested) as exc:
+            _send(signal.SIGTERM)
+    assert exc.value.forward_to is None and not exc.value.forward()

@@ -209,6 +209,8 @@ def find_runs(paths) -> list[tuple[Path, str]]:
 
     Returns ``(run_dir, arm)`` pairs sorted by arm then path; the arm is the run's
     path relative to the common parent of ``paths`` with the seed part removed.
+    Symbolic links to folders are followed (a comparison folder may link run folders
+    from several sweeps; the arm then comes from the link's name), each folder once.
     """
     roots = [Path(p) for p in paths]
     runs: list[Path] = []
@@ -218,23 +220,39 @@ def find_runs(paths) -> list[tuple[Path, str]]:
         if is_run(root):
             runs.append(root)
             continue
-        found = sorted(
-            p.parent
-            for p in root.rglob("metrics.csv")
-            if not ({"checkpoint", "checkpoint.tmp", "logs", ".hydra"} & set(p.parent.parts))
-        )
+        found = sorted(_run_folders_under(root))
         if not found:
             raise FileNotFoundError(f"No run folder (holding metrics.csv) under {root}.")
         runs.extend(found)
     bases = [r.parent if is_run(r) else r for r in roots]
-    base = Path(os.path.commonpath([str(b.resolve()) for b in bases]))
+    base = Path(os.path.commonpath([os.path.abspath(b) for b in bases]))
     seen, out = set(), []
     for r in runs:
         key = r.resolve()
         if key not in seen:
             seen.add(key)
-            out.append((r, _arm_of(r.resolve(), base)))
+            out.append((r, _arm_of(Path(os.path.abspath(r)), base)))
     return sorted(out, key=lambda t: (t[1], str(t[0])))
+
+
+#: Folders inside a run folder that are never run folders themselves.
+_NOT_RUNS = frozenset({"checkpoint", "checkpoint.tmp", "logs", ".hydra"})
+
+
+def _run_folders_under(root: Path) -> list[Path]:
+    """Every folder under ``root`` holding ``metrics.csv``, following links to folders
+    (``Path.rglob`` does not before Python 3.13); a folder reached twice is walked once."""
+    found, walked = [], set()
+    for here, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in walked:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        walked.add(real)
+        dirs[:] = sorted(d for d in dirs if d not in _NOT_RUNS)
+        if "metrics.csv" in files:
+            found.append(Path(here))
+    return found
 
 
 def group_runs(paths) -> dict[str, list[Path]]:

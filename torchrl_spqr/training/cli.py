@@ -9,7 +9,8 @@ SIGTERM stop the run at the end of its current step
 (:mod:`torchrl_spqr.training.stop`) and end with one line saying how to resume
 and exit code ``128 + signum`` (130 for SIGINT, 143 for SIGTERM, the shell's
 codes): the scripts' run protocol has written the owed rows and the checkpoint
-by then. Any other exception is a bug and keeps its traceback.
+by then. In a submitit job (the ``slurm`` launcher), the scheduler's requeue signal
+stops the run the same way, and submitit then requeues the job. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def run_script(train: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     stop exits with code ``128 + signum`` (130, 143) and a line naming the signal and the
     run folder (``args[1]``, the scripts' ``train(cfg, run_dir)``) to resume, not a
     traceback. A plain ``KeyboardInterrupt`` (the handlers could not be installed outside
-    the main thread) exits with 130 the same way.
+    the main thread) exits with 130 the same way. In a submitit job, its requeue signal stops
+    the run the same way and is then handed to submitit, which requeues the job and exits
+    (:func:`~torchrl_spqr.training.stop.scheduler_signal`).
     """
     try:
         with stop_signals():
@@ -61,6 +64,17 @@ def run_script(train: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             (err.name, err.exit_code) if isinstance(err, StopRequested) else ("Ctrl-C", 130)
         )
         where = f" hydra.run.dir={args[1]}" if len(args) > 1 and args[1] is not None else ""
+        if isinstance(err, StopRequested) and err.forward_to is not None:
+            folder = args[1] if len(args) > 1 and args[1] is not None else "its run folder"
+            print(
+                f"interrupted ({name}): the rows and the checkpoint are saved; the job "
+                f"scheduler's handler requeues the job, which continues from {folder} "
+                "if it runs with resume=true",
+                file=sys.stderr,
+                flush=True,
+            )
+            err.forward()  # submitit: checkpoint its callable, requeue, exit
+            raise SystemExit(code) from None  # its handler returned (not the job's rank 0)
         print(
             f"interrupted ({name}): the rows and the checkpoint are saved; "
             f"continue with resume=true{where}",

@@ -72,7 +72,7 @@ from torchrl_spqr.training.resume import (  # noqa: F401  (re-exported: their ol
     check_resume_config,
     config_differences,
 )
-from torchrl_spqr.training.stop import check_stop, steps_running
+from torchrl_spqr.training.stop import check_stop, steps_running, take_checkpoint_request
 from torchrl_spqr.training.typecheck import to_plain
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -390,7 +390,8 @@ class RunContext:
             self._owe_if_due()
 
     def end_step(self) -> None:
-        """After a step's updates: write the owed row (evaluating if due), checkpoint if due.
+        """After a step's updates: write the owed row (evaluating if due), checkpoint if due
+        (or if asked for: SIGTERM in a submitit job).
 
         Then, if a stop signal arrived (:func:`~torchrl_spqr.training.stop.stop_signals`),
         raise :class:`~torchrl_spqr.training.stop.StopRequested`: the step is complete.
@@ -404,7 +405,8 @@ class RunContext:
         wrote = self.owed is not None
         if wrote:
             self._write_owed(train=True)
-        if n > 0 and step % self.checkpoint_every < n:
+        asked = self._owns_stops and take_checkpoint_request()  # SIGTERM in a submitit job
+        if asked or (n > 0 and step % self.checkpoint_every < n):
             self.checkpoint()
         if self._pbar is not None:
             self._pbar.update(n)

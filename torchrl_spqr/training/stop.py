@@ -29,6 +29,23 @@ at the terminal (sent to the whole process group) or a scheduler's SIGTERM to ev
 of a job reaches the main process only; it finishes its step and shuts the workers down,
 instead of waiting for a batch from a worker that died.
 
+**Inside a submitit job** (Hydra's ``slurm`` and ``submitit_local`` launchers), submitit
+handles the scheduler's signals itself: it logs and ignores SIGTERM (SLURM sends it on a
+preemption or a cancel, and kills the job a grace period later), and on its requeue signal
+(``SUBMITIT_PREEMPT_SIGNAL``, USR2 by default; SLURM sends it ``signal_delay_s`` before the
+time limit, and on a preemption where the cluster is set up so) it checkpoints the job's
+callable, requeues the job and exits, wherever the signal landed. :func:`stop_signals`
+keeps that contract and moves both to a step boundary:
+
+- **SIGTERM** still does not stop the run (submitit's handler still logs it), but the
+  run writes a checkpoint at the end of the current step (:func:`take_checkpoint_request`)
+  and goes on: if the kill follows, the job loses only the steps after that checkpoint.
+- **The requeue signal** waits like a stop signal: the step completes, the exit checkpoint
+  is written, and :meth:`StopRequested.forward` then hands it to submitit's handler, which
+  requeues the job (``run_script`` does this). The requeued job continues from that
+  checkpoint when it runs with ``resume=true``. It wins over a pending SIGINT (it does not
+  count as a second signal).
+
 Handlers can only be installed from the main thread; elsewhere :func:`stop_signals` leaves
 the process's handlers as they are (and a run then stops as Python's defaults say).
 
@@ -54,25 +71,50 @@ from contextlib import contextmanager
 __all__ = [
     "StopRequested",
     "check_stop",
+    "scheduler_signal",
     "steps_running",
     "stop_requested",
     "stop_signals",
+    "take_checkpoint_request",
     "workers_ignore_stop_signals",
 ]
 
-#: The signals :func:`stop_signals` handles.
+#: The signals :func:`stop_signals` handles outside a submitit job (see :func:`scheduler_signal`).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class StopRequested(KeyboardInterrupt):
-    """A stop signal (SIGINT or SIGTERM), raised at a step boundary or outside the steps.
+def scheduler_signal() -> int | None:
+    """The signal a job scheduler's own Python handler acts on, to be deferred to a step
+    boundary and then handed to that handler: inside a submitit job, its preemption and
+    timeout signal (``SIG`` + ``SUBMITIT_PREEMPT_SIGNAL``, USR2 by default); else ``None``."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    return None if signum is None else int(signum)
 
-    ``signum`` is the signal's number; ``exit_code`` is ``128 + signum``.
+
+class StopRequested(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, or a scheduler's requeue signal), raised at a step
+    boundary or outside the steps.
+
+    ``signum`` is the signal's number; ``exit_code`` is ``128 + signum``. ``forward_to`` is
+    the handler the signal was taken from when :func:`stop_signals` deferred a scheduler's
+    signal (submitit's checkpoint-and-requeue), else ``None``: call :meth:`forward` once the
+    run has stopped.
     """
 
     def __init__(self, signum: int) -> None:
         self.signum = int(signum)
+        self.forward_to = _State.forward.get(self.signum)
         super().__init__(f"{signal.Signals(self.signum).name} received")
+
+    def forward(self) -> bool:
+        """Hand the signal to the handler it was taken from (submitit then requeues the job
+        and exits); returns whether there was one. Call it after the run has stopped."""
+        if self.forward_to is None:
+            return False
+        self.forward_to(self.signum, None)
+        return True
 
     @property
     def name(self) -> str:
@@ -92,12 +134,42 @@ class _State:
     installed = False
     pending: int | None = None
     depth = 0
+    handled: tuple[int, ...] = ()  # the signals whose handler is _handle
+    forward: dict = {}  # deferred scheduler signal -> the handler it was taken from
+    save_only: dict = {}  # SIGTERM in a submitit job -> submitit's handler (or None)
+    save = False  # a checkpoint is asked for at the end of the current step
 
 
 def _handle(signum: int, frame) -> None:
+    if signum in _State.save_only:  # SIGTERM in a submitit job: save, do not stop
+        passed = _State.save_only[signum]
+        if callable(passed):
+            passed(signum, frame)  # submitit logs that it ignores it
+        if _State.depth > 0 and not _State.save:
+            _State.save = True
+            print(
+                f"\n{signal.Signals(signum).name} in a submitit job: checkpointing after the "
+                "current step and going on (submitit ignores it; its requeue signal stops "
+                "the run)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return
     if _State.depth == 0:  # nothing is half-done here: stop where it landed
         raise StopRequested(signum)
     name = signal.Signals(signum).name
+    if signum in _State.forward and _State.pending not in _State.forward:
+        # the scheduler's requeue signal: never "a second signal", and it wins over a
+        # pending SIGINT (the job is requeued rather than ended)
+        _State.pending = signum
+        print(
+            f"\n{name} (the job scheduler's preemption/timeout signal): stopping after the "
+            "current step (its row and the checkpoint are written first), then handing the "
+            "signal to the scheduler's handler to requeue the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     if _State.pending is not None:
         print(
             f"\n{name} again: stopping now; the run folder keeps its last checkpoint "
@@ -134,13 +206,26 @@ def stop_signals() -> Iterator[bool]:
     if _State.installed or threading.current_thread() is not threading.main_thread():
         yield _State.installed
         return
-    old = _set_handlers(dict.fromkeys(STOP_SIGNALS, _handle))
-    _State.installed, _State.pending, _State.depth = True, None, 0
+    handled = [signal.SIGINT, signal.SIGTERM]
+    forward, save_only = {}, {}
+    requeue = scheduler_signal()
+    if requeue is not None:  # a submitit job: keep its contract (module docstring)
+        save_only[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+        if callable(signal.getsignal(requeue)):  # submitit's checkpoint-and-requeue handler
+            forward[requeue] = signal.getsignal(requeue)
+            handled.append(requeue)
+    old = _set_handlers(dict.fromkeys(handled, _handle))
+    _reset(True, tuple(int(s) for s in handled), forward, save_only)
     try:
         yield True
     finally:
         _set_handlers(old)
-        _State.installed, _State.pending, _State.depth = False, None, 0
+        _reset(False)
+
+
+def _reset(installed: bool, handled: tuple = (), forward=None, save_only=None) -> None:
+    _State.installed, _State.pending, _State.depth, _State.save = installed, None, 0, False
+    _State.handled, _State.forward, _State.save_only = handled, forward or {}, save_only or {}
 
 
 class steps_running:  # noqa: N801 (a context manager, named as torch.no_grad)
@@ -179,6 +264,13 @@ def stop_requested() -> int | None:
     return _State.pending
 
 
+def take_checkpoint_request() -> bool:
+    """Whether a checkpoint was asked for since the last call (SIGTERM in a submitit job);
+    the run protocol calls it at the end of each step and checkpoints if so."""
+    asked, _State.save = _State.save, False
+    return asked
+
+
 def check_stop() -> None:
     """Raise :class:`StopRequested` if a stop signal arrived (call it between steps)."""
     if _State.pending is not None:
@@ -187,17 +279,20 @@ def check_stop() -> None:
 
 @contextmanager
 def workers_ignore_stop_signals() -> Iterator[None]:
-    """Start worker processes inside this block: they inherit SIGINT and SIGTERM ignored.
+    """Start worker processes inside this block: they inherit SIGINT and SIGTERM ignored
+    (and, in a submitit job, its requeue signal, which a scheduler may send to every
+    process of the job).
 
     Only while :func:`stop_signals` is active (else it changes nothing): the main process
     then stops the run at a step boundary and shuts its workers down. A worker whose main
-    process died finds its pipe closed and exits. The main process ignores both signals for
+    process died finds its pipe closed and exits. The main process ignores these signals for
     the short time the block takes (starting the processes).
     """
     if not _State.installed or threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = _set_handlers(dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN))
+    ignored = set(STOP_SIGNALS) | set(_State.handled)
+    old = _set_handlers(dict.fromkeys(ignored, signal.SIG_IGN))
     try:
         yield
     finally:

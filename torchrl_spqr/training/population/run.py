@@ -55,7 +55,7 @@ from torchrl_spqr.training.config import (
 from torchrl_spqr.training.loggers import make_logger
 from torchrl_spqr.training.population.replay import PopulationReplayBuffer
 from torchrl_spqr.training.population.update import PopulationUpdate
-from torchrl_spqr.training.stop import check_stop, steps_running
+from torchrl_spqr.training.stop import check_stop, steps_running, take_checkpoint_request
 from torchrl_spqr.training.typecheck import convert_section, to_plain
 
 __all__ = [
@@ -457,7 +457,7 @@ class PopulationRun:
 
     def end_step(self, diagnostics=None) -> None:
         """Each agent's row when due (``diagnostics(k)`` adds entries to a training row), then
-        the population checkpoint when due; then, if a stop signal arrived, raise
+        the population checkpoint when due (or asked for: SIGTERM in a submitit job); then, if a stop signal arrived, raise
         :class:`~torchrl_spqr.training.stop.StopRequested` (every agent's step is complete)."""
         if diagnostics is not None:
             for k, run in enumerate(self.runs):
@@ -467,7 +467,8 @@ class PopulationRun:
             run.end_step()
         step = self.frames
         n, self._last_step = step - self._last_step, step
-        if n > 0 and step % self.checkpoint_every < n:
+        asked = take_checkpoint_request()  # SIGTERM in a submitit job
+        if asked or (n > 0 and step % self.checkpoint_every < n):
             self.checkpoint()
         if self._pbar is not None:
             self._pbar.update(n)
