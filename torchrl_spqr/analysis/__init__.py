@@ -6,11 +6,13 @@
 - :mod:`~torchrl_spqr.analysis.report`: summary, diagnostics and paired-effect tables;
 - :mod:`~torchrl_spqr.analysis.figures`: learning curves, diagnostics, effects, spectra;
 - :mod:`~torchrl_spqr.analysis.critics`: a saved ensemble's Q-values on a batch;
+- :mod:`~torchrl_spqr.analysis.bias`: a saved ensemble's Q bias against Monte Carlo returns;
 - :mod:`~torchrl_spqr.analysis.cli`: ``python -m torchrl_spqr.analysis RUN_DIR ...``.
 
 Training never imports this package; the scripts call :func:`plot_run` after training.
 """
 
+from torchrl_spqr.analysis.bias import BiasEstimate, q_estimation_bias
 from torchrl_spqr.analysis.critics import EnsembleBatch, checkpoint_q_values
 from torchrl_spqr.analysis.figures import (
     DIAGNOSTICS,
@@ -47,9 +49,11 @@ from torchrl_spqr.analysis.stats import GroupCurve, group_curve, mean_ci, t_quan
 __all__ = [
     "DIAGNOSTICS",
     "SUMMARY_DIAGNOSTICS",
+    "BiasEstimate",
     "EnsembleBatch",
     "GroupCurve",
     "check_run",
+    "q_estimation_bias",
     "checkpoint_q_values",
     "diagnostics_rows",
     "diagnostics_table",

@@ -3,6 +3,7 @@
     python -m torchrl_spqr.analysis RUN_DIR [RUN_DIR ...]        # runs grouped by arm
     python -m torchrl_spqr.analysis multirun/sac_ens/Hopper-v5/  # a whole sweep folder
     python -m torchrl_spqr.analysis RUN_DIR --checkpoint         # + spectrum, correlations
+    python -m torchrl_spqr.analysis RUN_DIR ... --bias           # + Q bias vs MC returns
     python -m torchrl_spqr.analysis SWEEP --format png svg --out figs --ci bootstrap
     python -m torchrl_spqr.analysis A/ B/ --effects figs/effects  # SPQR vs beta=0, by seed
     python -m torchrl_spqr.analysis SWEEP --until 50000 --out at50k  # all runs at 50k steps
@@ -37,7 +38,10 @@ parent>/plots``):
   SPQR eigenvalues of the saved ensemble on a batch, against the semicircle and
   the paper / corrected target densities, and the spike statistic against its
   null) and ``correlation_<run>.<fmt>`` (``N x N`` correlation of the members'
-  Q-values and of their residuals across the batch).
+  Q-values and of their residuals across the batch);
+- with ``--bias``: ``bias.md`` and ``bias.csv``, each checkpoint's Q-estimation bias
+  against the Monte Carlo returns of its sampled policy (REDQ's normalised Q bias,
+  :mod:`torchrl_spqr.analysis.bias`), per run and per arm.
 
 Checkpoints: the ``checkpoint/`` folder of ``sota_scripts`` runs (config, loss
 state, replay buffer) and ``checkpoint.pt`` of ``examples/spqr_demo.py`` and
@@ -206,6 +210,21 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
     p.add_argument("--pairs", choices=["data", "next_policy", "policy"], default=None)
     p.add_argument("--source", choices=["auto", "buffer", "dataset", "rollout"], default="auto")
     p.add_argument(
+        "--bias",
+        action="store_true",
+        help="bias.md and bias.csv: each checkpoint's Q bias against Monte Carlo returns of "
+        "its sampled policy (REDQ's normalised Q bias)",
+    )
+    p.add_argument(
+        "--bias-states", type=_positive_int, default=1000, help="pairs measured by --bias"
+    )
+    p.add_argument(
+        "--bias-cutoff",
+        type=_positive_int,
+        default=350,
+        help="pairs kept from the start of each episode by --bias",
+    )
+    p.add_argument(
         "--compare",
         metavar="OUT",
         help="also one figure OUT.<fmt> of --key and three diagnostics side by side",
@@ -228,10 +247,10 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
     fmts = tuple(dict.fromkeys(["png", "svg"] if args.svg else args.format))
     if args.effects_only and not args.effects:
         p.error("--effects-only needs --effects OUT")
-    if args.until is not None and (args.per_run or args.checkpoint):
+    if args.until is not None and (args.per_run or args.checkpoint or args.bias):
         p.error(
             "--until cannot be combined with --per-run (which draws each run's whole curve "
-            "in its own folder) or --checkpoint (which reads the run's last checkpoint)"
+            "in its own folder), --checkpoint or --bias (which read the run's last checkpoint)"
         )
     paths = [Path(x) for x in args.paths]
     try:
@@ -299,6 +318,40 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
             )
             written += plot_spectrum(batch, out / f"spectrum_{label}", fmts)
             written += plot_member_correlation(batch, out / f"correlation_{label}", fmts)
+    if args.bias:
+        written += _write_bias(runs, out, args)
     for path in written:
         print(path)
     print(table)
+
+
+def _write_bias(runs, out: Path, args) -> list[Path]:
+    """``--bias``: ``bias.md`` and ``bias.csv`` in ``out`` (runs without a checkpoint skipped)."""
+    import csv
+
+    from torchrl_spqr.analysis.bias import CSV_FIELDS, bias_rows, bias_table, q_estimation_bias
+
+    estimates = []
+    for run, arm in runs:
+        try:
+            b = q_estimation_bias(run, states=args.bias_states, cutoff=args.bias_cutoff)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"skipped {run}: {err}")
+            continue
+        print(f"{run}: Q bias on {b.states} pairs of {b.episodes} episodes: {b.norm_bias:+.3f}")
+        estimates.append((arm, b))
+    if not estimates:
+        return []
+    head = (
+        "Q bias of each run's checkpoint (`--bias`): the saved policy sampled for whole "
+        f"episodes, the first {args.bias_cutoff} pairs of each, {args.bias_states} pairs; "
+        "bias = mean of the members' Q minus the discounted return with the entropy bonus, "
+        "normalised by max(|return|, 10) (REDQ's test; `torchrl_spqr.analysis.bias`). "
+        "Positive: overestimation.\n\n"
+    )
+    (out / "bias.md").write_text(head + bias_table(estimates) + "\n")
+    with (out / "bias.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(bias_rows(estimates))
+    return [out / "bias.md", out / "bias.csv"]
