@@ -1,9 +1,11 @@
-"""Q-estimation bias over training, from copies of a run's checkpoints taken as it ran.
+"""Q-estimation bias over training, from the checkpoints a run kept as it ran.
 
-A run keeps only its newest checkpoint, so the bias at earlier steps can only be
-measured from copies taken while it runs. This script reads such copies laid out as
-``SNAPSHOTS/<agent>/<any name>/checkpoint/`` (each copy is a run folder that
-``torchrl_spqr.training.restore.load_agent`` can rebuild). For each copy, it measures the
+A run keeps only its newest checkpoint unless ``checkpoint.history=true``, which keeps
+each checkpoint's networks in ``<run or agent folder>/history/<step>/``. This script reads
+those (every ``history/<step>/checkpoint`` under the path), or, where there are none,
+copies of the checkpoints taken while the run trained, laid out as
+``SNAPSHOTS/<agent>/<any name>/checkpoint/``. Each is a run folder that
+``torchrl_spqr.training.restore.load_agent`` can rebuild. For each, it measures the
 bias with ``torchrl_spqr.analysis.bias.q_estimation_bias`` (REDQ's test: 1,000 pairs, the
 first 350 of each sampled episode, seed 0), and it appends one row per copy to
 ``--csv``. A copy already in the CSV is skipped, so the script can be run again while
@@ -14,7 +16,7 @@ match) is reported and skipped.
 against the environment steps, per arm (the agent's name without its seed): the mean
 over seeds, with a band of +- one standard deviation.
 
-    python benchmarks/learning/bias_over_training.py /tmp/snaps --csv bias_over_training.csv \
+    python benchmarks/learning/bias_over_training.py RUN_DIR --csv bias_over_training.csv \
         --plot bias_over_training.png
 """
 
@@ -34,7 +36,7 @@ FIELDS = (
 )  # fmt: skip
 
 
-def measure(snapshots: Path, out: Path) -> None:
+def measure(snapshots: Path, out: Path, states: int = 1000) -> None:
     done = set()
     if out.exists():
         with out.open(newline="") as f:
@@ -44,13 +46,15 @@ def measure(snapshots: Path, out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
-        for copy in sorted(snapshots.glob("*/*/checkpoint")):
+        copies = sorted(snapshots.glob("**/history/*/checkpoint"))
+        for copy in copies or sorted(snapshots.glob("*/*/checkpoint")):
             run = copy.parent
-            agent, snap = run.parent.name, run.name
+            agent = run.parent.parent.name if run.parent.name == "history" else run.parent.name
+            snap = run.name
             if (agent, snap) in done:
                 continue
             try:
-                b = q_estimation_bias(run)
+                b = q_estimation_bias(run, states=states)
             except Exception as err:  # a copy caught mid-write, or not an agent
                 print(f"skipped {run}: {type(err).__name__}: {err}")
                 continue
@@ -113,13 +117,16 @@ def plot(csv_path: Path, png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("snapshots", type=Path, help="SNAPSHOTS/<agent>/<name>/checkpoint/")
+    p.add_argument(
+        "snapshots", type=Path, help="a run (or population) folder, or SNAPSHOTS/<agent>/<name>/"
+    )
     p.add_argument("--csv", type=Path, required=True, help="rows appended here")
     p.add_argument("--plot", type=Path, help="also this PNG from the CSV")
+    p.add_argument("--states", type=int, default=1000, help="pairs per measurement")
     p.add_argument("--no-measure", action="store_true", help="only plot the CSV")
     args = p.parse_args()
     if not args.no_measure:
-        measure(args.snapshots, args.csv)
+        measure(args.snapshots, args.csv, args.states)
     if args.plot:
         plot(args.csv, args.plot)
 

@@ -242,6 +242,36 @@ def test_sigterm_stops_the_population_after_the_step(tmp_path, monkeypatch):
         assert [int(r["frames"]) for r in _rows(run / name)] == [20, 40, 60, 80, 100]
 
 
+def test_checkpoint_history_keeps_each_agents_networks(tmp_path):
+    """checkpoint.history=true in a population: <agent>/history/<frames>/ per checkpoint,
+    each an agent load_agent rebuilds (what analysis --bias and bias_over_training.py read)."""
+    from torchrl_spqr.training.restore import load_agent
+
+    run = tmp_path / "run"
+    _population_script().train(_cfg("collector.total_frames=100", "checkpoint.history=true"), run)
+    for name in AGENTS:
+        assert sorted(int(p.name) for p in (run / name / "history").iterdir()) == [40, 80, 100]
+    with load_agent(run / AGENTS[2] / "history" / "80") as agent:
+        assert agent.counters["frames"] == 80 and agent.beta == 1.0
+    # benchmarks/learning/bias_over_training.py: one row per agent and kept checkpoint
+    spec = importlib.util.spec_from_file_location(
+        "bias_over_training", ROOT / "benchmarks/learning/bias_over_training.py"
+    )
+    bot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bot)
+    out = tmp_path / "bias.csv"
+    bot.measure(run, out, states=50)
+    bot.measure(run, out, states=50)  # again: nothing measured twice
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["agent"], int(r["frames"])) for r in rows) == sorted(
+        (name, step) for name in AGENTS for step in (40, 80, 100)
+    )
+    assert {r["arm"] for r in rows} == {"beta0.0_N3", "beta1.0_N3"}
+    bot.plot(out, tmp_path / "bias.png")
+    assert (tmp_path / "bias.png").stat().st_size > 0
+
+
 def test_in_a_submitit_job_sigterm_checkpoints_the_population_and_it_goes_on(tmp_path, monkeypatch):
     """Under the submitit launcher, SIGTERM (a preemption or a cancel) does not stop the
     population (submitit ignores it) but adds a population checkpoint after its step."""

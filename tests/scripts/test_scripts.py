@@ -304,6 +304,33 @@ def test_sigterm_subprocess_stops_cleanly_and_resume_completes(script, tmp_path)
     assert [int(r["frames"]) for r in _rows(run_dir)] == list(range(20, 601, 20))
 
 
+def test_checkpoint_history_keeps_every_checkpoints_networks(tmp_path):
+    """checkpoint.history=true: history/<frames>/ at every checkpoint (the periodic ones and
+    the one at exit), each rebuilt by load_agent as the agent was then, without the
+    optimisers or the buffer; off by default."""
+    from torchrl_spqr.training.checkpoint import load_checkpoint_data
+    from torchrl_spqr.training.restore import load_agent
+
+    sac = load_script("sac_ens_spqr")
+    sac.train(_cfg("sac_ens_spqr", "collector.total_frames=100"), tmp_path / "off")
+    assert not (tmp_path / "off" / "history").exists()
+    run = tmp_path / "run"
+    sac.train(_cfg("sac_ens_spqr", "collector.total_frames=100", "checkpoint.history=true"), run)
+    kept = sorted(int(p.name) for p in (run / "history").iterdir())
+    assert kept == [40, 80, 100]  # checkpoint.interval=40, and the exit
+    state, buffer, _ = load_checkpoint_data(run / "history" / "80", buffer=True)
+    assert buffer is None and state["optim"] == {} and state["counters"]["frames"] == 80
+    last = load_checkpoint_data(run)[0]["loss"]
+    with load_agent(run / "history" / "100") as agent:
+        assert agent.counters == {"frames": 100, "updates": 61}
+        for k, v in agent.loss.state_dict().items():
+            torch.testing.assert_close(v, last[k])  # the final networks
+    with load_agent(run / "history" / "40") as agent:
+        assert agent.counters["frames"] == 40
+        early = agent.loss.state_dict()
+    assert any(not torch.equal(early[k], last[k]) for k in last)
+
+
 def test_checkpoint_restores_exact_state(tmp_path):
     """A checkpoint holds everything needed: params, optimisers, buffer, RNG, counters."""
     run = tmp_path / "run"

@@ -16,7 +16,9 @@ a run safe lives here, in :class:`RunContext`, so that each loop stays short:
   ``resume=true`` completes and writes it first. An interruption loses no row.
 - **Checkpoints** every ``checkpoint.interval`` steps and at every exit (the end, an
   error, Ctrl-C): the loss's and optimisers' states, the replay buffer, the RNG states,
-  the counters and the config (:mod:`torchrl_spqr.training.checkpoint`).
+  the counters and the config (:mod:`torchrl_spqr.training.checkpoint`). With
+  ``checkpoint.history=true``, each checkpoint's networks are also kept in
+  ``history/<step>/`` (:func:`save_history`).
 - **Stops.** Under the scripts' :func:`~torchrl_spqr.training.cli.run_script`, Ctrl-C and
   SIGTERM inside ``with run:`` wait for the end of the step (:mod:`~torchrl_spqr.training.stop`):
   ``end_step`` raises :class:`~torchrl_spqr.training.stop.StopRequested` after the step's
@@ -522,6 +524,17 @@ class RunContext:
                 "train": bool(self.owed.get("train", False)),
             }
         save_checkpoint(self.run_dir, state, self.buffer)
+        if self.cfg.checkpoint.get("history", False):
+            save_history(self.run_dir, state, self.counters[self.step_field])
+
+
+def save_history(folder: Path, state: dict[str, Any], step: int) -> Path:
+    """Keep the networks of a checkpoint (``checkpoint.history=true``): its loss state,
+    counters and config, without optimisers or buffer, atomically in
+    ``folder/history/<step>/checkpoint``; ``load_agent(folder / "history" / str(step))``
+    rebuilds the agent as it was then."""
+    keep = {k: state[k] for k in ("loss", "counters", "config") if k in state}
+    return save_checkpoint(Path(folder) / "history" / str(int(step)), {**keep, "optim": {}})
 
 
 def _progress(total: int, initial: int, unit: str):

@@ -220,9 +220,17 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """``checkpoint``: frames (online) or updates (offline) between checkpoints."""
+    """``checkpoint``: frames (online) or updates (offline) between checkpoints.
+
+    ``history``: also keep each checkpoint's networks (the loss state, counters and
+    config; no optimiser, no replay buffer) in ``history/<step>/`` of the run folder (of
+    each agent's folder in a population), to study the agent over training:
+    ``analysis.q_estimation_bias``, ``analysis.checkpoint_q_values`` and ``load_agent``
+    read each as a run folder.
+    """
 
     interval: int = 10_000
+    history: bool = False
 
 
 @dataclass

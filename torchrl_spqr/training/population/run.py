@@ -46,7 +46,12 @@ from torchrl_spqr.training.checkpoint import (
     save_checkpoint,
     truncate_csv,
 )
-from torchrl_spqr.training.common import RunContext, check_resume_config, open_run_folder
+from torchrl_spqr.training.common import (
+    RunContext,
+    check_resume_config,
+    open_run_folder,
+    save_history,
+)
 from torchrl_spqr.training.config import (
     POPULATION_SCHEMAS,
     ConfigError,
@@ -506,3 +511,5 @@ class PopulationRun:
                 "config": to_plain(agent.cfg),
             }
             save_checkpoint(self.run_dir / agent.name, one)
+            if self.cfg.checkpoint.get("history", False):
+                save_history(self.run_dir / agent.name, one, run.counters["frames"])

@@ -1,0 +1,61 @@
+"""Seeds 9-11 at 30k, 50k, 75k and 100k steps, alone and pooled with seeds 0-2 (and 3-5).
+
+Hopper-v5 SAC-Ens (N = 10, UTD 1), bfloat16 products, beta 0 against beta 1 on dataset
+pairs. This folder's runs (seeds 9-11, ``arms/``) have the configuration of seeds 0-2
+(``../hopper_bf16_100k``) except the seeds; seeds 3-5 (``../hopper_bf16_kernel_30k_seeds3to5``)
+ran the same configuration to 30k. The tables are those of ``../hopper_bf16_100k/budgets.py``
+(its ``report``): per arm the final evaluation at the budget, the best up to it and the mean
+of the last four evaluations, mean +- sd over seeds, then SPQR's effect paired by seed with
+its 95% Student-t interval. The primary figure (fixed in this folder's README before the
+runs were read past 10k) is the final at the largest budget that all runs reached, seeds 0-2
+and 9-11 pooled.
+
+    python benchmarks/learning/hopper_bf16_100k_seeds9to11/budgets.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LEARNING = HERE.parent
+SEED_FOLDERS = {  # seeds -> the folder holding their runs
+    (0, 1, 2): LEARNING / "hopper_bf16_100k" / "arms",
+    (3, 4, 5): LEARNING / "hopper_bf16_kernel_30k_seeds3to5" / "arms",
+    (9, 10, 11): HERE / "arms",
+}
+BUDGETS = (30_000, 50_000, 75_000, 100_000)
+
+
+def _budgets():
+    """``../hopper_bf16_100k/budgets.py`` as a module (its ``report`` and ``ARMS``)."""
+    path = LEARNING / "hopper_bf16_100k" / "budgets.py"
+    spec = importlib.util.spec_from_file_location("hopper_bf16_100k_budgets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:
+    """Arm -> the runs of the listed seed sets."""
+    return {
+        g: [SEED_FOLDERS[seeds] / f"{g}_seed{s}" for seeds in seed_sets for s in seeds]
+        for g in _budgets().ARMS
+    }
+
+
+def main(budgets: tuple[int, ...] = BUDGETS) -> None:
+    report = _budgets().report
+    print("Hopper-v5 SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
+    print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
+    for step in budgets:
+        report(groups([(9, 10, 11)]), step, "seeds 9-11")
+    report(groups([(0, 1, 2), (3, 4, 5), (9, 10, 11)]), 30_000, "seeds 0-5 and 9-11")
+    for step in budgets[1:]:
+        report(groups([(0, 1, 2), (9, 10, 11)]), step, "seeds 0-2 and 9-11")
+
+
+if __name__ == "__main__":
+    main(tuple(int(b) for b in sys.argv[1:]) or BUDGETS)
