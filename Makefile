@@ -1,5 +1,6 @@
 # Developer shortcuts. Every target runs in the current Python environment.
-#   make test        the test suite (slow tests excluded, as in pyproject.toml)
+#   make test        the test suite (slow tests excluded, as in pyproject.toml; what CI runs)
+#   make test-slow   the tests marked slow (about 13 minutes on 2 cores; run with the benchmarks)
 #   make lint        ruff check + format check
 #   make bench       benchmarks 1-3 with small rounds (several minutes on 2 loaded CPU cores);
 #                    outputs in benchmarks/results/*.txt
@@ -15,10 +16,13 @@ SHELL := /bin/bash
 ROUNDS ?= 3
 ENSEMBLE_SIZES ?= 3 6 10 21 55
 
-.PHONY: test lint format bench bench-overhead bench-throughput bench-memory
+.PHONY: test test-slow lint format bench bench-overhead bench-throughput bench-memory
 
 test:
 	$(PYTHON) -m pytest -q
+
+test-slow:
+	$(PYTHON) -m pytest -q -m slow
 
 lint:
 	ruff check .

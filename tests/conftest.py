@@ -3,7 +3,8 @@ data, training, analysis, scripts). This folder is put on ``sys.path`` (pytest's
 conftest), so every test imports the shared builders as ``from _helpers import ...``.
 
 Markers by folder, for choosing a subset (the default run, ``python -m pytest``, runs
-everything except ``slow``; CI runs ``slow`` too):
+everything except ``slow``, and so does CI; ``make test-slow`` runs ``slow``, with the
+benchmarks):
 
 - ``scripts``: end-to-end runs of the sota scripts, examples and experiments
   (``tests/scripts/``); ``python -m pytest -m "not scripts"`` is the quick unit run;

@@ -193,7 +193,7 @@ def _rehearse(tmp_path: Path, **settings: str) -> tuple[Path, str]:
     return out_dir, res.stdout
 
 
-@pytest.mark.slow  # default suite under 15 min on a slow 2-core host; CI's slow step runs it
+@pytest.mark.slow  # default suite under 15 min on a slow 2-core host; make test-slow runs it
 def test_paper_scale_population_rehearsal_on_cpu(tmp_path):
     """CPU=1 with the population (tiny: Pendulum, N = 3, 200 frames): the whole script runs,
     every agent's small files land in OUT_DIR/runs/ and the effects table pairs the arms."""

@@ -103,7 +103,7 @@ def _run_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @needs["joblib"]
-@pytest.mark.slow  # default suite under 15 min on a slow 2-core host; CI's slow step runs it
+@pytest.mark.slow  # default suite under 15 min on a slow 2-core host; make test-slow runs it
 def test_joblib_sweep_two_processes(tmp_path):
     """3 seeds would be the same: 2 seeds x 2 arms, 2 jobs at a time, one folder each."""
     sweep = tmp_path / "sweep"

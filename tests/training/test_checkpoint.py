@@ -534,7 +534,7 @@ def _fault_injection(run, seed, kills, max_delay):
     return log
 
 
-@pytest.mark.slow  # default suite under 15 min on a slow 2-core host; CI's slow step runs it
+@pytest.mark.slow  # default suite under 15 min on a slow 2-core host; make test-slow runs it
 def test_kill_at_a_random_instant_and_resume(tmp_path):
     """One SIGKILL during training (random instant), then resume: no row lost or duplicated."""
     _fault_injection(tmp_path / "run", seed=0, kills=1, max_delay=4.0)
