@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +271,26 @@ def test_checkpoint_history_keeps_each_agents_networks(tmp_path):
     assert {r["arm"] for r in rows} == {"beta0.0_N3", "beta1.0_N3"}
     bot.plot(out, tmp_path / "bias.png")
     assert (tmp_path / "bias.png").stat().st_size > 0
+
+
+def test_resume_rewrites_the_agents_folders_and_their_history(tmp_path):
+    """A kill between the population's checkpoint and its agents' folders leaves those a
+    checkpoint behind and their history copies missing: resume rewrites them from the
+    population's checkpoint."""
+    from torchrl_spqr.training.restore import load_agent
+
+    pop = _population_script()
+    run = tmp_path / "run"
+    pop.train(_cfg("collector.total_frames=100", "checkpoint.history=true"), run)
+    for name in AGENTS:
+        shutil.rmtree(run / name / "history" / "100")
+        shutil.rmtree(run / name / "checkpoint")
+    pop.train(_cfg("collector.total_frames=140", "checkpoint.history=true", "resume=true"), run)
+    for name in AGENTS:
+        kept = sorted(int(p.name) for p in (run / name / "history").iterdir())
+        assert kept == [40, 80, 100, 120, 140]
+        with load_agent(run / name / "history" / "100") as agent:
+            assert agent.counters["frames"] == 100
 
 
 def test_in_a_submitit_job_sigterm_checkpoints_the_population_and_it_goes_on(tmp_path, monkeypatch):

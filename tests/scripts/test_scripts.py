@@ -7,6 +7,7 @@ import importlib.util
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,6 +330,30 @@ def test_checkpoint_history_keeps_every_checkpoints_networks(tmp_path):
         assert agent.counters["frames"] == 40
         early = agent.loss.state_dict()
     assert any(not torch.equal(early[k], last[k]) for k in last)
+
+
+def test_checkpoint_history_is_written_again_on_resume(tmp_path):
+    """A kill between a checkpoint and its copy in history/ leaves the copy missing: the
+    resumed run writes it (from the checkpoint it resumed), then goes on keeping copies."""
+    from torchrl_spqr.training.checkpoint import load_checkpoint_data
+    from torchrl_spqr.training.restore import load_agent
+
+    sac = load_script("sac_ens_spqr")
+    run = tmp_path / "run"
+    sac.train(_cfg("sac_ens_spqr", "collector.total_frames=100", "checkpoint.history=true"), run)
+    shutil.rmtree(run / "history" / "100")
+    resumed = load_checkpoint_data(run)[0]["loss"]
+    sac.train(
+        _cfg(
+            "sac_ens_spqr", "collector.total_frames=140", "checkpoint.history=true", "resume=true"
+        ),
+        run,
+    )
+    assert sorted(int(p.name) for p in (run / "history").iterdir()) == [40, 80, 100, 120, 140]
+    with load_agent(run / "history" / "100") as agent:
+        assert agent.counters["frames"] == 100
+        for k, v in agent.loss.state_dict().items():
+            torch.testing.assert_close(v, resumed[k])
 
 
 def test_checkpoint_restores_exact_state(tmp_path):

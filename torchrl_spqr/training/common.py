@@ -306,6 +306,10 @@ class RunContext:
             # a row due at the checkpoint's step and not written yet (e.g. Ctrl-C during its
             # evaluation): written first by __enter__ (unless it got written)
             self.owed = owed if owed and (last is None or last < step) else None
+            if self.cfg.checkpoint.get("history", False):
+                # the resumed checkpoint's copy, (re)written: a kill between a checkpoint
+                # and its copy leaves none, and this run may have turned history on
+                save_history(self.run_dir, state, step)
             resumed = True
         else:
             # a fresh run (also one killed before its first checkpoint, then restarted)

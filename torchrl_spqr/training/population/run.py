@@ -407,6 +407,11 @@ class PopulationRun:
             resumed = True
         for run, saved in zip(self.runs, saved_agents):
             run.restore(saved)
+        if resumed:
+            # the agents' folders, rewritten from the population's checkpoint: a kill
+            # between it and them leaves them a checkpoint behind (and their history
+            # copies missing)
+            self._save_agents(state["rng"])
         self._last_step = self.frames
         if self.cfg.logger.progress:
             try:
@@ -501,6 +506,10 @@ class PopulationRun:
             "config": to_plain(self.cfg),
         }
         save_checkpoint(self.run_dir, state, _BufferView(self.buffer))
+        self._save_agents(rng)
+
+    def _save_agents(self, rng: dict[str, Any]) -> None:
+        """Each agent's networks in ``<run_dir>/<agent>/checkpoint`` (and its history copy)."""
         for k, (agent, run) in enumerate(zip(self.agents, self.runs)):
             loss = self.population.write_agent(k, self.losses[k])
             one = {
