@@ -31,6 +31,17 @@ LAST = 4  # evaluations averaged for "last 4" (evaluation every 2,500 steps)
 ARMS = {"beta0.0_N10": "beta 0", "beta1.0_N10": "beta 1 (data pairs)"}
 
 
+def seed_groups(
+    seed_folders: dict[tuple[int, ...], Path], seed_sets: list[tuple[int, ...]]
+) -> dict[str, list[Path]]:
+    """Arm -> its runs (``<folder>/<arm>_seed<s>``) of the listed seed sets, each set's runs
+    in the folder ``seed_folders`` gives it (for the scripts that pool later seeds)."""
+    return {
+        g: [seed_folders[seeds] / f"{g}_seed{s}" for seeds in seed_sets for s in seeds]
+        for g in ARMS
+    }
+
+
 def last_mean(run: Path, step: int) -> float:
     """Mean of the run's last :data:`LAST` evaluations up to ``step``."""
     steps, values = series(read_metrics(run, step), "eval_return")

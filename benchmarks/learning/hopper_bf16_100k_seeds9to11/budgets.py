@@ -29,25 +29,24 @@ SEED_FOLDERS = {  # seeds -> the folder holding their runs
 BUDGETS = (30_000, 50_000, 75_000, 100_000)
 
 
-def _budgets():
-    """``../hopper_bf16_100k/budgets.py`` as a module (its ``report`` and ``ARMS``)."""
-    path = LEARNING / "hopper_bf16_100k" / "budgets.py"
-    spec = importlib.util.spec_from_file_location("hopper_bf16_100k_budgets", path)
+def _load(path: Path):
+    """A sibling folder's script as a module."""
+    spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+SHARED = _load(LEARNING / "hopper_bf16_100k" / "budgets.py")  # its report and seed_groups
+
+
 def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:
     """Arm -> the runs of the listed seed sets."""
-    return {
-        g: [SEED_FOLDERS[seeds] / f"{g}_seed{s}" for seeds in seed_sets for s in seeds]
-        for g in _budgets().ARMS
-    }
+    return SHARED.seed_groups(SEED_FOLDERS, seed_sets)
 
 
 def main(budgets: tuple[int, ...] = BUDGETS) -> None:
-    report = _budgets().report
+    report = SHARED.report
     print("Hopper-v5 SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
     print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
     for step in budgets:

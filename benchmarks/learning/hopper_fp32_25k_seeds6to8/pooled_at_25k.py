@@ -40,11 +40,7 @@ def _budgets():
 
 def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:
     """Arm -> the runs of the listed seed sets."""
-    arms = _budgets().ARMS
-    return {
-        g: [SEED_FOLDERS[seeds] / f"{g}_seed{s}" for seeds in seed_sets for s in seeds]
-        for g in arms
-    }
+    return _budgets().seed_groups(SEED_FOLDERS, seed_sets)
 
 
 def main() -> None:
