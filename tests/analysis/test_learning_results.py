@@ -84,6 +84,12 @@ SETTINGS = {
         "",
         "eval_return",
     ),
+    ("Hopper-v5, SAC-Ens population, bf16 products, `data` pairs (UTD 1)", "75k steps"): (
+        ("hopper_bf16_100k/arms", "hopper_bf16_100k_seeds9to11/arms"),
+        "",
+        "eval_return",
+        75_000,
+    ),
 }
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -122,9 +128,11 @@ def _arms(folder: str | tuple[str, ...], prefix: str) -> dict[int, list[Path]]:
     return {0: groups[base], 1: groups[spqr]}
 
 
-def _setting(row: list[str]) -> tuple[str | tuple[str, ...], str, str]:
-    """The run folder(s), arm prefix and key of a README row (by setting and budget first)."""
-    return SETTINGS.get((row[0], row[1])) or SETTINGS[row[0]]
+def _setting(row: list[str]) -> tuple[str | tuple[str, ...], str, str, int | None]:
+    """The run folder(s), arm prefix, key and budget read (``until``; ``None``: the whole
+    runs) of a README row (by setting and budget first)."""
+    found = SETTINGS.get((row[0], row[1])) or SETTINGS[row[0]]
+    return (*found, None) if len(found) == 3 else found
 
 
 def test_every_readme_row_is_known():
@@ -136,10 +144,14 @@ def test_every_readme_row_is_known():
 @pytest.mark.parametrize("row", _readme_rows(), ids=lambda r: f"{r[0]}, {r[1]}")
 def test_readme_learning_row_matches_the_runs(row):
     _setting_name, _budget, seeds, final, best, accept = row
-    folder, prefix, key = _setting(row)
+    folder, prefix, key, until = _setting(row)
     arms = _arms(folder, prefix)
-    summ = {b: analysis.summary_rows({"arm": runs}, key)[0] for b, runs in arms.items()}
-    diag = {b: analysis.diagnostics_rows({"arm": runs})[0] for b, runs in arms.items()}
+    summ = {
+        b: analysis.summary_rows({"arm": runs}, key, until=until)[0] for b, runs in arms.items()
+    }
+    diag = {b: analysis.diagnostics_rows({"arm": runs}, until=until)[0] for b, runs in arms.items()}
+    if until is not None:  # every run read up to the row's budget has its evaluation there
+        assert all(s == until for r in summ.values() for s in r["steps"]), summ
     run_seeds = {b: sorted(analysis.seed_of(r) for r in runs) for b, runs in arms.items()}
     assert run_seeds[0] == run_seeds[1] == [int(s) for s in _NUM.findall(seeds)]
     for cell, name in ((final, "final"), (best, "best")):
@@ -276,7 +288,9 @@ def test_pooled_bf16_check_in_the_readmes_matches_the_runs():
     _matches(" ".join(hit.groups()), effect["0-5"])
 
 
-def _budgets_folder(folder: Path, capsys) -> tuple[object, dict[str, list[Path]], dict]:
+def _budgets_folder(
+    folder: Path, capsys, seeds=range(3)
+) -> tuple[object, dict[str, list[Path]], dict]:
     """Run ``folder/budgets.py`` and check that it prints ``budgets.txt``, and that every
     row ``| <budget>k | ...`` of ``folder/README.md`` holds the runs' final and best
     (mean, sd per arm) and SPQR's paired effect on the final at that budget, read with
@@ -288,7 +302,8 @@ def _budgets_folder(folder: Path, capsys) -> tuple[object, dict[str, list[Path]]
     spec.loader.exec_module(mod)
     mod.main()
     assert capsys.readouterr().out == (folder / "budgets.txt").read_text()
-    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in range(3)] for g in mod.ARMS}
+    arms = getattr(mod, "ARMS", None) or mod.SHARED.ARMS
+    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in seeds] for g in arms}
     text = (folder / "README.md").read_text()
     effects = {}
     for step in mod.BUDGETS:
@@ -430,4 +445,30 @@ def test_fp32_seeds_6_to_8_in_the_readmes_matches_the_runs(capsys):
                 text,
             )
             assert hit, f"{label}: the seeds {name} effect sentence"
+            _matches(" ".join(hit.groups()), eff)
+
+
+def test_seeds_9_to_11_in_the_readmes_match_the_runs(capsys):
+    """Seeds 9-11 read at every budget up to the last one all runs reached (the primary
+    budget of the folder's plan): ``budgets.txt`` is what ``budgets.py`` prints, the
+    folder README's rows are the runs', and SPQR's effect at that budget, seeds 0-2 and
+    9-11 pooled (the primary figure) and seeds 9-11 alone, is the runs' in the folder
+    README, the learning README and the README."""
+    folder = LEARNING / "hopper_bf16_100k_seeds9to11"
+    mod, _, effects = _budgets_folder(folder, capsys, seeds=(9, 10, 11))
+    primary = mod.BUDGETS[-1]
+    rows = {
+        r["group"]: r
+        for r in analysis.summary_rows(mod.groups([(0, 1, 2), (9, 10, 11)]), until=primary)
+    }
+    assert all(s == primary for r in rows.values() for s in r["steps"])
+    d = [w - b for w, b in zip(rows["beta1.0_N10"]["final"], rows["beta0.0_N10"]["final"])]
+    pooled = [float(x[0]) for x in analysis.mean_ci(d)]
+    for path in (folder / "README.md", LEARNING / "README.md", ROOT / "README.md"):
+        text = path.read_text()
+        for name, eff in (("seeds 0-2 and 9-11", pooled), ("seeds 9-11 alone", effects[primary])):
+            hit = re.search(
+                rf"{name}[^:]*?:\s+(\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
+            )
+            assert hit, f"{path}: the {name} effect sentence"
             _matches(" ".join(hit.groups()), eff)
