@@ -143,3 +143,17 @@ class LoopEnsemble:
                 for p, pt in zip(q.parameters(), qt.parameters()):
                     pt.mul_(0.995).add_(p, alpha=0.005)
         self.i += 1
+
+
+def parse_args_keeping_freed_memory(p):
+    """``p.parse_args()`` for a benchmark that times updates as the scripts run them: warnings
+    off, and glibc's malloc keeping freed memory (``retain_freed_memory``), else an error."""
+    import warnings
+
+    from torchrl_spqr.training.malloc import retain_freed_memory
+
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    if not retain_freed_memory():
+        p.error("this benchmark runs with glibc's malloc keeping freed memory (not glibc?)")
+    return args

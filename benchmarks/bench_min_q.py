@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 
 import torch
+from _common import parse_args_keeping_freed_memory
 from bench_population import batch_on_device, make_sacn, single_step
 
 from torchrl_spqr.objectives.min_q import ARGMIN_MIN_MEMBERS
-from torchrl_spqr.training.malloc import retain_freed_memory
 
 PATHS = ("argmin", "full")
 
@@ -72,10 +71,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--inner", type=int, default=3, help="updates per path and round")
-    args = p.parse_args()
-    warnings.filterwarnings("ignore")
-    if not retain_freed_memory():
-        p.error("this benchmark runs with glibc's malloc keeping freed memory (not glibc?)")
+    args = parse_args_keeping_freed_memory(p)
     print(
         f"torch {torch.__version__}; SACNLoss(N) single-agent update, {args.hidden}x"
         f"{args.hidden}, batch {args.batch}; {args.rounds} rounds x {args.inner} updates per "

@@ -37,14 +37,13 @@ import inspect
 import statistics
 import sys
 import time
-import warnings
 
 import torch
+from _common import parse_args_keeping_freed_memory
 from bench_population import TINY, batch_on_device, make_population, make_sacn, single_step
 from tensordict import TensorDict
 
 from torchrl_spqr.modules.relu_mlp import _EnsembleReluMLP
-from torchrl_spqr.training.malloc import retain_freed_memory
 
 _FIND_SPEC = importlib.util.find_spec
 _SIGNATURE = inspect.signature(_EnsembleReluMLP.forward)
@@ -114,10 +113,7 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=9)
-    args = p.parse_args()
-    warnings.filterwarnings("ignore")
-    if not retain_freed_memory():
-        p.error("this benchmark runs with glibc's malloc keeping freed memory (not glibc?)")
+    args = parse_args_keeping_freed_memory(p)
     import tensordict
 
     print(
