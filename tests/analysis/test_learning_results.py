@@ -302,8 +302,7 @@ def _budgets_folder(
     spec.loader.exec_module(mod)
     mod.main()
     assert capsys.readouterr().out == (folder / "budgets.txt").read_text()
-    arms = getattr(mod, "ARMS", None) or mod.SHARED.ARMS
-    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in seeds] for g in arms}
+    groups = {g: [folder / "arms" / f"{g}_seed{s}" for s in seeds] for g in mod.ARMS}
     text = (folder / "README.md").read_text()
     effects = {}
     for step in mod.BUDGETS:

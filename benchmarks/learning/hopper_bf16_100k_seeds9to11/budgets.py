@@ -38,6 +38,7 @@ def _load(path: Path):
 
 
 SHARED = _load(LEARNING / "hopper_bf16_100k" / "budgets.py")  # its report and seed_groups
+ARMS = SHARED.ARMS
 
 
 def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:

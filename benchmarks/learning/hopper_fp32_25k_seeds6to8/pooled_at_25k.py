@@ -38,13 +38,16 @@ def _budgets():
     return module
 
 
+SHARED = _budgets()  # loaded once: its report and seed_groups
+
+
 def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:
     """Arm -> the runs of the listed seed sets."""
-    return _budgets().seed_groups(SEED_FOLDERS, seed_sets)
+    return SHARED.seed_groups(SEED_FOLDERS, seed_sets)
 
 
 def main() -> None:
-    report = _budgets().report
+    report = SHARED.report
     print("Hopper-v5 SAC-Ens N = 10; beta 0 against beta 1 on dataset pairs, at 25k steps")
     print("mean +- sd over seeds; final: the evaluation at 25k (5 episodes)")
     report(groups([(6, 7, 8)]), STEP, "seeds 6-8, float32 products")
