@@ -6,7 +6,7 @@ checkpoints, resume) is ``torchrl_spqr.training.common.RunContext``. The update 
 loop are in cql_spqr.py.
 """
 
-from torchrl_spqr.analysis import plot_run
+from torchrl_spqr.analysis import learning_curves_at_exit, plot_run
 from torchrl_spqr.training.builders import (
     make_actor,
     make_critics,
@@ -34,6 +34,7 @@ __all__ = [
     "make_offline_data",
     "make_optimizers",
     "make_target_updater",
+    "learning_curves_at_exit",
     "plot_run",
     "prepare_run",
     "record_dataset_transform",

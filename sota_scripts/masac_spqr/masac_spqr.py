@@ -36,6 +36,7 @@ from utils import (
     RunContext,
     evaluate,
     expand_done_to_agents,
+    learning_curves_at_exit,
     make_actor,
     make_collector,
     make_critics,
@@ -45,7 +46,6 @@ from utils import (
     make_replay_buffer,
     make_target_updater,
     open_run_folder,
-    plot_run,
     resolve_config,
     shutdown_collector,
 )
@@ -129,7 +129,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
             collector = make_collector(
                 cfg, train_env, actor, total_frames=total_frames - done_frames
             )
-        with run:  # first the row an interrupted run owed; at every exit a checkpoint
+        # first the row an interrupted run owed; at every exit a checkpoint, then the
+        # learning curve, drawn from metrics.csv (after a stop or an error too)
+        with learning_curves_at_exit(run_dir), run:
             if collector is not None:
                 for data in collector:
                     # [envs, steps] -> frames; done flags copied to the agents (TD targets)
@@ -151,7 +153,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                     run.end_step()  # log (evaluating when due) and checkpoint when due
     finally:  # the end, an error or Ctrl-C: stop the collector
         shutdown_collector(collector)
-    plot_run(run_dir)
     return run.summary()
 
 

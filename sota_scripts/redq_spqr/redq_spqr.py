@@ -30,6 +30,7 @@ from utils import (
     RunContext,
     cuda_graph_update,
     evaluate_policy,
+    learning_curves_at_exit,
     make_actor,
     make_collector,
     make_critics,
@@ -38,7 +39,6 @@ from utils import (
     make_optimizers,
     make_replay_buffer,
     make_target_updater,
-    plot_run,
     prepare_run,
     shutdown_collector,
 )
@@ -125,7 +125,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                 init_random_frames=max(0, init_random_frames - done_frames),
                 seed=seed,
             )
-        with run:  # first the row an interrupted run owed; at every exit a checkpoint
+        # first the row an interrupted run owed; at every exit a checkpoint, then the
+        # learning curve, drawn from metrics.csv (after a stop or an error too)
+        with learning_curves_at_exit(run_dir), run:
             if collector is not None:
                 remote_policy = type(collector) is not Collector  # workers act with a copy
                 for data in collector:
@@ -142,7 +144,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                         break  # asynchronous workers may still be running
     finally:  # the end, an error or Ctrl-C: stop the workers
         shutdown_collector(collector)
-    plot_run(run_dir)
     return run.summary()
 
 

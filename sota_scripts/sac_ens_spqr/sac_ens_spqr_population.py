@@ -38,12 +38,12 @@ from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from utils import (
     evaluate_policy,
+    learning_curves_at_exit,
     make_actor,
     make_critics,
     make_environment,
     make_loss_module,
     make_target_updater,
-    plot_run,
 )
 
 from torchrl_spqr.training.cli import run_script
@@ -175,7 +175,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
     last_batch = None
     tds = train_envs.reset()  # each agent's current step, [K]
     try:
-        with run:  # first the rows an interrupted run owed; at every exit a checkpoint
+        # first the rows an interrupted run owed; at every exit a checkpoint, then each
+        # agent's learning curve, drawn from its metrics.csv (after a stop or an error too)
+        with learning_curves_at_exit(*(run_dir / a.name for a in agents)), run:
             while True:
                 # the updates of the frames collected (after a resume: the interrupted step's rest)
                 while run.updates < updates_due(run.frames):
@@ -197,8 +199,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
     finally:
         train_envs.close()
         evaluator.close()
-    for agent in agents:
-        plot_run(run_dir / agent.name)
     return run.summary()
 
 

@@ -5,7 +5,7 @@ the run's protocol (logs, owed rows, checkpoints, resume) is
 ``torchrl_spqr.training.common.RunContext``. The update and the loop are in sac_ens_spqr.py.
 """
 
-from torchrl_spqr.analysis import plot_run
+from torchrl_spqr.analysis import learning_curves_at_exit, plot_run
 from torchrl_spqr.training.builders import (
     make_actor,
     make_collector,
@@ -36,6 +36,7 @@ __all__ = [
     "make_optimizers",
     "make_replay_buffer",
     "make_target_updater",
+    "learning_curves_at_exit",
     "plot_run",
     "prepare_run",
     "shutdown_collector",

@@ -30,6 +30,7 @@ from utils import (
     RunContext,
     cuda_graph_update,
     evaluate_policy,
+    learning_curves_at_exit,
     make_actor,
     make_critics,
     make_environment,
@@ -37,7 +38,6 @@ from utils import (
     make_offline_data,
     make_optimizers,
     make_target_updater,
-    plot_run,
     prepare_run,
     record_dataset_transform,
 )
@@ -119,12 +119,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     if cfg.compile.cudagraphs:
         step = cuda_graph_update(step, optimizers)
 
-    with run:  # first the row an interrupted run owed; at every exit (Ctrl-C too) a checkpoint
+    # first the row an interrupted run owed; at every exit a checkpoint, then the
+    # learning curve, drawn from metrics.csv (after a stop or an error too)
+    with learning_curves_at_exit(run_dir), run:
         while run.counters["updates"] < num_updates:
             batch = data.buffer.sample().to(device)
             run.updated(step(batch))
             run.end_step()  # log (evaluating) and checkpoint when due
-    plot_run(run_dir)
     return run.summary()
 
 

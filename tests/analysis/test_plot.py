@@ -605,3 +605,35 @@ def test_plot_run_without_matplotlib(sweep, monkeypatch):
     with pytest.raises(ImportError, match="matplotlib"):
         analysis.plot_run(run)
     assert not (run / "learning_curve.png").exists()
+
+
+def test_learning_curves_at_exit_draws_at_every_exit(sweep, tmp_path, capsys):
+    """The scripts' loop wrapper: the figure after a normal exit and after a stop or an
+    error (which propagates unchanged); a failure to draw is raised after a normal exit and
+    reported in one line after an exception, which then keeps its type."""
+    runs = [sweep / "beta0.0_N10_seed0", sweep / "beta1.0_N10_seed0"]
+    with analysis.learning_curves_at_exit(*runs):
+        pass
+    assert all((r / "learning_curve.png").exists() for r in runs)
+    for exc in (KeyboardInterrupt, RuntimeError):
+        for r in runs:
+            (r / "learning_curve.png").unlink()
+        with pytest.raises(exc, match="in the loop"), analysis.learning_curves_at_exit(*runs):
+            raise exc("in the loop")
+        assert all((r / "learning_curve.png").exists() for r in runs)
+    missing = tmp_path / "no_metrics"
+    missing.mkdir()
+    # the stop propagates, not the drawing's error
+    with (
+        pytest.raises(KeyboardInterrupt, match="stop"),
+        analysis.learning_curves_at_exit(missing, runs[0]),
+    ):
+        raise KeyboardInterrupt("stop")
+    err = capsys.readouterr().err
+    assert f"warning: no learning curve drawn in {missing}" in err and err.count("\n") == 1
+    # after a normal exit the drawing's error is raised
+    with (
+        pytest.raises(FileNotFoundError, match="metrics.csv"),
+        analysis.learning_curves_at_exit(missing),
+    ):
+        pass

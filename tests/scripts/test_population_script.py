@@ -217,7 +217,8 @@ def test_interrupt_and_resume_the_population(tmp_path, monkeypatch):
 
 def test_sigterm_stops_the_population_after_the_step(tmp_path, monkeypatch):
     """SIGTERM during a population update: every agent's step completes (no agent stops
-    earlier than the others), the exit checkpoint holds it, and resume loses no update."""
+    earlier than the others), the exit checkpoint holds it, each agent's learning curve is
+    drawn, and resume loses no update."""
     from torchrl_spqr.training.cli import run_script
 
     pop = _population_script()
@@ -236,6 +237,7 @@ def test_sigterm_stops_the_population_after_the_step(tmp_path, monkeypatch):
         assert state["agents"][name]["counters"]["updates"] == 35  # the signalled one included
         assert "owed_row" not in state["agents"][name]
         assert [int(r["frames"]) for r in _rows(run / name)] == [20, 40, 60]
+        assert (run / name / "learning_curve.png").exists()  # drawn at the stop
     monkeypatch.setattr(pop, "update", real_update)
     res = pop.train(_cfg("collector.total_frames=100", "resume=true"), run)
     for name in AGENTS:

@@ -165,7 +165,8 @@ def test_ctrl_c_again_while_resuming_an_owed_row(tmp_path, monkeypatch):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_in_an_update_ends_the_run_after_that_step(signum, tmp_path, monkeypatch):
     """SIGTERM (or Ctrl-C) during an update: the update and its step complete, then the
-    run stops with the exit checkpoint and 128 + signum; resume loses no update."""
+    run stops with the exit checkpoint, its learning curve and 128 + signum; resume loses
+    no update."""
     from torchrl_spqr.training.cli import run_script
 
     sac = load_script("sac_ens_spqr")
@@ -183,6 +184,7 @@ def test_a_stop_signal_in_an_update_ends_the_run_after_that_step(signum, tmp_pat
     assert ck["counters"]["frames"] == 74 and ck["counters"]["updates"] == 35
     assert "owed_row" not in ck
     assert [int(r["frames"]) for r in _rows(run)] == [20, 40, 60]
+    assert (run / "learning_curve.png").exists()  # drawn at the stop, as at the end
     monkeypatch.setattr(sac, "update", real_update)
     res = sac.train(_cfg("sac_ens_spqr", "collector.total_frames=100", "resume=true"), run)
     assert res["frames"] == 100 and res["updates"] == 100 - 40 + 1  # an uninterrupted run's

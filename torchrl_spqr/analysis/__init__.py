@@ -9,13 +9,15 @@
 - :mod:`~torchrl_spqr.analysis.bias`: a saved ensemble's Q bias against Monte Carlo returns;
 - :mod:`~torchrl_spqr.analysis.cli`: ``python -m torchrl_spqr.analysis RUN_DIR ...``.
 
-Training never imports this package; the scripts call :func:`plot_run` after training.
+Training never imports this package; the scripts wrap their loop in
+:func:`learning_curves_at_exit`, which calls :func:`plot_run` when the loop exits.
 """
 
 from torchrl_spqr.analysis.bias import BiasEstimate, q_estimation_bias
 from torchrl_spqr.analysis.critics import EnsembleBatch, checkpoint_q_values
 from torchrl_spqr.analysis.figures import (
     DIAGNOSTICS,
+    learning_curves_at_exit,
     plot_diagnostics,
     plot_effects,
     plot_groups,
@@ -70,6 +72,7 @@ __all__ = [
     "plot_groups",
     "plot_learning_curves",
     "plot_member_correlation",
+    "learning_curves_at_exit",
     "plot_run",
     "plot_spectrum",
     "read_metrics",

@@ -33,7 +33,7 @@ Example::
     >>> import torch
     >>> from torchrl_spqr.analysis.bias import soft_discounted_returns
     >>> soft_discounted_returns(torch.tensor([1.0, 1.0, 1.0]), torch.zeros(3), gamma=0.5)
-    tensor([1.7500, 1.5000, 1.0000])
+    tensor([1.7500, 1.5000, 1.0000], dtype=torch.float64)
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Every figure is written as ``<out>.<fmt>`` for each requested format (png, svg, pdf)
 with matplotlib's Agg backend:
 
-- :func:`plot_run`: ``learning_curve.<fmt>`` of one run (returns and diagnostics);
+- :func:`plot_run`: ``learning_curve.<fmt>`` of one run (returns and diagnostics), and
+  :func:`learning_curves_at_exit`, which draws it when a script's loop exits, however it exits;
 - :func:`plot_learning_curves` / :func:`plot_diagnostics`: per group (arm), the mean over
   seeds and a confidence band of that mean (:mod:`torchrl_spqr.analysis.stats`);
 - :func:`plot_effects`: forest plot of SPQR's paired effect
@@ -15,8 +16,11 @@ with matplotlib's Agg backend:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from torchrl_spqr.analysis.stats import ci_text, group_curve
 
 __all__ = [
     "DIAGNOSTICS",
+    "learning_curves_at_exit",
     "plot_diagnostics",
     "plot_effects",
     "plot_groups",
@@ -135,6 +140,50 @@ def plot_run(
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, run_dir / "learning_curve", formats)
+
+
+@contextlib.contextmanager
+def learning_curves_at_exit(*run_dirs: str | Path) -> Iterator[None]:
+    """Draw each run folder's ``learning_curve.png`` when the block exits, however it exits.
+
+    The scripts wrap their loop in it, so a run stopped by Ctrl-C or SIGTERM (or ended by
+    an error) still gets the figure of the rows it wrote, as a finished run does. After a
+    normal exit a failure to draw raises. After an exception it is reported on stderr as
+    one line, and the exception that ended the block propagates unchanged (a stop keeps its
+    exit code). The figure is redrawn from ``metrics.csv`` at every exit, so a resumed run
+    replaces it.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from torchrl_spqr.analysis import learning_curves_at_exit
+        >>> from torchrl_spqr.training.loggers import MetricsCSVLogger
+        >>> run_dir = Path(tempfile.mkdtemp())
+        >>> try:
+        ...     with learning_curves_at_exit(run_dir):
+        ...         rows = MetricsCSVLogger(run_dir)
+        ...         _ = rows.log_metrics({"frames": 1000, "eval_return": 12.5})
+        ...         rows.shutdown()
+        ...         raise KeyboardInterrupt  # Ctrl-C
+        ... except KeyboardInterrupt:
+        ...     pass
+        >>> (run_dir / "learning_curve.png").exists()
+        True
+    """
+    try:
+        yield
+    except BaseException:
+        for run_dir in run_dirs:
+            try:
+                plot_run(run_dir)
+            except Exception as err:  # a second Ctrl-C here is not swallowed
+                print(
+                    f"warning: no learning curve drawn in {run_dir}: {type(err).__name__}: {err}",
+                    file=sys.stderr,
+                )
+        raise
+    for run_dir in run_dirs:
+        plot_run(run_dir)
 
 
 def _group_rows(
