@@ -85,7 +85,11 @@ SETTINGS = {
         "eval_return",
     ),
     ("Hopper-v5, SAC-Ens population, bf16 products, `data` pairs (UTD 1)", "75k steps"): (
-        ("hopper_bf16_100k/arms", "hopper_bf16_100k_seeds9to11/arms"),
+        (
+            "hopper_bf16_100k/arms",
+            "hopper_bf16_100k_seeds9to11/arms",
+            "hopper_bf16_75k_seeds12to14/arms",
+        ),
         "",
         "eval_return",
         75_000,
@@ -468,6 +472,33 @@ def test_seeds_9_to_11_in_the_readmes_match_the_runs(capsys):
         for name, eff in (("seeds 0-2 and 9-11", pooled), ("seeds 9-11 alone", effects[primary])):
             hit = re.search(
                 rf"{name}[^:]*?:\s+(\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
+            )
+            assert hit, f"{path}: the {name} effect sentence"
+            _matches(" ".join(hit.groups()), eff)
+
+
+def test_seeds_12_to_14_in_the_readmes_match_the_runs(capsys):
+    """Seeds 12-14 read at 30k, 50k and 75k: ``budgets.txt`` is what ``budgets.py`` prints,
+    the folder README's rows are the runs', and SPQR's effect at 75k, nine seeds pooled (the
+    primary figure of the folder's plan) and seeds 12-14 alone, is the runs' in the folder
+    README, the learning README and the README."""
+    folder = LEARNING / "hopper_bf16_75k_seeds12to14"
+    mod, _, effects = _budgets_folder(folder, capsys, seeds=(12, 13, 14))
+    primary = mod.BUDGETS[-1]
+    rows = {r["group"]: r for r in analysis.summary_rows(mod.groups(mod.NINE), until=primary)}
+    assert all(s == primary for r in rows.values() for s in r["steps"])
+    assert len(rows["beta0.0_N10"]["final"]) == 9
+    d = [w - b for w, b in zip(rows["beta1.0_N10"]["final"], rows["beta0.0_N10"]["final"])]
+    pooled = [float(x[0]) for x in analysis.mean_ci(d)]
+    for path in (folder / "README.md", LEARNING / "README.md", ROOT / "README.md"):
+        text = path.read_text()
+        for name, eff in (
+            ("seeds 0-2, 9-11 and 12-14", pooled),
+            ("seeds 12-14 alone", effects[primary]),
+        ):
+            words = r"\s+".join(name.split())  # a line may break between the words
+            hit = re.search(
+                rf"{words}[^:]*?:\s+(\S+),\s+95%\s+t\s+interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
             )
             assert hit, f"{path}: the {name} effect sentence"
             _matches(" ".join(hit.groups()), eff)
