@@ -93,9 +93,24 @@ def report(groups: dict[str, list[Path]], step: int, label: str) -> None:
     )
 
 
-def main() -> None:
+def print_header() -> None:
     print("Hopper-v5 SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
     print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
+
+
+def report_seed_sets(
+    seed_folders: dict[tuple[int, ...], Path],
+    reports: list[tuple[list[tuple[int, ...]], int, str]],
+) -> None:
+    """The header, then :func:`report` of each ``(seed sets, budget, label)`` in ``reports``
+    (the runs in the folders ``seed_folders`` gives each seed set: :func:`seed_groups`)."""
+    print_header()
+    for seed_sets, step, label in reports:
+        report(seed_groups(seed_folders, seed_sets), step, label)
+
+
+def main() -> None:
+    print_header()
     groups = {g: [HERE / "arms" / f"{g}_seed{s}" for s in range(3)] for g in ARMS}
     for step in BUDGETS:
         report(groups, step, "seeds 0-2")

@@ -15,7 +15,7 @@ time (75k), seeds 0-2 and 9-11 pooled.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import sys
 from pathlib import Path
 
@@ -29,32 +29,20 @@ SEED_FOLDERS = {  # seeds -> the folder holding their runs
 BUDGETS = (30_000, 50_000, 75_000)  # the runs stopped after 75k (the plan's clock rule)
 
 
-def _load(path: Path):
-    """A sibling folder's script as a module."""
-    spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(LEARNING))  # the sibling folders import as namespace packages
+from hopper_bf16_100k import budgets as SHARED  # noqa: E402  (its report and seed_groups)
 
-
-SHARED = _load(LEARNING / "hopper_bf16_100k" / "budgets.py")  # its report and seed_groups
 ARMS = SHARED.ARMS
-
-
-def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:
-    """Arm -> the runs of the listed seed sets."""
-    return SHARED.seed_groups(SEED_FOLDERS, seed_sets)
+groups = functools.partial(SHARED.seed_groups, SEED_FOLDERS)  # arm -> the runs of seed sets
 
 
 def main(budgets: tuple[int, ...] = BUDGETS) -> None:
-    report = SHARED.report
-    print("Hopper-v5 SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
-    print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
-    for step in budgets:
-        report(groups([(9, 10, 11)]), step, "seeds 9-11")
-    report(groups([(0, 1, 2), (3, 4, 5), (9, 10, 11)]), 30_000, "seeds 0-5 and 9-11")
-    for step in budgets[1:]:
-        report(groups([(0, 1, 2), (9, 10, 11)]), step, "seeds 0-2 and 9-11")
+    SHARED.report_seed_sets(
+        SEED_FOLDERS,
+        [([(9, 10, 11)], step, "seeds 9-11") for step in budgets]
+        + [([(0, 1, 2), (3, 4, 5), (9, 10, 11)], 30_000, "seeds 0-5 and 9-11")]
+        + [([(0, 1, 2), (9, 10, 11)], step, "seeds 0-2 and 9-11") for step in budgets[1:]],
+    )
 
 
 if __name__ == "__main__":

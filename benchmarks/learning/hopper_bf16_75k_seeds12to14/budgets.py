@@ -16,48 +16,30 @@ figure (fixed in this folder's README before the runs started) is the final at 7
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LEARNING = HERE.parent
-SEED_FOLDERS = {  # seeds -> the folder holding their runs
-    (0, 1, 2): LEARNING / "hopper_bf16_100k" / "arms",
-    (3, 4, 5): LEARNING / "hopper_bf16_kernel_30k_seeds3to5" / "arms",
-    (9, 10, 11): LEARNING / "hopper_bf16_100k_seeds9to11" / "arms",
-    (12, 13, 14): HERE / "arms",
-}
 BUDGETS = (30_000, 50_000, 75_000)
 NINE = [(0, 1, 2), (9, 10, 11), (12, 13, 14)]  # every seed that reached 75k
 
+sys.path.insert(0, str(LEARNING))  # the sibling folders import as namespace packages
+from hopper_bf16_100k_seeds9to11 import budgets as EARLIER  # noqa: E402  (seeds 0-11)
 
-def _load(path: Path):
-    """A sibling folder's script as a module."""
-    spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SHARED = _load(LEARNING / "hopper_bf16_100k" / "budgets.py")  # its report and seed_groups
-ARMS = SHARED.ARMS
-
-
-def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:
-    """Arm -> the runs of the listed seed sets."""
-    return SHARED.seed_groups(SEED_FOLDERS, seed_sets)
+SHARED, ARMS = EARLIER.SHARED, EARLIER.ARMS  # ../hopper_bf16_100k/budgets.py: report, arms
+SEED_FOLDERS = {**EARLIER.SEED_FOLDERS, (12, 13, 14): HERE / "arms"}  # seeds -> their runs
+groups = functools.partial(SHARED.seed_groups, SEED_FOLDERS)  # arm -> the runs of seed sets
 
 
 def main(budgets: tuple[int, ...] = BUDGETS) -> None:
-    report = SHARED.report
-    print("Hopper-v5 SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
-    print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
-    for step in budgets:
-        report(groups([(12, 13, 14)]), step, "seeds 12-14")
-    report(groups([(0, 1, 2), (3, 4, 5), *NINE[1:]]), 30_000, "seeds 0-5 and 9-14")
-    for step in budgets[1:]:
-        report(groups(NINE), step, "seeds 0-2 and 9-14")
+    SHARED.report_seed_sets(
+        SEED_FOLDERS,
+        [([(12, 13, 14)], step, "seeds 12-14") for step in budgets]
+        + [([(0, 1, 2), (3, 4, 5), *NINE[1:]], 30_000, "seeds 0-5 and 9-14")]
+        + [(NINE, step, "seeds 0-2 and 9-14") for step in budgets[1:]],
+    )
 
 
 if __name__ == "__main__":
