@@ -6,7 +6,7 @@ checkpoints, resume) is ``torchrl_spqr.training.common.RunContext``. The update 
 loop are in cql_spqr.py.
 """
 
-from torchrl_spqr.analysis import learning_curves_at_exit, plot_run
+from torchrl_spqr.analysis import learning_curves_at_exit
 from torchrl_spqr.training.builders import (
     make_actor,
     make_critics,
@@ -27,6 +27,7 @@ __all__ = [
     "RunContext",
     "cuda_graph_update",
     "evaluate_policy",
+    "learning_curves_at_exit",
     "make_actor",
     "make_critics",
     "make_environment",
@@ -34,8 +35,6 @@ __all__ = [
     "make_offline_data",
     "make_optimizers",
     "make_target_updater",
-    "learning_curves_at_exit",
-    "plot_run",
     "prepare_run",
     "record_dataset_transform",
 ]

@@ -8,7 +8,7 @@ checkpoints, resume) is ``torchrl_spqr.training.common.RunContext``. The update 
 loop are in masac_spqr.py.
 """
 
-from torchrl_spqr.analysis import learning_curves_at_exit, plot_run
+from torchrl_spqr.analysis import learning_curves_at_exit
 from torchrl_spqr.training.builders import get_device, shutdown_collector
 from torchrl_spqr.training.common import RunContext, open_run_folder
 from torchrl_spqr.training.config import resolve_config
@@ -32,6 +32,7 @@ __all__ = [
     "evaluate",
     "expand_done_to_agents",
     "get_device",
+    "learning_curves_at_exit",
     "make_actor",
     "make_collector",
     "make_critics",
@@ -41,8 +42,6 @@ __all__ = [
     "make_replay_buffer",
     "make_target_updater",
     "open_run_folder",
-    "learning_curves_at_exit",
-    "plot_run",
     "resolve_config",
     "shutdown_collector",
 ]

@@ -5,7 +5,7 @@ the run's protocol (logs, owed rows, checkpoints, resume) is
 ``torchrl_spqr.training.common.RunContext``. The update and the loop are in redq_spqr.py.
 """
 
-from torchrl_spqr.analysis import learning_curves_at_exit, plot_run
+from torchrl_spqr.analysis import learning_curves_at_exit
 from torchrl_spqr.training.builders import (
     make_actor,
     make_collector,
@@ -28,6 +28,7 @@ __all__ = [
     "RunContext",
     "cuda_graph_update",
     "evaluate_policy",
+    "learning_curves_at_exit",
     "make_actor",
     "make_collector",
     "make_critics",
@@ -36,8 +37,6 @@ __all__ = [
     "make_optimizers",
     "make_replay_buffer",
     "make_target_updater",
-    "learning_curves_at_exit",
-    "plot_run",
     "prepare_run",
     "shutdown_collector",
 ]
