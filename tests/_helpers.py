@@ -74,6 +74,18 @@ def wigner_members(d: int, batch: int, theta: float, seed: int) -> torch.Tensor:
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "sota_scripts"
 
 
+def package_modules() -> dict[str, Path]:
+    """Every module of ``torchrl_spqr`` by dotted name (a package by its ``__init__.py``)."""
+    root = SCRIPTS_DIR.parent
+    out = {}
+    for path in (root / "torchrl_spqr").rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
 def load_script(name: str) -> ModuleType:
     """Import ``sota_scripts/<name>/<name>.py`` (with its own ``utils.py``) as a module.
 

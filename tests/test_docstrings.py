@@ -12,38 +12,19 @@ import warnings
 from pathlib import Path
 
 import pytest
+from _helpers import package_modules
 
 ROOT = Path(__file__).resolve().parents[1]
-PKG = ROOT / "torchrl_spqr"
-
-
-def _module_names() -> list[str]:
-    names = []
-    for path in sorted(PKG.rglob("*.py")):
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
-        if parts[-1] == "__main__":
-            continue
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        names.append(".".join(parts))
-    return names
-
-
-def _with_examples() -> list[str]:
-    return [n for n in _module_names() if ">>>" in _source(n)]
-
-
-def _path(name: str) -> Path:
-    path = ROOT.joinpath(*name.split("."))
-    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-
-
-def _source(name: str) -> str:
-    return _path(name).read_text()
+#: the modules whose source holds a docstring example (``__main__`` modules run a command)
+WITH_EXAMPLES = {
+    name: path
+    for name, path in sorted(package_modules().items())
+    if path.stem != "__main__" and ">>>" in path.read_text()
+}
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("name", _with_examples())
+@pytest.mark.parametrize("name", WITH_EXAMPLES)
 def test_docstring_examples_run(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecated locations warn on import
@@ -55,7 +36,7 @@ def test_docstring_examples_run(name):
     for test in tests:
         runner.run(test, out=lambda text: None)
     failed = runner.summarize(verbose=False).failed
-    where = _path(name).relative_to(ROOT)
+    where = WITH_EXAMPLES[name].relative_to(ROOT)
     assert failed == 0, (
         f"{failed} failing docstring example(s) in {name}; see them with "
         f"python -m pytest --doctest-modules {where}"

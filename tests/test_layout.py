@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 import pytest
+from _helpers import package_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "torchrl_spqr"
@@ -49,18 +50,7 @@ MAX_LINES = 600
 LONG_MARK = "Long module:"  # a docstring line giving the reason a module exceeds MAX_LINES
 
 
-def _modules() -> dict[str, Path]:
-    out = {}
-    for path in PKG.rglob("*.py"):
-        rel = path.relative_to(ROOT).with_suffix("")
-        parts = list(rel.parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        out[".".join(parts)] = path
-    return out
-
-
-MODULES = _modules()
+MODULES = package_modules()
 
 
 def _resolve(current: str, is_pkg: bool, node: ast.ImportFrom) -> str:
