@@ -451,30 +451,45 @@ def test_fp32_seeds_6_to_8_in_the_readmes_matches_the_runs(capsys):
             _matches(" ".join(hit.groups()), eff)
 
 
+def _pooled_and_alone_in_the_readmes(
+    folder: Path, capsys, seeds: tuple[int, ...], pooled_sets: list[tuple[int, ...]], pooled: str
+) -> list[float]:
+    """A later-seeds folder read at every budget of its ``budgets.py`` (``_budgets_folder``),
+    then SPQR's effect at the last budget (the primary budget of the folder's plan), with
+    ``pooled_sets`` pooled and with ``seeds`` alone, checked against the sentences naming
+    them (``pooled``, and "seeds <a>-<b> alone") in the folder README, the learning README
+    and the README. Returns the pooled runs' final returns of beta 0."""
+    mod, _, effects = _budgets_folder(folder, capsys, seeds=seeds)
+    primary = mod.BUDGETS[-1]
+    rows = {r["group"]: r for r in analysis.summary_rows(mod.groups(pooled_sets), until=primary)}
+    assert all(s == primary for r in rows.values() for s in r["steps"])
+    d = [w - b for w, b in zip(rows["beta1.0_N10"]["final"], rows["beta0.0_N10"]["final"])]
+    pooled_effect = [float(x[0]) for x in analysis.mean_ci(d)]
+    alone = f"seeds {seeds[0]}-{seeds[-1]} alone"
+    for path in (folder / "README.md", LEARNING / "README.md", ROOT / "README.md"):
+        text = path.read_text()
+        for name, eff in ((pooled, pooled_effect), (alone, effects[primary])):
+            hit = re.search(
+                rf"{name}[^:]*?:\s+(\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
+            )
+            assert hit, f"{path}: the {name} effect sentence"
+            _matches(" ".join(hit.groups()), eff)
+    return rows["beta0.0_N10"]["final"]
+
+
 def test_seeds_9_to_11_in_the_readmes_match_the_runs(capsys):
     """Seeds 9-11 read at every budget up to the last one all runs reached (the primary
     budget of the folder's plan): ``budgets.txt`` is what ``budgets.py`` prints, the
     folder README's rows are the runs', and SPQR's effect at that budget, seeds 0-2 and
     9-11 pooled (the primary figure) and seeds 9-11 alone, is the runs' in the folder
     README, the learning README and the README."""
-    folder = LEARNING / "hopper_bf16_100k_seeds9to11"
-    mod, _, effects = _budgets_folder(folder, capsys, seeds=(9, 10, 11))
-    primary = mod.BUDGETS[-1]
-    rows = {
-        r["group"]: r
-        for r in analysis.summary_rows(mod.groups([(0, 1, 2), (9, 10, 11)]), until=primary)
-    }
-    assert all(s == primary for r in rows.values() for s in r["steps"])
-    d = [w - b for w, b in zip(rows["beta1.0_N10"]["final"], rows["beta0.0_N10"]["final"])]
-    pooled = [float(x[0]) for x in analysis.mean_ci(d)]
-    for path in (folder / "README.md", LEARNING / "README.md", ROOT / "README.md"):
-        text = path.read_text()
-        for name, eff in (("seeds 0-2 and 9-11", pooled), ("seeds 9-11 alone", effects[primary])):
-            hit = re.search(
-                rf"{name}[^:]*?:\s+(\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
-            )
-            assert hit, f"{path}: the {name} effect sentence"
-            _matches(" ".join(hit.groups()), eff)
+    _pooled_and_alone_in_the_readmes(
+        LEARNING / "hopper_bf16_100k_seeds9to11",
+        capsys,
+        (9, 10, 11),
+        [(0, 1, 2), (9, 10, 11)],
+        "seeds 0-2 and 9-11",
+    )
 
 
 def test_seeds_12_to_14_in_the_readmes_match_the_runs(capsys):
@@ -483,22 +498,8 @@ def test_seeds_12_to_14_in_the_readmes_match_the_runs(capsys):
     primary figure of the folder's plan) and seeds 12-14 alone, is the runs' in the folder
     README, the learning README and the README."""
     folder = LEARNING / "hopper_bf16_75k_seeds12to14"
-    mod, _, effects = _budgets_folder(folder, capsys, seeds=(12, 13, 14))
-    primary = mod.BUDGETS[-1]
-    rows = {r["group"]: r for r in analysis.summary_rows(mod.groups(mod.NINE), until=primary)}
-    assert all(s == primary for r in rows.values() for s in r["steps"])
-    assert len(rows["beta0.0_N10"]["final"]) == 9
-    d = [w - b for w, b in zip(rows["beta1.0_N10"]["final"], rows["beta0.0_N10"]["final"])]
-    pooled = [float(x[0]) for x in analysis.mean_ci(d)]
-    for path in (folder / "README.md", LEARNING / "README.md", ROOT / "README.md"):
-        text = path.read_text()
-        for name, eff in (
-            ("seeds 0-2, 9-11 and 12-14", pooled),
-            ("seeds 12-14 alone", effects[primary]),
-        ):
-            words = r"\s+".join(name.split())  # a line may break between the words
-            hit = re.search(
-                rf"{words}[^:]*?:\s+(\S+),\s+95%\s+t\s+interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
-            )
-            assert hit, f"{path}: the {name} effect sentence"
-            _matches(" ".join(hit.groups()), eff)
+    nine = [(0, 1, 2), (9, 10, 11), (12, 13, 14)]
+    finals = _pooled_and_alone_in_the_readmes(
+        folder, capsys, (12, 13, 14), nine, "seeds 0-2, 9-11 and 12-14"
+    )
+    assert len(finals) == 9
