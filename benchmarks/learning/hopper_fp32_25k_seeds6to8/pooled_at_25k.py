@@ -16,7 +16,8 @@ seeds, then SPQR's effect paired by seed with its 95% Student-t interval.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,21 +30,10 @@ SEED_FOLDERS = {  # seeds -> the folder holding their runs
 }
 
 
-def _budgets():
-    """``../hopper_bf16_100k/budgets.py`` as a module (its ``report`` and ``ARMS``)."""
-    path = LEARNING / "hopper_bf16_100k" / "budgets.py"
-    spec = importlib.util.spec_from_file_location("hopper_bf16_100k_budgets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(LEARNING))  # the sibling folders import as namespace packages
+from hopper_bf16_100k import budgets as SHARED  # noqa: E402  (its report and seed_groups)
 
-
-SHARED = _budgets()  # loaded once: its report and seed_groups
-
-
-def groups(seed_sets: list[tuple[int, ...]]) -> dict[str, list[Path]]:
-    """Arm -> the runs of the listed seed sets."""
-    return SHARED.seed_groups(SEED_FOLDERS, seed_sets)
+groups = functools.partial(SHARED.seed_groups, SEED_FOLDERS)  # arm -> the runs of seed sets
 
 
 def main() -> None:
