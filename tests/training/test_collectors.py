@@ -62,14 +62,22 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 def _saturate(actor) -> None:
-    """Make the policy output the action bound whatever the observation (tanh(10) ~ 1)."""
+    """Make the policy output the action bound whatever the observation (tanh(10) ~ 1).
+
+    The multi-process collectors put the policy's CPU weights in shared memory, so an
+    asynchronous worker can act in the middle of this function. The output bias is set
+    first and never passes through another value, so once the policy is saturated every
+    state a worker can read is saturated too (zeroing it first let a worker act with
+    ``loc = 0`` now and then: one clean-clone CI run saw a random action at frame 63).
+    """
     with torch.no_grad():
-        for p in actor.parameters():
-            p.zero_()
         last = [m for m in actor.modules() if isinstance(m, torch.nn.Linear)][-1]
         n_act = last.out_features // 2
         last.bias[:n_act] = 10.0  # loc
         last.bias[n_act:] = -20.0  # scale -> its lower bound
+        for p in actor.parameters():
+            if p is not last.bias:
+                p.zero_()
 
 
 @pytest.fixture
