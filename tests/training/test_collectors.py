@@ -122,7 +122,9 @@ def spy(monkeypatch):
     return got
 
 
-def _check_run(run: Path, got: dict, res: dict, *, stale_frames: int, sync: bool) -> None:
+def _check_run(
+    run: Path, got: dict, res: dict, *, stale_frames: int, sync: bool, lossy: bool = False
+) -> None:
     buf = got["buffer"]
     data = buf.storage[: len(buf)]
     # frames: every collected frame stored and counted once
@@ -134,16 +136,32 @@ def _check_run(run: Path, got: dict, res: dict, *, stale_frames: int, sync: bool
     assert rows[-1]["eval_return"] != "" and rows[-1]["loss_qvalue"] != ""
     # episodes from both workers: counted, and each logged return is its episode's reward sum
     done = data["next", "done"].squeeze(-1)
-    assert int(rows[-1]["episodes"]) == int(done.sum()) >= 2 * (TOTAL // 2 // EP_LEN) - 1
+    steps = data["next", "step_count"].squeeze(-1)
+    # every episode whole: 2 workers x 40 frames hold 7 or 8 episode ends. TorchRL's
+    # MultiAsyncCollector (output queue of one batch) discards a worker's finished batch
+    # when the learner has not taken the previous one within 1 s and collects another in
+    # its place, so on a loaded machine some episodes lose frames or their end (one
+    # clean-clone CI run: 6 ends; docs/sweeps.md); each batch is still whole
+    assert int(rows[-1]["episodes"]) == int(done.sum()) >= (2 if lossy else 7)
+    if lossy:  # a batch comes whole from one worker: FPB consecutive steps of its env
+        for b in range(0, TOTAL, FPB):
+            s, d = steps[b : b + FPB], done[b : b + FPB]
+            assert ((s[1:] == s[:-1] + 1) | d[:-1]).all(), f"batch at frame {b}: {s.tolist()}"
     traj = data["collector", "traj_ids"].squeeze(-1)
     if sync:  # Ray actors number their trajectories independently: tell workers apart by
         # position (a synchronous batch holds FPB / 2 consecutive frames of each worker)
         traj = traj * 2 + (torch.arange(len(traj)) % FPB) // (FPB // 2)
     reward = data["next", "reward"].squeeze(-1)
     ep_reward = data["next", "episode_reward"].squeeze(-1)
+    checked = 0
     for i in done.nonzero().squeeze(-1).tolist():
-        assert data["next", "step_count"][i].item() == EP_LEN
-        assert ep_reward[i].item() == pytest.approx(reward[traj == traj[i]].sum().item(), abs=1e-3)
+        assert steps[i].item() == EP_LEN
+        mine = traj == traj[i]
+        if lossy and sorted(steps[mine].tolist()) != list(range(1, EP_LEN + 1)):
+            continue  # a discarded batch held part of this episode
+        assert ep_reward[i].item() == pytest.approx(reward[mine].sum().item(), abs=1e-3)
+        checked += 1
+    assert checked >= (1 if lossy else int(done.sum()))
     # warm-up frames are random actions; after the first update the workers act with the
     # updated (saturated) policy: the weights were synced to them
     action = data["action"].squeeze(-1)
@@ -161,7 +179,7 @@ def test_multiprocess_collector_end_to_end(backend, spy, tmp_path):
     # on a loaded machine saw more than the 1 per worker this test used to allow). The
     # last 6 batches must still come from the updated policy.
     sync = backend == "multi_sync"
-    _check_run(run, spy, res, stale_frames=0 if sync else 2 * 2 * FPB, sync=sync)
+    _check_run(run, spy, res, stale_frames=0 if sync else 2 * 2 * FPB, sync=sync, lossy=not sync)
     assert all(not p.is_alive() for p in spy["collector"].procs)
 
 
@@ -278,3 +296,23 @@ def test_actor_on_another_device_gets_the_collectors_casts():
         }
     finally:
         env.close()
+
+
+@pytest.mark.slow  # worker processes and a 3 s stall: about half a minute on 2 busy cores
+def test_async_backend_when_torchrl_discards_batches(spy, tmp_path):
+    """A learner that stalls for 3 s (as an evaluation or a checkpoint can) makes TorchRL's
+    MultiAsyncCollector discard the waiting worker's batches (docs/sweeps.md): the run
+    still counts and stores every frame it received, logs the episodes that reached it,
+    and every batch is a contiguous piece of one worker's trajectory. If the first
+    assertion fails, TorchRL keeps every batch now: update docs/sweeps.md."""
+    run = tmp_path / "run"
+    spy["call_at"], spy["call"] = 9, lambda: time.sleep(3.0)
+    res = spy["train"](_cfg("collector.backend=multi_async"), run)
+    data = spy["buffer"].storage[: len(spy["buffer"])]
+    traj = data["collector", "traj_ids"].squeeze(-1)
+    steps = data["next", "step_count"].squeeze(-1)
+    gaps = [  # a trajectory whose frames do not follow each other, or one never received
+        t for t in traj.unique().tolist() if (steps[traj == t].diff() != 1).any()
+    ] + sorted(set(range(int(traj.max()) + 1)) - set(traj.tolist()))
+    assert gaps, "no batch was discarded"
+    _check_run(run, spy, res, stale_frames=2 * 2 * FPB, sync=False, lossy=True)

@@ -386,7 +386,10 @@ def make_collector(
     training loop receives, summed over workers (TorchRL's convention): with
     ``multi_sync`` / synchronous ``ray`` each of the ``collector.num_workers``
     workers contributes ``frames_per_batch / num_workers``; with ``multi_async``
-    / asynchronous ``ray`` each batch comes whole from one worker. ``single``
+    / asynchronous ``ray`` each batch comes whole from one worker (TorchRL's
+    ``MultiAsyncCollector`` discards a worker's batch that the learner has not taken
+    within 1 s, so its workers step their environments more often than the run
+    counts; ``docs/sweeps.md``). ``single``
     steps ``env`` in this process; the other backends build their own
     environments in the workers from the config, worker ``i`` seeded with
     ``seed + i``, and need ``update_policy_weights_()`` after each policy update

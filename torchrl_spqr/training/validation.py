@@ -62,7 +62,10 @@ ACTIVATIONS = tuple(sorted(_NETWORK_ACTIVATIONS))  # elu, relu, silu, tanh
 COLLECTOR_BACKENDS = {
     "single": "torchrl.collectors.Collector (in the training process)",
     "multi_sync": "torchrl.collectors.MultiSyncCollector (worker processes, batches gathered from all)",
-    "multi_async": "torchrl.collectors.MultiAsyncCollector (worker processes, first batch ready)",
+    "multi_async": (
+        "torchrl.collectors.MultiAsyncCollector (worker processes, first batch ready; a batch"
+        " the learner has not taken within 1 s is discarded, docs/sweeps.md)"
+    ),
     "ray": "torchrl.collectors.distributed.RayCollector (Ray actors, local or on a cluster)",
 }
 
