@@ -9,7 +9,6 @@ literally).
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import numpy as np
@@ -790,25 +789,22 @@ class TestAutograd:
         q2 = _randn(6, 33, seed=28, dtype=torch.float32)
         torch.testing.assert_close(fn(q2, density=density), spqr_kl(q2, density=density))
 
+    @pytest.mark.slow  # inductor compiles C++: about 45 s on 2 loaded cores, cold cache
     @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
     def test_compile_inductor(self):
-        """Default (inductor) backend, forward and backward. Compilation takes about 40 s
-        on 2 loaded CPU cores with a cold cache (about 10 s warm): under the 60 s at
-        which it would be marked slow."""
+        """Default (inductor) backend, forward and backward (the default suite compiles
+        with the eager backend above, and the ensemble with inductor in test_ensemble)."""
         torch._dynamo.reset()
         fn = torch.compile(spqr_kl)
         q = _randn(10, 256, seed=29, dtype=torch.float32)
         qc = q.clone().requires_grad_()
         qe = q.clone().requires_grad_()
-        start = time.perf_counter()
         out_c = fn(qc)
         out_c.backward()
-        elapsed = time.perf_counter() - start
         out_e = spqr_kl(qe)
         out_e.backward()
         torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(qc.grad, qe.grad, rtol=1e-4, atol=1e-7)
-        assert elapsed < 600
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_backward_on_device(self, device):

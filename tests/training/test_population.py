@@ -298,8 +298,10 @@ def test_replay_buffer_keeps_agents_apart():
         PopulationReplayBuffer(2, capacity=5).load_state_dict(rb.state_dict())
 
 
+@pytest.mark.slow  # compiling forward and backward: about 50 s on 2 loaded cores
 def test_compiled_update_equals_eager():
-    """torch.compile of the population update gives the eager parameters after 2 updates."""
+    """torch.compile of the population update gives the eager parameters after 2 updates
+    (the default suite compiles the population's act below)."""
     batches = [torch.stack([make_batch(i), make_batch(10 + i)]) for i in range(2)]
     results = []
     for compile_ in (False, True):
