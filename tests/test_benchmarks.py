@@ -49,6 +49,7 @@ def test_bench_min_q_prints_both_paths_and_the_default_choice():
     }
 
 
+@pytest.mark.slow  # the overhead analysis runs every variant: about 18 s on 2 loaded cores
 @pytest.mark.filterwarnings("ignore")
 def test_bench_population_overhead_prints_the_bound_table():
     text = _run(

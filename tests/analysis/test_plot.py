@@ -344,7 +344,11 @@ def test_cli_writes_png_svg_and_summary(sweep, tmp_path, capsys):
     assert cli._default_out([run, sweep / "beta0.0_N10_seed1"]) == sweep / "plots"
 
 
-@pytest.mark.parametrize("module", ["torchrl_spqr.analysis", "torchrl_spqr.plot"])
+@pytest.mark.parametrize(
+    "module",
+    # the old name is a thin alias: its subprocess (about 11 s) runs with the slow tests
+    ["torchrl_spqr.analysis", pytest.param("torchrl_spqr.plot", marks=pytest.mark.slow)],
+)
 def test_command_line_under_its_new_and_its_old_name(module, sweep, tmp_path):
     """``python -m torchrl_spqr.plot`` (the old command) still runs, without a FutureWarning."""
     eff = tmp_path / "eff"
