@@ -1,6 +1,6 @@
 # Developer shortcuts. Every target runs in the current Python environment.
 #   make test        the test suite (slow tests excluded, as in pyproject.toml; what CI runs)
-#   make test-slow   the tests marked slow (about 13 minutes on 2 cores; run with the benchmarks)
+#   make test-slow   the tests marked slow (about 15 minutes on 2 cores; run with the benchmarks)
 #   make lint        ruff check + format check
 #   make bench       benchmarks 1-3 with small rounds (several minutes on 2 loaded CPU cores);
 #                    outputs in benchmarks/results/*.txt
