@@ -17,8 +17,15 @@ OBS, ACT = 11, 3
 
 
 def make_actor(hidden: int) -> ProbabilisticActor:
+    """The scripts' policy (``training/builders.py``): ReLU MLP, TanhNormal (TorchRL's
+    ``MLP`` defaults to Tanh, which the benchmarks used before 2026-12-03)."""
     net = nn.Sequential(
-        MLP(in_features=OBS, out_features=2 * ACT, num_cells=[hidden, hidden]),
+        MLP(
+            in_features=OBS,
+            out_features=2 * ACT,
+            num_cells=[hidden, hidden],
+            activation_class=nn.ReLU,
+        ),
         NormalParamExtractor(),
     )
     return ProbabilisticActor(
@@ -84,7 +91,13 @@ class LoopEnsemble:
         self.n, self.m, self.g = n, m, g
         self.actor_reduce, self.spqr_beta = actor_reduce, spqr_beta
         self.q = [
-            MLP(in_features=OBS + ACT, out_features=1, num_cells=[hidden, hidden]) for _ in range(n)
+            MLP(
+                in_features=OBS + ACT,
+                out_features=1,
+                num_cells=[hidden, hidden],
+                activation_class=nn.ReLU,
+            )
+            for _ in range(n)
         ]
         self.q_targ = [copy.deepcopy(q).requires_grad_(False) for q in self.q]
         self.q_opt = [optim(q.parameters()) for q in self.q]
