@@ -309,6 +309,15 @@ def test_sac_n_and_edac_per_dataset_sizes():
 
     for kind in ("medium", "medium_expert", "medium_replay"):  # CORL sac_n walker2d: 20
         assert get("sac_n_spqr", f"walker2d_{kind}", "network.ensemble_size") == 20
+    # the EDAC paper's table as OfflineRL-Lib reproduces it (docs/fidelity.md): random,
+    # expert, full-replay
+    for env, sizes in (
+        ("halfcheetah", (10, 10, 10)),
+        ("hopper", (500, 500, 200)),
+        ("walker2d", (20, 100, 20)),
+    ):
+        for kind, n in zip(("random", "expert", "full_replay"), sizes):
+            assert get("sac_n_spqr", f"{env}_{kind}", "network.ensemble_size") == n, (env, kind)
     for env in ("halfcheetah", "hopper", "walker2d"):  # EDAC: every D4RL Gym dataset
         for kind in ("random", "medium", "expert", "medium_expert", "medium_replay", "full_replay"):
             assert (ROOT / f"sota_scripts/edac_spqr/dataset/{env}_{kind}.yaml").exists()
