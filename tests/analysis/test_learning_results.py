@@ -90,6 +90,7 @@ SETTINGS = {
             "hopper_bf16_100k_seeds9to11/arms",
             "hopper_bf16_75k_seeds12to14/arms",
             "hopper_bf16_75k_seeds15to17/arms",
+            "hopper_bf16_75k_seeds18to20/arms",
         ),
         "",
         "eval_return",
@@ -517,3 +518,16 @@ def test_seeds_15_to_17_in_the_readmes_match_the_runs(capsys):
         folder, capsys, (15, 16, 17), twelve, "seeds 0-2, 9-11, 12-14 and 15-17"
     )
     assert len(finals) == 12
+
+
+def test_seeds_18_to_20_in_the_readmes_match_the_runs(capsys):
+    """Seeds 18-20 read at every budget of their ``budgets.py``: ``budgets.txt`` is what
+    the script prints, the folder README's rows are the runs', and SPQR's effect at the
+    last budget, fifteen seeds pooled (the primary figure of the folder's plan) and seeds
+    18-20 alone, is the runs' in the folder README, the learning README and the README."""
+    folder = LEARNING / "hopper_bf16_75k_seeds18to20"
+    fifteen = [(0, 1, 2), (9, 10, 11), (12, 13, 14), (15, 16, 17), (18, 19, 20)]
+    finals = _pooled_and_alone_in_the_readmes(
+        folder, capsys, (18, 19, 20), fifteen, "seeds 0-2 and 9-20"
+    )
+    assert len(finals) == 15
