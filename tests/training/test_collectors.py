@@ -10,10 +10,12 @@ leave Ctrl-C and SIGTERM to the main process.
 from __future__ import annotations
 
 import csv
+import faulthandler
 import importlib.util
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,7 @@ TINY = [
     "logger.progress=false",
     f"checkpoint.interval={TOTAL}",
 ]
+RAY = ("collector.backend=ray", "collector.ray.num_cpus=2")  # a local Ray instance of 2 CPUs
 
 
 def _cfg(*overrides: str):
@@ -123,8 +126,19 @@ def spy(monkeypatch):
 
 
 def _check_run(
-    run: Path, got: dict, res: dict, *, stale_frames: int, sync: bool, lossy: bool = False
+    run: Path,
+    got: dict,
+    res: dict,
+    *,
+    stale_frames: int,
+    sync: bool,
+    lossy: bool = False,
+    episodes: torch.Tensor | None = None,
+    fresh: torch.Tensor | None = None,
 ) -> None:
+    """``episodes``: each frame's episode, where the workers' trajectory ids do not tell
+    them apart (asynchronous Ray, :func:`_async_episodes`); ``fresh``: the frames that
+    must come from the updated policy (default: all from ``RANDOM + stale_frames`` on)."""
     buf = got["buffer"]
     data = buf.storage[: len(buf)]
     # frames: every collected frame stored and counted once
@@ -151,6 +165,8 @@ def _check_run(
     if sync:  # Ray actors number their trajectories independently: tell workers apart by
         # position (a synchronous batch holds FPB / 2 consecutive frames of each worker)
         traj = traj * 2 + (torch.arange(len(traj)) % FPB) // (FPB // 2)
+    if episodes is not None:
+        traj = episodes
     reward = data["next", "reward"].squeeze(-1)
     ep_reward = data["next", "episode_reward"].squeeze(-1)
     checked = 0
@@ -166,7 +182,123 @@ def _check_run(
     # updated (saturated) policy: the weights were synced to them
     action = data["action"].squeeze(-1)
     assert not (action[:RANDOM] > 1.999).all()
-    assert (action[RANDOM + stale_frames :] > 1.999).all()
+    if fresh is None:
+        fresh = torch.arange(TOTAL) >= RANDOM + stale_frames
+    assert (action[fresh] > 1.999).all()
+
+
+def _async_episodes(data) -> torch.Tensor:
+    """Each frame's episode number in an asynchronous run whose workers number their
+    trajectories independently (Ray actors), so that trajectory ids do not tell them apart.
+
+    A batch comes whole from one worker: its steps follow each other. A batch that starts
+    inside an episode continues the batch of its worker that stopped there: its first
+    observation is that batch's last next observation. Fails if a batch has no such
+    predecessor (a batch of that worker never reached the learner) or several, or if more
+    episodes are left open than there are workers.
+    """
+    obs, nxt = data["observation"], data["next", "observation"]
+    done = data["next", "done"].squeeze(-1)
+    steps = data["next", "step_count"].squeeze(-1)
+    episodes = torch.empty(len(steps), dtype=torch.long)
+    open_ends: list[int] = []  # last frame of each batch whose episode goes on
+    new = 0
+    for b in range(0, len(steps), FPB):
+        if steps[b] == 1:
+            episodes[b], new = new, new + 1
+        else:
+            prev = [k for k in open_ends if torch.equal(nxt[k], obs[b])]
+            assert len(prev) == 1, f"batch at frame {b} continues {len(prev)} batches"
+            open_ends.remove(prev[0])
+            episodes[b] = episodes[prev[0]]
+        for j in range(b + 1, b + FPB):
+            assert steps[j] == (1 if done[j - 1] else steps[j - 1] + 1), f"batch at frame {b}"
+            if done[j - 1]:
+                episodes[j], new = new, new + 1
+            else:
+                episodes[j] = episodes[j - 1]
+        if not done[b + FPB - 1]:
+            open_ends.append(b + FPB - 1)
+    assert len(open_ends) <= 2, f"{len(open_ends)} episodes left open by 2 workers"
+    return episodes
+
+
+def _proc_stat(pid: int) -> tuple[int, str, int] | None:
+    """A process's parent pid, state and start time (/proc/PID/stat), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # from field 3, the state
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _ray_processes() -> dict[int, int]:
+    """``{pid: start time}`` of the running Ray processes descending from this one (Linux
+    /proc): those a local Ray instance starts (GCS, raylet, agents, the actors' workers),
+    named after the ray package (``.../ray/...``, ``ray::...``). Not multiprocessing's
+    resource tracker, which the first use of shared memory starts for the whole session."""
+    stats = {
+        int(d.name): _proc_stat(int(d.name)) for d in Path("/proc").iterdir() if d.name.isdigit()
+    }
+    found, parents = {}, [os.getpid()]
+    while parents:
+        parent = parents.pop()
+        for pid, st in stats.items():
+            if st is not None and st[0] == parent and st[1] not in "ZX" and pid not in found:
+                found[pid] = st[2]
+                parents.append(pid)
+    return {pid: start for pid, start in found.items() if _is_ray(pid)}
+
+
+def _is_ray(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return cmd.startswith(b"ray::") or b"/ray/" in cmd
+
+
+def _running(procs: dict[int, int], wait: float) -> list[int]:
+    """The processes of ``procs`` (``{pid: start time}``) still running after up to ``wait``
+    seconds (a zombie or a new process with a reused pid does not count)."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = [
+            pid
+            for pid, start in procs.items()
+            if (st := _proc_stat(pid)) is not None and st[1] not in "ZX" and st[2] == start
+        ]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def _pgid(pid: int) -> int | None:
+    """A process's group, or None if it is gone."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _actor_pids(collector) -> list[int]:
+    """The process ids of a RayCollector's actors."""
+    import ray
+
+    calls = [a.__ray_call__.remote(lambda _: os.getpid()) for a in collector.remote_collectors]
+    return ray.get(calls, timeout=60)
+
+
+@contextmanager
+def _hard_deadline(seconds: float):
+    """End the test session, printing every thread's traceback, if the block runs longer than
+    ``seconds``: a test of how Ray fails must never hang forever."""
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.parametrize("backend", ["multi_sync", "multi_async"])
@@ -236,6 +368,193 @@ def test_ray_collector_end_to_end(spy, tmp_path):
     # Ray actors hold their own policy copy: the saturated actions prove the loop pushed weights
     _check_run(run, spy, res, stale_frames=0, sync=True)
     assert not ray.is_initialized()  # the local Ray instance the run started is shut down
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
+@pytest.mark.slow  # a local Ray instance and a 3 s stall: about 20 s on 2 busy cores
+def test_async_ray_collector_end_to_end(spy, tmp_path):
+    """Asynchronous Ray (``collector.ray.sync=false``): each batch comes whole from the first
+    actor to finish one; frames and updates are counted per collected frame, the weights
+    reach the actors and Ray is shut down afterwards. Unlike TorchRL's MultiAsyncCollector
+    it loses no batch, even when the learner stalls for 3 s (which makes MultiAsyncCollector
+    discard batches: test_async_backend_when_torchrl_discards_batches): RayCollector keeps
+    one ``next`` call per actor in flight and takes every result, and an actor with a
+    finished batch waits for the learner to take it."""
+    import ray
+
+    run = tmp_path / "ray_async"
+    spy["call_at"], spy["call"] = 9, lambda: time.sleep(3.0)
+    res = spy["train"](_cfg(*RAY, "collector.ray.sync=false"), run)
+    data = spy["buffer"].storage[: len(spy["buffer"])]
+    # every frame an actor collected reached the learner (up to the batch in flight when the
+    # run ended): frame k of an actor is step k % EP_LEN + 1 of its trajectory k // EP_LEN
+    # (each actor numbers its own from 0), so the frame indices received are the first
+    # n_1 and the first n_2 of the two actors'
+    traj = data["collector", "traj_ids"].squeeze(-1)
+    index = traj * EP_LEN + data["next", "step_count"].squeeze(-1) - 1
+    counts = torch.bincount(index)
+    assert counts.max() <= 2 and (counts.diff() <= 0).all(), counts.tolist()
+    episodes = _async_episodes(data)  # and every batch continues its actor's previous one
+    # update_policy_weights_() returns when every actor has taken the weights (a call to
+    # each actor, queued after the batch it is collecting), so the only batch collected with
+    # older weights after the first update is the other actor's batch in flight then (the
+    # one after the batch that ends the warm-up); an actor behind the other still sends the
+    # random batches of its own warm-up (init_random_frames counts per actor: RANDOM / 2)
+    fresh = (torch.arange(TOTAL) >= RANDOM + FPB) & (index >= RANDOM // 2)
+    _check_run(run, spy, res, stale_frames=FPB, sync=False, episodes=episodes, fresh=fresh)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_ray_shuts_down_on_ctrl_c(spy, tmp_path):
+    """Ctrl-C (KeyboardInterrupt at the 9th update) with the Ray backend: the checkpoint is
+    written, Ray is shut down, and the actors and every other process the run's local Ray
+    instance started (GCS, raylet, agents, workers) are gone."""
+    import ray
+
+    run, before, seen = tmp_path / "run", _ray_processes(), {}
+
+    def look():  # 8th update: the Ray processes started since the test began, and the actors
+        seen["procs"] = {p: t for p, t in _ray_processes().items() if p not in before}
+        seen["actors"] = _actor_pids(spy["collector"])
+
+    spy["call_at"], spy["call"], spy["interrupt_at"] = 8, look, 9
+    with _hard_deadline(300), pytest.raises(KeyboardInterrupt):
+        spy["train"](_cfg(*RAY), run)
+    assert not ray.is_initialized()
+    ck = load_checkpoint(run)
+    assert ck["counters"]["frames"] == len(spy["buffer"]) == RANDOM + 2 * FPB
+    assert ck["counters"]["updates"] == 8
+    assert set(seen["actors"]) <= seen["procs"].keys()
+    assert _running(seen["procs"], wait=30) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
+@pytest.mark.slow  # a local Ray instance: about 25 s on 2 busy cores
+def test_ray_takes_sigterm_from_stop_signals(spy, tmp_path):
+    """Under the Ray backend a SIGTERM to the main process does not wait for the end of the
+    step as with the other backends (test_workers_leave_stop_signals_to_the_main_process).
+    ``ray.init()`` (RayCollector starts the local Ray instance) replaces the SIGTERM handler
+    of the scripts' ``stop_signals`` with Ray's, ``sys.exit(signum)``, and Ray's C++ core
+    installs a failure-signal handler (absl's) in front of it that logs the signal and arms
+    an alarm aborting the process (SIGABRT) 3 s later. So ``SystemExit(15)`` is raised where
+    the signal lands (here in the 9th update, before its gradient step); leaving the run
+    still writes the checkpoint and shuts Ray down, but a script exits with status 15, not
+    143, or is aborted if it has not exited 3 s after the signal. Ctrl-C keeps the handler
+    of ``stop_signals`` (test_ray_actors_are_out_of_reach_of_ctrl_c)."""
+    import ray
+
+    from torchrl_spqr.training.stop import stop_signals
+
+    run, seen = tmp_path / "run", {}
+
+    def terminate():  # during the 9th update: the first of frames 45-48
+        seen["handlers"] = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen["went_on"] = True  # not reached: Ray's handler raises at the next bytecode
+        finally:  # absl's abort alarm, armed by the signal: cancel it, or it ends the session
+            seen["alarm"] = signal.alarm(0)
+
+    spy["call_at"], spy["call"] = 9, terminate
+    try:
+        with _hard_deadline(300), stop_signals():
+            ours = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+            with pytest.raises(SystemExit) as stop:
+                spy["train"](_cfg(*RAY), run)
+    finally:  # absl's SIGALRM handler aborts: give SIGALRM back to Python's handler
+        signal.signal(signal.SIGALRM, signal.getsignal(signal.SIGALRM))
+    assert stop.value.code == signal.SIGTERM and "went_on" not in seen
+    assert 0 < seen["alarm"] <= 3
+    assert seen["handlers"][0] is ours[0] and seen["handlers"][1] is not ours[1]
+    assert not ray.is_initialized()
+    ck = load_checkpoint(run)
+    assert ck["counters"]["frames"] == len(spy["buffer"]) == RANDOM + 2 * FPB
+    assert ck["counters"]["updates"] == 8  # the step was cut (stop_signals alone: 12)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.slow  # a local Ray instance: about 25 s on 2 busy cores
+def test_ray_actors_are_out_of_reach_of_ctrl_c(spy, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to its foreground process group. Ray starts each
+    actor's worker process in a process group of its own, so Ctrl-C does not reach the
+    actors; Ray's other processes (GCS, raylet, agents) are in the main process's group,
+    and every Ray process blocks SIGINT (Ray starts them with it blocked), so a SIGINT
+    sent to any of them ends none. The main process, under ``stop_signals``, finishes
+    the step it is in, checkpoints and shuts Ray down, as with the multi-process backends."""
+    import ray
+
+    from torchrl_spqr.training.stop import StopRequested, stop_signals
+
+    run, before, seen = tmp_path / "run", _ray_processes(), {}
+
+    def ctrl_c():  # during the 9th update: the first of frames 45-48
+        procs = {p: t for p, t in _ray_processes().items() if p not in before}
+        actors = _actor_pids(spy["collector"])
+        group = [p for p in procs if _pgid(p) == os.getpgrp()]
+        seen.update(procs=procs, actors=actors, group=group)
+        seen["actor_groups"] = [_pgid(p) for p in actors]
+        for pid in {*group, *actors}:  # what Ctrl-C reaches, and the actors too
+            os.kill(pid, signal.SIGINT)
+        time.sleep(1.0)
+        seen["alive"] = _running(procs, wait=0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    spy["call_at"], spy["call"] = 9, ctrl_c
+    with _hard_deadline(300), stop_signals(), pytest.raises(StopRequested) as stop:
+        spy["train"](_cfg(*RAY), run)
+    assert stop.value.signum == signal.SIGINT
+    assert seen["actor_groups"] == seen["actors"]  # each actor leads a group of its own
+    assert seen["group"] and set(seen["actors"]).isdisjoint(seen["group"])
+    assert {*seen["group"], *seen["actors"]} <= set(seen["alive"])  # SIGINT ended none
+    assert not ray.is_initialized()
+    ck = load_checkpoint(run)
+    # that batch's 4 updates all ran, as with the multi-process backends
+    assert ck["counters"]["frames"] == len(spy["buffer"]) == RANDOM + 2 * FPB
+    assert ck["counters"]["updates"] == 12
+    assert _running(seen["procs"], wait=30) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.slow  # a local Ray instance: about 30 s on 2 busy cores
+def test_ray_actors_die_of_sigterm(spy, tmp_path):
+    """A SIGTERM to the actors' worker processes (a scheduler's SIGTERM to every process of a
+    job) ends them: Ray's worker handler exits. The main process does not hang: it finishes
+    the step it is in, and its next call to the actors, the weight push at the end of the
+    step, fails (gloo, RayCollector's weight transport: "Connection closed by peer"). The
+    run ends with that error rather than a stop, after writing the checkpoint of the
+    completed step and shutting Ray down."""
+    import traceback
+
+    import ray
+
+    from torchrl_spqr.training.stop import stop_signals
+
+    run, before, seen = tmp_path / "run", _ray_processes(), {}
+
+    def terminate_actors():  # during the 9th update: the first of frames 45-48
+        seen["procs"] = {p: t for p, t in _ray_processes().items() if p not in before}
+        actors = _actor_pids(spy["collector"])
+        for pid in actors:
+            os.kill(pid, signal.SIGTERM)
+        seen["alive"] = _running({p: seen["procs"][p] for p in actors}, wait=10)
+        seen["dead_at"] = time.monotonic()
+
+    spy["call_at"], spy["call"] = 9, terminate_actors
+    with _hard_deadline(300), stop_signals(), pytest.raises(RuntimeError) as err:
+        spy["train"](_cfg(*RAY), run)
+    failed_in = [frame.name for frame in traceback.extract_tb(err.tb)]
+    assert seen["alive"] == []  # both actors died of the signal
+    assert "update_policy_weights_" in failed_in
+    assert time.monotonic() - seen["dead_at"] < 60  # not gloo's 60 s timeout: no hang
+    assert not ray.is_initialized()
+    ck = load_checkpoint(run)
+    assert ck["counters"]["frames"] == len(spy["buffer"]) == RANDOM + 2 * FPB
+    assert ck["counters"]["updates"] == 12
+    assert _running(seen["procs"], wait=30) == []
 
 
 @pytest.mark.parametrize(
