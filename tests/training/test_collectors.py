@@ -399,7 +399,8 @@ def test_async_ray_collector_end_to_end(spy, tmp_path):
     # each actor, queued after the batch it is collecting), so the only batch collected with
     # older weights after the first update is the other actor's batch in flight then (the
     # one after the batch that ends the warm-up); an actor behind the other still sends the
-    # random batches of its own warm-up (init_random_frames counts per actor: RANDOM / 2)
+    # random batches of its own warm-up (init_random_frames counts per actor: RANDOM / 2).
+    # Seen here: the actors alternate, 10 batches each, and only frames 40-43 are stale
     fresh = (torch.arange(TOTAL) >= RANDOM + FPB) & (index >= RANDOM // 2)
     _check_run(run, spy, res, stale_frames=FPB, sync=False, episodes=episodes, fresh=fresh)
     assert not ray.is_initialized()
@@ -407,6 +408,7 @@ def test_async_ray_collector_end_to_end(spy, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.slow  # a local Ray instance: about 15 s on 2 busy cores
 def test_ray_shuts_down_on_ctrl_c(spy, tmp_path):
     """Ctrl-C (KeyboardInterrupt at the 9th update) with the Ray backend: the checkpoint is
     written, Ray is shut down, and the actors and every other process the run's local Ray
@@ -431,7 +433,7 @@ def test_ray_shuts_down_on_ctrl_c(spy, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
-@pytest.mark.slow  # a local Ray instance: about 25 s on 2 busy cores
+@pytest.mark.slow  # a local Ray instance: about 20 s on 2 busy cores
 def test_ray_takes_sigterm_from_stop_signals(spy, tmp_path):
     """Under the Ray backend a SIGTERM to the main process does not wait for the end of the
     step as with the other backends (test_workers_leave_stop_signals_to_the_main_process).
@@ -476,7 +478,7 @@ def test_ray_takes_sigterm_from_stop_signals(spy, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-@pytest.mark.slow  # a local Ray instance: about 25 s on 2 busy cores
+@pytest.mark.slow  # a local Ray instance: about 20 s on 2 busy cores
 def test_ray_actors_are_out_of_reach_of_ctrl_c(spy, tmp_path):
     """A terminal's Ctrl-C sends SIGINT to its foreground process group. Ray starts each
     actor's worker process in a process group of its own, so Ctrl-C does not reach the
@@ -519,7 +521,7 @@ def test_ray_actors_are_out_of_reach_of_ctrl_c(spy, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-@pytest.mark.slow  # a local Ray instance: about 30 s on 2 busy cores
+@pytest.mark.slow  # a local Ray instance: about 20 s on 2 busy cores
 def test_ray_actors_die_of_sigterm(spy, tmp_path):
     """A SIGTERM to the actors' worker processes (a scheduler's SIGTERM to every process of a
     job) ends them: Ray's worker handler exits. The main process does not hang: it finishes
