@@ -494,40 +494,23 @@ def test_seeds_9_to_11_in_the_readmes_match_the_runs(capsys):
     )
 
 
-def test_seeds_12_to_14_in_the_readmes_match_the_runs(capsys):
-    """Seeds 12-14 read at 30k, 50k and 75k: ``budgets.txt`` is what ``budgets.py`` prints,
-    the folder README's rows are the runs', and SPQR's effect at 75k, nine seeds pooled (the
-    primary figure of the folder's plan) and seeds 12-14 alone, is the runs' in the folder
-    README, the learning README and the README."""
-    folder = LEARNING / "hopper_bf16_75k_seeds12to14"
-    nine = [(0, 1, 2), (9, 10, 11), (12, 13, 14)]
-    finals = _pooled_and_alone_in_the_readmes(
-        folder, capsys, (12, 13, 14), nine, "seeds 0-2, 9-11 and 12-14"
-    )
-    assert len(finals) == 9
+_SEEDS_AT_75K = [(0, 1, 2), (9, 10, 11), (12, 13, 14), (15, 16, 17), (18, 19, 20)]
 
 
-def test_seeds_15_to_17_in_the_readmes_match_the_runs(capsys):
-    """Seeds 15-17 read at every budget of their ``budgets.py``: ``budgets.txt`` is what
-    the script prints, the folder README's rows are the runs', and SPQR's effect at the
-    last budget, twelve seeds pooled (the primary figure of the folder's plan) and seeds
-    15-17 alone, is the runs' in the folder README, the learning README and the README."""
-    folder = LEARNING / "hopper_bf16_75k_seeds15to17"
-    twelve = [(0, 1, 2), (9, 10, 11), (12, 13, 14), (15, 16, 17)]
-    finals = _pooled_and_alone_in_the_readmes(
-        folder, capsys, (15, 16, 17), twelve, "seeds 0-2, 9-11, 12-14 and 15-17"
-    )
-    assert len(finals) == 12
-
-
-def test_seeds_18_to_20_in_the_readmes_match_the_runs(capsys):
-    """Seeds 18-20 read at every budget of their ``budgets.py``: ``budgets.txt`` is what
-    the script prints, the folder README's rows are the runs', and SPQR's effect at the
-    last budget, fifteen seeds pooled (the primary figure of the folder's plan) and seeds
-    18-20 alone, is the runs' in the folder README, the learning README and the README."""
-    folder = LEARNING / "hopper_bf16_75k_seeds18to20"
-    fifteen = [(0, 1, 2), (9, 10, 11), (12, 13, 14), (15, 16, 17), (18, 19, 20)]
-    finals = _pooled_and_alone_in_the_readmes(
-        folder, capsys, (18, 19, 20), fifteen, "seeds 0-2 and 9-20"
-    )
-    assert len(finals) == 15
+@pytest.mark.parametrize(
+    "folder,added,pooled",
+    [
+        ("hopper_bf16_75k_seeds12to14", 3, "seeds 0-2, 9-11 and 12-14"),
+        ("hopper_bf16_75k_seeds15to17", 4, "seeds 0-2, 9-11, 12-14 and 15-17"),
+        ("hopper_bf16_75k_seeds18to20", 5, "seeds 0-2 and 9-20"),
+    ],
+)
+def test_later_seeds_at_75k_in_the_readmes_match_the_runs(capsys, folder, added, pooled):
+    """A set of three seeds run to 75k, read at 30k, 50k and 75k: ``budgets.txt`` is what
+    its ``budgets.py`` prints, the folder README's rows are the runs', and SPQR's effect at
+    75k, every seed set up to this one pooled (the primary figure of the folder's plan:
+    nine, twelve, fifteen seeds) and the set alone, is the runs' in the folder README, the
+    learning README and the README."""
+    sets = _SEEDS_AT_75K[:added]
+    finals = _pooled_and_alone_in_the_readmes(LEARNING / folder, capsys, sets[-1], sets, pooled)
+    assert len(finals) == 3 * added
