@@ -434,20 +434,21 @@ def test_ray_shuts_down_on_ctrl_c(spy, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
 @pytest.mark.slow  # a local Ray instance: about 20 s on 2 busy cores
-def test_ray_takes_sigterm_from_stop_signals(spy, tmp_path):
-    """Under the Ray backend a SIGTERM to the main process does not wait for the end of the
-    step as with the other backends (test_workers_leave_stop_signals_to_the_main_process).
+def test_ray_run_stops_at_a_step_boundary_on_sigterm(spy, tmp_path):
+    """Under the Ray backend a SIGTERM to the main process waits for the end of the step, as
+    with the other backends (test_workers_leave_stop_signals_to_the_main_process).
     ``ray.init()`` (RayCollector starts the local Ray instance) replaces the SIGTERM handler
     of the scripts' ``stop_signals`` with Ray's, ``sys.exit(signum)``, and Ray's C++ core
     installs a failure-signal handler (absl's) in front of it that logs the signal and arms
-    an alarm aborting the process (SIGABRT) 3 s later. So ``SystemExit(15)`` is raised where
-    the signal lands (here in the 9th update, before its gradient step); leaving the run
-    still writes the checkpoint and shuts Ray down, but a script exits with status 15, not
-    143, or is aborted if it has not exited 3 s after the signal. Ctrl-C keeps the handler
-    of ``stop_signals`` (test_ray_actors_are_out_of_reach_of_ctrl_c)."""
+    an alarm aborting the process (SIGABRT) 3 s later. Without ``keep_stop_handlers`` around
+    the collector's construction, ``SystemExit(15)`` was raised where the signal landed (in
+    the 9th update, before its gradient step: 8 updates in the checkpoint) and the abort
+    alarm was armed; with it, the stop handler is back in place for both signals, the 9th
+    update's batch is finished (12 updates), no alarm is armed, and the run raises
+    ``StopRequested`` (exit status 143 in a script), as with every other backend."""
     import ray
 
-    from torchrl_spqr.training.stop import stop_signals
+    from torchrl_spqr.training.stop import StopRequested, stop_signals
 
     run, seen = tmp_path / "run", {}
 
@@ -455,25 +456,25 @@ def test_ray_takes_sigterm_from_stop_signals(spy, tmp_path):
         seen["handlers"] = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         try:
             os.kill(os.getpid(), signal.SIGTERM)
-            seen["went_on"] = True  # not reached: Ray's handler raises at the next bytecode
-        finally:  # absl's abort alarm, armed by the signal: cancel it, or it ends the session
+            seen["went_on"] = True
+        finally:  # an abort alarm armed by absl's handler would end the pytest session
             seen["alarm"] = signal.alarm(0)
 
     spy["call_at"], spy["call"] = 9, terminate
     try:
         with _hard_deadline(300), stop_signals():
             ours = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-            with pytest.raises(SystemExit) as stop:
+            with pytest.raises(StopRequested) as stop:
                 spy["train"](_cfg(*RAY), run)
     finally:  # absl's SIGALRM handler aborts: give SIGALRM back to Python's handler
         signal.signal(signal.SIGALRM, signal.getsignal(signal.SIGALRM))
-    assert stop.value.code == signal.SIGTERM and "went_on" not in seen
-    assert 0 < seen["alarm"] <= 3
-    assert seen["handlers"][0] is ours[0] and seen["handlers"][1] is not ours[1]
+    assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143
+    assert seen["went_on"] and seen["alarm"] == 0  # not cut where it landed, no abort
+    assert seen["handlers"][0] is ours[0] and seen["handlers"][1] is ours[1]
     assert not ray.is_initialized()
     ck = load_checkpoint(run)
     assert ck["counters"]["frames"] == len(spy["buffer"]) == RANDOM + 2 * FPB
-    assert ck["counters"]["updates"] == 8  # the step was cut (stop_signals alone: 12)
+    assert ck["counters"]["updates"] == 12  # that batch's 4 updates all ran
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")

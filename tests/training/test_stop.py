@@ -14,6 +14,7 @@ import pytest
 from torchrl_spqr.training.stop import (
     StopRequested,
     check_stop,
+    keep_stop_handlers,
     scheduler_signal,
     steps_running,
     stop_requested,
@@ -67,6 +68,51 @@ def test_handlers_are_restored_and_nesting_keeps_the_outer_ones():
         assert signal.getsignal(signal.SIGTERM) is installed  # the inner exit kept them
     assert {s: signal.getsignal(s) for s in before} == before
     check_stop()  # nothing pending: no raise
+
+
+@pytest.mark.parametrize("replaced", ["python", "c", "both"])
+def test_keep_stop_handlers_puts_back_what_a_library_replaced(replaced):
+    """What ray.init() does to the driver: a Python handler that exits wherever the signal
+    lands (sys.exit), under it a C-level handler (here faulthandler's, which swallows the
+    signal after dumping the stacks and leaves ``signal.getsignal`` unchanged; in Ray,
+    absl's, which arms an abort). After the block, either is gone: a SIGTERM waits for the
+    end of the step."""
+    import faulthandler
+
+    def library_handler(signum, frame):
+        sys.exit(signum)
+
+    with stop_signals():
+        ours = signal.getsignal(signal.SIGTERM)
+        try:
+            with keep_stop_handlers():
+                if replaced in ("python", "both"):
+                    signal.signal(signal.SIGTERM, library_handler)
+                if replaced in ("c", "both"):
+                    faulthandler.register(signal.SIGTERM, file=sys.__stderr__, chain=False)
+            assert signal.getsignal(signal.SIGTERM) is ours
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            with pytest.raises(StopRequested) as exc, steps_running():
+                _send(signal.SIGTERM)  # neither swallowed nor SystemExit: recorded
+                assert stop_requested() == signal.SIGTERM
+                check_stop()
+        finally:
+            faulthandler.unregister(signal.SIGTERM)
+    assert exc.value.signum == signal.SIGTERM
+
+
+def test_keep_stop_handlers_without_stop_signals_changes_nothing():
+    before = signal.getsignal(signal.SIGTERM)
+
+    def library_handler(signum, frame):
+        sys.exit(signum)
+
+    try:
+        with keep_stop_handlers():
+            signal.signal(signal.SIGTERM, library_handler)
+        assert signal.getsignal(signal.SIGTERM) is library_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_span_opens_and_closes_once():

@@ -38,7 +38,7 @@ from torchrl_spqr.training.fields import (  # noqa: F401  (cfg_*: re-exported, o
     cfg_sizes,
     get_device,
 )
-from torchrl_spqr.training.stop import workers_ignore_stop_signals
+from torchrl_spqr.training.stop import keep_stop_handlers, workers_ignore_stop_signals
 from torchrl_spqr.training.typecheck import convert_section, to_plain
 from torchrl_spqr.training.validation import (  # noqa: F401  (LOGGER_BACKENDS: re-exported)
     COLLECTOR_BACKENDS,
@@ -435,15 +435,18 @@ def make_collector(
         }
         if init["address"] is None and ray.num_cpus is not None:
             init["num_cpus"] = ray.num_cpus  # size of a local Ray instance
-        collector = RayCollector(
-            env_fns,
-            actor,
-            **common,
-            sync=ray.sync,
-            ray_init_config=init,
-            remote_configs={"num_cpus": ray.cpus_per_worker},
-            collector_kwargs={"auto_register_policy_transforms": False},
-        )
+        # ray.init() (inside) replaces the SIGTERM handler of the scripts' stop_signals
+        # with sys.exit: put it back, so that SIGTERM stops a Ray run at a step boundary
+        with keep_stop_handlers():
+            collector = RayCollector(
+                env_fns,
+                actor,
+                **common,
+                sync=ray.sync,
+                ray_init_config=init,
+                remote_configs={"num_cpus": ray.cpus_per_worker},
+                collector_kwargs={"auto_register_policy_transforms": False},
+            )
         try:  # connect the weight channel (and send the initial weights) before collecting
             collector.update_policy_weights_()
         except BaseException:

@@ -46,6 +46,13 @@ keeps that contract and moves both to a step boundary:
   checkpoint when it runs with ``resume=true``. It wins over a pending SIGINT (it does not
   count as a second signal).
 
+Code that installs its own handlers while a run starts is run inside
+:func:`keep_stop_handlers`, which puts the stop handlers back afterwards: ``ray.init()``
+(the Ray collector backend) replaces the SIGTERM handler with one that raises
+``SystemExit`` wherever the signal lands (and Ray's C++ core adds a failure-signal handler
+that aborts the process 3 s later), so without it a SIGTERM would cut a Ray run's update
+in half.
+
 Handlers can only be installed from the main thread; elsewhere :func:`stop_signals` leaves
 the process's handlers as they are (and a run then stops as Python's defaults say).
 
@@ -71,6 +78,7 @@ from contextlib import contextmanager
 __all__ = [
     "StopRequested",
     "check_stop",
+    "keep_stop_handlers",
     "scheduler_signal",
     "steps_running",
     "stop_requested",
@@ -297,3 +305,24 @@ def workers_ignore_stop_signals() -> Iterator[None]:
         yield
     finally:
         _set_handlers(old)
+
+
+@contextmanager
+def keep_stop_handlers() -> Iterator[None]:
+    """Run code that may replace the stop handlers (``ray.init()``) and put them back after.
+
+    Only while :func:`stop_signals` is active and in the main thread (else it changes
+    nothing). At exit, every signal :func:`stop_signals` handles gets its stop handler
+    again, whether the block replaced the Python handler (Ray's ``sys.exit``) or only the
+    process's C-level one (absl's failure-signal handler in Ray's core):
+    ``signal.signal`` always sets both. A signal that arrives inside the block meets
+    whatever handler is installed then.
+    """
+    if not _State.installed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = {s: signal.getsignal(s) for s in _State.handled}
+    try:
+        yield
+    finally:
+        _set_handlers(ours)
