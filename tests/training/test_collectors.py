@@ -358,6 +358,7 @@ def test_workers_leave_stop_signals_to_the_main_process(spy, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray extra not installed")
+@pytest.mark.slow  # a local Ray instance: about 18 s on 2 busy cores
 def test_ray_collector_end_to_end(spy, tmp_path):
     import ray
 
