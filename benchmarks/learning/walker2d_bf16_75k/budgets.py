@@ -21,6 +21,8 @@ BUDGETS = (30_000, 50_000, 75_000)
 sys.path.insert(0, str(HERE.parent))  # the sibling folders import as namespace packages
 from hopper_bf16_100k import budgets as SHARED  # noqa: E402  (report, arms)
 
+ARMS = SHARED.ARMS  # arm folder prefix -> its name
+
 
 def main(budgets: tuple[int, ...] = BUDGETS) -> None:
     print("Walker2d-v5 SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
