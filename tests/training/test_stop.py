@@ -70,6 +70,11 @@ def test_handlers_are_restored_and_nesting_keeps_the_outer_ones():
     check_stop()  # nothing pending: no raise
 
 
+def _library_handler(signum, frame):
+    """What ``ray.init()`` installs for SIGTERM: exit wherever the signal lands."""
+    sys.exit(signum)
+
+
 @pytest.mark.parametrize("replaced", ["python", "c", "both"])
 def test_keep_stop_handlers_puts_back_what_a_library_replaced(replaced):
     """What ray.init() does to the driver: a Python handler that exits wherever the signal
@@ -79,15 +84,12 @@ def test_keep_stop_handlers_puts_back_what_a_library_replaced(replaced):
     end of the step."""
     import faulthandler
 
-    def library_handler(signum, frame):
-        sys.exit(signum)
-
     with stop_signals():
         ours = signal.getsignal(signal.SIGTERM)
         try:
             with keep_stop_handlers():
                 if replaced in ("python", "both"):
-                    signal.signal(signal.SIGTERM, library_handler)
+                    signal.signal(signal.SIGTERM, _library_handler)
                 if replaced in ("c", "both"):
                     faulthandler.register(signal.SIGTERM, file=sys.__stderr__, chain=False)
             assert signal.getsignal(signal.SIGTERM) is ours
@@ -103,14 +105,10 @@ def test_keep_stop_handlers_puts_back_what_a_library_replaced(replaced):
 
 def test_keep_stop_handlers_without_stop_signals_changes_nothing():
     before = signal.getsignal(signal.SIGTERM)
-
-    def library_handler(signum, frame):
-        sys.exit(signum)
-
     try:
         with keep_stop_handlers():
-            signal.signal(signal.SIGTERM, library_handler)
-        assert signal.getsignal(signal.SIGTERM) is library_handler
+            signal.signal(signal.SIGTERM, _library_handler)
+        assert signal.getsignal(signal.SIGTERM) is _library_handler
     finally:
         signal.signal(signal.SIGTERM, before)
 

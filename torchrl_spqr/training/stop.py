@@ -195,6 +195,12 @@ def _handle(signum: int, frame) -> None:
     )
 
 
+def _managing() -> bool:
+    """Whether :func:`stop_signals` is active and this is the main thread: the condition
+    under which the helpers that change handlers for it act (elsewhere they change nothing)."""
+    return _State.installed and threading.current_thread() is threading.main_thread()
+
+
 def _set_handlers(handlers: dict) -> dict:
     """Install ``{signal: handler}``; returns the handlers they replace, to restore them."""
     old = {s: signal.getsignal(s) for s in handlers}
@@ -296,7 +302,7 @@ def workers_ignore_stop_signals() -> Iterator[None]:
     process died finds its pipe closed and exits. The main process ignores these signals for
     the short time the block takes (starting the processes).
     """
-    if not _State.installed or threading.current_thread() is not threading.main_thread():
+    if not _managing():
         yield
         return
     ignored = set(STOP_SIGNALS) | set(_State.handled)
@@ -318,7 +324,7 @@ def keep_stop_handlers() -> Iterator[None]:
     ``signal.signal`` always sets both. A signal that arrives inside the block meets
     whatever handler is installed then.
     """
-    if not _State.installed or threading.current_thread() is not threading.main_thread():
+    if not _managing():
         yield
         return
     ours = {s: signal.getsignal(s) for s in _State.handled}
