@@ -278,3 +278,31 @@ def test_outside_a_submitit_job_usr2_and_stop_requests_are_not_forwarded(monkeyp
         with pytest.raises(StopRequested) as exc:
             _send(signal.SIGTERM)
     assert exc.value.forward_to is None and not exc.value.forward()
+
+
+def test_the_wandb_logger_keeps_the_stop_handlers(tmp_path, monkeypatch):
+    """``logger.backend=wandb`` starts a wandb run (a service process beside the script)
+    while the stop handlers are installed. Unlike ``ray.init()`` it must leave them in place,
+    the C-level one included: a SIGTERM during the steps is recorded, not an exit. Checked
+    with wandb 0.31 (not a dependency; skipped where it is not installed)."""
+    pytest.importorskip("wandb")
+    from omegaconf import OmegaConf
+
+    from torchrl_spqr.training.loggers import make_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create({"logger": {"backend": "wandb", "wandb_mode": "offline"}})
+    with stop_signals():
+        ours = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        logger = make_logger(cfg, tmp_path / "run")
+        try:
+            logger.log_scalar("x", 1.0, step=0)
+            assert {s: signal.getsignal(s) for s in ours} == ours
+            with pytest.raises(StopRequested) as exc, steps_running():
+                _send(signal.SIGTERM)  # through the C-level handler to ours: recorded
+                assert stop_requested() == signal.SIGTERM
+                check_stop()
+        finally:
+            logger.experiment.finish()
+    assert exc.value.signum == signal.SIGTERM
