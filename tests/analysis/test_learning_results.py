@@ -538,3 +538,42 @@ def test_walker2d_at_75k_in_the_readmes_matches_the_runs(capsys):
         )
         assert hit, f"{path}: the Walker2d effect sentence"
         _matches(" ".join(hit.groups()), effects[primary])
+
+
+def _population_effects():
+    import importlib.util
+
+    path = LEARNING / "population_effects.py"
+    spec = importlib.util.spec_from_file_location("population_effects", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_population_effects_table_matches_the_runs():
+    """``effects_population.md``: every population setting at its budget, recomputed."""
+    mod = _population_effects()
+    rows = mod.setting_rows()
+    assert (LEARNING / "effects_population.md").read_text() == mod.table(rows)
+    # each row reads its runs at its own budget: the final is the evaluation at that step
+    for (label, budget, sources), row in zip(mod.SETTINGS, rows):
+        assert row["until"] == budget
+        groups = {
+            g: [LEARNING / f / f"{g}_seed{s}" for f, seeds in sources for s in seeds]
+            for g in mod.ARMS
+        }
+        summ = {r["group"]: r for r in analysis.summary_rows(groups, until=budget)}
+        assert all(summ[g]["steps"] == [budget] * len(groups[g]) for g in mod.ARMS), label
+        diffs = [w - b for w, b in zip(summ["beta1.0_N10"]["final"], summ["beta0.0_N10"]["final"])]
+        assert row["final_diff_mean"] == pytest.approx(statistics.mean(diffs)), label
+
+
+def test_every_population_folder_is_in_the_population_effects_or_says_why_not():
+    mod = _population_effects()
+    read = {f.split("/")[0] for _, _, sources in mod.SETTINGS for f, _ in sources}
+    with_spqr_arm = {
+        p.relative_to(LEARNING).parts[0] for p in LEARNING.glob("*/**/beta1.0_N10_seed*")
+    }
+    assert with_spqr_arm, "no population folder found"
+    assert with_spqr_arm - read - set(mod.LEFT_OUT) == set()
+    assert set(mod.LEFT_OUT) <= with_spqr_arm  # no stale entry
