@@ -53,6 +53,11 @@ SETTINGS: list[tuple[str, int, list[tuple[str, tuple[int, ...]]]]] = [
     ),
     ("Hopper-v5, bf16, data pairs, 200k", 200_000, [("hopper_bf16_long/arms", (0, 1, 2))]),
     ("Walker2d-v5, bf16, data pairs, 75k", 75_000, [("walker2d_bf16_75k/arms", (0, 1, 2))]),
+    (
+        "HalfCheetah-v5, bf16, data pairs, 60k",
+        60_000,
+        [("halfcheetah_bf16_60k/arms", (0, 1, 2))],
+    ),
 ]
 
 # population folders with SPQR arms that no row reads, and why (a test checks that every

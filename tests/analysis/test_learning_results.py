@@ -102,6 +102,12 @@ SETTINGS = {
         "eval_return",
         75_000,
     ),
+    "HalfCheetah-v5, SAC-Ens population, bf16 products, `data` pairs (UTD 1)": (
+        "halfcheetah_bf16_60k/arms",
+        "",
+        "eval_return",
+        60_000,
+    ),
 }
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -522,21 +528,25 @@ def test_later_seeds_at_75k_in_the_readmes_match_the_runs(capsys, folder, added,
     assert len(finals) == 3 * added
 
 
-def test_walker2d_at_75k_in_the_readmes_matches_the_runs(capsys):
-    """Walker2d-v5 seeds 0-2 read at every budget of its ``budgets.py``: ``budgets.txt`` is
-    what the script prints, the folder README's rows are the runs', and SPQR's effect on the
-    final return at the last budget (the primary figure of the folder's plan) is the runs'
-    in the folder README, the learning README and the README."""
-    folder = LEARNING / "walker2d_bf16_75k"
+@pytest.mark.parametrize(
+    "folder, env",
+    [("walker2d_bf16_75k", "Walker2d-v5"), ("halfcheetah_bf16_60k", "HalfCheetah-v5")],
+)
+def test_other_environments_in_the_readmes_match_the_runs(capsys, folder, env):
+    """``env`` seeds 0-2 read at every budget of the folder's ``budgets.py``: ``budgets.txt``
+    is what the script prints, the folder README's rows are the runs', and SPQR's effect on
+    the final return at the last budget (the primary figure of the folder's plan) is the
+    runs' in the folder README, the learning README and the README."""
+    folder = LEARNING / folder
     mod, _, effects = _budgets_folder(folder, capsys)
     primary = mod.BUDGETS[-1]
     for path in (folder / "README.md", LEARNING / "README.md", ROOT / "README.md"):
         hit = re.search(
-            rf"Walker2d-v5,\s+seeds\s+0-2,\s+final\s+return\s+at\s+{primary // 1000}k[^:]*?:\s+(\S+),"
+            rf"{env},\s+seeds\s+0-2,\s+final\s+return\s+at\s+{primary // 1000}k[^:]*?:\s+(\S+),"
             r"\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]",
             path.read_text(),
         )
-        assert hit, f"{path}: the Walker2d effect sentence"
+        assert hit, f"{path}: the {env} effect sentence"
         _matches(" ".join(hit.groups()), effects[primary])
 
 
