@@ -109,6 +109,17 @@ def report_seed_sets(
         report(seed_groups(seed_folders, seed_sets), step, label)
 
 
+def report_environment(env: str, arms: Path, budgets: tuple[int, ...]) -> None:
+    """The header, then :func:`report` of seeds 0-2 in ``arms`` at each budget: the runs of
+    another environment with this configuration (``../walker2d_bf16_75k``,
+    ``../halfcheetah_bf16_60k``)."""
+    print(f"{env} SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
+    print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
+    groups = seed_groups({(0, 1, 2): arms}, [(0, 1, 2)])
+    for step in budgets:
+        report(groups, step, "seeds 0-2")
+
+
 def main() -> None:
     print_header()
     groups = {g: [HERE / "arms" / f"{g}_seed{s}" for s in range(3)] for g in ARMS}
