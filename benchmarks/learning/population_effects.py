@@ -69,15 +69,20 @@ LEFT_OUT = {
 }
 
 
+def setting_groups(sources: list[tuple[str, tuple[int, ...]]], root: Path = HERE) -> dict:
+    """Arm (``beta0.0_N10``, ``beta1.0_N10``) -> its run folders in a setting's ``sources``."""
+    return {
+        arm: [root / f / f"{arm}_seed{s}" for f, seeds in sources for s in seeds] for arm in ARMS
+    }
+
+
 def setting_rows(root: Path = HERE) -> list[dict]:
     """:func:`~torchrl_spqr.analysis.paired_effects` of every setting at its budget."""
     rows = []
     for label, budget, sources in SETTINGS:
-        groups = {
-            f"{label}/{arm.split('_')[0]}": [
-                root / folder / f"{arm}_seed{s}" for folder, seeds in sources for s in seeds
-            ]
-            for arm in ARMS
+        groups = {  # "<label>/beta0.0": paired_effects labels the comparison <label>
+            f"{label}/{arm.split('_')[0]}": runs
+            for arm, runs in setting_groups(sources, root).items()
         }
         missing = [str(r) for runs in groups.values() for r in runs if not r.is_dir()]
         if missing:
@@ -92,23 +97,11 @@ def setting_rows(root: Path = HERE) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The Markdown written to ``effects_population.md``: the command, then the table (its
-    footer says that every row is read up to its own budget)."""
-    text = effects_table([{**r, "until": None} for r in rows])
-    whole_runs = (
-        "final: last evaluation; best: maximum over the run. Acceptance: the independence "
-        "test's rate, mean over training"
-    )
-    if whole_runs not in text:
-        raise RuntimeError("effects_table's footer changed: update population_effects.table")
-    text = text.replace(
-        whole_runs,
-        "Every run read up to its row's budget: final: the evaluation at the budget; best: "
-        "the maximum up to it. Acceptance: the independence test's rate, mean up to the budget",
-    )
+    footer names the step each row's runs were read up to)."""
     return (
         "Written by `python benchmarks/learning/population_effects.py` (SPQR at beta 1 against "
         "beta 0, SAC-Ens N = 10, UTD 1; one row per setting at its largest budget).\n\n"
-        + text
+        + effects_table(rows)
         + "\n"
     )
 

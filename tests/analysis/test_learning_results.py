@@ -568,10 +568,7 @@ def test_committed_population_effects_table_matches_the_runs():
     # each row reads its runs at its own budget: the final is the evaluation at that step
     for (label, budget, sources), row in zip(mod.SETTINGS, rows):
         assert row["until"] == budget
-        groups = {
-            g: [LEARNING / f / f"{g}_seed{s}" for f, seeds in sources for s in seeds]
-            for g in mod.ARMS
-        }
+        groups = mod.setting_groups(sources)
         summ = {r["group"]: r for r in analysis.summary_rows(groups, until=budget)}
         assert all(summ[g]["steps"] == [budget] * len(groups[g]) for g in mod.ARMS), label
         diffs = [w - b for w, b in zip(summ["beta1.0_N10"]["final"], summ["beta0.0_N10"]["final"])]

@@ -225,6 +225,15 @@ def test_until_reads_every_run_up_to_a_common_step(sweep):
         analysis.effects_table([eff])
     )
     assert analysis.paired_effects(groups)[0]["until"] is None
+    # comparisons read at their own steps: the footer names each row's, in row order
+    mixed = [
+        eff,
+        analysis.paired_effects(groups, until=2000)[0],
+        analysis.paired_effects(groups)[0],
+    ]
+    assert "every comparison's runs read up to its own step (1000, 2000, whole runs): final" in (
+        analysis.effects_table(mixed)
+    )
     assert "best: maximum over the run" in analysis.effects_table(analysis.paired_effects(groups))
     table = analysis.summary_table(groups, until=2000)
     line = next(ln for ln in table.splitlines() if ln.startswith("| beta1.0_N10 "))

@@ -360,7 +360,12 @@ def paired_effects(
 
 
 def effects_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
-    """Markdown table of :func:`paired_effects` rows."""
+    """Markdown table of :func:`paired_effects` rows.
+
+    Its footer says how far the runs were read: whole runs, every row's ``until`` (one
+    step for all), or, for rows read up to different steps (comparisons at their own
+    budgets), each row's step in row order.
+    """
     pct = f"{100 * level:g}%"
     key = rows[0]["key"] if rows else "eval_return"
     lines = [
@@ -390,14 +395,24 @@ def effects_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
             f"| {r['final_wins']} of {n} "
             f"| {r['best_base']:.1f} / {r['best_spqr']:.1f} | {diff(r, 'best')} | {acc} |"
         )
-    until = rows[0].get("until") if rows else None
-    span = (
-        "final: last evaluation; best: maximum over the run. Acceptance: the independence "
-        "test's rate, mean over training"
-        if until is None
-        else f"every run read up to step {until:g}: final: last evaluation at or before it; "
-        "best: maximum up to it. Acceptance: the independence test's rate, mean up to it"
-    )
+    untils = [r.get("until") for r in rows]
+    if set(untils) <= {None}:
+        span = (
+            "final: last evaluation; best: maximum over the run. Acceptance: the independence "
+            "test's rate, mean over training"
+        )
+    else:
+        read_to = (
+            f"every run read up to step {untils[0]:g}"
+            if len(set(untils)) == 1
+            else "every comparison's runs read up to its own step ("
+            + ", ".join("whole runs" if u is None else f"{u:g}" for u in untils)
+            + ")"
+        )
+        span = (
+            f"{read_to}: final: last evaluation at or before it; "
+            "best: maximum up to it. Acceptance: the independence test's rate, mean up to it"
+        )
     lines.append("")
     lines.append(
         f"Runs paired by seed; with - without: mean over seeds of the per-seed difference, "
