@@ -20,6 +20,25 @@ from torchrl_spqr.analysis.runs import series  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 LEARNING = ROOT / "benchmarks" / "learning"
 
+
+def _population_effects():
+    """``benchmarks/learning/population_effects.py`` (not a package: loaded from its file)."""
+    import importlib.util
+
+    path = LEARNING / "population_effects.py"
+    spec = importlib.util.spec_from_file_location("population_effects", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _population_folders(label: str) -> tuple[str, ...]:
+    """The folders whose runs a pooled population setting reads: one list, kept in
+    ``population_effects.SETTINGS`` (its ``label``), for the README row and the table."""
+    (sources,) = [src for lab, _, src in _population_effects().SETTINGS if lab == label]
+    return tuple(folder for folder, _ in sources)
+
+
 # README setting, or (setting, budget) where a setting has rows at several budgets ->
 # (run folder under benchmarks/learning, or a tuple of folders whose runs are pooled by arm,
 # arm-name prefix, evaluation key)
@@ -85,13 +104,7 @@ SETTINGS = {
         "eval_return",
     ),
     ("Hopper-v5, SAC-Ens population, bf16 products, `data` pairs (UTD 1)", "75k steps"): (
-        (
-            "hopper_bf16_100k/arms",
-            "hopper_bf16_100k_seeds9to11/arms",
-            "hopper_bf16_75k_seeds12to14/arms",
-            "hopper_bf16_75k_seeds15to17/arms",
-            "hopper_bf16_75k_seeds18to20/arms",
-        ),
+        _population_folders("Hopper-v5, bf16, data pairs, 75k"),
         "",
         "eval_return",
         75_000,
@@ -548,16 +561,6 @@ def test_other_environments_in_the_readmes_match_the_runs(capsys, folder, env):
         )
         assert hit, f"{path}: the {env} effect sentence"
         _matches(" ".join(hit.groups()), effects[primary])
-
-
-def _population_effects():
-    import importlib.util
-
-    path = LEARNING / "population_effects.py"
-    spec = importlib.util.spec_from_file_location("population_effects", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_committed_population_effects_table_matches_the_runs():
