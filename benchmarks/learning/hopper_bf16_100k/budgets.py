@@ -93,18 +93,19 @@ def report(groups: dict[str, list[Path]], step: int, label: str) -> None:
     )
 
 
-def print_header() -> None:
-    print("Hopper-v5 SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
+def print_header(env: str = "Hopper-v5") -> None:
+    print(f"{env} SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
     print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
 
 
 def report_seed_sets(
     seed_folders: dict[tuple[int, ...], Path],
     reports: list[tuple[list[tuple[int, ...]], int, str]],
+    env: str = "Hopper-v5",
 ) -> None:
     """The header, then :func:`report` of each ``(seed sets, budget, label)`` in ``reports``
     (the runs in the folders ``seed_folders`` gives each seed set: :func:`seed_groups`)."""
-    print_header()
+    print_header(env)
     for seed_sets, step, label in reports:
         report(seed_groups(seed_folders, seed_sets), step, label)
 
@@ -113,11 +114,7 @@ def report_environment(env: str, arms: Path, budgets: tuple[int, ...]) -> None:
     """The header, then :func:`report` of seeds 0-2 in ``arms`` at each budget: the runs of
     another environment with this configuration (``../walker2d_bf16_75k``,
     ``../halfcheetah_bf16_60k``)."""
-    print(f"{env} SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
-    print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
-    groups = seed_groups({(0, 1, 2): arms}, [(0, 1, 2)])
-    for step in budgets:
-        report(groups, step, "seeds 0-2")
+    report_seed_sets({(0, 1, 2): arms}, [([(0, 1, 2)], step, "seeds 0-2") for step in budgets], env)
 
 
 def main() -> None:
