@@ -7,6 +7,7 @@
 - :mod:`~torchrl_spqr.analysis.figures`: learning curves, diagnostics, effects, spectra;
 - :mod:`~torchrl_spqr.analysis.critics`: a saved ensemble's Q-values on a batch;
 - :mod:`~torchrl_spqr.analysis.bias`: a saved ensemble's Q bias against Monte Carlo returns;
+- :mod:`~torchrl_spqr.analysis.evaluation`: a saved policy's return over many episodes;
 - :mod:`~torchrl_spqr.analysis.cli`: ``python -m torchrl_spqr.analysis RUN_DIR ...``.
 
 Training never imports this package; the scripts wrap their loop in
@@ -15,6 +16,7 @@ Training never imports this package; the scripts wrap their loop in
 
 from torchrl_spqr.analysis.bias import BiasEstimate, q_estimation_bias
 from torchrl_spqr.analysis.critics import EnsembleBatch, checkpoint_q_values
+from torchrl_spqr.analysis.evaluation import ReturnEstimate, checkpoint_return, return_effects
 from torchrl_spqr.analysis.figures import (
     DIAGNOSTICS,
     learning_curves_at_exit,
@@ -54,9 +56,11 @@ __all__ = [
     "BiasEstimate",
     "EnsembleBatch",
     "GroupCurve",
+    "ReturnEstimate",
     "check_run",
     "q_estimation_bias",
     "checkpoint_q_values",
+    "checkpoint_return",
     "diagnostics_rows",
     "diagnostics_table",
     "effect_pairs",
@@ -76,6 +80,7 @@ __all__ = [
     "plot_run",
     "plot_spectrum",
     "read_metrics",
+    "return_effects",
     "run_effect_stats",
     "run_outcome",
     "seed_of",

@@ -4,6 +4,7 @@
     python -m torchrl_spqr.analysis multirun/sac_ens/Hopper-v5/  # a whole sweep folder
     python -m torchrl_spqr.analysis RUN_DIR --checkpoint         # + spectrum, correlations
     python -m torchrl_spqr.analysis RUN_DIR ... --bias           # + Q bias vs MC returns
+    python -m torchrl_spqr.analysis RUN_DIR ... --evaluate 50    # + final policies, 50 episodes
     python -m torchrl_spqr.analysis SWEEP --format png svg --out figs --ci bootstrap
     python -m torchrl_spqr.analysis A/ B/ --effects figs/effects  # SPQR vs beta=0, by seed
     python -m torchrl_spqr.analysis SWEEP --until 50000 --out at50k  # all runs at 50k steps
@@ -41,7 +42,13 @@ parent>/plots``):
   Q-values and of their residuals across the batch);
 - with ``--bias``: ``bias.md`` and ``bias.csv``, each checkpoint's Q-estimation bias
   against the Monte Carlo returns of its sampled policy (REDQ's normalised Q bias,
-  :mod:`torchrl_spqr.analysis.bias`), per run and per arm.
+  :mod:`torchrl_spqr.analysis.bias`), per run and per arm;
+- with ``--evaluate EPISODES``: ``evaluation.md`` and ``evaluation.csv``, each
+  checkpoint's policy re-evaluated on EPISODES episodes (deterministic actions, resets
+  seeded by ``--evaluate-seed``, the same for every run), per run and per arm, and SPQR's
+  effect on that return, runs paired by seed (:mod:`torchrl_spqr.analysis.evaluation`):
+  the runs' final policies compared with less evaluation noise than their last logged
+  evaluation.
 
 Checkpoints: the ``checkpoint/`` folder of ``sota_scripts`` runs (config, loss
 state, replay buffer) and ``checkpoint.pt`` of ``examples/spqr_demo.py`` and
@@ -225,6 +232,20 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
         help="pairs kept from the start of each episode by --bias",
     )
     p.add_argument(
+        "--evaluate",
+        type=_positive_int,
+        metavar="EPISODES",
+        help="evaluation.md and evaluation.csv: each checkpoint's policy re-evaluated on "
+        "EPISODES episodes (deterministic actions), and SPQR's effect on that return paired "
+        "by seed",
+    )
+    p.add_argument(
+        "--evaluate-seed",
+        type=int,
+        default=0,
+        help="seed of the environment's resets for --evaluate (the same for every run)",
+    )
+    p.add_argument(
         "--compare",
         metavar="OUT",
         help="also one figure OUT.<fmt> of --key and three diagnostics side by side",
@@ -247,10 +268,13 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
     fmts = tuple(dict.fromkeys(["png", "svg"] if args.svg else args.format))
     if args.effects_only and not args.effects:
         p.error("--effects-only needs --effects OUT")
-    if args.until is not None and (args.per_run or args.checkpoint or args.bias):
+    if args.until is not None and (
+        args.per_run or args.checkpoint or args.bias or args.evaluate is not None
+    ):
         p.error(
             "--until cannot be combined with --per-run (which draws each run's whole curve "
-            "in its own folder), --checkpoint or --bias (which read the run's last checkpoint)"
+            "in its own folder), --checkpoint, --bias or --evaluate (which read the run's "
+            "last checkpoint)"
         )
     paths = [Path(x) for x in args.paths]
     try:
@@ -320,6 +344,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
             written += plot_member_correlation(batch, out / f"correlation_{label}", fmts)
     if args.bias:
         written += _write_bias(runs, out, args)
+    if args.evaluate is not None:
+        written += _write_evaluation(runs, out, args)
     for path in written:
         print(path)
     print(table)
@@ -355,3 +381,41 @@ def _write_bias(runs, out: Path, args) -> list[Path]:
         w.writeheader()
         w.writerows(bias_rows(estimates))
     return [out / "bias.md", out / "bias.csv"]
+
+
+def _write_evaluation(runs, out: Path, args) -> list[Path]:
+    """``--evaluate N``: ``evaluation.md`` and ``evaluation.csv`` in ``out`` (runs without a
+    checkpoint skipped)."""
+    import csv
+
+    from torchrl_spqr.analysis.evaluation import (
+        CSV_FIELDS,
+        checkpoint_return,
+        return_rows,
+        return_table,
+    )
+
+    estimates = []
+    for run, arm in runs:
+        try:
+            e = checkpoint_return(run, episodes=args.evaluate, seed=args.evaluate_seed)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"skipped {run}: {err}")
+            continue
+        print(f"{run}: return over {e.episodes} episodes at {e.frames} frames: {e.mean_return:.1f}")
+        estimates.append((arm, e))
+    if not estimates:
+        return []
+    head = (
+        "Each run's last checkpoint re-evaluated (`--evaluate "
+        f"{args.evaluate}`, `--evaluate-seed {args.evaluate_seed}`): the saved policy, "
+        f"deterministic actions, {args.evaluate} episodes in a fresh environment "
+        "(`torchrl_spqr.analysis.evaluation`). Return: the environment's rewards summed "
+        "over an episode.\n\n"
+    )
+    (out / "evaluation.md").write_text(head + return_table(estimates, args.level) + "\n")
+    with (out / "evaluation.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(return_rows(estimates))
+    return [out / "evaluation.md", out / "evaluation.csv"]

@@ -86,6 +86,7 @@ __all__ = [
     "check_resume_config",
     "config_differences",
     "cuda_graph_update",
+    "episode_returns",
     "evaluate_policy",
     "prepare_run",
     "scalar_metrics",
@@ -128,14 +129,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def evaluate_policy(env, actor, episodes: int, max_steps: int = 1_000_000) -> tuple[float, float]:
-    """Mean and std of the deterministic policy's return over ``episodes`` episodes."""
+def episode_returns(env, actor, episodes: int, max_steps: int = 1_000_000) -> list[float]:
+    """The deterministic policy's return in each of ``episodes`` episodes, one after another
+    (each ends at the environment's own end or after ``max_steps`` steps)."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}.")
     returns = []
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
         for _ in range(episodes):
             td = env.rollout(max_steps, actor, break_when_any_done=True, auto_cast_to_device=True)
             returns.append(float(td["next", "reward"].sum()))
-    return return_stats(returns)
+    return returns
+
+
+def evaluate_policy(env, actor, episodes: int, max_steps: int = 1_000_000) -> tuple[float, float]:
+    """Mean and std of the deterministic policy's return over ``episodes`` episodes."""
+    return return_stats(episode_returns(env, actor, episodes, max_steps))
 
 
 def return_stats(returns: list[float]) -> tuple[float, float]:

@@ -1,0 +1,221 @@
+"""The return of a saved policy over many episodes, and SPQR's effect on it, paired by seed.
+
+During training a run evaluates its policy on a few episodes (``logger.eval_episodes``,
+5 in the SOTA scripts), so the "final" evaluation of ``metrics.csv`` carries the noise of
+those few episodes: on HalfCheetah a policy's 5-episode mean can move by 1,000 from one
+evaluation to the next. To compare arms on their final policies with that noise made
+small, this module re-evaluates each run's **last checkpoint** (the policy at the end of
+training) on as many episodes as asked, deterministic actions (the mode of the policy,
+as the training evaluations), in a fresh environment seeded by ``seed``:
+
+- :func:`checkpoint_return`: one run, rebuilt with
+  :func:`~torchrl_spqr.training.restore.load_agent`;
+- :func:`return_effects`: per comparison of arms that differ only by beta (``beta0`` /
+  ``beta>0``, :func:`~torchrl_spqr.analysis.report.effect_pairs`), SPQR minus baseline
+  paired by seed, mean and Student-t interval;
+- :func:`return_table`, :func:`return_rows`: ``evaluation.md`` / ``evaluation.csv`` of
+  ``python -m torchrl_spqr.analysis RUNS --evaluate EPISODES``.
+
+Returns are the environment's rewards summed over an episode (for offline runs too: not
+the normalised score).
+
+Example::
+
+    >>> from torchrl_spqr.analysis.evaluation import ReturnEstimate, return_effects
+    >>> est = lambda run, mean: ReturnEstimate(run, 1000, 2, mean, 0.0, [mean, mean])
+    >>> rows = return_effects([
+    ...     ("beta0.0_N10", est("a/beta0.0_N10_seed0", 100.0)),
+    ...     ("beta0.0_N10", est("a/beta0.0_N10_seed1", 200.0)),
+    ...     ("beta1.0_N10", est("a/beta1.0_N10_seed0", 130.0)),
+    ...     ("beta1.0_N10", est("a/beta1.0_N10_seed1", 210.0)),
+    ... ])
+    >>> rows[0]["seeds"], rows[0]["diffs"], rows[0]["diff_mean"]
+    ([0, 1], [30.0, 10.0], 20.0)
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchrl_spqr.analysis.report import effect_pairs
+from torchrl_spqr.analysis.runs import seed_of
+from torchrl_spqr.analysis.stats import mean_ci
+
+__all__ = [
+    "CSV_FIELDS",
+    "ReturnEstimate",
+    "checkpoint_return",
+    "return_effects",
+    "return_rows",
+    "return_table",
+]
+
+
+@dataclass
+class ReturnEstimate:
+    """The return of one run's saved policy over ``episodes`` episodes.
+
+    ``std_return`` is the standard deviation over episodes (ddof 0, as the training
+    evaluations log it); ``returns`` holds every episode's return.
+    """
+
+    run: str
+    frames: int | None
+    episodes: int
+    mean_return: float
+    std_return: float
+    returns: list[float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_return(
+    run_dir: str | Path, *, episodes: int = 50, seed: int = 0, max_steps: int = 1_000_000
+) -> ReturnEstimate:
+    """Evaluate the policy of ``run_dir``'s last checkpoint on ``episodes`` episodes.
+
+    Args:
+        run_dir: a run folder with a checkpoint (``sota_scripts`` runs, a population's
+            agent folders, the examples' runs), rebuilt by ``load_agent``.
+        episodes: episodes to average (each ends at the environment's own end:
+            termination or its time limit).
+        seed: seed of the environment's resets (the actions are deterministic); the
+            same seed gives every run the same sequence of initial states.
+        max_steps: an episode is cut after this many steps if the environment has not
+            ended it.
+    """
+    from torchrl_spqr.training.common import episode_returns, return_stats
+    from torchrl_spqr.training.restore import load_agent
+
+    if episodes < 1 or max_steps < 1:
+        raise ValueError(f"episodes and max_steps must be >= 1, got {episodes} and {max_steps}.")
+    run_dir = Path(run_dir)
+    torch.manual_seed(seed)
+    with load_agent(run_dir) as agent:
+        agent.env.set_seed(seed)
+        returns = episode_returns(agent.env, agent.actor, episodes, max_steps)
+        mean, std = return_stats(returns)
+        return ReturnEstimate(
+            run=str(run_dir),
+            frames=agent.counters.get("frames"),
+            episodes=episodes,
+            mean_return=mean,
+            std_return=std,
+            returns=returns,
+            meta={"algorithm": agent.algorithm, "env": agent.env_id, "beta": agent.beta},
+        )
+
+
+def return_effects(
+    estimates: list[tuple[str, ReturnEstimate]], level: float = 0.95
+) -> list[dict[str, Any]]:
+    """SPQR's effect on the re-evaluated return in each comparison, runs paired by seed.
+
+    ``estimates`` are ``(arm, estimate)`` pairs. For every arm with ``beta > 0`` and its
+    ``beta0`` twin (:func:`~torchrl_spqr.analysis.report.effect_pairs`), the seeds both
+    ran, the per-seed differences SPQR minus baseline, their mean and ``level``
+    Student-t interval (``diff_ci``), and each arm's mean over those seeds.
+    """
+    by_arm: dict[str, dict[int, ReturnEstimate]] = {}
+    for arm, est in estimates:
+        seed = seed_of(Path(est.run))
+        if seed is None:
+            continue
+        if seed in by_arm.setdefault(arm, {}):
+            raise ValueError(f"arm {arm!r} has two runs with seed {seed}: {est.run}")
+        by_arm[arm][seed] = est
+    rows = []
+    for label, beta, base_arm, spqr_arm in effect_pairs({a: [] for a in by_arm}):
+        base, spqr = by_arm[base_arm], by_arm[spqr_arm]
+        seeds = sorted(base.keys() & spqr.keys())
+        if not seeds:
+            continue
+        diffs = [spqr[s].mean_return - base[s].mean_return for s in seeds]
+        mean, lo, hi = (float(x[0]) for x in mean_ci(diffs, level))
+        rows.append(
+            {
+                "comparison": label,
+                "beta": beta,
+                "baseline": base_arm,
+                "spqr": spqr_arm,
+                "seeds": seeds,
+                "episodes": sorted(
+                    {base[s].episodes for s in seeds} | {spqr[s].episodes for s in seeds}
+                ),
+                "base_mean": statistics.mean(base[s].mean_return for s in seeds),
+                "spqr_mean": statistics.mean(spqr[s].mean_return for s in seeds),
+                "diffs": diffs,
+                "diff_mean": mean,
+                "diff_ci": (lo, hi),
+                "level": level,
+            }
+        )
+    return rows
+
+
+#: The columns of ``evaluation.csv`` (``python -m torchrl_spqr.analysis ... --evaluate N``).
+CSV_FIELDS = ("arm", "run", "frames", "episodes", "mean_return", "std_return", "returns")
+
+
+def return_rows(estimates: list[tuple[str, ReturnEstimate]]) -> list[dict[str, Any]]:
+    """One ``evaluation.csv`` row per ``(arm, estimate)`` (``returns``: ``;``-separated)."""
+    return [
+        {
+            "arm": arm,
+            "run": e.run,
+            "frames": e.frames,
+            "episodes": e.episodes,
+            "mean_return": e.mean_return,
+            "std_return": e.std_return,
+            "returns": ";".join(repr(r) for r in e.returns),
+        }
+        for arm, e in estimates
+    ]
+
+
+def return_table(estimates: list[tuple[str, ReturnEstimate]], level: float = 0.95) -> str:
+    """Markdown: per arm the mean +- sd over runs of the re-evaluated return, then SPQR's
+    effect per comparison (:func:`return_effects`), then one line per run."""
+
+    def sd(values: list[float]) -> str:
+        spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.1f}{spread}"
+
+    arms: dict[str, list[ReturnEstimate]] = {}
+    for arm, e in estimates:
+        arms.setdefault(arm, []).append(e)
+    lines = [
+        "| arm | runs | return, mean +- sd over runs | episodes per run |",
+        "|---|---|---|---|",
+    ]
+    for arm, es in arms.items():
+        eps = ", ".join(str(n) for n in sorted({e.episodes for e in es}))
+        lines.append(f"| {arm} | {len(es)} | {sd([e.mean_return for e in es])} | {eps} |")
+    effects = return_effects(estimates, level)
+    if effects:
+        pct = f"{100 * level:g}%"
+        lines += [
+            "",
+            f"| comparison | seeds | baseline / SPQR | SPQR minus baseline, paired by seed "
+            f"(mean, {pct} t) | per seed |",
+            "|---|---|---|---|---|",
+        ]
+        for r in effects:
+            lo, hi = r["diff_ci"]
+            lines.append(
+                f"| {r['comparison']} (beta {r['beta']:g}) | {len(r['seeds'])} "
+                f"| {r['base_mean']:.1f} / {r['spqr_mean']:.1f} "
+                f"| {r['diff_mean']:+.1f} [{lo:+.1f}, {hi:+.1f}] "
+                f"| {', '.join(f'{d:+.1f}' for d in r['diffs'])} |"
+            )
+    lines += ["", "| run | frames | episodes | return (mean +- sd over episodes) |"]
+    lines.append("|---|---|---|---|")
+    for _, e in estimates:
+        lines.append(
+            f"| {e.run} | {e.frames} | {e.episodes} | {e.mean_return:.1f} +- {e.std_return:.1f} |"
+        )
+    return "\n".join(lines)
