@@ -351,23 +351,38 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
     print(table)
 
 
-def _write_bias(runs, out: Path, args) -> list[Path]:
-    """``--bias``: ``bias.md`` and ``bias.csv`` in ``out`` (runs without a checkpoint skipped)."""
+def _checkpoint_report(
+    runs, out: Path, stem: str, measure, describe, head: str, table, rows, fields
+) -> list[Path]:
+    """``measure`` each run's checkpoint (runs without one skipped, with a message), then
+    write ``stem.md`` (``head`` and ``table`` of the estimates) and ``stem.csv`` (``rows``
+    of them, columns ``fields``) in ``out``."""
     import csv
-
-    from torchrl_spqr.analysis.bias import CSV_FIELDS, bias_rows, bias_table, q_estimation_bias
 
     estimates = []
     for run, arm in runs:
         try:
-            b = q_estimation_bias(run, states=args.bias_states, cutoff=args.bias_cutoff)
+            estimate = measure(run)
         except (FileNotFoundError, ValueError) as err:
             print(f"skipped {run}: {err}")
             continue
-        print(f"{run}: Q bias on {b.states} pairs of {b.episodes} episodes: {b.norm_bias:+.3f}")
-        estimates.append((arm, b))
+        print(f"{run}: {describe(estimate)}")
+        estimates.append((arm, estimate))
     if not estimates:
         return []
+    md, table_csv = out / f"{stem}.md", out / f"{stem}.csv"
+    md.write_text(head + table(estimates) + "\n")
+    with table_csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows(estimates))
+    return [md, table_csv]
+
+
+def _write_bias(runs, out: Path, args) -> list[Path]:
+    """``--bias``: ``bias.md`` and ``bias.csv`` in ``out`` (runs without a checkpoint skipped)."""
+    from torchrl_spqr.analysis.bias import CSV_FIELDS, bias_rows, bias_table, q_estimation_bias
+
     head = (
         "Q bias of each run's checkpoint (`--bias`): the saved policy sampled for whole "
         f"episodes, the first {args.bias_cutoff} pairs of each, {args.bias_states} pairs; "
@@ -375,19 +390,22 @@ def _write_bias(runs, out: Path, args) -> list[Path]:
         "normalised by max(|return|, 10) (REDQ's test; `torchrl_spqr.analysis.bias`). "
         "Positive: overestimation.\n\n"
     )
-    (out / "bias.md").write_text(head + bias_table(estimates) + "\n")
-    with (out / "bias.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(bias_rows(estimates))
-    return [out / "bias.md", out / "bias.csv"]
+    return _checkpoint_report(
+        runs,
+        out,
+        "bias",
+        lambda run: q_estimation_bias(run, states=args.bias_states, cutoff=args.bias_cutoff),
+        lambda b: f"Q bias on {b.states} pairs of {b.episodes} episodes: {b.norm_bias:+.3f}",
+        head,
+        bias_table,
+        bias_rows,
+        CSV_FIELDS,
+    )
 
 
 def _write_evaluation(runs, out: Path, args) -> list[Path]:
     """``--evaluate N``: ``evaluation.md`` and ``evaluation.csv`` in ``out`` (runs without a
     checkpoint skipped)."""
-    import csv
-
     from torchrl_spqr.analysis.evaluation import (
         CSV_FIELDS,
         checkpoint_return,
@@ -395,17 +413,6 @@ def _write_evaluation(runs, out: Path, args) -> list[Path]:
         return_table,
     )
 
-    estimates = []
-    for run, arm in runs:
-        try:
-            e = checkpoint_return(run, episodes=args.evaluate, seed=args.evaluate_seed)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"skipped {run}: {err}")
-            continue
-        print(f"{run}: return over {e.episodes} episodes at {e.frames} frames: {e.mean_return:.1f}")
-        estimates.append((arm, e))
-    if not estimates:
-        return []
     head = (
         "Each run's last checkpoint re-evaluated (`--evaluate "
         f"{args.evaluate}`, `--evaluate-seed {args.evaluate_seed}`): the saved policy, "
@@ -413,9 +420,14 @@ def _write_evaluation(runs, out: Path, args) -> list[Path]:
         "(`torchrl_spqr.analysis.evaluation`). Return: the environment's rewards summed "
         "over an episode.\n\n"
     )
-    (out / "evaluation.md").write_text(head + return_table(estimates, args.level) + "\n")
-    with (out / "evaluation.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(return_rows(estimates))
-    return [out / "evaluation.md", out / "evaluation.csv"]
+    return _checkpoint_report(
+        runs,
+        out,
+        "evaluation",
+        lambda run: checkpoint_return(run, episodes=args.evaluate, seed=args.evaluate_seed),
+        lambda e: f"return over {e.episodes} episodes at {e.frames} frames: {e.mean_return:.1f}",
+        head,
+        lambda estimates: return_table(estimates, args.level),
+        return_rows,
+        CSV_FIELDS,
+    )
