@@ -308,11 +308,18 @@ def test_effect_pairs_need_arms_that_differ_only_by_beta(tmp_path):
         _write_run(run, [1.0, 2.0], 0)
         (run / ".hydra").mkdir()
         (run / ".hydra" / "overrides.yaml").write_text(f"- seed=0\n- spqr.beta={beta}\n")
+    for beta in (0, 1):  # a population per arm: hydra.run.dir=pop/beta<b>, runs beta<b>.0_N10
+        _write_run(tmp_path / "pop" / f"beta{beta}" / f"beta{beta}.0_N10_seed0", [1.0, 2.0], 0)
     pairs = analysis.effect_pairs(analysis.group_runs([tmp_path]))
     # N3 and redq have no beta-0 twin; multirun's arms differ only by spqr.beta
     assert sorted(pairs) == [
         ("multirun/spqr", 10.0, "multirun/spqr.beta=0", "multirun/spqr.beta=10"),
+        ("pop/N10", 1.0, "pop/beta0/beta0.0_N10", "pop/beta1/beta1.0_N10"),
         ("sac_N10", 1.0, "sac_beta0_N10", "sac_beta1_N10"),
+    ]
+    # the run's own name holds its beta (the last beta part), whatever its folder says
+    assert analysis.effect_pairs({"b0/beta0.0_N10": [], "b0/beta2_N10": []}) == [
+        ("b0/N10", 2.0, "b0/beta0.0_N10", "b0/beta2_N10")
     ]
 
 

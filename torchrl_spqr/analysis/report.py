@@ -253,16 +253,23 @@ _BETA_RE = re.compile(r"(?<![A-Za-z])beta[=_\-]?(\d+(?:\.\d+)?(?:e[+\-]?\d+)?)(?
 
 
 def _split_beta(arm: str) -> tuple[float | None, str]:
-    """``(beta, the arm name without its beta part)``; beta is None if the name has none."""
-    m = _BETA_RE.search(arm)
-    return (None, arm) if m is None else (float(m.group(1)), arm[: m.start()] + arm[m.end() :])
+    """``(beta, the arm name without its beta parts)``; beta is None if the name has none.
+
+    Every beta part is removed, and beta is the last one's: a population's runs written as
+    ``RUNS/beta0/beta0.0_N10_seed0`` and ``RUNS/beta1/beta1.0_N10_seed0`` (one
+    ``hydra.run.dir`` per arm) are arms ``beta0/beta0.0_N10`` and ``beta1/beta1.0_N10``,
+    twins that differ only by beta, and the run's own name holds its beta.
+    """
+    found = list(_BETA_RE.finditer(arm))
+    return (None, arm) if not found else (float(found[-1].group(1)), _BETA_RE.sub("", arm))
 
 
 def effect_pairs(groups: dict[str, list[Path]]) -> list[tuple[str, float, str, str]]:
     """``(comparison, beta, baseline arm, SPQR arm)`` for every arm with ``beta > 0``.
 
     The baseline is the arm whose name differs only by ``beta0`` (``beta_0``, ``beta=0``);
-    the comparison label is the arm name with the beta part removed.
+    the comparison label is the arm name with its beta parts removed. An arm named with
+    beta in its folder and in its run name (``beta1/beta1.0_N10``) has the run name's.
     """
     split = {arm: _split_beta(arm) for arm in groups}
     baselines = {rest: arm for arm, (beta, rest) in split.items() if beta == 0.0}
@@ -270,7 +277,8 @@ def effect_pairs(groups: dict[str, list[Path]]) -> list[tuple[str, float, str, s
     for arm, (beta, rest) in split.items():
         if beta and rest in baselines:
             label = rest.replace("__", "_").replace(",,", ",")
-            label = label.replace("_/", "/").replace("/_", "/").strip("_/.,=") or "default"
+            label = label.replace("_/", "/").replace("/_", "/")
+            label = re.sub("/+", "/", label).strip("_/.,=") or "default"
             out.append((label, beta, baselines[rest], arm))
     return out
 
