@@ -56,7 +56,10 @@ SETTINGS: list[tuple[str, int, list[tuple[str, tuple[int, ...]]]]] = [
     (
         "HalfCheetah-v5, bf16, data pairs, 60k",
         60_000,
-        [("halfcheetah_bf16_60k/arms", (0, 1, 2))],
+        [
+            ("halfcheetah_bf16_60k/arms", (0, 1, 2)),
+            ("halfcheetah_bf16_60k_seeds3to5/arms", (3, 4, 5)),
+        ],
     ),
 ]
 

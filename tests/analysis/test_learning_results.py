@@ -116,7 +116,7 @@ SETTINGS = {
         75_000,
     ),
     "HalfCheetah-v5, SAC-Ens population, bf16 products, `data` pairs (UTD 1)": (
-        "halfcheetah_bf16_60k/arms",
+        _population_folders("HalfCheetah-v5, bf16, data pairs, 60k"),
         "",
         "eval_return",
         60_000,
@@ -496,8 +496,9 @@ def _pooled_and_alone_in_the_readmes(
     for path in (folder / "README.md", LEARNING / "README.md", ROOT / "README.md"):
         text = path.read_text()
         for name, eff in ((pooled, pooled_effect), (alone, effects[primary])):
+            words = r"\s+".join(re.escape(w) for w in name.split())  # across line breaks
             hit = re.search(
-                rf"{name}[^:]*?:\s+(\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
+                rf"{words}[^:]*?:\s+(\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
             )
             assert hit, f"{path}: the {name} effect sentence"
             _matches(" ".join(hit.groups()), eff)
@@ -561,6 +562,21 @@ def test_other_environments_in_the_readmes_match_the_runs(capsys, folder, env):
         )
         assert hit, f"{path}: the {env} effect sentence"
         _matches(" ".join(hit.groups()), effects[primary])
+
+
+def test_halfcheetah_seeds_3_to_5_in_the_readmes_match_the_runs(capsys):
+    """HalfCheetah seeds 3-5 read at 20k, 40k and 60k: ``budgets.txt`` is what its
+    ``budgets.py`` prints, the folder README's rows are the runs', and SPQR's effect at 60k,
+    seeds 0-5 pooled (the primary figure of the folder's plan) and seeds 3-5 alone, is the
+    runs' in the folder README, the learning README and the README."""
+    finals = _pooled_and_alone_in_the_readmes(
+        LEARNING / "halfcheetah_bf16_60k_seeds3to5",
+        capsys,
+        (3, 4, 5),
+        [(0, 1, 2), (3, 4, 5)],
+        "HalfCheetah-v5, seeds 0-5",
+    )
+    assert len(finals) == 6
 
 
 def test_committed_population_effects_table_matches_the_runs():
