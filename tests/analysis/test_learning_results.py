@@ -7,6 +7,7 @@ run) and must match to the digits shown; so must the committed effects table.
 
 from __future__ import annotations
 
+import csv
 import re
 import statistics
 from pathlib import Path
@@ -577,6 +578,44 @@ def test_halfcheetah_seeds_3_to_5_in_the_readmes_match_the_runs(capsys):
         "HalfCheetah-v5, seeds 0-5",
     )
     assert len(finals) == 6
+
+
+def test_halfcheetah_re_evaluation_in_the_readmes_matches_its_csv():
+    """The twelve final checkpoints of HalfCheetah seeds 0-5 re-evaluated on 50 episodes
+    (``--evaluate 50``; the checkpoints are not committed, every episode's return is, in
+    ``evaluation.csv``): ``evaluation.md`` is the table of those returns, and SPQR's
+    paired effect on them is the one the READMEs give."""
+    from torchrl_spqr.analysis.evaluation import ReturnEstimate, return_effects, return_table
+
+    folder = LEARNING / "halfcheetah_bf16_60k_seeds3to5" / "evaluation"
+    with (folder / "evaluation.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    estimates = []
+    for r in rows:
+        returns = [float(x) for x in r["returns"].split(";")]
+        assert len(returns) == int(r["episodes"]) == 50 and int(r["frames"]) == 60_000
+        assert float(r["mean_return"]) == pytest.approx(statistics.mean(returns))
+        estimates.append(
+            (
+                r["arm"],
+                ReturnEstimate(
+                    r["run"], 60_000, 50, float(r["mean_return"]), float(r["std_return"]), returns
+                ),
+            )
+        )
+    assert sorted(analysis.seed_of(Path(e.run)) for _, e in estimates) == sorted(list(range(6)) * 2)
+    assert (folder / "evaluation.md").read_text().endswith(return_table(estimates) + "\n")
+    (effect,) = return_effects(estimates)
+    assert effect["seeds"] == [0, 1, 2, 3, 4, 5]
+    expected = [effect["diff_mean"], *effect["diff_ci"]]
+    for path in (folder.parent / "README.md", LEARNING / "README.md", ROOT / "README.md"):
+        hit = re.search(
+            r"re-evaluated\s+on\s+50\s+episodes[^:]*?:\s+(\S+),\s+95%\s+t\s+interval\s+(\S+)"
+            r"\s+to\s+(\S+)[\s.,;)]",
+            path.read_text(),
+        )
+        assert hit, f"{path}: the re-evaluation sentence"
+        _matches(" ".join(hit.groups()), expected)
 
 
 def test_committed_population_effects_table_matches_the_runs():
