@@ -143,9 +143,6 @@ def return_effects(
                 "baseline": base_arm,
                 "spqr": spqr_arm,
                 "seeds": seeds,
-                "episodes": sorted(
-                    {base[s].episodes for s in seeds} | {spqr[s].episodes for s in seeds}
-                ),
                 "base_mean": statistics.mean(base[s].mean_return for s in seeds),
                 "spqr_mean": statistics.mean(spqr[s].mean_return for s in seeds),
                 "diffs": diffs,
