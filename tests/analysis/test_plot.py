@@ -323,6 +323,82 @@ def test_effect_pairs_need_arms_that_differ_only_by_beta(tmp_path):
     ]
 
 
+def _two_seed_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """``old/arms`` (seeds 0-1 of EVALS) and ``new/arms`` (seed 2 of beta 1 and seed 2 of beta
+    0, evaluations of seed 1 plus 10): the layout of a comparison and its later seeds."""
+    old, new = tmp_path / "old" / "arms", tmp_path / "new" / "arms"
+    for arm, seeds in EVALS.items():
+        for seed in (0, 1):
+            _write_run(old / f"{arm}_seed{seed}", seeds[seed], seed)
+    _write_run(new / "beta1.0_N10_seed2", EVALS["beta1.0_N10"][2], 2)
+    _write_run(new / "beta0.0_N10_seed2", [v + 10 for v in EVALS["beta0.0_N10"][1]], 2)
+    return old, new
+
+
+def test_pool_names_arms_relative_to_each_folder(tmp_path):
+    old, new = _two_seed_folders(tmp_path)
+    apart = analysis.group_runs([old, new])  # relative to the common parent: four arms
+    assert sorted(apart) == [f"{f}/arms/{arm}" for f in ("new", "old") for arm in sorted(EVALS)]
+    pooled = analysis.group_runs([old, new], pool=True)
+    assert {arm: [analysis.seed_of(r) for r in runs] for arm, runs in pooled.items()} == {
+        "beta0.0_N10": [0, 1, 2],
+        "beta1.0_N10": [0, 1, 2],
+    }
+    # the same as one folder holding all six runs
+    both = tmp_path / "both"
+    both.mkdir()
+    for run in [*old.iterdir(), *new.iterdir()]:
+        (both / run.name).symlink_to(run)
+    (eff,) = analysis.paired_effects(pooled)
+    (eff_both,) = analysis.paired_effects(analysis.group_runs([both]))
+    assert eff["seeds"] == eff_both["seeds"] == [0, 1, 2]
+    assert eff["final_diff_mean"] == pytest.approx(eff_both["final_diff_mean"])
+    # (100 - 70) + (130 - 90) + (160 - 100), over three seeds
+    assert eff["final_diff_mean"] == pytest.approx((30 + 40 + 60) / 3)
+    # a run folder given itself is named by its own folder name
+    one = analysis.group_runs([old / "beta0.0_N10_seed0", new], pool=True)
+    assert sorted(one) == ["beta0.0_N10", "beta1.0_N10"] and len(one["beta0.0_N10"]) == 2
+
+
+def test_pool_refuses_an_arm_with_a_seed_twice(tmp_path):
+    old, _ = _two_seed_folders(tmp_path)
+    again = tmp_path / "again" / "arms"
+    _write_run(again / "beta0.0_N10_seed1", [1.0, 2.0, 3.0], 1)
+    with pytest.raises(ValueError, match="'beta0.0_N10' has two runs with seed 1"):
+        analysis.find_runs([old, again], pool=True)
+    assert len(analysis.find_runs([old, again])) == 5  # apart, the arms differ
+
+
+def test_runs_by_seed_and_paired_effects_refuse_a_repeated_seed(tmp_path):
+    runs = [Path("a/x_seed0"), Path("b/x_seed1"), Path("c/x_nosead")]
+    assert analysis.runs_by_seed(runs) == {0: runs[0], 1: runs[1]}
+    assert analysis.runs_by_seed(["a/x_seed3"]) == {3: "a/x_seed3"}  # returned as given
+    with pytest.raises(
+        ValueError, match="arm 'x' has two runs with seed 0: a/x_seed0 and c/x_seed0"
+    ):
+        analysis.runs_by_seed([Path("a/x_seed0"), Path("c/x_seed0")], "x")
+    # effects used to keep the last of two runs of one seed without a word
+    old, new = _two_seed_folders(tmp_path)
+    groups = analysis.group_runs([old, new], pool=True)
+    groups["beta0.0_N10"].append(new / "beta0.0_N10_seed2")
+    with pytest.raises(ValueError, match="two runs with seed 2"):
+        analysis.paired_effects(groups)
+
+
+def test_cli_pool(tmp_path, capsys):
+    old, new = _two_seed_folders(tmp_path)
+    out, eff = tmp_path / "pooled", tmp_path / "eff"
+    cli.main([str(old), str(new), "--pool", "--out", str(out), "--effects", str(eff)])
+    assert "| beta1.0_N10 | 3 |" in (out / "summary.md").read_text()
+    eff_md = eff.with_suffix(".md").read_text()
+    assert "--pool" in eff_md.splitlines()[0] and "| N10 | 1 | 3 |" in eff_md
+    _write_run(tmp_path / "again" / "beta1.0_N10_seed0", [1.0, 2.0, 3.0], 0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(old), str(tmp_path / "again"), "--pool", "--out", str(out)])
+    assert exc.value.code == 2 and "two runs with seed 0" in capsys.readouterr().err
+
+
 def test_cli_effects_only(sweep, tmp_path):
     eff = tmp_path / "eff"
     cli.main([str(sweep), "--effects", str(eff), "--effects-only"])

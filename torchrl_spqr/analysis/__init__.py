@@ -46,6 +46,7 @@ from torchrl_spqr.analysis.runs import (
     group_runs,
     read_metrics,
     run_outcome,
+    runs_by_seed,
     seed_of,
 )
 from torchrl_spqr.analysis.stats import GroupCurve, group_curve, mean_ci, t_quantile
@@ -83,6 +84,7 @@ __all__ = [
     "return_effects",
     "run_effect_stats",
     "run_outcome",
+    "runs_by_seed",
     "seed_of",
     "summary_rows",
     "summary_table",

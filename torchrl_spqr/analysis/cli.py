@@ -8,12 +8,17 @@
     python -m torchrl_spqr.analysis SWEEP --format png svg --out figs --ci bootstrap
     python -m torchrl_spqr.analysis A/ B/ --effects figs/effects  # SPQR vs beta=0, by seed
     python -m torchrl_spqr.analysis SWEEP --until 50000 --out at50k  # all runs at 50k steps
+    python -m torchrl_spqr.analysis old/arms new/arms --pool     # one arm, seeds of both
 
 Every path is either a run folder (it holds ``metrics.csv``) or a folder searched
 recursively for run folders (a Hydra multirun folder, ``benchmarks/learning/...``).
 Runs whose paths differ only by the seed part (``seed3``, ``_seed3``, ``seed=3``)
 form one group ("arm"); the group label is the run's path relative to the common
-parent of the arguments, seed part removed.
+parent of the arguments, seed part removed. With ``--pool`` it is the run's path relative
+to the argument it was found under: the same arm in several folders (a comparison and
+its later seeds, ``old/arms/beta0.0_N10_seed0`` and ``new/arms/beta0.0_N10_seed3``) is
+one arm holding the seeds of both, for every table and figure below; two runs of one
+seed in one arm are then refused.
 
 ``python -m torchrl_spqr.plot ...`` (the old name) runs the same command.
 
@@ -110,7 +115,10 @@ def _file_label(run: Path, arm: str, single: bool) -> str:
 
 def _write_effects(groups, args, argv, fmts, prog: str) -> list[Path]:
     """``--effects OUT``: ``OUT.<fmt>`` and ``OUT.md`` (headed by the command that wrote it)."""
-    eff = paired_effects(groups, args.key, args.level, until=args.until)
+    try:
+        eff = paired_effects(groups, args.key, args.level, until=args.until)
+    except ValueError as err:  # an arm with two runs of one seed
+        raise SystemExit(f"{prog}: error: --effects: {err}") from None
     if not eff:
         print("--effects: no pair of arms that differ only by beta0 / beta>0")
         return []
@@ -258,6 +266,12 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
     )
     p.add_argument("--effects-only", action="store_true", help="write only the --effects outputs")
     p.add_argument(
+        "--pool",
+        action="store_true",
+        help="name each arm relative to the PATH its runs were found under, so that the same "
+        "arm in several folders pools their seeds",
+    )
+    p.add_argument(
         "--until",
         type=_step_arg,
         metavar="STEP",
@@ -278,8 +292,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> None:
         )
     paths = [Path(x) for x in args.paths]
     try:
-        runs = find_runs(paths)
-    except FileNotFoundError as err:
+        runs = find_runs(paths, pool=args.pool)
+    except (FileNotFoundError, ValueError) as err:
         p.error(str(err))
     runs = _screen_runs(runs, args.key, p, args.until)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from torchrl_spqr.analysis.report import effect_pairs
-from torchrl_spqr.analysis.runs import seed_of
+from torchrl_spqr.analysis.runs import runs_by_seed
 from torchrl_spqr.analysis.stats import mean_ci
 
 __all__ = [
@@ -118,16 +118,18 @@ def return_effects(
     ``estimates`` are ``(arm, estimate)`` pairs. For every arm with ``beta > 0`` and its
     ``beta0`` twin (:func:`~torchrl_spqr.analysis.report.effect_pairs`), the seeds both
     ran, the per-seed differences SPQR minus baseline, their mean and ``level``
-    Student-t interval (``diff_ci``), and each arm's mean over those seeds.
+    Student-t interval (``diff_ci``), and each arm's mean over those seeds. Runs without a
+    seed in their name are left out; an arm with two runs of one seed raises ``ValueError``
+    (:func:`~torchrl_spqr.analysis.runs.runs_by_seed`).
     """
-    by_arm: dict[str, dict[int, ReturnEstimate]] = {}
+    arm_estimates: dict[str, list[ReturnEstimate]] = {}
     for arm, est in estimates:
-        seed = seed_of(Path(est.run))
-        if seed is None:
-            continue
-        if seed in by_arm.setdefault(arm, {}):
-            raise ValueError(f"arm {arm!r} has two runs with seed {seed}: {est.run}")
-        by_arm[arm][seed] = est
+        arm_estimates.setdefault(arm, []).append(est)
+    by_arm: dict[str, dict[int, ReturnEstimate]] = {}  # arm -> seed -> estimate
+    for arm, ests in arm_estimates.items():
+        of_run = {e.run: e for e in ests}
+        seeds = runs_by_seed([e.run for e in ests], arm)  # one run per seed, or ValueError
+        by_arm[arm] = {seed: of_run[run] for seed, run in seeds.items()}
     rows = []
     for label, beta, base_arm, spqr_arm in effect_pairs({a: [] for a in by_arm}):
         base, spqr = by_arm[base_arm], by_arm[spqr_arm]

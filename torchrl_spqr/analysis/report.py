@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from torchrl_spqr.analysis.runs import group_runs, read_metrics, run_outcome, seed_of, series
+from torchrl_spqr.analysis.runs import group_runs, read_metrics, run_outcome, runs_by_seed, series
 from torchrl_spqr.analysis.stats import mean_ci
 
 __all__ = [
@@ -318,13 +318,14 @@ def paired_effects(
     NaN / inf (diverged) has a NaN final, so that comparison's final statistics are NaN;
     ``diverged`` lists ``(seed, arm, step)`` of such runs. ``until``: each run is read up
     to that step only (final: the last evaluation at or before it), and every row records
-    it (``until``, None for whole runs).
+    it (``until``, None for whole runs). Runs without a seed in their name are left out;
+    an arm with two runs of one seed raises ``ValueError`` (:func:`runs_by_seed`).
     """
     rows = []
     for label, beta, base_arm, spqr_arm in effect_pairs(groups):
-        base = {seed_of(r): r for r in groups[base_arm]}
-        spqr = {seed_of(r): r for r in groups[spqr_arm]}
-        seeds = sorted(s for s in base.keys() & spqr.keys() if s is not None)
+        base = runs_by_seed(groups[base_arm], base_arm)
+        spqr = runs_by_seed(groups[spqr_arm], spqr_arm)
+        seeds = sorted(base.keys() & spqr.keys())
         vals = {
             s: (run_effect_stats(base[s], key, until), run_effect_stats(spqr[s], key, until))
             for s in seeds

@@ -4,7 +4,8 @@ Every path is either a run folder (it holds ``metrics.csv``) or a folder searche
 recursively for run folders (a Hydra multirun folder, ``benchmarks/learning/...``).
 Runs whose paths differ only by the seed part (``seed3``, ``_seed3``, ``seed=3``)
 form one group ("arm"); the group label is the run's path relative to the common
-parent of the arguments, seed part removed.
+parent of the arguments, seed part removed, or with ``pool=True`` relative to the
+argument the run was found under (the same arm in several folders pools their seeds).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import csv
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "SEED_RE",
@@ -25,6 +27,7 @@ __all__ = [
     "is_run",
     "read_metrics",
     "run_outcome",
+    "runs_by_seed",
     "seed_of",
     "series",
     "step_key",
@@ -33,6 +36,9 @@ __all__ = [
 
 #: The seed part of a run folder's name.
 SEED_RE = re.compile(r"([_,\-]?seed[=_\-]?(?P<seed>\d+))", re.IGNORECASE)
+
+#: A run folder as given to :func:`runs_by_seed` (``Path`` or ``str``).
+RunT = TypeVar("RunT", Path, str)
 
 
 def read_metrics(run_dir: str | Path, until: float | None = None) -> list[dict[str, float]]:
@@ -204,35 +210,51 @@ def is_run(path: Path) -> bool:
     return (path / "metrics.csv").is_file()
 
 
-def find_runs(paths) -> list[tuple[Path, str]]:
+def find_runs(paths, *, pool: bool = False) -> list[tuple[Path, str]]:
     """Run folders under ``paths`` (each a run folder or a folder searched recursively).
 
     Returns ``(run_dir, arm)`` pairs sorted by arm then path; the arm is the run's
     path relative to the common parent of ``paths`` with the seed part removed.
     Symbolic links to folders are followed (a comparison folder may link run folders
     from several sweeps; the arm then comes from the link's name), each folder once.
+
+    ``pool=True``: the arm is the run's path relative to the path it was found under
+    (for a run folder given itself: its name), so runs of the same arm in several
+    folders (``old/arms/beta0.0_N10_seed0`` and ``new/arms/beta0.0_N10_seed3``) form one
+    arm with the seeds of both, in the order of ``paths``. An arm that would then hold two
+    runs of one seed is refused (:func:`runs_by_seed`'s ``ValueError``).
     """
     roots = [Path(p) for p in paths]
-    runs: list[Path] = []
-    for root in roots:
+    runs: list[tuple[Path, Path, int]] = []  # (run folder, the path it was found under, its index)
+    for i, root in enumerate(roots):
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist.")
+        base = Path(os.path.abspath(root.parent if is_run(root) else root))
         if is_run(root):
-            runs.append(root)
+            runs.append((root, base, i))
             continue
         found = sorted(_run_folders_under(root))
         if not found:
             raise FileNotFoundError(f"No run folder (holding metrics.csv) under {root}.")
-        runs.extend(found)
-    bases = [r.parent if is_run(r) else r for r in roots]
-    base = Path(os.path.commonpath([os.path.abspath(b) for b in bases]))
-    seen, out = set(), []
-    for r in runs:
+        runs.extend((r, base, i) for r in found)
+    bases = [Path(os.path.abspath(r.parent if is_run(r) else r)) for r in roots]
+    common = Path(os.path.commonpath([str(b) for b in bases]))
+    seen, found_in, out = set(), {}, []
+    for r, base, i in runs:
         key = r.resolve()
         if key not in seen:
             seen.add(key)
-            out.append((r, _arm_of(Path(os.path.abspath(r)), base)))
-    return sorted(out, key=lambda t: (t[1], str(t[0])))
+            found_in[r] = i
+            out.append((r, _arm_of(Path(os.path.abspath(r)), base if pool else common)))
+    # pooled arms keep the order of the paths given (``old/arms new/arms``: old seeds first)
+    out.sort(key=lambda t: (t[1], found_in[t[0]] if pool else 0, str(t[0])))
+    if pool:
+        arms: dict[str, list[Path]] = {}
+        for r, arm in out:
+            arms.setdefault(arm, []).append(r)
+        for arm, arm_runs in arms.items():
+            runs_by_seed(arm_runs, arm)
+    return out
 
 
 #: Folders inside a run folder that are never run folders themselves.
@@ -255,10 +277,10 @@ def _run_folders_under(root: Path) -> list[Path]:
     return found
 
 
-def group_runs(paths) -> dict[str, list[Path]]:
-    """``arm -> run folders`` of :func:`find_runs`."""
+def group_runs(paths, *, pool: bool = False) -> dict[str, list[Path]]:
+    """``arm -> run folders`` of :func:`find_runs` (``pool``: see there)."""
     groups: dict[str, list[Path]] = {}
-    for run, arm in find_runs(paths):
+    for run, arm in find_runs(paths, pool=pool):
         groups.setdefault(arm, []).append(run)
     return groups
 
@@ -267,3 +289,24 @@ def seed_of(run: Path) -> int | None:
     """The seed in a run folder's name (``..._seed3``), or None."""
     m = SEED_RE.search(run.name)
     return int(m.group("seed")) if m else None
+
+
+def runs_by_seed(runs: Iterable[RunT], arm: str = "") -> dict[int, RunT]:
+    """``seed -> run`` of one arm's runs (folders, as ``Path`` or ``str``, each returned as
+    given); runs without a seed in their name are left out.
+
+    Raises ``ValueError`` naming both folders if two runs have the same seed: pairing runs
+    by seed (SPQR against its baseline) needs one run per seed and arm.
+    """
+    out: dict[int, RunT] = {}
+    for run in runs:
+        seed = seed_of(Path(run))
+        if seed is None:
+            continue
+        if seed in out:
+            raise ValueError(
+                f"arm {arm!r} has two runs with seed {seed}: {out[seed]} and {run}; pairing "
+                "by seed needs one run per seed and arm"
+            )
+        out[seed] = run
+    return out
