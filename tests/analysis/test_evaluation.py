@@ -88,6 +88,39 @@ def test_return_table_lists_arms_effects_and_runs():
     assert "SPQR minus baseline" not in E.return_table(estimates[:2])  # no comparison
 
 
+def test_return_effects_and_table_with_normalised_scores():
+    """Offline runs carry normalised scores: the effect on them beside the return's, and a
+    score column; a comparison with an unscored run reports the return only."""
+
+    def scored(run: str, mean: float) -> E.ReturnEstimate:
+        return E.ReturnEstimate(run, 1000, 2, mean, 0.0, [mean] * 2, scores=[mean / 10] * 2)
+
+    estimates = [
+        ("beta0.0_N10", scored("r/beta0.0_N10_seed0", 100.0)),
+        ("beta0.0_N10", scored("r/beta0.0_N10_seed1", 200.0)),
+        ("beta1.0_N10", scored("r/beta1.0_N10_seed0", 130.0)),
+        ("beta1.0_N10", scored("r/beta1.0_N10_seed1", 210.0)),
+    ]
+    (row,) = E.return_effects(estimates)
+    assert row["diffs"] == [30.0, 10.0] and row["score_diffs"] == pytest.approx([3.0, 1.0])
+    assert row["score_diff_mean"] == pytest.approx(2.0)
+    assert (row["score_base_mean"], row["score_spqr_mean"]) == pytest.approx((15.0, 17.0))
+    text = E.return_table(estimates)
+    assert "| beta0.0_N10 | 2 | 150.0 +- 70.7 | 15.0 +- 7.1 | 2 |" in text
+    assert "| N10 (beta 1), normalised score | 2 | 15.0 / 17.0 | +2.0 [" in text
+    assert "| r/beta1.0_N10_seed1 | 1000 | 2 | 210.0 +- 0.0 | 21.0 |" in text
+    assert E.return_rows(estimates)[0]["scores"] == "10.0;10.0"
+    mixed = [*estimates[:3], ("beta1.0_N10", _est("r/beta1.0_N10_seed1", 210.0, 2))]
+    (row,) = E.return_effects(mixed)
+    assert "score_diffs" not in row and row["diffs"] == [30.0, 10.0]
+    text = E.return_table(mixed)
+    assert "| beta1.0_N10 | 2 | 170.0 +- 56.6 | n/a | 2 |" in text
+    assert "normalised score |" not in text.split("| run |")[0].split("| comparison |")[1]
+    assert E.return_rows(mixed)[3]["mean_score"] == ""
+    # no scores at all: the table of online runs, unchanged
+    assert "normalised" not in E.return_table([("a", _est("r/a_seed0", 1.0))])
+
+
 def test_cli_evaluate_writes_the_table_and_the_csv(sota_run, tmp_path):
     """Two arms holding the same saved agent under beta 0 and beta 1 names: the same
     policy on the same seeded resets, so SPQR's paired effect is exactly 0."""

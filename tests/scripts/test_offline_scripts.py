@@ -133,6 +133,40 @@ def test_every_scalar_of_the_loss_reaches_every_logger(minari_root, tmp_path):
         assert float(logged[0].split(",")[1]) == pytest.approx(float(rows[-1][name])), name
 
 
+def test_evaluate_gives_an_offline_run_its_normalised_scores(minari_root, tmp_path):
+    """``--evaluate`` on an offline run: each episode's normalised score from the dataset's
+    reference scores, per run and per arm, and SPQR's paired effect on it (the same saved
+    agent under beta 0 and beta 1 names: exactly 0)."""
+    import shutil
+
+    from torchrl_spqr.analysis import cli
+    from torchrl_spqr.analysis.evaluation import CSV_FIELDS, checkpoint_return
+
+    run = tmp_path / "trained"
+    train_offline(_cfg("sac_n_spqr", "optim.num_updates=30"), run)
+    est = checkpoint_return(run, episodes=2, seed=1)
+    data = load_offline_dataset(DATASET, batch_size=4, download=False)
+    assert est.scores == pytest.approx(
+        [normalized_score(r, data.ref_min_score, 1000.0) for r in est.returns]
+    )
+    assert est.mean_score == pytest.approx(sum(est.scores) / 2)
+    runs = tmp_path / "runs"
+    for beta in (0, 1):
+        shutil.copytree(run, runs / f"beta{beta}.0_N3_seed0")
+    out = tmp_path / "out"
+    cli.main([str(runs), "--evaluate", "2", "--evaluate-seed", "1", "--out", str(out)])
+    text = (out / "evaluation.md").read_text()
+    assert "normalised score, mean +- sd over runs" in text
+    assert f"| beta0.0_N3 | 1 | {est.mean_return:.1f} | {est.mean_score:.1f} | 2 |" in text
+    assert (
+        "| N3 (beta 1), normalised score | 1 |" in text and "| +0.0 [+0.0, +0.0] | +0.0 |" in text
+    )
+    with (out / "evaluation.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_FIELDS
+    assert [float(x) for x in rows[0]["scores"].split(";")] == pytest.approx(est.scores)
+
+
 def test_normalized_score_formula():
     assert normalized_score(50.0, 0.0, 100.0) == pytest.approx(50.0)
     assert normalized_score(-20.0, -20.0, 3234.3) == pytest.approx(0.0)

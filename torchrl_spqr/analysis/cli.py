@@ -53,7 +53,9 @@ parent>/plots``):
   seeded by ``--evaluate-seed``, the same for every run), per run and per arm, and SPQR's
   effect on that return, runs paired by seed (:mod:`torchrl_spqr.analysis.evaluation`):
   the runs' final policies compared with less evaluation noise than their last logged
-  evaluation.
+  evaluation. Offline runs whose dataset records reference scores get the normalised
+  score beside the return (and the effect on it), evaluated in their dataset's
+  environment as during training.
 
 Checkpoints: the ``checkpoint/`` folder of ``sota_scripts`` runs (config, loss
 state, replay buffer) and ``checkpoint.pt`` of ``examples/spqr_demo.py`` and
@@ -432,14 +434,18 @@ def _write_evaluation(runs, out: Path, args) -> list[Path]:
         f"{args.evaluate}`, `--evaluate-seed {args.evaluate_seed}`): the saved policy, "
         f"deterministic actions, {args.evaluate} episodes in a fresh environment "
         "(`torchrl_spqr.analysis.evaluation`). Return: the environment's rewards summed "
-        "over an episode.\n\n"
+        "over an episode; normalised score (offline runs whose dataset records reference "
+        "scores): 100 (return - ref_min) / (ref_max - ref_min).\n\n"
     )
     return _checkpoint_report(
         runs,
         out,
         "evaluation",
         lambda run: checkpoint_return(run, episodes=args.evaluate, seed=args.evaluate_seed),
-        lambda e: f"return over {e.episodes} episodes at {e.frames} frames: {e.mean_return:.1f}",
+        lambda e: (
+            f"return over {e.episodes} episodes at {e.frames} frames: {e.mean_return:.1f}"
+            + ("" if e.mean_score is None else f" (normalised score {e.mean_score:.1f})")
+        ),
         head,
         lambda estimates: return_table(estimates, args.level),
         return_rows,

@@ -16,8 +16,13 @@ as the training evaluations), in a fresh environment seeded by ``seed``:
 - :func:`return_table`, :func:`return_rows`: ``evaluation.md`` / ``evaluation.csv`` of
   ``python -m torchrl_spqr.analysis RUNS --evaluate EPISODES``.
 
-Returns are the environment's rewards summed over an episode (for offline runs too: not
-the normalised score).
+Returns are the environment's rewards summed over an episode. For offline runs whose
+dataset records reference scores (D4RL's published ones, a Minari dataset's
+``ref_min_score`` / ``ref_max_score``) each episode's **normalised score**,
+``100 (R - ref_min) / (ref_max - ref_min)`` as the training evaluations log it, is given
+too, and the tables report SPQR's effect on it beside the effect on the return. Offline
+runs are evaluated in the environment their dataset names, with its ``gymnasium.make``
+arguments, as during training.
 
 Example::
 
@@ -61,7 +66,8 @@ class ReturnEstimate:
     """The return of one run's saved policy over ``episodes`` episodes.
 
     ``std_return`` is the standard deviation over episodes (ddof 0, as the training
-    evaluations log it); ``returns`` holds every episode's return.
+    evaluations log it); ``returns`` holds every episode's return and ``scores`` its
+    normalised score (offline runs whose dataset records reference scores; else None).
     """
 
     run: str
@@ -71,6 +77,12 @@ class ReturnEstimate:
     std_return: float
     returns: list[float]
     meta: dict[str, Any] = field(default_factory=dict)
+    scores: list[float] | None = None
+
+    @property
+    def mean_score(self) -> float | None:
+        """Mean normalised score over the episodes (None: no reference scores)."""
+        return statistics.mean(self.scores) if self.scores else None
 
 
 def checkpoint_return(
@@ -95,10 +107,14 @@ def checkpoint_return(
         raise ValueError(f"episodes and max_steps must be >= 1, got {episodes} and {max_steps}.")
     run_dir = Path(run_dir)
     torch.manual_seed(seed)
-    with load_agent(run_dir) as agent:
+    # dataset=True: an offline run's environment gets its dataset's make arguments, and
+    # its reference scores give the normalised score (an online run has no dataset)
+    with load_agent(run_dir, dataset=True) as agent:
         agent.env.set_seed(seed)
         returns = episode_returns(agent.env, agent.actor, episodes, max_steps)
         mean, std = return_stats(returns)
+        data = agent.data
+        scored = data is not None and None not in (data.ref_min_score, data.ref_max_score)
         return ReturnEstimate(
             run=str(run_dir),
             frames=agent.counters.get("frames"),
@@ -107,6 +123,7 @@ def checkpoint_return(
             std_return=std,
             returns=returns,
             meta={"algorithm": agent.algorithm, "env": agent.env_id, "beta": agent.beta},
+            scores=[data.normalized_score(r) for r in returns] if scored else None,
         )
 
 
@@ -118,7 +135,9 @@ def return_effects(
     ``estimates`` are ``(arm, estimate)`` pairs. For every arm with ``beta > 0`` and its
     ``beta0`` twin (:func:`~torchrl_spqr.analysis.report.effect_pairs`), the seeds both
     ran, the per-seed differences SPQR minus baseline, their mean and ``level``
-    Student-t interval (``diff_ci``), and each arm's mean over those seeds. Runs without a
+    Student-t interval (``diff_ci``), and each arm's mean over those seeds; when every
+    paired run has normalised scores, the same for them (``score_diffs``,
+    ``score_diff_mean``, ``score_diff_ci``, ``score_base_mean``, ``score_spqr_mean``). Runs without a
     seed in their name are left out; an arm with two runs of one seed raises ``ValueError``
     (:func:`~torchrl_spqr.analysis.runs.runs_by_seed`).
     """
@@ -136,32 +155,48 @@ def return_effects(
         seeds = sorted(base.keys() & spqr.keys())
         if not seeds:
             continue
-        diffs = [spqr[s].mean_return - base[s].mean_return for s in seeds]
-        mean, lo, hi = (float(x[0]) for x in mean_ci(diffs, level))
-        rows.append(
-            {
-                "comparison": label,
-                "beta": beta,
-                "baseline": base_arm,
-                "spqr": spqr_arm,
-                "seeds": seeds,
-                "base_mean": statistics.mean(base[s].mean_return for s in seeds),
-                "spqr_mean": statistics.mean(spqr[s].mean_return for s in seeds),
-                "diffs": diffs,
-                "diff_mean": mean,
-                "diff_ci": (lo, hi),
-                "level": level,
-            }
-        )
+        row: dict[str, Any] = {
+            "comparison": label,
+            "beta": beta,
+            "baseline": base_arm,
+            "spqr": spqr_arm,
+            "seeds": seeds,
+            "level": level,
+        }
+        measures = [("", "mean_return")]
+        if all(e[s].mean_score is not None for e in (base, spqr) for s in seeds):
+            measures.append(("score_", "mean_score"))
+        for prefix, attr in measures:
+            b = [getattr(base[s], attr) for s in seeds]
+            w = [getattr(spqr[s], attr) for s in seeds]
+            diffs = [wi - bi for wi, bi in zip(w, b)]
+            mean, lo, hi = (float(x[0]) for x in mean_ci(diffs, level))
+            row[f"{prefix}base_mean"] = statistics.mean(b)
+            row[f"{prefix}spqr_mean"] = statistics.mean(w)
+            row[f"{prefix}diffs"] = diffs
+            row[f"{prefix}diff_mean"] = mean
+            row[f"{prefix}diff_ci"] = (lo, hi)
+        rows.append(row)
     return rows
 
 
 #: The columns of ``evaluation.csv`` (``python -m torchrl_spqr.analysis ... --evaluate N``).
-CSV_FIELDS = ("arm", "run", "frames", "episodes", "mean_return", "std_return", "returns")
+CSV_FIELDS = (
+    "arm",
+    "run",
+    "frames",
+    "episodes",
+    "mean_return",
+    "std_return",
+    "returns",
+    "mean_score",
+    "scores",
+)
 
 
 def return_rows(estimates: list[tuple[str, ReturnEstimate]]) -> list[dict[str, Any]]:
-    """One ``evaluation.csv`` row per ``(arm, estimate)`` (``returns``: ``;``-separated)."""
+    """One ``evaluation.csv`` row per ``(arm, estimate)`` (``returns``, ``scores``:
+    ``;``-separated; ``mean_score`` and ``scores`` empty without reference scores)."""
     return [
         {
             "arm": arm,
@@ -171,6 +206,8 @@ def return_rows(estimates: list[tuple[str, ReturnEstimate]]) -> list[dict[str, A
             "mean_return": e.mean_return,
             "std_return": e.std_return,
             "returns": ";".join(repr(r) for r in e.returns),
+            "mean_score": "" if e.mean_score is None else e.mean_score,
+            "scores": "" if e.scores is None else ";".join(repr(x) for x in e.scores),
         }
         for arm, e in estimates
     ]
@@ -178,22 +215,29 @@ def return_rows(estimates: list[tuple[str, ReturnEstimate]]) -> list[dict[str, A
 
 def return_table(estimates: list[tuple[str, ReturnEstimate]], level: float = 0.95) -> str:
     """Markdown: per arm the mean +- sd over runs of the re-evaluated return, then SPQR's
-    effect per comparison (:func:`return_effects`), then one line per run."""
+    effect per comparison (:func:`return_effects`), then one line per run; the normalised
+    score beside the return wherever the runs have one (offline runs)."""
 
     def sd(values: list[float]) -> str:
         spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
         return f"{statistics.mean(values):.1f}{spread}"
 
+    scored = any(e.scores for _, e in estimates)
     arms: dict[str, list[ReturnEstimate]] = {}
     for arm, e in estimates:
         arms.setdefault(arm, []).append(e)
+    score_head = " normalised score, mean +- sd over runs |" if scored else ""
     lines = [
-        "| arm | runs | return, mean +- sd over runs | episodes per run |",
-        "|---|---|---|---|",
+        f"| arm | runs | return, mean +- sd over runs |{score_head} episodes per run |",
+        "|---|---|---|---|" + ("---|" if scored else ""),
     ]
     for arm, es in arms.items():
         eps = ", ".join(str(n) for n in sorted({e.episodes for e in es}))
-        lines.append(f"| {arm} | {len(es)} | {sd([e.mean_return for e in es])} | {eps} |")
+        score = ""
+        if scored:
+            have = [e.mean_score for e in es if e.mean_score is not None]
+            score = f" {sd(have) if len(have) == len(es) else 'n/a'} |"
+        lines.append(f"| {arm} | {len(es)} | {sd([e.mean_return for e in es])} |{score} {eps} |")
     effects = return_effects(estimates, level)
     if effects:
         pct = f"{100 * level:g}%"
@@ -204,17 +248,25 @@ def return_table(estimates: list[tuple[str, ReturnEstimate]], level: float = 0.9
             "|---|---|---|---|---|",
         ]
         for r in effects:
-            lo, hi = r["diff_ci"]
-            lines.append(
-                f"| {r['comparison']} (beta {r['beta']:g}) | {len(r['seeds'])} "
-                f"| {r['base_mean']:.1f} / {r['spqr_mean']:.1f} "
-                f"| {r['diff_mean']:+.1f} [{lo:+.1f}, {hi:+.1f}] "
-                f"| {', '.join(f'{d:+.1f}' for d in r['diffs'])} |"
-            )
-    lines += ["", "| run | frames | episodes | return (mean +- sd over episodes) |"]
-    lines.append("|---|---|---|---|")
+            for prefix, what in (("", ""), ("score_", ", normalised score")):
+                if f"{prefix}diff_ci" not in r:
+                    continue
+                lo, hi = r[f"{prefix}diff_ci"]
+                lines.append(
+                    f"| {r['comparison']} (beta {r['beta']:g}){what} | {len(r['seeds'])} "
+                    f"| {r[f'{prefix}base_mean']:.1f} / {r[f'{prefix}spqr_mean']:.1f} "
+                    f"| {r[f'{prefix}diff_mean']:+.1f} [{lo:+.1f}, {hi:+.1f}] "
+                    f"| {', '.join(f'{d:+.1f}' for d in r[f'{prefix}diffs'])} |"
+                )
+    score_head = " normalised score (mean) |" if scored else ""
+    lines += ["", f"| run | frames | episodes | return (mean +- sd over episodes) |{score_head}"]
+    lines.append("|---|---|---|---|" + ("---|" if scored else ""))
     for _, e in estimates:
+        score = ""
+        if scored:
+            score = " n/a |" if e.mean_score is None else f" {e.mean_score:.1f} |"
         lines.append(
-            f"| {e.run} | {e.frames} | {e.episodes} | {e.mean_return:.1f} +- {e.std_return:.1f} |"
+            f"| {e.run} | {e.frames} | {e.episodes} "
+            f"| {e.mean_return:.1f} +- {e.std_return:.1f} |{score}"
         )
     return "\n".join(lines)
