@@ -166,7 +166,8 @@ def q_estimation_bias(
         )
     run_dir = Path(run_dir)
     torch.manual_seed(seed)
-    with load_agent(run_dir) as agent:
+    # dataset=True: an offline run acts in its dataset's environment (make arguments too)
+    with load_agent(run_dir, dataset=True) as agent:
         base = agent.base
         alpha = _alpha(base)
         gamma = float(base.value_estimator.gamma)
