@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LEARNING = ROOT / "benchmarks" / "learning"
 
 
+def _sentence(pattern: str, text: str, flags: int = 0) -> re.Match | None:
+    """``re.search`` with every literal space of ``pattern`` matching any run of whitespace,
+    so that a README sentence matches wherever its lines wrap."""
+    return re.search(re.sub(r"(?:\\s\+| )+", r"\\s+", pattern), text, flags)
+
+
 def _population_effects():
     """``benchmarks/learning/population_effects.py`` (not a package: loaded from its file)."""
     import importlib.util
@@ -201,7 +207,7 @@ def test_committed_effects_table_matches_the_runs():
     path = LEARNING / "effects.md"
     text = path.read_text()
     # written by the command line under its new name or its old one (torchrl_spqr.plot)
-    cmd = re.search(r"Written by `python -m torchrl_spqr\.(?:analysis|plot) ([^`]+)`", text)
+    cmd = _sentence(r"Written by `python -m torchrl_spqr\.(?:analysis|plot) ([^`]+)`", text)
     assert cmd, "effects.md records the command that wrote it"
     args = cmd.group(1).split()
     folders = [ROOT / a for a in args[: next(i for i, a in enumerate(args) if a.startswith("--"))]]
@@ -224,7 +230,7 @@ def test_bf16_comparison_in_the_readme_matches_the_runs():
     text = (ROOT / "README.md").read_text()
     para = text.split("bfloat16 critic products (`network.matmul_dtype=bfloat16`", 1)[1]
     para = para.split("\n\n", 1)[0]
-    m = re.search(
+    m = _sentence(
         r"Final return (\S+) \+- (\S+) \(bfloat16\) against (\S+) \+- (\S+) \(float32\)", para
     )
     assert m, para
@@ -237,7 +243,7 @@ def test_bf16_comparison_in_the_readme_matches_the_runs():
             summ["fp32"]["final_sd"],
         ],
     )
-    shown = re.search(r"bfloat16 minus float32 is \+?(-?[\d.]+)", para)
+    shown = _sentence(r"bfloat16 minus float32 is \+?(-?[\d.]+)", para)
     _matches(shown.group(1), [sum(diffs) / 3])
 
 
@@ -265,10 +271,10 @@ def test_bf16_kernel_check_in_the_readmes_matches_the_runs():
     diff_fp32 = [a - b for a, b in zip(final(beta0), final("float32, beta 0"))]
     para = (ROOT / "README.md").read_text().split("With the faster bfloat16 kernel", 1)[1]
     para = para.split("\n\n", 1)[0]
-    m = re.search(r"final return (\S+) \+- (\S+) at\s+beta 0 and (\S+) \+- (\S+) at beta 1", para)
+    m = _sentence(r"final return (\S+) \+- (\S+) at\s+beta 0 and (\S+) \+- (\S+) at beta 1", para)
     assert m, para
     _matches(" ".join(m.groups()), mean_sd(final(beta0)) + mean_sd(final(beta1)))
-    m = re.search(r"previous one \(beta 0, at 30k\) is (\S+) .*?minus float32\s+(\S+) ", para, re.S)
+    m = _sentence(r"previous one \(beta 0, at 30k\) is (\S+) .*?minus float32\s+(\S+) ", para, re.S)
     assert m, para
     _matches(" ".join(m.groups()), [sum(diff_old) / 3, sum(diff_fp32) / 3])
     folder = (LEARNING / "hopper_bf16_kernel_30k" / "README.md").read_text()
@@ -309,11 +315,11 @@ def test_pooled_bf16_check_in_the_readmes_matches_the_runs():
         row = text.split(f"\n| {label} | ", 1)[1].split("\n", 1)[0]
         _matches(row, d + effect[label])
     readme = (ROOT / "README.md").read_text()
-    hit = re.search(r"over seeds 0-5: (\S+), 95% t interval (\S+) to (\S+)\s", readme)
+    hit = _sentence(r"over seeds 0-5: (\S+), 95% t interval (\S+) to (\S+)\s", readme)
     assert hit, "README: the pooled effect sentence"
     _matches(" ".join(hit.groups()), effect["0-5"])
     learning = (LEARNING / "README.md").read_text()
-    hit = re.search(
+    hit = _sentence(
         r"seeds 0-5, paired by seed: (\S+), 95% t interval\s+(\S+) to (\S+)\s", learning
     )
     assert hit, "benchmarks/learning/README.md: the pooled effect sentence"
@@ -366,29 +372,29 @@ def test_100k_run_in_the_readmes_matches_the_runs(capsys):
     rows = {r["group"]: r for r in analysis.summary_rows(pooled, until=30_000)}
     d = [w - b for w, b in zip(rows["beta1.0_N10"]["final"], rows["beta0.0_N10"]["final"])]
     pooled_30k = [float(x[0]) for x in analysis.mean_ci(d)]
-    hit = re.search(r"six seeds give (\S+), 95% t interval \[(\S+), (\S+)\]", text)
+    hit = _sentence(r"six seeds give (\S+), 95% t interval \[(\S+), (\S+)\]", text)
     assert hit, "hopper_bf16_100k/README.md: the pooled 30k sentence"
     _matches(" ".join(hit.groups()), pooled_30k)
     readme = (ROOT / "README.md").read_text()
     final_100k = []
     for r in analysis.summary_rows(groups, until=100_000):
         final_100k += [r["final_mean"], r["final_sd"]]
-    hit = re.search(
+    hit = _sentence(
         r"minutes on the 2 cores\): final return (\S+) \+- (\S+) at beta 0 and (\S+) \+- (\S+) at",
         readme,
     )
     assert hit, "README: the 100k final returns"
     _matches(" ".join(hit.groups()), final_100k)
-    hit = re.search(r"beta 1 minus beta 0 is (\S+), 95% t interval (\S+) to (\S+)\s", readme)
+    hit = _sentence(r"beta 1 minus beta 0 is (\S+), 95% t interval (\S+) to (\S+)\s", readme)
     assert hit, "README: the 100k effect sentence"
     _matches(" ".join(hit.groups()), effects[100_000])
-    hit = re.search(
+    hit = _sentence(
         r"pooled\s+with seeds 3-5, the same runs give (\S+), 95% t interval (\S+) to", readme
     )
     assert hit, "README: the pooled 30k sentence"
     _matches(" ".join(hit.groups()), pooled_30k[:2])
     learning = (LEARNING / "README.md").read_text()
-    hit = re.search(r"paired by seed (\S+), 95% t interval (\S+) to (\S+)\. One seed", learning)
+    hit = _sentence(r"paired by seed (\S+), 95% t interval (\S+) to (\S+)\. One seed", learning)
     assert hit, "benchmarks/learning/README.md: the 100k effect sentence"
     _matches(" ".join(hit.groups()), effects[100_000])
 
@@ -407,13 +413,13 @@ def test_200k_run_in_the_readmes_matches_the_runs(capsys):
     b0, b1 = rows["beta0.0_N10"], rows["beta1.0_N10"]
     text = (folder / "README.md").read_text()
     for arm, r in (("beta 0", b0), ("beta 1", b1)):
-        hit = re.search(
+        hit = _sentence(
             rf"(?:\(best\): |\n){arm}: (\S+) \((\S+)\), (\S+) \((\S+)\), (\S+) \((\S+)\)[;.]", text
         )
         assert hit, f"hopper_bf16_long/README.md: the per-seed line of {arm}"
         _matches(" ".join(hit.groups()), [v for pair in zip(r["final"], r["best"]) for v in pair])
     diffs = [w - b for w, b in zip(b1["final"], b0["final"])]
-    hit = re.search(r"\(at\s+200k: (\S+),\s+(\S+) and (\S+)\)\. Each seed pair", text)
+    hit = _sentence(r"\(at\s+200k: (\S+),\s+(\S+) and (\S+)\)\. Each seed pair", text)
     assert hit, "hopper_bf16_long/README.md: the per-seed differences at 200k"
     _matches(" ".join(hit.groups()), diffs)
     evaluations = 0  # beta 1 ahead for seeds 0 and 2, behind for seed 1, from 100k on
@@ -425,10 +431,10 @@ def test_200k_run_in_the_readmes_matches_the_runs(capsys):
         evaluations = len(ahead)
     assert evaluations == 41
     for doc in (text, (ROOT / "README.md").read_text(), (LEARNING / "README.md").read_text()):
-        assert re.search(r"41\s+evaluations\s+from\s+100k\s+to\s+200k", doc)
+        assert _sentence(r"41\s+evaluations\s+from\s+100k\s+to\s+200k", doc)
     final = [b0["final_mean"], b0["final_sd"], b1["final_mean"], b1["final_sd"]]
     readme = (ROOT / "README.md").read_text()
-    hit = re.search(
+    hit = _sentence(
         r"to \*\*200k steps\*\* \(two thirds of the paper's\s+budget\): final return (\S+) \+- "
         r"(\S+) at beta 0 and (\S+) \+- (\S+) at beta 1; paired by\s+seed, (\S+), 95% t "
         r"interval (\S+) to (\S+)\.",
@@ -437,7 +443,7 @@ def test_200k_run_in_the_readmes_matches_the_runs(capsys):
     assert hit, "README: the 200k sentence"
     _matches(" ".join(hit.groups()), final + effects[200_000])
     learning = (LEARNING / "README.md").read_text()
-    hit = re.search(
+    hit = _sentence(
         r"Final evaluation at 200k (\S+) \+- (\S+) \(beta 0\) and (\S+) \+- (\S+)\s+\(beta 1\); "
         r"paired by seed (\S+), 95% t interval (\S+) to (\S+)\.",
         learning,
@@ -471,7 +477,7 @@ def test_fp32_seeds_6_to_8_in_the_readmes_matches_the_runs(capsys):
     ):
         text = path.read_text()
         for name, eff in effects.items():
-            hit = re.search(
+            hit = _sentence(
                 rf"seeds {name}[^:]*?: (\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]",
                 text,
             )
@@ -498,7 +504,7 @@ def _pooled_and_alone_in_the_readmes(
         text = path.read_text()
         for name, eff in ((pooled, pooled_effect), (alone, effects[primary])):
             words = r"\s+".join(re.escape(w) for w in name.split())  # across line breaks
-            hit = re.search(
+            hit = _sentence(
                 rf"{words}[^:]*?:\s+(\S+),\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]", text
             )
             assert hit, f"{path}: the {name} effect sentence"
@@ -556,7 +562,7 @@ def test_other_environments_in_the_readmes_match_the_runs(capsys, folder, env):
     mod, _, effects = _budgets_folder(folder, capsys)
     primary = mod.BUDGETS[-1]
     for path in (folder / "README.md", LEARNING / "README.md", ROOT / "README.md"):
-        hit = re.search(
+        hit = _sentence(
             rf"{env},\s+seeds\s+0-2,\s+final\s+return\s+at\s+{primary // 1000}k[^:]*?:\s+(\S+),"
             r"\s+95% t interval\s+(\S+)\s+to\s+(\S+)[\s.,;)]",
             path.read_text(),
@@ -609,7 +615,7 @@ def test_halfcheetah_re_evaluation_in_the_readmes_matches_its_csv():
     assert effect["seeds"] == [0, 1, 2, 3, 4, 5]
     expected = [effect["diff_mean"], *effect["diff_ci"]]
     for path in (folder.parent / "README.md", LEARNING / "README.md", ROOT / "README.md"):
-        hit = re.search(
+        hit = _sentence(
             r"re-evaluated\s+on\s+50\s+episodes[^:]*?:\s+(\S+),\s+95%\s+t\s+interval\s+(\S+)"
             r"\s+to\s+(\S+)[\s.,;)]",
             path.read_text(),

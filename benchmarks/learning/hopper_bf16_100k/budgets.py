@@ -93,8 +93,8 @@ def report(groups: dict[str, list[Path]], step: int, label: str) -> None:
     )
 
 
-def print_header(env: str = "Hopper-v5") -> None:
-    print(f"{env} SAC-Ens N = 10, bfloat16 products; beta 0 against beta 1 on dataset pairs")
+def print_header(env: str = "Hopper-v5", products: str = "bfloat16 products") -> None:
+    print(f"{env} SAC-Ens N = 10, {products}; beta 0 against beta 1 on dataset pairs")
     print("mean +- sd over seeds; final: the evaluation at the budget (5 episodes)")
 
 
@@ -102,10 +102,11 @@ def report_seed_sets(
     seed_folders: dict[tuple[int, ...], Path],
     reports: list[tuple[list[tuple[int, ...]], int, str]],
     env: str = "Hopper-v5",
+    products: str = "bfloat16 products",
 ) -> None:
     """The header, then :func:`report` of each ``(seed sets, budget, label)`` in ``reports``
     (the runs in the folders ``seed_folders`` gives each seed set: :func:`seed_groups`)."""
-    print_header(env)
+    print_header(env, products)
     for seed_sets, step, label in reports:
         report(seed_groups(seed_folders, seed_sets), step, label)
 
