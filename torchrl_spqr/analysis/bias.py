@@ -48,6 +48,7 @@ from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_spqr.analysis.critics import _ensemble_q
+from torchrl_spqr.analysis.stats import mean_sd_text
 
 __all__ = [
     "BiasEstimate",
@@ -232,10 +233,8 @@ def bias_table(estimates: list[tuple[str, BiasEstimate]]) -> str:
     pairs) and of its spread over pairs; then one line per run."""
     import statistics
 
-    def sd(values: list[float], sign: str = "+") -> str:
-        m = statistics.mean(values)
-        spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-        return f"{m:{sign}.3f}{spread}"
+    def sd(values: list[float], signed: bool = True) -> str:
+        return mean_sd_text(values, 3, signed)
 
     arms: dict[str, list[BiasEstimate]] = {}
     for arm, b in estimates:
@@ -248,7 +247,7 @@ def bias_table(estimates: list[tuple[str, BiasEstimate]]) -> str:
     for arm, bs in arms.items():
         lines.append(
             f"| {arm} | {len(bs)} | {sd([b.norm_bias for b in bs])} "
-            f"| {sd([b.norm_bias_std for b in bs], '')} | {sd([b.min_norm_bias for b in bs])} "
+            f"| {sd([b.norm_bias_std for b in bs], False)} | {sd([b.min_norm_bias for b in bs])} "
             f"| {statistics.mean(b.mean_return for b in bs):.1f} "
             f"| {statistics.mean(b.mean_q for b in bs):.1f} |"
         )

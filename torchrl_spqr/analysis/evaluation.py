@@ -49,7 +49,7 @@ import torch
 
 from torchrl_spqr.analysis.report import effect_pairs
 from torchrl_spqr.analysis.runs import runs_by_seed
-from torchrl_spqr.analysis.stats import mean_ci
+from torchrl_spqr.analysis.stats import mean_ci, mean_sd_text
 
 __all__ = [
     "CSV_FIELDS",
@@ -218,10 +218,6 @@ def return_table(estimates: list[tuple[str, ReturnEstimate]], level: float = 0.9
     effect per comparison (:func:`return_effects`), then one line per run; the normalised
     score beside the return wherever the runs have one (offline runs)."""
 
-    def sd(values: list[float]) -> str:
-        spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-        return f"{statistics.mean(values):.1f}{spread}"
-
     scored = any(e.scores for _, e in estimates)
     arms: dict[str, list[ReturnEstimate]] = {}
     for arm, e in estimates:
@@ -236,8 +232,10 @@ def return_table(estimates: list[tuple[str, ReturnEstimate]], level: float = 0.9
         score = ""
         if scored:
             have = [e.mean_score for e in es if e.mean_score is not None]
-            score = f" {sd(have) if len(have) == len(es) else 'n/a'} |"
-        lines.append(f"| {arm} | {len(es)} | {sd([e.mean_return for e in es])} |{score} {eps} |")
+            score = f" {mean_sd_text(have) if len(have) == len(es) else 'n/a'} |"
+        lines.append(
+            f"| {arm} | {len(es)} | {mean_sd_text([e.mean_return for e in es])} |{score} {eps} |"
+        )
     effects = return_effects(estimates, level)
     if effects:
         pct = f"{100 * level:g}%"

@@ -16,7 +16,15 @@ import numpy as np
 
 from torchrl_spqr.analysis.runs import series, step_key
 
-__all__ = ["GroupCurve", "ci_text", "group_curve", "mean_ci", "t_quantile", "trailing_mean"]
+__all__ = [
+    "GroupCurve",
+    "ci_text",
+    "group_curve",
+    "mean_ci",
+    "mean_sd_text",
+    "t_quantile",
+    "trailing_mean",
+]
 
 METHODS = ("t", "bootstrap")
 
@@ -78,6 +86,21 @@ def ci_text(method: str, level: float) -> str:
     if method == "t":
         return f"{pct} Student-t confidence interval of the mean over seeds"
     return f"{pct} percentile-bootstrap confidence interval of the mean over seeds"
+
+
+def mean_sd_text(values: list[float], digits: int = 1, signed: bool = False) -> str:
+    """``"mean +- sd"`` of ``values`` (sd over them, ddof 1; the mean alone for one value),
+    ``digits`` decimals, the mean with its sign if ``signed``: the tables' cells.
+
+    Example::
+
+        >>> mean_sd_text([1.0, 2.0, 3.0]), mean_sd_text([-0.5], 3, signed=True)
+        ('2.0 +- 1.0', '-0.500')
+    """
+    import statistics
+
+    spread = f" +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):{'+' if signed else ''}.{digits}f}{spread}"
 
 
 def trailing_mean(y: list[float], window: int) -> list[float]:
