@@ -213,7 +213,8 @@ def is_run(path: Path) -> bool:
 def find_runs(paths, *, pool: bool = False) -> list[tuple[Path, str]]:
     """Run folders under ``paths`` (each a run folder or a folder searched recursively).
 
-    Returns ``(run_dir, arm)`` pairs sorted by arm then path; the arm is the run's
+    Returns ``(run_dir, arm)`` pairs sorted by arm, then (``pool``) the order of ``paths``,
+    then path; the arm is the run's
     path relative to the common parent of ``paths`` with the seed part removed.
     Symbolic links to folders are followed (a comparison folder may link run folders
     from several sweeps; the arm then comes from the link's name), each folder once.
@@ -225,27 +226,27 @@ def find_runs(paths, *, pool: bool = False) -> list[tuple[Path, str]]:
     runs of one seed is refused (:func:`runs_by_seed`'s ``ValueError``).
     """
     roots = [Path(p) for p in paths]
-    runs: list[tuple[Path, Path, int]] = []  # (run folder, the path it was found under, its index)
+    runs: list[tuple[Path, int]] = []  # (run folder, index of the path it was found under)
+    bases: list[Path] = []  # each path's folder that arms are named from
     for i, root in enumerate(roots):
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist.")
-        base = Path(os.path.abspath(root.parent if is_run(root) else root))
+        bases.append(Path(os.path.abspath(root.parent if is_run(root) else root)))
         if is_run(root):
-            runs.append((root, base, i))
+            runs.append((root, i))
             continue
         found = sorted(_run_folders_under(root))
         if not found:
             raise FileNotFoundError(f"No run folder (holding metrics.csv) under {root}.")
-        runs.extend((r, base, i) for r in found)
-    bases = [Path(os.path.abspath(r.parent if is_run(r) else r)) for r in roots]
+        runs.extend((r, i) for r in found)
     common = Path(os.path.commonpath([str(b) for b in bases]))
     seen, found_in, out = set(), {}, []
-    for r, base, i in runs:
+    for r, i in runs:
         key = r.resolve()
         if key not in seen:
             seen.add(key)
             found_in[r] = i
-            out.append((r, _arm_of(Path(os.path.abspath(r)), base if pool else common)))
+            out.append((r, _arm_of(Path(os.path.abspath(r)), bases[i] if pool else common)))
     # pooled arms keep the order of the paths given (``old/arms new/arms``: old seeds first)
     out.sort(key=lambda t: (t[1], found_in[t[0]] if pool else 0, str(t[0])))
     if pool:
